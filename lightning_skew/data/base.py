@@ -1,0 +1,37 @@
+"""The contract every lightning-skew DataModule keeps: torchrec Batches and the shape of their features."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import lightning.pytorch as pl
+from torchrec.datasets.utils import Batch
+
+__all__ = ["Batch", "RecDataModule"]
+
+
+class RecDataModule(pl.LightningDataModule):
+    """A DataModule whose loaders yield :class:`torchrec.datasets.utils.Batch` objects.
+
+    A batch holds ``dense_features`` (float, ``[B, dense_in_features]``), ``sparse_features`` (a
+    ``KeyedJaggedTensor`` with one key per entry of :attr:`sparse_feature_names`, IDs in
+    ``[0, num_embeddings_per_feature[i])``) and ``labels`` (float 0/1, ``[B]``).
+
+    Models read the feature shapes from these properties (LightningCLI links them), so that table
+    sizes are written once, in the data's configuration.
+    """
+
+    @property
+    @abstractmethod
+    def dense_in_features(self) -> int:
+        """Number of dense (continuous) features per input."""
+
+    @property
+    @abstractmethod
+    def sparse_feature_names(self) -> list[str]:
+        """Names of the sparse (categorical) features, in KeyedJaggedTensor key order."""
+
+    @property
+    @abstractmethod
+    def num_embeddings_per_feature(self) -> list[int]:
+        """Rows of the embedding table of each sparse feature, in the order of the names."""
