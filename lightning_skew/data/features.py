@@ -1,0 +1,25 @@
+"""Feature layout of the Criteo click logs, which the synthetic generator imitates by default."""
+
+from __future__ import annotations
+
+CRITEO_NUM_DENSE = 13
+CRITEO_NUM_SPARSE = 26
+
+CRITEO_DENSE_NAMES: list[str] = [f"int_{i}" for i in range(CRITEO_NUM_DENSE)]
+CRITEO_SPARSE_NAMES: list[str] = [f"cat_{i}" for i in range(CRITEO_NUM_SPARSE)]
+
+# Distinct values per categorical feature in the Criteo Kaggle (Display Advertising Challenge) data,
+# as published with the DLRM reference implementation.
+CRITEO_KAGGLE_CARDINALITIES: list[int] = [
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
+    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+]
+
+
+def capped_cardinalities(cardinalities: list[int], max_rows_per_table: int | None) -> list[int]:
+    """Cap every table at ``max_rows_per_table`` rows (``None`` keeps them as they are)."""
+    if max_rows_per_table is None:
+        return list(cardinalities)
+    if max_rows_per_table < 1:
+        raise ValueError(f"max_rows_per_table must be at least 1, got {max_rows_per_table}")
+    return [min(rows, max_rows_per_table) for rows in cardinalities]
