@@ -1,0 +1,63 @@
+"""Shows training throughput (samples per second) on the progress bar and in the logger."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+
+def batch_size_of(batch: Any) -> int:
+    """Inputs in a batch: the length of ``labels`` for torchrec Batches, else the first dimension."""
+    labels = getattr(batch, "labels", None)
+    if isinstance(labels, torch.Tensor):
+        return labels.shape[0]
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0].shape[0]
+    raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}")
+
+
+class SamplesPerSecond(pl.Callback):
+    """Logs ``samples_per_s``: global training inputs per second, averaged over the last ``window`` steps.
+
+    The time of a step runs from the end of the previous step, so loading the batch counts.
+
+    Args:
+        window: number of recent steps averaged (the first step of each epoch is left out: it includes
+            DataLoader start-up).
+        prog_bar: also show the figure on the progress bar.
+
+    Example::
+
+        Trainer(callbacks=[SamplesPerSecond(window=50)])
+    """
+
+    def __init__(self, window: int = 20, prog_bar: bool = True) -> None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        self.window = window
+        self.prog_bar = prog_bar
+        self._times: list[float] = []
+        self._samples: list[int] = []
+        self._last_end: float | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._times.clear()
+        self._samples.clear()
+        self._last_end = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        now = time.perf_counter()
+        last, self._last_end = self._last_end, now
+        if last is not None:
+            self._times.append(now - last)
+            self._samples.append(batch_size_of(batch) * trainer.world_size)
+            del self._times[:-self.window], self._samples[:-self.window]
+            rate = sum(self._samples) / max(sum(self._times), 1e-9)
+            pl_module.log("samples_per_s", rate, prog_bar=self.prog_bar, on_step=True, on_epoch=False,
+                          rank_zero_only=True, batch_size=1)

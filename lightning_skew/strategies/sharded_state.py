@@ -1,0 +1,91 @@
+"""Moving state between sharded (TorchRec ``ShardedTensor``) and plain (unsharded) form, and sharded checkpoints.
+
+A sharded checkpoint is a directory: ``torch.distributed.checkpoint`` files holding every rank's shards of
+the model and of the fused embedding optimizer, plus ``meta.pt`` with everything else Lightning saves
+(loops, callbacks, dense optimizer, schedulers). ``meta.pt`` is written last, so a directory without it is
+an interrupted save, never mistaken for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+META_FILE = "meta.pt"
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a complete sharded checkpoint directory."""
+    return (Path(path) / META_FILE).is_file()
+
+
+def copy_into_shards(target: dict[str, Any], source: dict[str, torch.Tensor]) -> list[str]:
+    """Copy plain full tensors of ``source`` into the local shards of the ``ShardedTensor`` s of ``target``.
+
+    ``target`` is a module's ``state_dict()`` whose sharded entries are views of the live weights, so the copy
+    changes the model. Entries of ``source`` that are themselves sharded are skipped. Returns the keys copied.
+    """
+    copied = []
+    for key, value in source.items():
+        sharded = target.get(key)
+        if not isinstance(sharded, ShardedTensor) or isinstance(value, ShardedTensor):
+            continue
+        if tuple(value.shape) != tuple(sharded.size()):
+            raise ValueError(f"{key}: the checkpoint holds shape {tuple(value.shape)} but the model's table is "
+                             f"{tuple(sharded.size())}; was it trained with other table sizes?")
+        for shard in sharded.local_shards():
+            region = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets,
+                                                          shard.metadata.shard_sizes))
+            shard.tensor.copy_(value[region])
+        copied.append(key)
+    return copied
+
+
+def gather_unsharded(state: dict[str, Any], dst: int = 0) -> dict[str, torch.Tensor]:
+    """Return ``state`` with every ``ShardedTensor`` gathered into one full tensor on rank ``dst``.
+
+    A collective: every rank must call it. Ranks other than ``dst`` receive the plain entries only.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    plain: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if isinstance(value, ShardedTensor):
+            out = torch.empty(value.size(), dtype=value.dtype) if rank == dst else None
+            value.gather(dst=dst, out=out)
+            if out is not None:
+                plain[key] = out
+        elif isinstance(value, torch.Tensor):
+            plain[key] = value.detach().cpu().clone()
+    return plain
+
+
+def save_sharded_checkpoint(path: str | os.PathLike, tensors: dict[str, Any], meta: dict[str, Any],
+                            is_global_zero: bool) -> None:
+    """Write ``tensors`` (sharded and replicated) from every rank, then ``meta`` from rank zero. Collective."""
+    path = Path(path)
+    if path.is_file():
+        raise FileExistsError(f"{path} is a file; a sharded checkpoint is a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    dcp.save(tensors, checkpoint_id=str(path))
+    if dist.is_initialized():
+        dist.barrier()
+    if is_global_zero:
+        tmp = path / (META_FILE + ".tmp")
+        torch.save(meta, tmp)
+        os.replace(tmp, path / META_FILE)
+
+
+def load_sharded_checkpoint(path: str | os.PathLike, template: dict[str, Any]) -> dict[str, Any]:
+    """Load the tensors of a sharded checkpoint into ``template`` in place and return its ``meta``. Collective."""
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a complete sharded checkpoint (no {META_FILE}); it may be an "
+                                "interrupted save")
+    dcp.load(template, checkpoint_id=str(path))
+    return torch.load(path / META_FILE, map_location="cpu", weights_only=False)

@@ -1,0 +1,319 @@
+"""A Lightning strategy that trains under TorchRec's ``DistributedModelParallel``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.optim.keyed import CombinedOptimizer
+
+from lightning_skew.optim import embedding_modules, fuse_embedding_optimizer, has_fused_optimizer
+from lightning_skew.strategies.sharded_state import (
+    copy_into_shards,
+    gather_unsharded,
+    is_sharded_checkpoint,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+)
+
+__all__ = ["TorchRecStrategy", "plan_rows"]
+
+log = logging.getLogger(__name__)
+
+# Sharding types TorchRec offers on every device. Row-wise sharding and the UVM kernels need CUDA;
+# data-parallel tables would keep their optimizer state outside the fused optimizer.
+DEFAULT_SHARDING_TYPES = ["table_wise", "column_wise", "table_column_wise"]
+_DMP_ATTR = "_lightning_skew_dmp"
+
+
+def plan_rows(plan: ShardingPlan) -> list[list[str]]:
+    """The sharding plan as table rows: module, table, sharding type, compute kernel, ranks."""
+    rows = []
+    for module_path, module_plan in sorted(plan.plan.items()):
+        for table, sharding in sorted(module_plan.items()):
+            ranks = ",".join(str(r) for r in (sharding.ranks or []))
+            rows.append([module_path, table, sharding.sharding_type, sharding.compute_kernel, ranks])
+    return rows
+
+
+class TorchRecStrategy(DDPStrategy):
+    """Runs any LightningModule that holds TorchRec ``EmbeddingBagCollection`` s under TorchRec's
+    ``DistributedModelParallel`` (DMP): embedding tables sharded by TorchRec's planner and trained with a fused
+    optimizer, the dense rest replicated with DDP (DMP's own wrap; Lightning adds none). CPU + gloo with one or
+    more processes, or CUDA + NCCL.
+
+    Args:
+        sharding_types: sharding types the planner may choose per table (TorchRec names). Default
+            ``table_wise``, ``column_wise``, ``table_column_wise``, which work on CPU and GPU.
+        compute_kernel: TorchRec compute kernel for every table (``fused``; ``fused_uvm`` and
+            ``fused_uvm_caching`` need CUDA).
+        embedding_optimizer: optimizer for modules whose embeddings carry none yet (see
+            :func:`~lightning_skew.optim.fuse_embedding_optimizer`); ``None`` requires the module to choose one.
+        embedding_lr: learning rate for ``embedding_optimizer``.
+        process_group_backend: ``gloo`` or ``nccl``; default by device.
+        timeout: collective timeout.
+        start_method: how Lightning starts processes (see ``DDPStrategy``).
+
+    .. note::
+        Embedding rows are updated inside the backward pass (TorchRec's fused optimizers), so gradient
+        accumulation and gradient clipping cannot apply to them: both raise an error at setup. Dense LR
+        schedules reach the embedding optimizer: its learning rate is scaled by the ratio of the first dense
+        param group's current to initial learning rate, before every training step.
+
+    .. note::
+        Checkpoints are directories (``torch.distributed.checkpoint`` shards of every rank, plus ``meta.pt``);
+        resume them with the same world size. :meth:`export_unsharded_checkpoint` writes an ordinary Lightning
+        checkpoint file whose weights load into the unsharded module. Such a file (or any plain checkpoint)
+        also loads into a sharded run through ``ckpt_path``.
+
+    Example::
+
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=TorchRecStrategy())
+        trainer.fit(DLRMModule(...), datamodule)
+    """
+
+    strategy_name = "torchrec"
+
+    def __init__(
+        self,
+        sharding_types: list[str] | None = None,
+        compute_kernel: str = "fused",
+        embedding_optimizer: str | None = None,
+        embedding_lr: float = 0.01,
+        accelerator: Any = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: Any = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Any = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: str = "popen",
+    ) -> None:
+        super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
+                         cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
+                         precision_plugin=precision_plugin, process_group_backend=process_group_backend,
+                         timeout=timeout, start_method=start_method)
+        self.sharding_types = list(sharding_types or DEFAULT_SHARDING_TYPES)
+        self.compute_kernel = compute_kernel
+        self.embedding_optimizer = embedding_optimizer
+        self.embedding_lr = embedding_lr
+        self._embedding_base_lrs: list[float] = []
+        self._lr_scale = 1.0
+
+    # ----------------------------------------------------------------------------------------- set-up
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Shards exist only once DMP has sharded the module.
+        return True
+
+    @property
+    def dmp(self) -> DistributedModelParallel:
+        """The ``DistributedModelParallel`` that wraps the LightningModule (after setup)."""
+        model = self.model
+        if not isinstance(model, DistributedModelParallel):
+            raise RuntimeError("TorchRecStrategy has not sharded the module yet (call after setup)")
+        return model
+
+    @property
+    def fused_optimizer(self) -> CombinedOptimizer:
+        """TorchRec's fused embedding optimizer (its param groups and state)."""
+        return self.dmp.fused_optimizer
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None and self.model is not None
+        self._check_trainer_flags(trainer)
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        self.model = self._shard(self.lightning_module)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+            self._embedding_base_lrs = [group["lr"] for group in self.fused_optimizer.param_groups]
+            self._lr_scale = 1.0
+        self.setup_precision_plugin()
+        self._log_plan(trainer)
+
+    def _check_trainer_flags(self, trainer: pl.Trainer) -> None:
+        if trainer.accumulate_grad_batches != 1:
+            raise MisconfigurationException(
+                "TorchRecStrategy does not support accumulate_grad_batches > 1: TorchRec's fused optimizers update "
+                "embedding rows inside every backward pass. Raise the batch size instead.")
+        if trainer.gradient_clip_val:
+            raise MisconfigurationException(
+                "TorchRecStrategy does not support gradient clipping: embedding gradients never materialize (the "
+                "fused optimizer consumes them in backward), so a global norm cannot be formed. Remove "
+                "gradient_clip_val, or clip dense gradients in your LightningModule's configure_gradient_clipping.")
+
+    def _shard(self, module: pl.LightningModule) -> DistributedModelParallel:
+        existing = getattr(module, _DMP_ATTR, None)
+        if existing is not None:  # a second fit/validate/test with the same module object
+            return existing
+        if not any(True for _ in embedding_modules(module)):
+            raise MisconfigurationException(
+                f"{type(module).__name__} holds no TorchRec EmbeddingBagCollection; TorchRecStrategy has nothing to "
+                "shard. Use strategy='ddp' for models without TorchRec embeddings.")
+        if not has_fused_optimizer(module):
+            if self.embedding_optimizer is None:
+                raise MisconfigurationException(
+                    f"The embeddings of {type(module).__name__} have no optimizer. Call lightning_skew.optim."
+                    "fuse_embedding_optimizer(self, ...) in the module, or give TorchRecStrategy(embedding_optimizer="
+                    "'rowwise_adagrad', embedding_lr=...).")
+            fuse_embedding_optimizer(module, self.embedding_optimizer, self.embedding_lr)
+        initial = {k: v.detach().clone() for k, v in module.state_dict().items()
+                   if isinstance(v, torch.Tensor) and not v.is_meta and _is_embedding_key(module, k)}
+        _quiet_torchrec_logs()
+        # TorchRec reads the local world size from the environment (and warns when it is absent).
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(self.num_processes))
+        env = ShardingEnv.from_process_group(dist.group.WORLD)
+        plan = self._plan(module, env)
+        dmp = DistributedModelParallel(module, env=env, device=self.root_device, plan=plan)
+        # DMP initializes shards afresh; keep the module's own initial weights, so that a run starts from the
+        # same point whatever the world size or plan.
+        copy_into_shards(module.state_dict(), initial)
+        object.__setattr__(module, _DMP_ATTR, dmp)
+        return dmp
+
+    def _plan(self, module: nn.Module, env: ShardingEnv) -> ShardingPlan:
+        tables = [cfg.name for _, m in embedding_modules(module) for cfg in _table_configs(m)]
+        constraints = {name: ParameterConstraints(sharding_types=self.sharding_types,
+                                                  compute_kernels=[self.compute_kernel]) for name in tables}
+        world_size = env.world_size
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.num_processes or world_size))
+        topology = Topology(world_size=world_size, local_world_size=min(local_world_size, world_size),
+                            compute_device=self.root_device.type)
+        planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+        return planner.collective_plan(module, None, env.process_group)
+
+    def _log_plan(self, trainer: pl.Trainer) -> None:
+        rows = plan_rows(self.dmp.plan)
+        text = "\n".join(["module | table | sharding type | compute kernel | ranks"] + [" | ".join(r) for r in rows])
+        rank_zero_info(f"TorchRec sharding plan ({self.world_size} rank(s)):\n{text}")
+        if not self.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            log_text = getattr(logger, "log_text", None)
+            if callable(log_text):
+                log_text(key="sharding_plan", columns=["module", "table", "sharding_type", "compute_kernel",
+                                                        "ranks"], data=rows)
+        if trainer.log_dir:
+            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(trainer.log_dir) / "sharding_plan.txt").write_text(str(self.dmp.plan) + "\n")
+
+    # ------------------------------------------------------------------------------------- training
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._follow_dense_lr_schedule()
+        return super().training_step(*args, **kwargs)
+
+    def _follow_dense_lr_schedule(self) -> None:
+        if not self.optimizers or not self._embedding_base_lrs:
+            return
+        group = self.optimizers[0].param_groups[0]
+        scale = group["lr"] / group["initial_lr"] if group.get("initial_lr") else 1.0
+        if scale == self._lr_scale:
+            return
+        for group_, base in zip(self.fused_optimizer.param_groups, self._embedding_base_lrs):
+            group_["lr"] = base * scale
+        self.fused_optimizer.step()  # only pushes the new learning rate into the fused kernels
+        self._lr_scale = scale
+
+    # ----------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | os.PathLike,
+                        storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError("TorchRecStrategy.save_checkpoint takes no storage_options")
+        tensors = {"state_dict": checkpoint["state_dict"], "fused_optimizer": self.fused_optimizer.state_dict()}
+        meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+        meta["lightning_skew"] = {"world_size": self.world_size, "format": "sharded-v1"}
+        save_sharded_checkpoint(filepath, tensors, meta, self.is_global_zero)
+
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike) -> dict[str, Any]:
+        path = Path(checkpoint_path)
+        if path.is_file():  # an ordinary (unsharded) Lightning checkpoint: load_model_state_dict shards it
+            return torch.load(path, map_location="cpu", weights_only=False)
+        template = {"state_dict": self.lightning_module.state_dict(),
+                    "fused_optimizer": self.fused_optimizer.state_dict()}
+        meta = load_sharded_checkpoint(path, template)
+        saved_world_size = meta.get("lightning_skew", {}).get("world_size", self.world_size)
+        if saved_world_size != self.world_size:
+            raise RuntimeError(f"{path} was saved by {saved_world_size} rank(s) but this run has {self.world_size}; "
+                               "resume with the same number of processes, or export_unsharded_checkpoint() and "
+                               "start from that file")
+        self.fused_optimizer.load_state_dict(template["fused_optimizer"])
+        return {**meta, "state_dict": template["state_dict"]}
+
+    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
+        module = self.lightning_module
+        incoming = checkpoint["state_dict"]
+        current = module.state_dict()
+        sharded = copy_into_shards(current, incoming)
+        already = [k for k, v in incoming.items() if v is current.get(k)]  # loaded in place from shards
+        rest = {k: v for k, v in incoming.items() if k not in sharded and k not in already}
+        missing, unexpected = module.load_state_dict(rest, strict=False)
+        missing = [k for k in missing if k not in sharded and k not in already and k in current]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Loading the checkpoint into {type(module).__name__}: missing keys {missing}, "
+                               f"unexpected keys {unexpected}")
+
+    def remove_checkpoint(self, filepath: str | os.PathLike) -> None:
+        if self.is_global_zero:
+            path = Path(filepath)
+            if path.is_dir() and is_sharded_checkpoint(path):
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    def export_unsharded_checkpoint(self, filepath: str | os.PathLike) -> None:
+        """Write an ordinary Lightning checkpoint whose ``state_dict`` holds full (unsharded) tables.
+
+        It loads with ``YourModule.load_from_checkpoint(filepath)`` (no TorchRec sharding needed) and predicts
+        as the sharded model does. A collective: call it on every rank; rank zero writes.
+        """
+        module = self.lightning_module
+        state = gather_unsharded(module.state_dict())
+        if self.is_global_zero:
+            checkpoint = {"state_dict": state, "pytorch-lightning_version": pl.__version__,
+                          module.CHECKPOINT_HYPER_PARAMS_KEY: dict(module.hparams)}
+            Path(filepath).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(str(filepath) + ".tmp")
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, filepath)
+        self.barrier("export_unsharded_checkpoint")
+
+
+def _table_configs(module: nn.Module) -> list[Any]:
+    for getter in ("embedding_bag_configs", "embedding_configs"):
+        fn = getattr(module, getter, None)
+        if callable(fn):
+            return list(fn())
+    return []
+
+
+def _is_embedding_key(module: nn.Module, key: str) -> bool:
+    prefixes = [name + "." for name, _ in embedding_modules(module)]
+    return any(key.startswith(p) for p in prefixes)
+
+
+def _quiet_torchrec_logs() -> None:
+    # The planner and DMP log warnings on every CPU run that are about TorchRec internals, not user setup.
+    for name in ("torchrec", "torchrec.distributed", "torchrec.distributed.planner",
+                 "torchrec.distributed.planner.types", "torchrec.distributed.planner.storage_reservations",
+                 "torchrec.distributed.utils"):
+        logging.getLogger(name).setLevel(logging.ERROR)
