@@ -1,28 +1,35 @@
 #!/usr/bin/env bash
-# Creates the project's virtual environment (.venv) if it is absent, in the one order that works:
-# torch first (the CPU wheel), then FBGEMM's CPU build, TorchRec without its declared deps, then the rest.
-# Set LIGHTNING_SKEW_CUDA=1 for the CUDA variant (see README: "CUDA machines").
+# Creates the project's virtual environment (.venv, or $VENV) if it is absent or out of date.
+#
+# The order matters: torch first (the CPU wheel; an unpinned torch would pull several GB of CUDA packages),
+# then FBGEMM's CPU build, then TorchRec without its declared dependencies (they name the CUDA fbgemm-gpu
+# and pin an old torchmetrics), then everything else from requirements.txt, then this package without deps.
+#
+# CUDA machines: LIGHTNING_SKEW_CUDA=1 scripts/env.sh installs the CUDA builds of torch and fbgemm-gpu from
+# the PyTorch index instead (TORCH_INDEX_URL, default the cu128 index); the rest is the same.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${VENV:-$here/.venv}
-stamp=$venv/.lightning-skew-env
-want="torch=2.13.0 fbgemm=1.8.0 torchrec=1.8.0 cuda=${LIGHTNING_SKEW_CUDA:-0} pyproject=$(sha1sum "$here/pyproject.toml" | cut -c1-12)"
+cuda=${LIGHTNING_SKEW_CUDA:-0}
+stamp="$venv/.lightning-skew-env"
+want="torch=2.13.0 fbgemm=1.8.0 torchrec=1.8.0 cuda=$cuda reqs=$(cat "$here/requirements.txt" "$here/pyproject.toml" | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-python=${PYTHON:-python3}
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+echo "scripts/env.sh: setting up $venv (a few minutes, once)" >&2
+[ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
 pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@"; }
-if [ "${LIGHTNING_SKEW_CUDA:-0}" = 1 ]; then
-  # CUDA: the matching CUDA builds from the PyTorch index (needs network to that index).
-  pip install torch==2.13.0 --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}"
-  pip install fbgemm-gpu==1.8.0 --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}"
+if [ "$cuda" = 1 ]; then
+  index=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}
+  pip install torch==2.13.0 --index-url "$index"
+  pip install fbgemm-gpu==1.8.0 --index-url "$index"
 else
   pip install torch==2.13.0
   pip install fbgemm-gpu-cpu==1.8.0
 fi
-# TorchRec's metadata asks for the CUDA fbgemm-gpu and pins an old torchmetrics: install it bare.
 pip install --no-deps torchrec==1.8.0
-pip install tensordict tqdm pyre-extensions iopath
-pip install -e "$here[test]"
+pip install -r "$here/requirements.txt"
+pip install --no-deps -e "$here"
+"$venv/bin/python" -c "import torch, torchrec, fbgemm_gpu, lightning, lightning_skew" \
+  || { echo "scripts/env.sh: the environment does not import; see the errors above" >&2; exit 1; }
 echo "$want" > "$stamp"

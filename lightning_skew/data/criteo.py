@@ -90,7 +90,9 @@ _DEC_DIGITS[np.frombuffer(b"0123456789", dtype=np.uint8)] = np.arange(10)
 _HEX_DIGITS = np.full(256, _INVALID, dtype=np.uint8)
 _HEX_DIGITS[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16)
 _HEX_DIGITS[np.frombuffer(b"ABCDEF", dtype=np.uint8)] = np.arange(10, 16)
-_TAB, _NEWLINE, _MINUS = ord("\t"), ord("\n"), ord("-")
+_TAB, _NEWLINE, _MINUS, _ZERO = ord("\t"), ord("\n"), ord("-"), ord("0")
+_IS_SEPARATOR = np.zeros(256, dtype=bool)
+_IS_SEPARATOR[[_TAB, _NEWLINE]] = True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,28 +122,35 @@ class ParsedLines:
         return len(self.labels)
 
 
-def _digits_value(
-    chars: np.ndarray, first: np.ndarray, lengths: np.ndarray, table: np.ndarray, base: int, dtype: type
-) -> tuple[np.ndarray, np.ndarray]:
-    """Value and validity of fixed-width byte fields whose digits are ``chars[..., first:lengths]``."""
-    positions = np.arange(chars.shape[-1])
-    in_digits = (positions >= first[..., None]) & (positions < lengths[..., None])
+def _right_aligned_fields(data: np.ndarray, ends: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Fields ``data[end - length : end]`` as a ``[..., width]`` byte matrix, right-aligned, padded with '0'.
+
+    Right alignment gives every digit a fixed place value, so a field's value is one dot product.
+    """
+    width = int(min(max(int(lengths.max(initial=0)), 1), MAX_FIELD_BYTES + 1))
+    offsets = np.arange(-width, 0)
+    chars = data[np.maximum(ends[..., None] + offsets, 0)]
+    chars[offsets < -lengths[..., None]] = _ZERO
+    return chars
+
+
+def _digits_value(chars: np.ndarray, table: np.ndarray, base: int, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """Value and validity of right-aligned digit fields (see :func:`_right_aligned_fields`)."""
     digits = table[chars]
-    valid = np.where(in_digits, digits != _INVALID, True).all(-1)
-    digits = digits.astype(dtype)
-    value = np.zeros(chars.shape[:-1], dtype=dtype)
-    radix = dtype(base)
-    for k in range(chars.shape[-1]):
-        value = np.where(in_digits[..., k], value * radix + digits[..., k], value)
-    return value, valid
+    valid = (digits != _INVALID).all(-1)
+    width = chars.shape[-1]
+    # Place values modulo 2**64: only a too-long (already invalid) field reaches a wrapped one.
+    place = np.array([base ** (width - 1 - k) % (1 << 64) for k in range(width)], dtype=np.uint64)
+    value = (digits.astype(np.uint64) * place).sum(-1, dtype=np.uint64)
+    return value.astype(dtype), valid
 
 
 def parse_tsv_lines(lines: Sequence[bytes]) -> ParsedLines:
     """Parse Criteo TSV lines (bytes, with or without their line ending) into raw arrays.
 
-    All lines are parsed at once with numpy: the fields are cut from one buffer into a fixed-width
-    byte matrix and converted with digit lookup tables, so the cost per line is a few numpy operations
-    shared by the whole block rather than 40 Python ``int()`` calls.
+    All lines are parsed at once with numpy: the fields are cut from one buffer into fixed-width,
+    right-aligned byte matrices and converted with digit lookup tables, so the cost per line is a
+    share of a few numpy operations rather than 40 Python ``int()`` calls.
 
     A line is malformed when it does not have exactly 40 tab-separated fields, its label is not ``0``
     or ``1``, an integer field is not an optionally negative decimal, a categorical field is not
@@ -156,51 +165,50 @@ def parse_tsv_lines(lines: Sequence[bytes]) -> ParsedLines:
         lines = [line.rstrip(b"\r\n") + b"\n" for line in lines]
         buffer = b"".join(lines)
     data = np.frombuffer(buffer, dtype=np.uint8)
-    line_ends = np.flatnonzero(data == _NEWLINE)
+    separators = np.flatnonzero(_IS_SEPARATOR[data])
+    line_ends = np.flatnonzero(data[separators] == _NEWLINE)
     if len(line_ends) != len(lines):  # a "line" with a newline inside it
         return _parse_line_by_line(lines)
-    tab_totals = np.cumsum(data == _TAB)[line_ends]
-    tabs_per_line = np.diff(tab_totals, prepend=0)
-    good_rows = np.flatnonzero(tabs_per_line == TSV_NUM_FIELDS - 1)
+    fields_per_line = np.diff(line_ends, prepend=-1)
+    good_rows = np.flatnonzero(fields_per_line == TSV_NUM_FIELDS)
     malformed: dict[int, str] = {
-        int(i): f"expected {TSV_NUM_FIELDS} tab-separated fields, found {int(tabs_per_line[i]) + 1}"
-        for i in np.flatnonzero(tabs_per_line != TSV_NUM_FIELDS - 1)
+        int(i): f"expected {TSV_NUM_FIELDS} tab-separated fields, found {int(fields_per_line[i])}"
+        for i in np.flatnonzero(fields_per_line != TSV_NUM_FIELDS)
     }
     if malformed:
         data = np.frombuffer(b"".join(lines[i] for i in good_rows), dtype=np.uint8)
+        separators = np.flatnonzero(_IS_SEPARATOR[data])
     num_rows = len(good_rows)
     if num_rows == 0:
         return _empty_parsed(sorted(malformed.items()))
 
-    separators = np.flatnonzero((data == _TAB) | (data == _NEWLINE))
+    ends = separators.reshape(num_rows, TSV_NUM_FIELDS)
     starts = np.empty_like(separators)
     starts[0] = 0
     starts[1:] = separators[:-1] + 1
-    lengths = (separators - starts).reshape(num_rows, TSV_NUM_FIELDS)
     starts = starts.reshape(num_rows, TSV_NUM_FIELDS)
-    width = int(min(max(int(lengths.max()), 1), MAX_FIELD_BYTES + 1))
-    positions = np.arange(width)
-    chars = data[np.minimum(starts[..., None] + positions, len(data) - 1)]
-    chars[positions >= lengths[..., None]] = 0
+    lengths = ends - starts
     too_long = lengths > MAX_FIELD_BYTES
 
-    label_chars = chars[:, 0, 0]
-    label_valid = (lengths[:, 0] == 1) & ((label_chars == ord("0")) | (label_chars == ord("1")))
+    label_chars = data[starts[:, 0]]
+    label_valid = (lengths[:, 0] == 1) & ((label_chars == _ZERO) | (label_chars == _ZERO + 1))
 
-    dense_chars = chars[:, 1 : 1 + CRITEO_NUM_DENSE]
-    dense_lengths = lengths[:, 1 : 1 + CRITEO_NUM_DENSE]
-    negative = dense_chars[..., 0] == _MINUS
-    dense, dense_valid = _digits_value(
-        dense_chars, negative.astype(np.int64), dense_lengths, _DEC_DIGITS, 10, np.int64
-    )
-    dense_valid &= ~(negative & (dense_lengths == 1)) & ~too_long[:, 1 : 1 + CRITEO_NUM_DENSE]
+    dense_columns = slice(1, 1 + CRITEO_NUM_DENSE)
+    dense_chars = _right_aligned_fields(data, ends[:, dense_columns], lengths[:, dense_columns])
+    first_chars = data[np.minimum(starts[:, dense_columns], len(data) - 1)]
+    negative = (first_chars == _MINUS) & (lengths[:, dense_columns] > 0)
+    # The sign becomes a '0' digit: a place value of zero in front of the number.
+    rows, columns = np.nonzero(negative)
+    sign_places = np.maximum(dense_chars.shape[-1] - lengths[:, dense_columns][rows, columns], 0)
+    dense_chars[rows, columns, sign_places] = _ZERO
+    dense, dense_valid = _digits_value(dense_chars, _DEC_DIGITS, 10, np.int64)
+    dense_valid &= ~(negative & (lengths[:, dense_columns] == 1)) & ~too_long[:, dense_columns]
     dense = np.where(negative, -dense, dense)
 
-    cat_lengths = lengths[:, 1 + CRITEO_NUM_DENSE :]
-    categorical, cat_valid = _digits_value(
-        chars[:, 1 + CRITEO_NUM_DENSE :], np.zeros_like(cat_lengths), cat_lengths, _HEX_DIGITS, 16, np.uint64
-    )
-    cat_valid &= ~too_long[:, 1 + CRITEO_NUM_DENSE :]
+    cat_columns = slice(1 + CRITEO_NUM_DENSE, TSV_NUM_FIELDS)
+    cat_chars = _right_aligned_fields(data, ends[:, cat_columns], lengths[:, cat_columns])
+    categorical, cat_valid = _digits_value(cat_chars, _HEX_DIGITS, 16, np.uint64)
+    cat_valid &= ~too_long[:, cat_columns]
 
     field_valid = np.concatenate([label_valid[:, None], dense_valid, cat_valid], axis=1)
     row_valid = field_valid.all(axis=1)
@@ -209,10 +217,10 @@ def parse_tsv_lines(lines: Sequence[bytes]) -> ParsedLines:
         start, length = int(starts[row, column]), int(lengths[row, column])
         malformed[int(good_rows[row])] = _field_error(column, bytes(data[start : start + length]))
     return ParsedLines(
-        labels=(label_chars[row_valid] - ord("0")).astype(np.float32),
+        labels=(label_chars[row_valid] - _ZERO).astype(np.float32),
         dense=dense[row_valid],
         categorical=categorical[row_valid],
-        categorical_missing=(cat_lengths == 0)[row_valid],
+        categorical_missing=(lengths[:, cat_columns] == 0)[row_valid],
         malformed=sorted(malformed.items()),
     )
 

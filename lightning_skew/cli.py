@@ -1,0 +1,80 @@
+"""The ``lightning-skew`` command: LightningCLI (fit, validate, test, predict) plus ``bench``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+EXTRA_COMMANDS = {
+    "bench": "lightning_skew.bench:main",
+}
+
+
+class LoggedSaveConfig(SaveConfigCallback):
+    """Saves the run's full config next to its logs and hands it to every logger (wandb shows it as config)."""
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.config.as_dict())
+
+
+class SkewCLI(LightningCLI):
+    """LightningCLI whose model takes its feature shapes from the DataModule (never written twice)."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        for name in ("num_embeddings_per_feature", "sparse_feature_names", "dense_in_features"):
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        self._print_quality("val")
+
+    def after_validate(self) -> None:
+        self._print_quality("val")
+
+    def after_test(self) -> None:
+        self._print_quality("test")
+
+    @rank_zero_only
+    def _print_quality(self, stage: str) -> None:
+        metrics = self.trainer.callback_metrics
+        parts = [f"{name} {float(metrics[f'{stage}_{name}']):.4f}" for name in ("auc", "logloss")
+                 if f"{stage}_{name}" in metrics]
+        best = getattr(self.datamodule, "best_attainable_auc", None)
+        if callable(best) and parts:
+            parts.append(f"(best attainable auc {best(split=stage):.4f})")
+        if parts:
+            print(f"{stage}: " + ", ".join(parts), flush=True)
+
+
+def run_cli(args: list[str] | None = None) -> SkewCLI:
+    """Run LightningCLI with lightning-skew's defaults (wandb offline unless configured otherwise)."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    return SkewCLI(
+        model_class=pl.LightningModule,
+        datamodule_class=pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=LoggedSaveConfig,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        auto_configure_optimizers=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        module_name, func = EXTRA_COMMANDS[argv[0]].split(":")
+        module = __import__(module_name, fromlist=[func])
+        getattr(module, func)(argv[1:])
+        return
+    run_cli(argv)
+
+
+if __name__ == "__main__":
+    main()
