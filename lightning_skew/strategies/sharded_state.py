@@ -48,19 +48,29 @@ def copy_into_shards(target: dict[str, Any], source: dict[str, torch.Tensor]) ->
 
 
 def gather_unsharded(state: dict[str, Any], dst: int = 0) -> dict[str, torch.Tensor]:
-    """Return ``state`` with every ``ShardedTensor`` gathered into one full tensor on rank ``dst``.
+    """Return ``state`` with every ``ShardedTensor`` assembled into one full tensor on rank ``dst``.
 
-    A collective: every rank must call it. Ranks other than ``dst`` receive the plain entries only.
+    Ranks may hold different keys (TorchRec's fused optimizer lists only local tables' state). A collective:
+    every rank must call it. Ranks other than ``dst`` receive only the plain entries.
     """
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    local = {key: (tuple(value.size()), value.dtype,
+                   [(shard.metadata.shard_offsets, shard.tensor.detach().cpu().clone())
+                    for shard in value.local_shards()])
+             for key, value in state.items() if isinstance(value, ShardedTensor)}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        rank = dist.get_rank()
+        pieces: list[Any] | None = [None] * dist.get_world_size() if rank == dst else None
+        dist.gather_object(local, pieces, dst=dst)
+    else:
+        rank, pieces = 0, [local]
     plain: dict[str, torch.Tensor] = {}
+    for piece in pieces or []:
+        for key, (size, dtype, shards) in piece.items():
+            full = plain.setdefault(key, torch.zeros(size, dtype=dtype))
+            for offsets, tensor in shards:
+                full[tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape))] = tensor
     for key, value in state.items():
-        if isinstance(value, ShardedTensor):
-            out = torch.empty(value.size(), dtype=value.dtype) if rank == dst else None
-            value.gather(dst=dst, out=out)
-            if out is not None:
-                plain[key] = out
-        elif isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and not isinstance(value, ShardedTensor):
             plain[key] = value.detach().cpu().clone()
     return plain
 

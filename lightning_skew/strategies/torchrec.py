@@ -204,6 +204,7 @@ class TorchRecStrategy(DDPStrategy):
         rows = plan_rows(self.dmp.plan)
         text = "\n".join(["module | table | sharding type | compute kernel | ranks"] + [" | ".join(r) for r in rows])
         rank_zero_info(f"TorchRec sharding plan ({self.world_size} rank(s)):\n{text}")
+        log_dir = trainer.log_dir  # a collective (broadcast from rank zero): every rank asks
         if not self.is_global_zero:
             return
         for logger in trainer.loggers:
@@ -211,9 +212,9 @@ class TorchRecStrategy(DDPStrategy):
             if callable(log_text):
                 log_text(key="sharding_plan", columns=["module", "table", "sharding_type", "compute_kernel",
                                                         "ranks"], data=rows)
-        if trainer.log_dir:
-            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-            (Path(trainer.log_dir) / "sharding_plan.txt").write_text(str(self.dmp.plan) + "\n")
+        if log_dir:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(log_dir) / "sharding_plan.txt").write_text(str(self.dmp.plan) + "\n")
 
     # ------------------------------------------------------------------------------------- training
 

@@ -1,0 +1,41 @@
+"""Start several processes of a test worker script the way torchrun does (env:// rendezvous on localhost)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(script: str | Path, world_size: int, args: list[str], timeout: float = 300) -> list[str]:
+    """Run ``script`` as ``world_size`` ranks; return each rank's output, or fail with all of it."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(world_size),
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0", "LOCAL_WORLD_SIZE": str(world_size),
+               "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    failed = [(rank, proc.returncode) for rank, proc in enumerate(procs) if proc.returncode != 0]
+    if failed:
+        tails = "\n".join(f"--- rank {r} (exit {procs[r].returncode}) ---\n{outputs[r][-4000:]}" for r, _ in failed)
+        raise AssertionError(f"{script} failed on ranks {failed}:\n{tails}")
+    return outputs
