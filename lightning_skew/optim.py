@@ -15,11 +15,14 @@ __all__ = [
     "dense_parameters",
     "embedding_modules",
     "fuse_embedding_optimizer",
+    "embedding_optimizer_names",
     "has_fused_optimizer",
 ]
 
 # Each entry runs in TorchRec's fused kernels (EXACT_SGD, EXACT_ADAGRAD, EXACT_ROWWISE_ADAGRAD, ADAM) once
-# sharded, and as the same torch optimizer, applied in backward, on an unsharded module.
+# sharded, and as the same torch optimizer, applied in backward, on an unsharded module. FBGEMM's CPU kernels
+# lack Adam: it needs CUDA when sharded.
+CUDA_ONLY_EMBEDDING_OPTIMIZERS = {"adam"}
 EMBEDDING_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adagrad": torch.optim.Adagrad,
@@ -51,6 +54,13 @@ def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if id(p) not in embedding_ids and p.requires_grad]
 
 
+def embedding_optimizer_names(module: nn.Module) -> set[str]:
+    """Names (keys of :data:`EMBEDDING_OPTIMIZERS`, else class names) of the optimizers on the embeddings."""
+    by_class = {cls: name for name, cls in EMBEDDING_OPTIMIZERS.items()}
+    return {by_class.get(cls, cls.__name__) for _, m in embedding_modules(module) for p in m.parameters()
+            for cls in getattr(p, "_optimizer_classes", [])}
+
+
 def has_fused_optimizer(module: nn.Module) -> bool:
     """Whether every embedding parameter of ``module`` already carries an optimizer applied in backward."""
     params = [p for _, m in embedding_modules(module) for p in m.parameters()]
@@ -65,7 +75,8 @@ def fuse_embedding_optimizer(module: nn.Module, name: str = "rowwise_adagrad", l
 
     Args:
         module: any module holding TorchRec ``EmbeddingBagCollection`` / ``EmbeddingCollection`` modules.
-        name: one of :data:`EMBEDDING_OPTIMIZERS` (``sgd``, ``adagrad``, ``rowwise_adagrad``, ``adam``).
+        name: one of :data:`EMBEDDING_OPTIMIZERS` (``sgd``, ``adagrad``, ``rowwise_adagrad``, ``adam``;
+            ``adam`` only on CUDA once sharded: FBGEMM's CPU kernels lack it).
         lr: the embedding learning rate. LR schedulers of the dense optimizer reach it through
             :class:`~lightning_skew.strategies.TorchRecStrategy`, which scales it by the same factor.
         **kwargs: further optimizer arguments (``eps``, ``weight_decay``, ...).

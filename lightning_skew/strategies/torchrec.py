@@ -23,7 +23,13 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer
 
-from lightning_skew.optim import embedding_modules, fuse_embedding_optimizer, has_fused_optimizer
+from lightning_skew.optim import (
+    CUDA_ONLY_EMBEDDING_OPTIMIZERS,
+    embedding_modules,
+    embedding_optimizer_names,
+    fuse_embedding_optimizer,
+    has_fused_optimizer,
+)
 from lightning_skew.strategies.sharded_state import (
     copy_into_shards,
     gather_unsharded,
@@ -175,6 +181,11 @@ class TorchRecStrategy(DDPStrategy):
                     "fuse_embedding_optimizer(self, ...) in the module, or give TorchRecStrategy(embedding_optimizer="
                     "'rowwise_adagrad', embedding_lr=...).")
             fuse_embedding_optimizer(module, self.embedding_optimizer, self.embedding_lr)
+        cuda_only = embedding_optimizer_names(module) & CUDA_ONLY_EMBEDDING_OPTIMIZERS
+        if cuda_only and self.root_device.type != "cuda":
+            raise MisconfigurationException(
+                f"The embedding optimizer {sorted(cuda_only)} runs in TorchRec's fused kernels only on CUDA; FBGEMM's "
+                "CPU kernels offer sgd, adagrad and rowwise_adagrad. Choose one of those on CPU.")
         initial = {k: v.detach().clone() for k, v in module.state_dict().items()
                    if isinstance(v, torch.Tensor) and not v.is_meta and _is_embedding_key(module, k)}
         _quiet_torchrec_logs()
@@ -245,10 +256,10 @@ class TorchRecStrategy(DDPStrategy):
         meta["lightning_skew"] = {"world_size": self.world_size, "format": "sharded-v1"}
         save_sharded_checkpoint(filepath, tensors, meta, self.is_global_zero)
 
-    def load_checkpoint(self, checkpoint_path: str | os.PathLike) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(checkpoint_path)
         if path.is_file():  # an ordinary (unsharded) Lightning checkpoint: load_model_state_dict shards it
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=bool(weights_only))
         template = {"state_dict": self.lightning_module.state_dict(),
                     "fused_optimizer": self.fused_optimizer.state_dict()}
         meta = load_sharded_checkpoint(path, template)
