@@ -1,0 +1,5 @@
+"""Lightning callbacks of lightning-skew."""
+
+from lightning_skew.callbacks.monitor import SamplesPerSecond
+
+__all__ = ["SamplesPerSecond"]

@@ -605,7 +605,6 @@ class SyntheticDataModule(RecDataModule):
         logit_std: float = 1.4,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
         if num_embeddings_per_feature is None:
             num_embeddings_per_feature = CRITEO_KAGGLE_CARDINALITIES
         _check(
@@ -614,6 +613,9 @@ class SyntheticDataModule(RecDataModule):
             f"num_embeddings_per_feature must be a non-empty list of integers >= 1, got {num_embeddings_per_feature}",
         )
         self._num_embeddings = capped_cardinalities(list(num_embeddings_per_feature), max_rows_per_table)
+        # The table sizes in force are logged with the model, which LightningCLI links to them; logged here as
+        # well (as given, possibly None) they would clash when Lightning merges both sets of hyperparameters.
+        self.save_hyperparameters(ignore=["num_embeddings_per_feature"])
         num_features = len(self._num_embeddings)
         exponents = _per_feature("popularity_exponent", popularity_exponent, num_features)
         for exponent in exponents:

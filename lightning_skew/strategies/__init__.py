@@ -1,0 +1,5 @@
+"""Lightning strategies that run TorchRec sharding."""
+
+from lightning_skew.strategies.torchrec import TorchRecStrategy
+
+__all__ = ["TorchRecStrategy"]

@@ -1,0 +1,17 @@
+"""lightning-skew: fast recommendation-model training on skewed data, as PyTorch Lightning parts on TorchRec."""
+
+from lightning_skew.callbacks import SamplesPerSecond
+from lightning_skew.data import CriteoDataModule, RecDataModule, SyntheticDataModule
+from lightning_skew.models import DLRMModule
+from lightning_skew.strategies import TorchRecStrategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CriteoDataModule",
+    "DLRMModule",
+    "RecDataModule",
+    "SamplesPerSecond",
+    "SyntheticDataModule",
+    "TorchRecStrategy",
+]
