@@ -15,6 +15,13 @@ CRITEO_KAGGLE_CARDINALITIES: list[int] = [
     27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
 ]
 
+# Distinct values per categorical feature in the Criteo Terabyte (1TB) click log, as published with
+# TorchRec's DLRM example.
+CRITEO_TERABYTE_CARDINALITIES: list[int] = [
+    45833188, 36746, 17245, 7413, 20243, 3, 7114, 1441, 62, 29275261, 1572176, 345138, 10, 2209,
+    11267, 128, 4, 974, 14, 48937457, 11316796, 40094537, 452104, 12606, 104, 35,
+]
+
 
 def capped_cardinalities(cardinalities: list[int], max_rows_per_table: int | None) -> list[int]:
     """Cap every table at ``max_rows_per_table`` rows (``None`` keeps them as they are)."""

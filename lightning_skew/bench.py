@@ -1,0 +1,529 @@
+"""``lightning-skew bench``: training variants side by side, alternating and repeated, with their model quality.
+
+Every run builds the model and data afresh from one recipe (same seed, so the same initial weights and the
+same batches), trains one epoch with one *variant* of the training loop, times the steps after the warm-up,
+and scores the trained model on the validation split. Variants live in :data:`VARIANTS`; the first one asked
+for is the baseline that the others are divided by.
+
+Example::
+
+    lightning-skew bench --config recipes/dlrm_synthetic.yaml --repeats 3 --train-samples 307200 \\
+        --output bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.functional.classification import binary_auroc
+from torchrec.datasets.utils import Batch
+
+from lightning_skew.callbacks.monitor import batch_size_of
+from lightning_skew.cli import SkewCLI
+from lightning_skew.strategies.torchrec import TorchRecStrategy
+
+__all__ = [
+    "VARIANTS",
+    "Quality",
+    "Recipe",
+    "RunResult",
+    "StepClock",
+    "TrainedRun",
+    "Variant",
+    "VariantSummary",
+    "build_recipe",
+    "evaluate",
+    "fit_with_lightning",
+    "main",
+    "median",
+    "per_repeat_ratios",
+    "register_variant",
+    "run_bench",
+    "run_order",
+    "summarize",
+    "throughput",
+    "train_by_hand",
+]
+
+DEFAULT_CONFIG = "recipes/dlrm_synthetic.yaml"
+RATIO_METHOD = "median over repeats of (variant samples/s / baseline samples/s in the same repeat)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vocabulary
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Recipe:
+    """A freshly built model and DataModule (not yet set up), as the recipe and its overrides describe them."""
+
+    model: pl.LightningModule
+    datamodule: pl.LightningDataModule
+
+
+@dataclass
+class StepClock:
+    """End time (``time.perf_counter``) and input count of every training step, in order."""
+
+    ends: list[float] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
+
+    def tick(self, samples: int) -> None:
+        """Record the end of a step that trained on ``samples`` inputs."""
+        self.ends.append(time.perf_counter())
+        self.samples.append(int(samples))
+
+
+@dataclass
+class TrainedRun:
+    """What a variant hands back: the trained model (a batch to click logits ``[B]``) and its step times."""
+
+    model: Callable[[Batch], Tensor]
+    clock: StepClock
+
+
+VariantFn = Callable[[Recipe], TrainedRun]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named way of training a :class:`Recipe` for one epoch."""
+
+    name: str
+    train: VariantFn
+    description: str = ""
+
+
+VARIANTS: dict[str, Variant] = {}
+
+
+def register_variant(name: str, description: str = "") -> Callable[[VariantFn], VariantFn]:
+    """Register ``fn(recipe) -> TrainedRun`` as the benchmark variant ``name`` (a decorator).
+
+    The function must train ``recipe.model`` on ``recipe.datamodule``'s training split for one epoch, call
+    ``clock.tick(batch_size)`` at the end of every step (after the optimizer step), and return the trained model.
+
+    Example::
+
+        @register_variant("popularity_batches", "Lightning, batches grouped by ID popularity")
+        def popularity_batches(recipe: Recipe) -> TrainedRun:
+            return fit_with_lightning(recipe, callbacks=[PopularityBatching()])
+    """
+
+    def register(fn: VariantFn) -> VariantFn:
+        if name in VARIANTS:
+            raise ValueError(f"a benchmark variant named {name!r} is already registered")
+        VARIANTS[name] = Variant(name, fn, description or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return register
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Model quality on a held-out split."""
+
+    auc: float
+    logloss: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One variant trained once: its throughput over the timed steps and its validation quality."""
+
+    repeat: int
+    position: int  # order within the repeat
+    variant: str
+    samples_per_s: float
+    timed_samples: int
+    timed_s: float
+    steps: int
+    setup_s: float  # building the recipe and everything before the first step, plus the warm-up steps
+    auc: float
+    logloss: float
+
+
+@dataclass(frozen=True)
+class VariantSummary:
+    """A variant's figures over all repeats."""
+
+    variant: str
+    repeats: int
+    median_samples_per_s: float
+    min_samples_per_s: float
+    max_samples_per_s: float
+    ratio: float  # median of per-repeat ratios to the baseline
+    min_ratio: float
+    max_ratio: float
+    auc: float  # median over repeats
+    logloss: float
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics (pure)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def median(values: Iterable[float]) -> float:
+    """The median (mean of the middle two for an even count)."""
+    values = list(values)
+    if not values:
+        raise ValueError("median of no values")
+    return float(statistics.median(values))
+
+
+def throughput(ends: Sequence[float], samples: Sequence[int], warmup_steps: int) -> tuple[float, int, float]:
+    """Samples per second over the steps after the first ``warmup_steps``.
+
+    The clock starts at the end of the last warm-up step, so the timed steps are ``warmup_steps..n-1``.
+    Returns ``(samples_per_s, timed_samples, timed_seconds)``.
+    """
+    if len(ends) != len(samples):
+        raise ValueError(f"{len(ends)} step end times but {len(samples)} sample counts")
+    if warmup_steps < 1:
+        raise ValueError(f"warmup_steps must be at least 1 (the clock starts at its end), got {warmup_steps}")
+    if len(ends) <= warmup_steps:
+        raise ValueError(f"only {len(ends)} training steps ran, none after the {warmup_steps} warm-up steps; "
+                         "train on more samples or lower --warmup-steps")
+    timed_samples = int(sum(samples[warmup_steps:]))
+    timed_s = float(ends[-1] - ends[warmup_steps - 1])
+    if timed_s <= 0:
+        raise ValueError(f"the timed steps took {timed_s} s; step end times must increase")
+    return timed_samples / timed_s, timed_samples, timed_s
+
+
+def run_order(variants: Sequence[str], repeat: int) -> list[str]:
+    """The variants in the order repeat ``repeat`` runs them: rotated by one each repeat, to cancel drift."""
+    if not variants:
+        return []
+    shift = repeat % len(variants)
+    return list(variants[shift:]) + list(variants[:shift])
+
+
+def per_repeat_ratios(rates: dict[int, dict[str, float]], baseline: str) -> dict[str, list[float]]:
+    """Each variant's samples/s divided by the baseline's in the same repeat (``rates[repeat][variant]``)."""
+    ratios: dict[str, list[float]] = {}
+    for repeat in sorted(rates):
+        by_variant = rates[repeat]
+        if baseline not in by_variant:
+            raise ValueError(f"repeat {repeat} has no run of the baseline {baseline!r}")
+        for variant, rate in by_variant.items():
+            ratios.setdefault(variant, []).append(rate / by_variant[baseline])
+    return ratios
+
+
+def summarize(runs: Sequence[RunResult], baseline: str) -> dict[str, VariantSummary]:
+    """Per variant (in first-seen order): median, min and max samples/s, ratio to ``baseline``, quality."""
+    rates: dict[int, dict[str, float]] = {}
+    for run in runs:
+        rates.setdefault(run.repeat, {})[run.variant] = run.samples_per_s
+    ratios = per_repeat_ratios(rates, baseline)
+    summaries = {}
+    for variant in dict.fromkeys(run.variant for run in runs):
+        own = [run for run in runs if run.variant == variant]
+        speeds = [run.samples_per_s for run in own]
+        summaries[variant] = VariantSummary(
+            variant=variant, repeats=len(own), median_samples_per_s=median(speeds), min_samples_per_s=min(speeds),
+            max_samples_per_s=max(speeds), ratio=median(ratios[variant]), min_ratio=min(ratios[variant]),
+            max_ratio=max(ratios[variant]), auc=median(r.auc for r in own), logloss=median(r.logloss for r in own))
+    return summaries
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building, training and scoring
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _RecipeCLI(SkewCLI):
+    """Parses a recipe and builds only its model and data: the benchmark brings its own training loops."""
+
+    def instantiate_classes(self) -> None:
+        config = self.config.clone()
+        del config["trainer"]  # its loggers and callbacks are for `fit`, not for timing
+        self.config_init = self.parser.instantiate_classes(config)
+        self.datamodule = self._get(self.config_init, "data")
+        self.model = self._get(self.config_init, "model")
+        self.trainer = None
+
+
+def build_recipe(recipe_args: Sequence[str]) -> Recipe:
+    """Model and DataModule from LightningCLI arguments (``--config recipe.yaml --data.init_args.X v ...``).
+
+    The recipe's ``seed_everything`` is applied before the model is built, so every call with the same
+    arguments gives the same initial weights.
+    """
+    cli = _RecipeCLI(model_class=pl.LightningModule, datamodule_class=pl.LightningDataModule,
+                     subclass_mode_model=True, subclass_mode_data=True, save_config_callback=None,
+                     args=list(recipe_args), run=False, auto_configure_optimizers=False)
+    if cli.datamodule is None:
+        raise ValueError("the recipe has no data section; the benchmark needs a DataModule")
+    return Recipe(model=cli.model, datamodule=cli.datamodule)
+
+
+def ensure_process_group() -> None:
+    """Start a one-process gloo group (in-memory store) unless one exists: TorchRec shards over a process group."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _dense_optimizer(configured: Any) -> torch.optim.Optimizer:
+    if isinstance(configured, torch.optim.Optimizer):
+        return configured
+    if isinstance(configured, dict) and isinstance(configured.get("optimizer"), torch.optim.Optimizer):
+        if configured.get("lr_scheduler") is not None:
+            raise ValueError("the hand-written loop applies no LR scheduler (TorchRecStrategy would also scale the "
+                             "embedding LR by it); benchmark a recipe without lr_scheduler")
+        return configured["optimizer"]
+    if isinstance(configured, (list, tuple)) and len(configured) == 1:
+        return _dense_optimizer(configured[0])
+    raise ValueError(f"configure_optimizers() returned {type(configured).__name__}; the hand-written loop takes "
+                     "one optimizer (or a dict with 'optimizer')")
+
+
+@register_variant("handwritten", "TorchRec DMP and a plain PyTorch loop, no Lightning")
+def train_by_hand(recipe: Recipe) -> TrainedRun:
+    """A plain TorchRec training loop: the module sharded as TorchRecStrategy shards it, then
+    forward, BCE loss, backward (embeddings update inside it), dense optimizer step."""
+    ensure_process_group()
+    module, datamodule = recipe.model, recipe.datamodule
+    strategy = TorchRecStrategy(parallel_devices=[torch.device("cpu")])
+    dmp = strategy._shard(module)
+    dmp.train()
+    optimizer = _dense_optimizer(module.configure_optimizers())
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    clock = StepClock()
+    for batch in datamodule.train_dataloader():
+        loss = F.binary_cross_entropy_with_logits(dmp(batch), batch.labels.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        clock.tick(batch_size_of(batch))
+    return TrainedRun(model=dmp, clock=clock)
+
+
+class _ClockCallback(pl.Callback):
+    def __init__(self, clock: StepClock) -> None:
+        self.clock = clock
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.clock.tick(batch_size_of(batch))
+
+
+def fit_with_lightning(recipe: Recipe, callbacks: Sequence[pl.Callback] = (),
+                       strategy: TorchRecStrategy | None = None) -> TrainedRun:
+    """One epoch of ``Trainer.fit`` on one CPU process with :class:`TorchRecStrategy`, without logger,
+    checkpoints, progress bar or validation; ``callbacks`` are added (for variants built on this one)."""
+    clock = StepClock()
+    with tempfile.TemporaryDirectory(prefix="lightning-skew-bench-") as root_dir:
+        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy or TorchRecStrategy(), max_epochs=1,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                             default_root_dir=root_dir, callbacks=[_ClockCallback(clock), *callbacks])
+        trainer.fit(recipe.model, datamodule=recipe.datamodule)
+    return TrainedRun(model=trainer.strategy.model, clock=clock)
+
+
+@register_variant("lightning", "Lightning Trainer with TorchRecStrategy")
+def _lightning(recipe: Recipe) -> TrainedRun:
+    return fit_with_lightning(recipe)
+
+
+@torch.no_grad()
+def evaluate(model: Callable[[Batch], Tensor], batches: Iterable[Batch]) -> Quality:
+    """AUC (torchmetrics ``binary_auroc``) and mean log-loss of ``model``'s logits over ``batches``."""
+    if isinstance(model, nn.Module):
+        model.eval()
+    logits, labels = [], []
+    for batch in batches:
+        logits.append(model(batch).detach().float().reshape(-1))
+        labels.append(batch.labels.reshape(-1).float())
+    if not logits:
+        raise ValueError("no evaluation batches: the held-out split is empty")
+    logit, label = torch.cat(logits), torch.cat(labels)
+    auc = float(binary_auroc(torch.sigmoid(logit), label.long()))
+    logloss = float(F.binary_cross_entropy_with_logits(logit, label))
+    return Quality(auc=auc, logloss=logloss, samples=label.numel())
+
+
+def _run_once(variant: Variant, recipe_args: Sequence[str], warmup_steps: int, repeat: int,
+              position: int) -> RunResult:
+    began = time.perf_counter()
+    recipe = build_recipe(recipe_args)
+    trained = variant.train(recipe)
+    clock = trained.clock
+    rate, timed_samples, timed_s = throughput(clock.ends, clock.samples, warmup_steps)
+    quality = evaluate(trained.model, recipe.datamodule.val_dataloader())
+    return RunResult(repeat=repeat, position=position, variant=variant.name, samples_per_s=rate,
+                     timed_samples=timed_samples, timed_s=timed_s, steps=len(clock.ends),
+                     setup_s=clock.ends[warmup_steps - 1] - began, auc=quality.auc, logloss=quality.logloss)
+
+
+def run_bench(recipe_args: Sequence[str], variants: Sequence[str], repeats: int = 3, warmup_steps: int = 10,
+              progress: Callable[[str], None] | None = None) -> list[RunResult]:
+    """Run every variant once per repeat (order rotated each repeat), each from a freshly built recipe."""
+    _check_variants(variants)
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    runs = []
+    for repeat in range(repeats):
+        for position, name in enumerate(run_order(variants, repeat)):
+            gc.collect()  # free the previous run's tables before building the next
+            run = _run_once(VARIANTS[name], recipe_args, warmup_steps, repeat, position)
+            runs.append(run)
+            if progress is not None:
+                progress(f"repeat {repeat + 1}/{repeats} {name}: {run.samples_per_s:,.0f} samples/s over "
+                         f"{run.timed_samples} samples ({run.steps} steps), val AUC {run.auc:.4f}, "
+                         f"log-loss {run.logloss:.4f}")
+    return runs
+
+
+def _check_variants(variants: Sequence[str]) -> None:
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"unknown benchmark variant(s) {unknown or variants}; registered: {sorted(VARIANTS)}")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"variants repeat a name: {list(variants)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model and cores, torch threads, load average and the versions of the packages that matter."""
+    cpu_model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for package in ("torch", "torchrec", "fbgemm-gpu-cpu", "fbgemm-gpu", "lightning", "torchmetrics"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu_model": cpu_model, "cpu_cores": os.cpu_count(), "usable_cores": usable,
+            "torch_threads": torch.get_num_threads(), "load_average_at_start": list(os.getloadavg()),
+            "python": platform.python_version(), "platform": platform.platform(), "versions": versions}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as text: machine, command, and a Markdown table of the variants."""
+    machine, settings = report["machine"], report["settings"]
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+    load = ", ".join(f"{x:.2f}" for x in machine["load_average_at_start"])
+    baseline = report["baseline"]
+    lines = [
+        f"command: {report['command']}",
+        f"machine: {machine['cpu_model']}, {machine['usable_cores']} usable cores, torch threads "
+        f"{machine['torch_threads']}, load average at start {load}; python {machine['python']}, {versions}",
+        f"settings: {settings['repeats']} repeat(s), order rotated each repeat; {settings['train_samples_per_run']} "
+        f"training samples per run, {settings['warmup_steps']} warm-up steps not timed; ratio = {RATIO_METHOD}",
+        "",
+        f"| variant | samples/s (median) | min | max | ratio to {baseline} [min, max] | val AUC | val log-loss |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in report["variants"].values():
+        lines.append(f"| {s['variant']} | {s['median_samples_per_s']:,.0f} | {s['min_samples_per_s']:,.0f} | "
+                     f"{s['max_samples_per_s']:,.0f} | {s['ratio']:.3f} [{s['min_ratio']:.3f}, "
+                     f"{s['max_ratio']:.3f}] | {s['auc']:.4f} | {s['logloss']:.4f} |")
+    if report.get("best_attainable_auc") is not None:
+        lines += ["", f"best attainable val AUC (the generator's true click probabilities): "
+                      f"{report['best_attainable_auc']:.4f}"]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-skew bench", allow_abbrev=False,
+        description="Train benchmark variants side by side (alternating, repeated) and compare samples/s and "
+                    "model quality. Other arguments (--data.init_args.X v, --model.init_args.X v) override the "
+                    "recipe.",
+        epilog=f"registered variants: {', '.join(f'{v.name} ({v.description})' for v in VARIANTS.values())}")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="the recipe (a LightningCLI config)")
+    parser.add_argument("--variants", default="handwritten,lightning",
+                        help="comma-separated variant names; the first is the baseline")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every variant")
+    parser.add_argument("--train-samples", type=int, default=None,
+                        help="training samples per run (sets data.init_args.num_train_samples)")
+    parser.add_argument("--warmup-steps", type=int, default=10, help="first steps of every run left untimed")
+    parser.add_argument("--output", default=None, help="also write the report here as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``lightning-skew bench``: parse arguments, run, print the report and write it (``--output``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, overrides = _parser().parse_known_args(argv)
+    variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    _check_variants(variants)
+    if args.repeats < 1 or args.warmup_steps < 1:
+        raise SystemExit(f"--repeats and --warmup-steps must be at least 1, got {args.repeats}, {args.warmup_steps}")
+    machine = machine_info()  # before any work, so the load average is the machine's, not ours
+    _quiet_logs()
+    recipe_args = ["--config", args.config, *overrides]
+    if args.train_samples is not None:
+        recipe_args += ["--data.init_args.num_train_samples", str(args.train_samples)]
+    probe = build_recipe(recipe_args)  # fails early on a bad recipe; also gives the data's sizes
+    best = getattr(probe.datamodule, "best_attainable_auc", None)
+    best_auc = float(best("val")) if callable(best) else None
+    train_samples = getattr(probe.datamodule, "num_samples", {}).get("train")
+    del probe
+
+    runs = run_bench(recipe_args, variants, args.repeats, args.warmup_steps,
+                     progress=lambda line: print(line, flush=True))
+    summaries = summarize(runs, baseline=variants[0])
+    report = {
+        "command": "lightning-skew bench " + shlex.join(argv),
+        "machine": machine,
+        "settings": {"config": args.config, "overrides": overrides, "variants": variants, "repeats": args.repeats,
+                     "train_samples_per_run": train_samples, "warmup_steps": args.warmup_steps},
+        "baseline": variants[0],
+        "ratio_method": RATIO_METHOD,
+        "best_attainable_auc": best_auc,
+        "variants": {name: asdict(s) for name, s in summaries.items()},
+        "runs": [asdict(run) for run in runs],
+    }
+    print(format_report(report), flush=True)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _quiet_logs() -> None:
+    # Per-run banners (devices, sharding plan, process group) would bury the figures; warnings stay.
+    for name in ("lightning.pytorch", "lightning.fabric", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="torchrec")
+    warnings.filterwarnings("ignore", module="fbgemm_gpu")
