@@ -81,7 +81,7 @@ class DLRMModule(pl.LightningModule):
         tables = [
             EmbeddingBagConfig(name=f"t_{name}", embedding_dim=embedding_dim, num_embeddings=rows,
                                feature_names=[name])
-            for name, rows in zip(names, num_embeddings_per_feature)
+            for name, rows in zip(names, num_embeddings_per_feature, strict=True)
         ]
         ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
         common = dict(embedding_bag_collection=ebc, dense_in_features=dense_in_features,
@@ -138,7 +138,7 @@ def _validate(rows: list[int], names: list[str], dense_in_features: int, embeddi
     if len(names) != len(rows):
         raise ValueError(f"sparse_feature_names has {len(names)} names but num_embeddings_per_feature has "
                          f"{len(rows)} tables; give one name per table")
-    bad = [(n, r) for n, r in zip(names, rows) if r < 1]
+    bad = [(n, r) for n, r in zip(names, rows, strict=True) if r < 1]
     if bad:
         raise ValueError(f"every table needs at least one row; got {bad}")
     if dense_in_features < 1 or embedding_dim < 1:

@@ -41,7 +41,7 @@ def copy_into_shards(target: dict[str, Any], source: dict[str, torch.Tensor]) ->
                              f"{tuple(sharded.size())}; was it trained with other table sizes?")
         for shard in sharded.local_shards():
             region = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets,
-                                                          shard.metadata.shard_sizes))
+                                                          shard.metadata.shard_sizes, strict=True))
             shard.tensor.copy_(value[region])
         copied.append(key)
     return copied
@@ -68,7 +68,7 @@ def gather_unsharded(state: dict[str, Any], dst: int = 0) -> dict[str, torch.Ten
         for key, (size, dtype, shards) in piece.items():
             full = plain.setdefault(key, torch.zeros(size, dtype=dtype))
             for offsets, tensor in shards:
-                full[tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape))] = tensor
+                full[tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape, strict=True))] = tensor
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and not isinstance(value, ShardedTensor):
             plain[key] = value.detach().cpu().clone()

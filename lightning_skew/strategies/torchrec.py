@@ -240,7 +240,7 @@ class TorchRecStrategy(DDPStrategy):
         scale = group["lr"] / group["initial_lr"] if group.get("initial_lr") else 1.0
         if scale == self._lr_scale:
             return
-        for group_, base in zip(self.fused_optimizer.param_groups, self._embedding_base_lrs):
+        for group_, base in zip(self.fused_optimizer.param_groups, self._embedding_base_lrs, strict=True):
             group_["lr"] = base * scale
         self.fused_optimizer.step()  # only pushes the new learning rate into the fused kernels
         self._lr_scale = scale
