@@ -275,9 +275,12 @@ def build_recipe(recipe_args: Sequence[str]) -> Recipe:
     The recipe's ``seed_everything`` is applied before the model is built, so every call with the same
     arguments gives the same initial weights.
     """
-    cli = _RecipeCLI(model_class=pl.LightningModule, datamodule_class=pl.LightningDataModule,
-                     subclass_mode_model=True, subclass_mode_data=True, save_config_callback=None,
-                     args=list(recipe_args), run=False, auto_configure_optimizers=False)
+    with warnings.catch_warnings():
+        # `lightning-skew bench ...` leaves sys.argv set; the recipe's arguments are these, on purpose.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = _RecipeCLI(model_class=pl.LightningModule, datamodule_class=pl.LightningDataModule,
+                         subclass_mode_model=True, subclass_mode_data=True, save_config_callback=None,
+                         args=list(recipe_args), run=False, auto_configure_optimizers=False)
     if cli.datamodule is None:
         raise ValueError("the recipe has no data section; the benchmark needs a DataModule")
     return Recipe(model=cli.model, datamodule=cli.datamodule)
@@ -527,3 +530,5 @@ def _quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="torchrec")
     warnings.filterwarnings("ignore", module="fbgemm_gpu")
+    # The loaders run in the main process: a warning about several workers does not apply.
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
