@@ -45,6 +45,7 @@ from lightning_skew.strategies.torchrec import TorchRecStrategy
 
 __all__ = [
     "VARIANTS",
+    "CpuSnapshot",
     "Quality",
     "Recipe",
     "RunResult",
@@ -55,6 +56,7 @@ __all__ = [
     "build_recipe",
     "evaluate",
     "fit_with_lightning",
+    "foreign_cpu_share",
     "main",
     "median",
     "per_repeat_ratios",
@@ -67,6 +69,8 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG = "recipes/dlrm_synthetic.yaml"
+# Above this share of the CPUs taken by other processes during a run, the run is flagged.
+FOREIGN_CPU_WARNING = 0.05
 RATIO_METHOD = "median over repeats of (variant samples/s / baseline samples/s in the same repeat)"
 
 
@@ -164,6 +168,29 @@ class RunResult:
     setup_s: float  # building the recipe and everything before the first step, plus the warm-up steps
     auc: float
     logloss: float
+    foreign_cpu_share: float | None = None  # CPU time of other processes over the run, a share of all cores
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """Wall clock, CPU time of the whole machine (``/proc/stat``) and of this process tree, in seconds."""
+
+    wall_s: float
+    busy_cpu_s: float
+    own_cpu_s: float
+
+    @classmethod
+    def take(cls) -> CpuSnapshot | None:
+        """Now; ``None`` where ``/proc/stat`` is missing (not Linux)."""
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        except OSError:
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+        ticks = os.sysconf("SC_CLK_TCK")
+        own = os.times()
+        return cls(wall_s=time.perf_counter(), busy_cpu_s=(user + nice + system + irq + softirq + steal) / ticks,
+                   own_cpu_s=own.user + own.system + own.children_user + own.children_system)
 
 
 @dataclass(frozen=True)
@@ -213,6 +240,19 @@ def throughput(ends: Sequence[float], samples: Sequence[int], warmup_steps: int)
     if timed_s <= 0:
         raise ValueError(f"the timed steps took {timed_s} s; step end times must increase")
     return timed_samples / timed_s, timed_samples, timed_s
+
+
+def foreign_cpu_share(before: CpuSnapshot, after: CpuSnapshot, cores: int) -> float:
+    """Share of the machine's CPU capacity used by other processes between two snapshots (0 = none).
+
+    A benchmark on a shared machine is only as good as this figure is small: with torch's threads spread
+    over every core, each core another process takes slows a step far more than its share.
+    """
+    wall = after.wall_s - before.wall_s
+    if wall <= 0 or cores < 1:
+        raise ValueError(f"need a positive interval and core count, got {wall} s and {cores} cores")
+    foreign = (after.busy_cpu_s - before.busy_cpu_s) - (after.own_cpu_s - before.own_cpu_s)
+    return max(0.0, foreign / (wall * cores))
 
 
 def run_order(variants: Sequence[str], repeat: int) -> list[str]:
@@ -376,14 +416,19 @@ def evaluate(model: Callable[[Batch], Tensor], batches: Iterable[Batch]) -> Qual
 def _run_once(variant: Variant, recipe_args: Sequence[str], warmup_steps: int, repeat: int,
               position: int) -> RunResult:
     began = time.perf_counter()
+    cpu_before = CpuSnapshot.take()
     recipe = build_recipe(recipe_args)
     trained = variant.train(recipe)
     clock = trained.clock
     rate, timed_samples, timed_s = throughput(clock.ends, clock.samples, warmup_steps)
     quality = evaluate(trained.model, recipe.datamodule.val_dataloader())
+    cpu_after = CpuSnapshot.take()
+    foreign = (foreign_cpu_share(cpu_before, cpu_after, _usable_cores())
+               if cpu_before is not None and cpu_after is not None else None)
     return RunResult(repeat=repeat, position=position, variant=variant.name, samples_per_s=rate,
                      timed_samples=timed_samples, timed_s=timed_s, steps=len(clock.ends),
-                     setup_s=clock.ends[warmup_steps - 1] - began, auc=quality.auc, logloss=quality.logloss)
+                     setup_s=clock.ends[warmup_steps - 1] - began, auc=quality.auc, logloss=quality.logloss,
+                     foreign_cpu_share=foreign)
 
 
 def run_bench(recipe_args: Sequence[str], variants: Sequence[str], repeats: int = 3, warmup_steps: int = 10,
@@ -401,8 +446,18 @@ def run_bench(recipe_args: Sequence[str], variants: Sequence[str], repeats: int 
             if progress is not None:
                 progress(f"repeat {repeat + 1}/{repeats} {name}: {run.samples_per_s:,.0f} samples/s over "
                          f"{run.timed_samples} samples ({run.steps} steps), val AUC {run.auc:.4f}, "
-                         f"log-loss {run.logloss:.4f}")
+                         f"log-loss {run.logloss:.4f}{_foreign_note(run.foreign_cpu_share)}")
     return runs
+
+
+def _foreign_note(share: float | None) -> str:
+    if share is None or share < FOREIGN_CPU_WARNING:
+        return ""
+    return f"; other processes took {share:.0%} of the CPUs: this run's figure is not trustworthy"
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _check_variants(variants: Sequence[str]) -> None:
@@ -434,8 +489,7 @@ def machine_info() -> dict[str, Any]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu_model": cpu_model, "cpu_cores": os.cpu_count(), "usable_cores": usable,
+    return {"cpu_model": cpu_model, "cpu_cores": os.cpu_count(), "usable_cores": _usable_cores(),
             "torch_threads": torch.get_num_threads(), "load_average_at_start": list(os.getloadavg()),
             "python": platform.python_version(), "platform": platform.platform(), "versions": versions}
 
@@ -460,6 +514,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"| {s['variant']} | {s['median_samples_per_s']:,.0f} | {s['min_samples_per_s']:,.0f} | "
                      f"{s['max_samples_per_s']:,.0f} | {s['ratio']:.3f} [{s['min_ratio']:.3f}, "
                      f"{s['max_ratio']:.3f}] | {s['auc']:.4f} | {s['logloss']:.4f} |")
+    foreign = report.get("max_foreign_cpu_share")
+    if foreign is not None:
+        verdict = "fine" if foreign < FOREIGN_CPU_WARNING else "NOT trustworthy: rerun on a quiet machine"
+        lines += ["", f"other processes' CPU use during the runs: at most {foreign:.1%} of the cores ({verdict})"]
     if report.get("best_attainable_auc") is not None:
         lines += ["", f"best attainable val AUC (the generator's true click probabilities): "
                       f"{report['best_attainable_auc']:.4f}"]
@@ -514,6 +572,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "baseline": variants[0],
         "ratio_method": RATIO_METHOD,
         "best_attainable_auc": best_auc,
+        "max_foreign_cpu_share": max((r.foreign_cpu_share for r in runs if r.foreign_cpu_share is not None),
+                                     default=None),
         "variants": {name: asdict(s) for name, s in summaries.items()},
         "runs": [asdict(run) for run in runs],
     }
@@ -530,5 +590,5 @@ def _quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="torchrec")
     warnings.filterwarnings("ignore", module="fbgemm_gpu")
-    # The loaders run in the main process: a warning about several workers does not apply.
+    # Lightning's guess about sized IterableDatasets; lightning-skew's streams split batches among workers.
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 EXTRA_COMMANDS = {
     "bench": "lightning_skew.bench:main",
+    "criteo-vocabulary": "lightning_skew.cli:criteo_vocabulary_main",
 }
 
 
@@ -64,6 +65,27 @@ def run_cli(args: list[str] | None = None) -> SkewCLI:
         args=args,
         auto_configure_optimizers=False,
     )
+
+
+def criteo_vocabulary_main(argv: list[str]) -> None:
+    """``lightning-skew criteo-vocabulary``: the preprocessing pass that builds a Criteo vocabulary file."""
+    import argparse
+
+    from lightning_skew.data.criteo import build_vocabulary
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-skew criteo-vocabulary",
+        description="Count the categorical values of Criteo TSV files (plain or gzip) and write a vocabulary: "
+                    "values seen at least --min-frequency times get their own row, all others row 0. Pass the "
+                    "file to CriteoDataModule(vocabulary_path=...).")
+    parser.add_argument("paths", nargs="+", help="training TSV files, directories or globs")
+    parser.add_argument("--min-frequency", type=int, required=True)
+    parser.add_argument("--output", required=True, help="the .npz file to write")
+    parser.add_argument("--skip-malformed", action="store_true", help="skip and count malformed lines")
+    args = parser.parse_args(argv)
+    vocabulary = build_vocabulary(args.paths, args.min_frequency, args.output, skip_malformed=args.skip_malformed)
+    rows = vocabulary.num_embeddings_per_feature
+    print(f"wrote {args.output}: {len(rows)} tables, {sum(rows)} rows (min_frequency {args.min_frequency})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -335,3 +335,23 @@ def test_datamodule_fails_early_with_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="day_3_sparse.npy"):
         np.save(tmp_path / "day_3_dense.npy", np.zeros((2, 13), dtype=np.float32))
         CriteoDataModule(train_paths=[str(tmp_path / "day_3")], format="npy").setup("fit")
+
+
+def test_vocabulary_command_writes_a_file_the_datamodule_reads(tmp_path):
+    import subprocess
+    import sys
+
+    from lightning_skew.data.criteo import CriteoDataModule
+
+    path = tmp_path / "day_0"
+    lines = ["1\t1\t\t3" + "\t" * 11 + "\t".join(["68fd1e64"] * 26) for _ in range(3)]
+    lines.append("0" + "\t" * 14 + "\t".join(["deadbeef"] * 26))
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "vocab.npz"
+    result = subprocess.run([sys.executable, "-m", "lightning_skew.cli", "criteo-vocabulary", str(path),
+                             "--min-frequency", "2", "--output", str(out)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "26 tables, 52 rows" in result.stdout  # per table: row 0 (rare/missing) + the one frequent value
+    data = CriteoDataModule(train_paths=[str(path)], vocabulary_path=str(out), batch_size=4)
+    assert data.num_embeddings_per_feature == [2] * 26

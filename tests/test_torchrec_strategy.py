@@ -12,7 +12,9 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.distributed import DistributedModelParallel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import launch  # noqa: E402
@@ -159,6 +161,16 @@ def test_any_module_with_embedding_bags_trains_with_the_strategys_embedding_opti
     path.unlink()
     moved = [k for k in before if not torch.equal(exported[f"ebc.{k}"], before[k])]
     assert moved, "no embedding table changed: the strategy's embedding optimizer did not run"
+
+
+def test_the_module_is_wrapped_once_by_dmp_and_once_by_ddp():
+    data = make_data(1)
+    trainer = _trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(make_model(data, "sgd"), data)
+    wrapper = trainer.strategy.model
+    assert isinstance(wrapper, DistributedModelParallel)
+    assert sum(isinstance(m, DistributedDataParallel) for m in wrapper.modules()) == 1
+    assert wrapper.module is trainer.lightning_module  # DMP -> DDP -> the LightningModule, nothing more
 
 
 def test_module_without_embedding_optimizer_is_a_clear_error():

@@ -47,6 +47,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from numpy.lib.stride_tricks import sliding_window_view
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from tqdm.auto import tqdm
 
 from lightning_skew.data.base import Batch, RecDataModule
 from lightning_skew.data.features import (
@@ -481,6 +482,7 @@ def build_vocabulary(
     output_path: str,
     skip_malformed: bool = False,
     lines_per_chunk: int = 1 << 18,
+    progress: bool = True,
 ) -> CriteoVocabulary:
     """Count the categorical values of Criteo TSV files and write a :class:`CriteoVocabulary`.
 
@@ -496,6 +498,7 @@ def build_vocabulary(
         output_path: Where the ``.npz`` is written (atomically, through a temporary file).
         skip_malformed: Skip and count malformed lines instead of raising.
         lines_per_chunk: Lines parsed at once.
+        progress: Show a progress bar of the lines read (on stderr).
 
     Returns:
         The vocabulary, read back from ``output_path``.
@@ -507,6 +510,7 @@ def build_vocabulary(
     counts = [np.zeros(0, dtype=np.int64) for _ in range(CRITEO_NUM_SPARSE)]
     num_lines = num_malformed = 0
     stream = _LineStream(files)
+    bar = tqdm(desc="build_vocabulary", unit=" lines", unit_scale=True, disable=not progress)
     while True:
         lines = stream.take(lines_per_chunk)
         if not lines:
@@ -514,11 +518,13 @@ def build_vocabulary(
         parsed = parse_tsv_lines(lines)
         num_malformed += _handle_malformed(parsed, stream.locate, skip_malformed)
         num_lines += len(lines)
+        bar.update(len(lines))
         for i in range(CRITEO_NUM_SPARSE):
             present = parsed.categorical[~parsed.categorical_missing[:, i], i]
             chunk_keys, chunk_counts = np.unique(present, return_counts=True)
             keys[i], counts[i] = _merge_counts(keys[i], counts[i], chunk_keys, chunk_counts)
 
+    bar.close()
     arrays: dict[str, np.ndarray] = {}
     sizes: list[int] = []
     for i in range(CRITEO_NUM_SPARSE):
