@@ -120,7 +120,7 @@ class TorchRecStrategy(DDPStrategy):
         self.embedding_optimizer = embedding_optimizer
         self.embedding_lr = embedding_lr
         self._embedding_base_lrs: list[float] = []
-        self._lr_scale = 1.0
+        self._lr_scale: float | None = None  # None: push the learning rate at the next step
 
     # ----------------------------------------------------------------------------------------- set-up
 
@@ -151,7 +151,7 @@ class TorchRecStrategy(DDPStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
             self._embedding_base_lrs = [group["lr"] for group in self.fused_optimizer.param_groups]
-            self._lr_scale = 1.0
+            self._lr_scale = None
         self.setup_precision_plugin()
         self._log_plan(trainer)
 
@@ -215,7 +215,9 @@ class TorchRecStrategy(DDPStrategy):
         rows = plan_rows(self.dmp.plan)
         text = "\n".join(["module | table | sharding type | compute kernel | ranks"] + [" | ".join(r) for r in rows])
         rank_zero_info(f"TorchRec sharding plan ({self.world_size} rank(s)):\n{text}")
-        log_dir = trainer.log_dir  # a collective (broadcast from rank zero): every rank asks
+        # trainer.log_dir is a collective (broadcast from rank zero): every rank asks. Without a logger it is the
+        # working directory, where the plan does not belong.
+        log_dir = trainer.log_dir if trainer.loggers else None
         if not self.is_global_zero:
             return
         for logger in trainer.loggers:
