@@ -59,6 +59,7 @@ __all__ = [
     "foreign_cpu_share",
     "main",
     "median",
+    "median_step_throughput",
     "per_repeat_ratios",
     "register_variant",
     "run_bench",
@@ -71,7 +72,8 @@ __all__ = [
 DEFAULT_CONFIG = "recipes/dlrm_synthetic.yaml"
 # Above this share of the CPUs taken by other processes during a run, the run is flagged.
 FOREIGN_CPU_WARNING = 0.05
-RATIO_METHOD = "median over repeats of (variant samples/s / baseline samples/s in the same repeat)"
+RATIO_METHOD = ("median over repeats of (variant samples/s / baseline samples/s in the same repeat); samples/s = "
+                "timed samples / wall time of the timed steps; median-step samples/s = batch / median step time")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,6 +166,7 @@ class RunResult:
     samples_per_s: float
     timed_samples: int
     timed_s: float
+    median_step_samples_per_s: float  # robust to short bursts of other load; see median_step_throughput
     steps: int
     setup_s: float  # building the recipe and everything before the first step, plus the warm-up steps
     auc: float
@@ -205,6 +208,8 @@ class VariantSummary:
     ratio: float  # median of per-repeat ratios to the baseline
     min_ratio: float
     max_ratio: float
+    median_step_samples_per_s: float  # median over repeats
+    median_step_ratio: float  # median of per-repeat ratios of median_step_samples_per_s
     auc: float  # median over repeats
     logloss: float
 
@@ -240,6 +245,16 @@ def throughput(ends: Sequence[float], samples: Sequence[int], warmup_steps: int)
     if timed_s <= 0:
         raise ValueError(f"the timed steps took {timed_s} s; step end times must increase")
     return timed_samples / timed_s, timed_samples, timed_s
+
+
+def median_step_throughput(ends: Sequence[float], samples: Sequence[int], warmup_steps: int) -> float:
+    """Samples per second of the median timed step (steps ``warmup_steps..n-1``, as :func:`throughput`).
+
+    A burst of other load slows a few steps a lot; the median step ignores it where the mean would not.
+    """
+    throughput(ends, samples, warmup_steps)  # the same validation
+    rates = [samples[i] / (ends[i] - ends[i - 1]) for i in range(warmup_steps, len(ends)) if ends[i] > ends[i - 1]]
+    return median(rates)
 
 
 def foreign_cpu_share(before: CpuSnapshot, after: CpuSnapshot, cores: int) -> float:
@@ -278,9 +293,12 @@ def per_repeat_ratios(rates: dict[int, dict[str, float]], baseline: str) -> dict
 def summarize(runs: Sequence[RunResult], baseline: str) -> dict[str, VariantSummary]:
     """Per variant (in first-seen order): median, min and max samples/s, ratio to ``baseline``, quality."""
     rates: dict[int, dict[str, float]] = {}
+    step_rates: dict[int, dict[str, float]] = {}
     for run in runs:
         rates.setdefault(run.repeat, {})[run.variant] = run.samples_per_s
+        step_rates.setdefault(run.repeat, {})[run.variant] = run.median_step_samples_per_s
     ratios = per_repeat_ratios(rates, baseline)
+    step_ratios = per_repeat_ratios(step_rates, baseline)
     summaries = {}
     for variant in dict.fromkeys(run.variant for run in runs):
         own = [run for run in runs if run.variant == variant]
@@ -288,7 +306,9 @@ def summarize(runs: Sequence[RunResult], baseline: str) -> dict[str, VariantSumm
         summaries[variant] = VariantSummary(
             variant=variant, repeats=len(own), median_samples_per_s=median(speeds), min_samples_per_s=min(speeds),
             max_samples_per_s=max(speeds), ratio=median(ratios[variant]), min_ratio=min(ratios[variant]),
-            max_ratio=max(ratios[variant]), auc=median(r.auc for r in own), logloss=median(r.logloss for r in own))
+            max_ratio=max(ratios[variant]),
+            median_step_samples_per_s=median(r.median_step_samples_per_s for r in own),
+            median_step_ratio=median(step_ratios[variant]), auc=median(r.auc for r in own), logloss=median(r.logloss for r in own))
     return summaries
 
 
@@ -426,7 +446,9 @@ def _run_once(variant: Variant, recipe_args: Sequence[str], warmup_steps: int, r
     foreign = (foreign_cpu_share(cpu_before, cpu_after, _usable_cores())
                if cpu_before is not None and cpu_after is not None else None)
     return RunResult(repeat=repeat, position=position, variant=variant.name, samples_per_s=rate,
-                     timed_samples=timed_samples, timed_s=timed_s, steps=len(clock.ends),
+                     timed_samples=timed_samples, timed_s=timed_s,
+                     median_step_samples_per_s=median_step_throughput(clock.ends, clock.samples, warmup_steps),
+                     steps=len(clock.ends),
                      setup_s=clock.ends[warmup_steps - 1] - began, auc=quality.auc, logloss=quality.logloss,
                      foreign_cpu_share=foreign)
 
@@ -507,13 +529,15 @@ def format_report(report: dict[str, Any]) -> str:
         f"settings: {settings['repeats']} repeat(s), order rotated each repeat; {settings['train_samples_per_run']} "
         f"training samples per run, {settings['warmup_steps']} warm-up steps not timed; ratio = {RATIO_METHOD}",
         "",
-        f"| variant | samples/s (median) | min | max | ratio to {baseline} [min, max] | val AUC | val log-loss |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| variant | samples/s (median) | min | max | ratio to {baseline} [min, max] | median-step samples/s | "
+        "its ratio | val AUC | val log-loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in report["variants"].values():
         lines.append(f"| {s['variant']} | {s['median_samples_per_s']:,.0f} | {s['min_samples_per_s']:,.0f} | "
                      f"{s['max_samples_per_s']:,.0f} | {s['ratio']:.3f} [{s['min_ratio']:.3f}, "
-                     f"{s['max_ratio']:.3f}] | {s['auc']:.4f} | {s['logloss']:.4f} |")
+                     f"{s['max_ratio']:.3f}] | {s['median_step_samples_per_s']:,.0f} | {s['median_step_ratio']:.3f} | "
+                     f"{s['auc']:.4f} | {s['logloss']:.4f} |")
     foreign = report.get("max_foreign_cpu_share")
     if foreign is not None:
         verdict = "fine" if foreign < FOREIGN_CPU_WARNING else "NOT trustworthy: rerun on a quiet machine"

@@ -1,4 +1,5 @@
-"""The ``lightning-skew`` command: LightningCLI (fit, validate, test, predict) plus ``bench``."""
+"""The ``lightning-skew`` command: LightningCLI (fit, validate, test, predict) plus ``bench``, ``profile`` and
+``criteo-vocabulary``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 EXTRA_COMMANDS = {
     "bench": "lightning_skew.bench:main",
     "criteo-vocabulary": "lightning_skew.cli:criteo_vocabulary_main",
+    "profile": "lightning_skew.profile_command:main",
 }
 
 

@@ -13,6 +13,7 @@ from lightning_skew.bench import (
     RunResult,
     foreign_cpu_share,
     median,
+    median_step_throughput,
     per_repeat_ratios,
     register_variant,
     run_order,
@@ -36,6 +37,14 @@ def test_throughput_times_only_the_steps_after_warmup():
     assert (timed_samples, timed_s) == (90, 4.0)
     assert rate == pytest.approx(22.5)
     assert throughput(ends, samples, warmup_steps=2)[0] == pytest.approx(70 / 3.0)
+
+
+def test_median_step_throughput_ignores_a_burst_of_slow_steps():
+    # Steps of 1 s each, but one of them took 10 s (another process ran): the mean rate halves, not the median.
+    ends = [0.0, 1.0, 2.0, 12.0, 13.0, 14.0]
+    samples = [8] * 6
+    assert throughput(ends, samples, warmup_steps=1)[0] == pytest.approx(40 / 14.0)
+    assert median_step_throughput(ends, samples, warmup_steps=1) == pytest.approx(8.0)
 
 
 def test_throughput_needs_a_timed_step_and_a_warmup_step():
@@ -63,7 +72,7 @@ def test_ratios_pair_each_run_with_the_baseline_of_its_own_repeat():
 
 def _run(repeat: int, variant: str, rate: float, auc: float = 0.7) -> RunResult:
     return RunResult(repeat=repeat, position=0, variant=variant, samples_per_s=rate, timed_samples=1000,
-                     timed_s=1000 / rate, steps=10, setup_s=1.0, auc=auc, logloss=0.5)
+                     timed_s=1000 / rate, median_step_samples_per_s=2 * rate, steps=10, setup_s=1.0, auc=auc, logloss=0.5)
 
 
 def test_summary_uses_the_median_of_per_repeat_ratios_not_the_ratio_of_medians():
@@ -79,6 +88,7 @@ def test_summary_uses_the_median_of_per_repeat_ratios_not_the_ratio_of_medians()
     assert (other.median_samples_per_s, other.min_samples_per_s, other.max_samples_per_s) == (250.0, 150.0, 380.0)
     assert other.auc == pytest.approx(0.7) and other.repeats == 3
     assert summaries["base"].ratio == 1.0
+    assert other.median_step_ratio == pytest.approx(0.95) and other.median_step_samples_per_s == 500.0
 
 
 def test_a_variant_name_registers_once():
@@ -113,7 +123,7 @@ def test_tiny_bench_runs_both_variants_to_the_same_model(tmp_path):
     for run in runs.values():
         assert run["steps"] == 12  # 1536 / 128
         assert run["timed_samples"] == 10 * 128
-        assert run["samples_per_s"] > 0
+        assert run["samples_per_s"] > 0 and run["median_step_samples_per_s"] > 0
         assert 0.0 <= run["auc"] <= 1.0
     assert report["variants"]["handwritten"]["ratio"] == 1.0
     assert report["variants"]["lightning"]["ratio"] > 0

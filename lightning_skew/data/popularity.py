@@ -1,0 +1,762 @@
+"""Popularity batching: regroup any DataModule's training inputs into hot-only and cold batches (FAE, Hotline)."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from itertools import islice
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from lightning_skew.data.base import Batch, RecDataModule
+from lightning_skew.rowsets import RowSet, lookups_in
+
+__all__ = [
+    "SCHEDULES",
+    "EpochStats",
+    "HotSetSource",
+    "PopularityBatch",
+    "PopularityDataModule",
+    "concat_batches",
+    "count_lookups",
+    "fae_order",
+    "hot_input_mask",
+    "interleave_order",
+    "select_inputs",
+    "stitch_batch",
+    "top_rows",
+]
+
+SCHEDULES: tuple[str, ...] = ("fae", "interleave", "stitch")
+
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vocabulary: the batch type and the hot-set source
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PopularityBatch(Batch):
+    """A torchrec :class:`~torchrec.datasets.utils.Batch` that says whether it touches only hot rows.
+
+    Inputs ``[0, num_hot)`` touch only hot rows; the rest may touch cold ones. A hot batch (``is_hot``)
+    has ``num_hot == batch_size``. A ``stitch`` batch is one mini-batch reordered hot-first, so
+    :meth:`hot_part` and :meth:`cold_part` are its two Hotline micro-batches, while a model that ignores
+    the split trains on it exactly as on the original mini-batch.
+
+    Args:
+        is_hot: ``True`` when every input's lookups all hit hot rows; under ``fae`` and ``interleave`` it is
+            the same on every rank at every step.
+        num_hot: Leading inputs known to be hot (the split point of a stitched batch; 0 for cold batches).
+
+    Example::
+
+        >>> import torch
+        >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        >>> kjt = KeyedJaggedTensor(keys=["a"], values=torch.tensor([3, 4]), lengths=torch.tensor([1, 1]))
+        >>> batch = PopularityBatch(torch.zeros(2, 1), kjt, torch.zeros(2), is_hot=False, num_hot=1)
+        >>> batch.hot_part().sparse_features.values().tolist(), batch.to("cpu").num_hot
+        ([3], 1)
+    """
+
+    is_hot: bool = False
+    num_hot: int = 0
+
+    @classmethod
+    def of(cls, batch: Batch, is_hot: bool, num_hot: int) -> PopularityBatch:
+        return cls(batch.dense_features, batch.sparse_features, batch.labels, is_hot=is_hot, num_hot=num_hot)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PopularityBatch:
+        return PopularityBatch.of(super().to(device, non_blocking), self.is_hot, self.num_hot)
+
+    def pin_memory(self) -> PopularityBatch:
+        return PopularityBatch.of(super().pin_memory(), self.is_hot, self.num_hot)
+
+    def hot_part(self) -> Batch:
+        """The hot micro-batch: inputs ``[0, num_hot)``."""
+        return select_inputs(self, torch.arange(self.num_hot))
+
+    def cold_part(self) -> Batch:
+        """The cold micro-batch: inputs ``[num_hot, batch_size)``."""
+        return select_inputs(self, torch.arange(self.num_hot, self.batch_size))
+
+
+@runtime_checkable
+class HotSetSource(Protocol):
+    """Anything that picks the hot rows of a DataModule's training data (an access profile, a file reader).
+
+    It should decide the same set on every rank (reduce its counts first); :class:`PopularityDataModule`
+    uses rank 0's answer on all ranks whatever it returns.
+    """
+
+    def hot_rows(self, datamodule: RecDataModule) -> RowSet: ...
+
+
+@dataclass
+class EpochStats:
+    """What popularity batching did in one epoch (all ranks together; batches are per rank, equal on all)."""
+
+    epoch: int
+    inputs: int = 0  # inputs read from the inner loader, summed over ranks
+    hot_inputs: int = 0  # of those, inputs whose every lookup hits a hot row
+    hot_batches: int = 0
+    cold_batches: int = 0
+    hot_inputs_in_cold_batches: int = 0  # hot inputs that did not fill a hot batch on every rank
+    inputs_dropped: int = 0  # read but not delivered: ranks read unequal numbers of inputs
+    hot_rows: int = 0  # size of the hot set in force
+
+    @property
+    def hot_input_share(self) -> float:
+        return self.hot_inputs / self.inputs if self.inputs else 0.0
+
+    def metrics(self, prefix: str = "popularity/") -> dict[str, float]:
+        values = {name: float(value) for name, value in asdict(self).items() if name != "epoch"}
+        values["hot_input_share"] = self.hot_input_share
+        return {f"{prefix}{name}": value for name, value in values.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure functions: slicing and joining batches, classification, profiles, schedules
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _exclusive_cumsum(lengths: Tensor) -> Tensor:
+    return torch.cumsum(lengths, 0) - lengths
+
+
+def _select_kjt(sparse: KeyedJaggedTensor, index: Tensor) -> KeyedJaggedTensor:
+    if sparse.variable_stride_per_key():
+        raise ValueError("select_inputs: KeyedJaggedTensors with a variable batch size per feature are not supported")
+    keys = sparse.keys()
+    lengths = sparse.lengths().view(len(keys), sparse.stride())
+    starts = sparse.offsets()[:-1].view(len(keys), sparse.stride())[:, index].reshape(-1).long()
+    picked = lengths[:, index].reshape(-1)
+    counts = picked.long()
+    segment = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    positions = starts[segment] + torch.arange(segment.numel()) - _exclusive_cumsum(counts)[segment]
+    weights = sparse.weights_or_none()
+    return KeyedJaggedTensor(keys=keys, values=sparse.values()[positions], lengths=picked,
+                             weights=None if weights is None else weights[positions])
+
+
+def select_inputs(batch: Batch, index: Tensor | Sequence[int]) -> Batch:
+    """The inputs of ``batch`` at positions ``index`` (in that order; a boolean mask selects in batch order).
+
+    Dense features, labels and every feature of the KeyedJaggedTensor (values, lengths, weights) are
+    indexed together, so input ``i`` of the result is input ``index[i]`` of ``batch``.
+    """
+    index = torch.as_tensor(index)
+    if index.dtype == torch.bool:
+        index = torch.nonzero(index, as_tuple=False).flatten()
+    index = index.long().reshape(-1)
+    return Batch(dense_features=batch.dense_features[index], sparse_features=_select_kjt(batch.sparse_features, index),
+                 labels=batch.labels[index])
+
+
+def concat_batches(batches: Sequence[Batch]) -> Batch:
+    """One batch holding the inputs of ``batches`` in order (all must have the same feature keys)."""
+    if not batches:
+        raise ValueError("concat_batches needs at least one batch")
+    if len(batches) == 1:
+        only = batches[0]
+        return Batch(only.dense_features, only.sparse_features, only.labels)
+    keys = batches[0].sparse_features.keys()
+    for batch in batches[1:]:
+        if batch.sparse_features.keys() != keys:
+            raise ValueError(f"concat_batches: feature keys differ: {keys} vs {batch.sparse_features.keys()}")
+    sparse = [batch.sparse_features for batch in batches]
+    for kjt in sparse:
+        if kjt.variable_stride_per_key():
+            raise ValueError("concat_batches: variable batch sizes per feature are not supported")
+    lengths = torch.cat([kjt.lengths().view(len(keys), kjt.stride()) for kjt in sparse], dim=1).reshape(-1)
+    per_key = [torch.split(kjt.values(), kjt.length_per_key()) for kjt in sparse]
+    values = torch.cat([part[f] for f in range(len(keys)) for part in per_key])
+    weights = None
+    if all(kjt.weights_or_none() is not None for kjt in sparse):
+        split = [torch.split(kjt.weights(), kjt.length_per_key()) for kjt in sparse]
+        weights = torch.cat([part[f] for f in range(len(keys)) for part in split])
+    return Batch(dense_features=torch.cat([batch.dense_features for batch in batches]),
+                 sparse_features=KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights),
+                 labels=torch.cat([batch.labels for batch in batches]))
+
+
+def hot_input_mask(sparse: KeyedJaggedTensor, hot_rows: RowSet) -> Tensor:
+    """``[B]`` booleans: inputs all of whose lookups hit ``hot_rows`` (an input with no lookups counts as hot)."""
+    hits, lookups = lookups_in(sparse, hot_rows)
+    return hits == lookups
+
+
+def count_lookups(sparse: KeyedJaggedTensor, feature_names: Sequence[str], num_rows: Sequence[int],
+                  counts: list[Tensor] | None = None) -> list[Tensor]:
+    """Add the lookups of one batch per (feature, row) to ``counts`` (int64, one tensor per feature)."""
+    if counts is None:
+        counts = [torch.zeros(size, dtype=torch.int64) for size in num_rows]
+    by_key = sparse.to_dict()
+    for name, size, count in zip(feature_names, num_rows, counts, strict=True):
+        ids = by_key[name].values().long()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+            raise ValueError(f"feature {name!r} has IDs outside its table [0, {size}): "
+                             f"min {int(ids.min())}, max {int(ids.max())}")
+        count += torch.bincount(ids, minlength=size)
+    return counts
+
+
+def top_rows(counts: Sequence[Tensor], feature_names: Sequence[str], budget_rows: int) -> RowSet:
+    """The ``budget_rows`` most looked-up rows over all tables (rows never looked up are never hot).
+
+    Ties go to the earlier feature, then the lower row ID, so the choice is deterministic.
+    """
+    if budget_rows < 0:
+        raise ValueError(f"budget_rows must be >= 0, got {budget_rows}")
+    flat = torch.cat([count.long() for count in counts])
+    order = torch.sort(flat, descending=True, stable=True).indices[:budget_rows]
+    order = order[flat[order] > 0]
+    masks = torch.zeros(flat.numel(), dtype=torch.bool)
+    masks[order] = True
+    return RowSet.from_masks(list(feature_names), list(torch.split(masks, [c.numel() for c in counts])))
+
+
+def fae_order(num_hot: int, num_cold: int) -> Tensor:
+    """FAE's schedule as ``is_hot`` per step: all cold batches, then all hot batches."""
+    return torch.cat([torch.zeros(num_cold, dtype=torch.bool), torch.ones(num_hot, dtype=torch.bool)])
+
+
+def interleave_order(num_hot: int, num_cold: int, generator: torch.Generator | None = None) -> Tensor:
+    """Hot batches spread evenly among cold ones: hot batch ``k`` at step ``floor((k + u) T / H)``.
+
+    ``T = H + C`` and ``u`` in ``[0, 1)`` is drawn from ``generator`` (0 without one), so any ``L``
+    consecutive steps hold ``L H / T`` hot batches, give or take one.
+    """
+    total = num_hot + num_cold
+    order = torch.zeros(total, dtype=torch.bool)
+    if num_hot:
+        phase = float(torch.rand((), generator=generator, dtype=torch.float64)) if generator is not None else 0.0
+        steps = torch.floor((torch.arange(num_hot, dtype=torch.float64) + phase) * total / num_hot).long()
+        order[steps.clamp(max=total - 1)] = True
+    return order
+
+
+def stitch_batch(batch: Batch, hot_mask: Tensor) -> PopularityBatch:
+    """One mini-batch reordered hot inputs first (Hotline): ``num_hot`` is the split point."""
+    order = torch.cat([torch.nonzero(hot_mask).flatten(), torch.nonzero(~hot_mask).flatten()])
+    num_hot = int(hot_mask.sum())
+    return PopularityBatch.of(select_inputs(batch, order), is_hot=num_hot == hot_mask.numel(), num_hot=num_hot)
+
+
+def _mix_seed(*parts: int) -> int:
+    value = 0
+    for part in parts:  # splitmix64 over the parts: distinct (seed, epoch, window) give unrelated streams
+        value = (value ^ (part & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+        value ^= value >> 31
+    return value & 0x7FFFFFFFFFFFFFFF
+
+
+def _window_generator(seed: int, epoch: int, window: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_mix_seed(seed, epoch, window))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ranks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _collective_device() -> torch.device:
+    # NCCL reduces only CUDA tensors; gloo takes CPU ones.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _gather_counts(values: list[int]) -> Tensor:
+    """``[world_size, len(values)]``: every rank's values (one row per rank; one row without a process group)."""
+    local = torch.tensor(values, dtype=torch.int64)
+    if not _distributed():
+        return local[None]
+    local = local.to(_collective_device())
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return torch.stack(gathered).cpu()
+
+
+def _sum_counts(counts: list[Tensor]) -> list[Tensor]:
+    """Element-wise sums over ranks (the tensors themselves without a process group)."""
+    if not _distributed():
+        return counts
+    flat = torch.cat(counts).to(_collective_device())
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    return list(torch.split(flat.cpu(), [c.numel() for c in counts]))
+
+
+def _rank_zero_rows(rowset: RowSet) -> RowSet:
+    if not _distributed():
+        return rowset
+    payload = [[rows.cpu() for rows in rowset.rows]]
+    dist.broadcast_object_list(payload, src=0)
+    return RowSet(list(rowset.feature_names), list(rowset.num_rows), payload[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The DataModule
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Lookahead:
+    """An iterator that knows whether it has another item (one item read ahead)."""
+
+    _END = object()
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self._items = iter(items)
+        self._next = next(self._items, self._END)
+
+    @property
+    def exhausted(self) -> bool:
+        return self._next is self._END
+
+    def take(self, count: int | None) -> list[Any]:
+        """Up to ``count`` items (all that are left when ``None``)."""
+        taken: list[Any] = []
+        while self._next is not self._END and (count is None or len(taken) < count):
+            taken.append(self._next)
+            self._next = next(self._items, self._END)
+        return taken
+
+
+class _TrainStream(IterableDataset):
+    """The scheduled training batches of one epoch per ``iter`` (runs in the main process: it uses collectives)."""
+
+    def __init__(self, owner: PopularityDataModule) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __iter__(self) -> Iterator[PopularityBatch]:
+        return self.owner._epoch_batches()
+
+    def __len__(self) -> int:
+        return self.owner._num_inner_batches()
+
+
+class PopularityDataModule(RecDataModule):
+    """Wraps a :class:`RecDataModule` and regroups its training inputs into hot-only and cold batches.
+
+    An input is *hot* when every one of its lookups hits a hot row (see :func:`hot_input_mask`). The
+    wrapper reads the inner module's training batches of size ``B``, classifies their inputs and
+    delivers :class:`PopularityBatch` objects (``is_hot`` tells the strategy it may keep the step off
+    host memory) on one of three schedules:
+
+    * ``"fae"``: per window of the inner stream, all cold batches, then all hot-only batches (FAE).
+    * ``"interleave"``: the same batches, hot ones spread evenly among cold ones in proportion to their
+      counts (:func:`interleave_order`), which keeps the gradient mix of the original data.
+    * ``"stitch"``: every inner mini-batch as is, reordered hot inputs first, with the split point in
+      ``num_hot`` (Hotline): one step per mini-batch, so the loss and optimizer steps are those of the
+      unwrapped run, and a Hotline-aware strategy can run ``hot_part()`` and ``cold_part()`` separately.
+
+    Validation and test loaders are the inner module's, never reordered. Feature shapes are forwarded.
+
+    Args:
+        datamodule: The inner DataModule (any :class:`RecDataModule`).
+        schedule: ``"fae"``, ``"interleave"`` or ``"stitch"``.
+        hot_rows: The hot set: a :class:`~lightning_skew.rowsets.RowSet`, a :class:`HotSetSource` (its
+            ``hot_rows(datamodule)`` runs in :meth:`setup`), or a callable taking the inner DataModule.
+            ``None`` profiles the inner training loader in :meth:`setup` (exact lookup counts, the
+            ``hot_rows_budget`` most looked-up rows), which needs ``hot_rows_budget``.
+        hot_rows_budget: Rows (over all tables) of a hot set the wrapper picks itself: the initial
+            profile when ``hot_rows`` is ``None`` and every re-profile.
+        window_batches: Inner batches read ahead and scheduled together by ``fae`` and ``interleave``;
+            memory is one window of inputs. ``None`` makes the window a whole epoch (FAE's per-epoch
+            order, at the cost of holding an epoch of inputs).
+        batch_size: Inputs per delivered batch; ``None`` takes the inner loader's (its first batch, the
+            largest over ranks).
+        shuffle: Shuffle the inputs of each class within a window and draw the interleave phase, from a
+            generator seeded by ``(seed, epoch, window)``.
+        seed: Seed of the per-epoch order. The same seed and epoch give the same batches.
+        reprofile_every_n_epochs: If set, every this many epochs the wrapper counts the lookups it reads
+            (all ranks summed) and picks a new hot set of ``hot_rows_budget`` rows, used from the next epoch
+            on, so the hot set follows drifting popularity.
+        profile_batches: Inner batches a profile counts: the first ones for the initial profile, the
+            last ones of the epoch for a re-profile (the most recent popularity). ``None`` counts all.
+
+    .. note::
+        **Ranks.** Each window, the ranks exchange their hot and total input counts (one tiny
+        ``all_gather``) and agree on ``H = min_r(hot_r) // B`` hot batches and on
+        ``ceil((min_r(inputs_r) - H B) / B)`` cold batches, in the same order on every rank, so ``is_hot``
+        is the same on all ranks at every step and no rank waits at the epoch's end. Hot inputs beyond
+        ``H B`` ride in cold batches (``hot_inputs_in_cold_batches``); inputs beyond the smallest
+        rank's count are dropped (``inputs_dropped``), which never happens when every rank reads the same
+        number of inputs (the lightning-skew DataModules do). Only the last cold batch of a window
+        may be smaller than ``B``. ``stitch`` needs no agreement: it delivers one batch per inner batch,
+        so the ranks step together when the inner loader yields as many batches on each (lightning-skew's
+        DataModules do); a stitched batch's ``is_hot`` and ``num_hot`` describe this rank's inputs only.
+
+    .. note::
+        **Resume.** :meth:`state_dict` holds the epoch, the position in it (batches the training loop
+        consumed, counted in :meth:`on_before_batch_transfer`, so Lightning's one-batch prefetch is not
+        counted) and the hot sets in force. A resumed epoch re-reads the inner loader from its start and
+        skips the delivered batches without building them, so the next batch is the one the
+        uninterrupted run would have delivered. The inner loader must replay the same epoch (as the
+        lightning-skew DataModules do); a LightningModule that overrides ``on_before_batch_transfer``
+        hides the count from the DataModule, and a resumed epoch then restarts from its first batch.
+
+    .. note::
+        Every epoch logs :class:`EpochStats` (``popularity/hot_input_share``, ``hot_batches``,
+        ``cold_batches``, ``inputs_dropped``, ...) to the trainer's loggers; :attr:`epoch_stats` keeps them.
+
+    Example::
+
+        >>> from lightning_skew.data.synthetic import SyntheticDataModule
+        >>> inner = SyntheticDataModule(num_embeddings_per_feature=[50, 20], num_dense=2, num_train_samples=512,
+        ...                             batch_size=64, popularity_exponent=1.5)
+        >>> dm = PopularityDataModule(inner, schedule="fae", hot_rows_budget=10)
+        >>> dm.setup("fit")
+        >>> flags = [batch.is_hot for batch in dm.train_dataloader()]
+        >>> len(flags), flags == sorted(flags)  # eight batches, cold ones first
+        (8, True)
+    """
+
+    def __init__(
+        self,
+        datamodule: RecDataModule,
+        schedule: str = "fae",
+        hot_rows: RowSet | HotSetSource | Callable[[RecDataModule], RowSet] | None = None,
+        hot_rows_budget: int | None = None,
+        window_batches: int | None = 256,
+        batch_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        reprofile_every_n_epochs: int | None = None,
+        profile_batches: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(datamodule, RecDataModule):
+            raise TypeError(f"datamodule must be a RecDataModule (yielding torchrec Batches), got {type(datamodule)}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        for name, value in (("hot_rows_budget", hot_rows_budget), ("window_batches", window_batches),
+                            ("batch_size", batch_size), ("reprofile_every_n_epochs", reprofile_every_n_epochs),
+                            ("profile_batches", profile_batches)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        if hot_rows is None and hot_rows_budget is None:
+            raise ValueError("PopularityDataModule needs a hot set: pass hot_rows (a RowSet or a source such as an "
+                             "access profile) or hot_rows_budget (rows to keep hot; the wrapper profiles itself)")
+        if reprofile_every_n_epochs is not None and hot_rows_budget is None:
+            raise ValueError("reprofile_every_n_epochs needs hot_rows_budget (the size of each new hot set)")
+        if not (hot_rows is None or isinstance(hot_rows, (RowSet, HotSetSource)) or callable(hot_rows)):
+            raise TypeError(f"hot_rows must be a RowSet, a HotSetSource or a callable, got {type(hot_rows)}")
+        self.save_hyperparameters(ignore=["datamodule", "hot_rows"])
+        self.datamodule = datamodule
+        self.schedule = schedule
+        self.hot_rows_source = hot_rows
+        self.hot_rows_budget = hot_rows_budget
+        self.window_batches = window_batches
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.reprofile_every_n_epochs = reprofile_every_n_epochs
+        self.profile_batches = profile_batches
+        self.epoch_stats: dict[int, EpochStats] = {}
+        # The hot set in force from epoch `_hot_rows_from` on, and the one a re-profile chose for later.
+        self._hot_rows: RowSet | None = None
+        self._next_hot_rows: tuple[int, RowSet] | None = None
+        self._train_loader: Iterable[Batch] | None = None
+        self._epoch = -1  # epoch in progress (or last run)
+        self._delivered = 0  # batches yielded in that epoch (standalone position)
+        self._consumed = 0  # batches the training loop took in that epoch (position under a Trainer)
+        self._epoch_length: int | None = None  # batches of that epoch, known once its last batch is planned
+        self._resume: tuple[int, int] | None = None
+
+    # -- the RecDataModule contract, forwarded ------------------------------------------------------------
+
+    @property
+    def dense_in_features(self) -> int:
+        return self.datamodule.dense_in_features
+
+    @property
+    def sparse_feature_names(self) -> list[str]:
+        return self.datamodule.sparse_feature_names
+
+    @property
+    def num_embeddings_per_feature(self) -> list[int]:
+        return self.datamodule.num_embeddings_per_feature
+
+    @property
+    def hot_rows(self) -> RowSet | None:
+        """The hot set in force for the current (or next) epoch."""
+        return self._hot_rows
+
+    def prepare_data(self) -> None:
+        self.datamodule.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.datamodule.trainer = self.trainer
+        self.datamodule.setup(stage)
+        if stage not in (None, "fit") or self._hot_rows is not None:
+            return  # a hot set loaded from a checkpoint wins over a fresh profile
+        self._hot_rows = self._check_rowset(_rank_zero_rows(self._initial_hot_rows()))
+
+    def teardown(self, stage: str | None = None) -> None:
+        self.datamodule.teardown(stage)
+
+    def train_dataloader(self) -> DataLoader:
+        self._train_loader = self.datamodule.train_dataloader()
+        return DataLoader(_TrainStream(self), batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> Any:
+        return self.datamodule.val_dataloader()
+
+    def test_dataloader(self) -> Any:
+        return self.datamodule.test_dataloader()
+
+    def predict_dataloader(self) -> Any:
+        return self.datamodule.predict_dataloader()
+
+    # -- hot sets -----------------------------------------------------------------------------------------
+
+    def _initial_hot_rows(self) -> RowSet:
+        source = self.hot_rows_source
+        if isinstance(source, RowSet):
+            return source
+        if isinstance(source, HotSetSource):
+            return source.hot_rows(self.datamodule)
+        if source is not None:
+            return source(self.datamodule)
+        counts = None
+        for batch in islice(self.datamodule.train_dataloader(), self.profile_batches):
+            counts = count_lookups(batch.sparse_features, self.sparse_feature_names, self.num_embeddings_per_feature,
+                                   counts)
+        if counts is None:
+            raise ValueError("PopularityDataModule: the inner training loader is empty, there is nothing to profile")
+        return top_rows(_sum_counts(counts), self.sparse_feature_names, self.hot_rows_budget)
+
+    def _check_rowset(self, rowset: RowSet) -> RowSet:
+        if not isinstance(rowset, RowSet):
+            raise TypeError(f"the hot-set source returned {type(rowset)}, expected a RowSet")
+        expected = dict(zip(self.sparse_feature_names, self.num_embeddings_per_feature, strict=True))
+        for name, size in zip(rowset.feature_names, rowset.num_rows, strict=True):
+            if name not in expected or expected[name] != size:
+                raise ValueError(f"the hot set names feature {name!r} with {size} rows, but the data has "
+                                 f"{expected.get(name, 'no such feature')}: was it profiled on another dataset?")
+        if len(rowset) == 0:
+            rank_zero_warn("PopularityDataModule: the hot set is empty, so no input is hot and every batch is cold")
+        return rowset
+
+    def _counting_epoch(self, epoch: int) -> bool:
+        every = self.reprofile_every_n_epochs
+        return every is not None and (epoch + 1) % every == 0
+
+    # -- epochs -------------------------------------------------------------------------------------------
+
+    def _num_inner_batches(self) -> int:
+        if self._train_loader is None:
+            self._train_loader = self.datamodule.train_dataloader()
+        return len(self._train_loader)
+
+    def _begin_epoch(self) -> int:
+        """The epoch to run and the batches of it to skip (a resumed position)."""
+        if self.trainer is not None:
+            epoch = self.trainer.current_epoch
+        else:
+            epoch = self._epoch + 1
+        skip = 0
+        if self._resume is not None:
+            resume_epoch, position = self._resume
+            self._resume = None
+            if self.trainer is None or resume_epoch == epoch:
+                epoch, skip = resume_epoch, position
+        if self._next_hot_rows is not None and epoch >= self._next_hot_rows[0]:
+            self._hot_rows = self._next_hot_rows[1]
+            self._next_hot_rows = None
+        self._epoch, self._delivered, self._consumed = epoch, skip, skip
+        self._epoch_length = None
+        return skip
+
+    def _epoch_batches(self) -> Iterator[PopularityBatch]:
+        if self._hot_rows is None:
+            raise RuntimeError("PopularityDataModule: call setup('fit') before iterating the training loader")
+        if self._train_loader is None:
+            self._train_loader = self.datamodule.train_dataloader()
+        skip = self._begin_epoch()
+        epoch, hot_rows = self._epoch, self._hot_rows
+        stats = EpochStats(epoch=epoch, hot_rows=len(hot_rows))
+        counting = self._counting_epoch(epoch)
+        recent: deque[KeyedJaggedTensor] = deque(maxlen=self.profile_batches)
+        counts: list[Tensor] | None = None
+
+        def read(batches: Iterable[Batch]) -> Iterator[Batch]:
+            nonlocal counts
+            for batch in batches:
+                if counting and self.profile_batches is None:
+                    counts = count_lookups(batch.sparse_features, self.sparse_feature_names,
+                                           self.num_embeddings_per_feature, counts)
+                elif counting:
+                    recent.append(batch.sparse_features)
+                yield batch
+
+        def finish(length: int) -> None:
+            nonlocal counts
+            if counting:
+                for sparse in recent:
+                    counts = count_lookups(sparse, self.sparse_feature_names, self.num_embeddings_per_feature, counts)
+                if counts is not None:
+                    rowset = top_rows(_sum_counts(counts), self.sparse_feature_names, self.hot_rows_budget)
+                    self._next_hot_rows = (epoch + 1, self._check_rowset(rowset))
+            self.epoch_stats[epoch] = stats
+            self._epoch_length = length
+            self._log_stats(stats)
+
+        inner = _Lookahead(read(self._train_loader))
+        planned = self._stitched(inner, hot_rows, stats) if self.schedule == "stitch" else \
+            self._regrouped(inner, hot_rows, stats, epoch)
+        position = 0
+        for make, last in planned:
+            position += 1
+            if last:
+                # Finish before the last batch leaves: a sized loader is never asked for the batch after it.
+                finish(position)
+            if position <= skip:
+                continue  # resumed: these were delivered before the checkpoint
+            self._delivered = position
+            yield make()
+        if self._epoch_length is None:
+            finish(position)
+
+    def _stitched(self, inner: _Lookahead, hot_rows: RowSet,
+                  stats: EpochStats) -> Iterator[tuple[Callable[[], PopularityBatch], bool]]:
+        local = torch.zeros(2, dtype=torch.int64)  # hot inputs, inputs: summed over ranks once, at the end
+        while not inner.exhausted:
+            (batch,) = inner.take(1)
+            mask = hot_input_mask(batch.sparse_features, hot_rows)
+            local += torch.tensor([int(mask.sum()), mask.numel()])
+            if bool(mask.all()):
+                stats.hot_batches += 1
+            else:
+                stats.cold_batches += 1
+            if inner.exhausted:
+                stats.hot_inputs, stats.inputs = (int(v) for v in _sum_counts([local])[0])
+            yield (lambda batch=batch, mask=mask: stitch_batch(batch, mask)), inner.exhausted
+
+    def _regrouped(self, inner: _Lookahead, hot_rows: RowSet, stats: EpochStats,
+                   epoch: int) -> Iterator[tuple[Callable[[], PopularityBatch], bool]]:
+        batch_size = self.batch_size
+        window_index = 0
+        more = True
+        while more:
+            window = inner.take(self.window_batches)
+            joined = concat_batches(window) if window else None
+            mask = torch.zeros(0, dtype=torch.bool) if joined is None else hot_input_mask(joined.sparse_features,
+                                                                                          hot_rows)
+            first = int(window[0].labels.numel()) if window else 0
+            counts = _gather_counts([int(mask.sum()), mask.numel(), first, int(not inner.exhausted)])
+            more = bool(counts[:, 3].any())  # some rank has inputs left: every rank reads another window
+            if int(counts[:, 1].max()) == 0:
+                return
+            if batch_size is None:
+                batch_size = int(counts[:, 2].max())
+            min_hot, kept = int(counts[:, 0].min()), int(counts[:, 1].min())
+            num_hot = min_hot // batch_size
+            num_cold = math.ceil((kept - num_hot * batch_size) / batch_size)
+            stats.inputs += int(counts[:, 1].sum())
+            stats.hot_inputs += int(counts[:, 0].sum())
+            stats.hot_inputs_in_cold_batches += int(counts[:, 0].sum()) - num_hot * batch_size * len(counts)
+            stats.inputs_dropped += int(counts[:, 1].sum()) - kept * len(counts)
+            stats.hot_batches += num_hot
+            stats.cold_batches += num_cold
+            # The order is drawn first: it must match on every rank; the shuffles after it need not.
+            generator = _window_generator(self.seed, epoch, window_index)
+            if self.schedule == "fae":
+                order = fae_order(num_hot, num_cold)
+            else:
+                order = interleave_order(num_hot, num_cold, generator if self.shuffle else None)
+            hot_index = torch.nonzero(mask).flatten()
+            cold_index = torch.nonzero(~mask).flatten()
+            if self.shuffle:
+                hot_index = hot_index[torch.randperm(hot_index.numel(), generator=generator)]
+            pool = torch.cat([cold_index, hot_index[num_hot * batch_size:]])  # cold inputs and surplus hot ones
+            if self.shuffle:
+                pool = pool[torch.randperm(pool.numel(), generator=generator)]
+            pool = pool[: kept - num_hot * batch_size]
+            taken = {True: 0, False: 0}
+            for step, is_hot in enumerate(order.tolist()):
+                source = hot_index if is_hot else pool
+                index = source[taken[is_hot] * batch_size:(taken[is_hot] + 1) * batch_size]
+                taken[is_hot] += 1
+                yield (lambda joined=joined, index=index, is_hot=is_hot: PopularityBatch.of(
+                    select_inputs(joined, index), is_hot=is_hot, num_hot=index.numel() if is_hot else 0)), \
+                    not more and step == len(order) - 1
+            window_index += 1
+
+    @rank_zero_only
+    def _log_stats(self, stats: EpochStats) -> None:
+        if self.trainer is None:
+            return
+        for logger in self.trainer.loggers:
+            logger.log_metrics(stats.metrics(), step=self.trainer.global_step)
+
+    # -- position and resume ------------------------------------------------------------------------------
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training and isinstance(batch, PopularityBatch):
+            self._consumed += 1
+        return batch
+
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch taken so far: by the training loop under a Trainer, else yielded."""
+        return self._consumed if self.trainer is not None else self._delivered
+
+    def state_dict(self) -> dict[str, Any]:
+        def rows(rowset: RowSet | None) -> list[Tensor] | None:
+            return None if rowset is None else [r.clone() for r in rowset.rows]
+
+        return {
+            "epoch": self._epoch,
+            "position": self.position,
+            "epoch_length": self._epoch_length,
+            "hot_rows": rows(self._hot_rows),
+            "next_hot_rows": None if self._next_hot_rows is None else
+            {"from_epoch": self._next_hot_rows[0], "rows": rows(self._next_hot_rows[1])},
+            "schedule": self.schedule,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key in ("schedule", "seed"):
+            if state_dict[key] != getattr(self, key):
+                raise ValueError(f"PopularityDataModule: the checkpoint was made with {key}={state_dict[key]!r}, "
+                                 f"this run has {key}={getattr(self, key)!r}; a resumed epoch would not match")
+
+        def rowset(rows: list[Tensor] | None) -> RowSet | None:
+            if rows is None:
+                return None
+            return self._check_rowset(RowSet(self.sparse_feature_names, self.num_embeddings_per_feature, list(rows)))
+
+        self._hot_rows = rowset(state_dict["hot_rows"])
+        pending = state_dict["next_hot_rows"]
+        self._next_hot_rows = None if pending is None else (pending["from_epoch"], rowset(pending["rows"]))
+        self._epoch = state_dict["epoch"]
+        self._epoch_length = state_dict["epoch_length"]
+        position = state_dict["position"]
+        finished = self._epoch_length is not None and position >= self._epoch_length
+        # An unfinished epoch resumes at its position; after a finished one the next iteration starts the next.
+        self._resume = None if finished or self._epoch < 0 else (self._epoch, position)
+

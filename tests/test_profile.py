@@ -1,0 +1,378 @@
+"""AccessProfile and ``lightning-skew profile``: counts, sketches, hot sets under budgets, files, the command."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+sys.path.insert(0, str(Path(__file__).parent))
+from launch import launch  # noqa: E402
+
+from lightning_skew.data.synthetic import SyntheticDataModule, expected_top_share  # noqa: E402
+from lightning_skew.profile import (  # noqa: E402
+    AccessProfile,
+    add_row_counts,
+    fit_power_law,
+    global_hot_order,
+    lookup_coverage,
+    merge_heavy_hitters,
+    profile_dataloader,
+    row_bytes,
+    sampled_mask,
+    select_hot_rows,
+    smallest_budget_for_coverage,
+    top_share,
+)
+from lightning_skew.profile_command import main as profile_main  # noqa: E402
+from lightning_skew.profile_command import parse_bytes  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Profiling is a stream of small tensor ops; on a shared 2-core machine a second intra-op thread makes
+    # them wait on each other (10x slower under load), as the command's --threads help says.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def kjt(columns: dict[str, list[list[int]]]) -> KeyedJaggedTensor:
+    """A KJT from per-feature lists of per-input ID lists."""
+    values = [v for ids in columns.values() for one in ids for v in one]
+    lengths = [len(one) for ids in columns.values() for one in ids]
+    return KeyedJaggedTensor.from_lengths_sync(keys=list(columns), values=torch.tensor(values, dtype=torch.int64),
+                                               lengths=torch.tensor(lengths, dtype=torch.int32))
+
+
+def small_datamodule(**kwargs) -> SyntheticDataModule:
+    arguments = {"num_embeddings_per_feature": [300, 5000], "num_dense": 2, "num_train_samples": 8192,
+                 "batch_size": 1024, "popularity_exponent": 1.05}
+    datamodule = SyntheticDataModule(**{**arguments, **kwargs})
+    datamodule.setup("fit")
+    return datamodule
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def test_sampled_mask_is_deterministic_and_independent_of_batching():
+    whole = sampled_mask(0, 100_000, 0.05, seed=3)
+    pieces = torch.cat([sampled_mask(start, 1000, 0.05, seed=3) for start in range(0, 100_000, 1000)])
+    assert torch.equal(whole, pieces)
+    assert abs(float(whole.float().mean()) - 0.05) < 0.004  # binomial sd 0.0007
+    assert not torch.equal(whole, sampled_mask(0, 100_000, 0.05, seed=4))
+    assert bool(sampled_mask(7, 10, 1.0, seed=0).all())
+
+
+def test_add_row_counts_matches_bincount_and_names_the_table_on_bad_ids():
+    rows = torch.tensor([3, 1, 3, 3, 0])
+    counts = add_row_counts(torch.zeros(5, dtype=torch.int64), rows)
+    add_row_counts(counts, torch.tensor([4]))
+    assert counts.tolist() == [1, 1, 0, 3, 1] == (torch.bincount(rows, minlength=5) + torch.eye(5)[4].long()).tolist()
+    with pytest.raises(ValueError, match=r"table 'cat_7'.*\[0, 5\).*found 5"):
+        add_row_counts(counts, torch.tensor([5]), "cat_7")
+
+
+def test_misra_gries_merge_subtracts_the_counter_past_capacity():
+    rows, counts, decrement = merge_heavy_hitters(torch.tensor([1, 2]), torch.tensor([5, 3]),
+                                                  torch.tensor([2, 9]), torch.tensor([1, 1]), capacity=2)
+    # union {1: 5, 2: 4, 9: 1}: the third largest count (1) comes off every counter; row 9 drops out
+    assert rows.tolist() == [1, 2] and counts.tolist() == [4, 3] and decrement == 1
+    rows, counts, decrement = merge_heavy_hitters(torch.tensor([1]), torch.tensor([5]), torch.tensor([1, 2]),
+                                                  torch.tensor([1, 2]), capacity=4)
+    assert rows.tolist() == [1, 2] and counts.tolist() == [6, 2] and decrement == 0
+
+
+def test_row_bytes_include_the_optimizer_state():
+    assert row_bytes(16) == 16 * 4 + 4  # row-wise Adagrad: one float per row
+    assert row_bytes(16, optimizer="adagrad") == 2 * 16 * 4
+    assert row_bytes(16, optimizer="sgd") == 64
+    assert row_bytes(16, optimizer="adam") == 3 * 64
+    assert row_bytes(16, bytes_per_element=2, optimizer_bytes_per_row=8) == 40
+    with pytest.raises(ValueError, match="unknown embedding optimizer 'lamb'"):
+        row_bytes(16, optimizer="lamb")
+
+
+CANDIDATES = [(torch.arange(5), torch.tensor([0, 9, 4, 4, 1])),  # table a: 10 bytes a row
+              (torch.tensor([2, 7, 11]), torch.tensor([8, 5, 3]))]  # table b (sketch-like rows): 30 bytes a row
+SIZES = [10, 30]
+
+
+def test_global_order_is_by_count_with_deterministic_ties_and_skips_unseen_rows():
+    table, row, count, cumulative = global_hot_order(CANDIDATES, SIZES)
+    assert list(zip(table.tolist(), row.tolist(), strict=True)) == [(0, 1), (1, 2), (1, 7), (0, 2), (0, 3), (1, 11),
+                                                                    (0, 4)]
+    assert count.tolist() == [9, 8, 5, 4, 4, 3, 1]
+    assert cumulative.tolist() == [10, 40, 70, 80, 90, 120, 130]
+
+
+def test_global_cut_takes_the_most_counted_rows_and_never_exceeds_the_budget():
+    for budget in range(10, 140):
+        hot = select_hot_rows(CANDIDATES, SIZES, budget)
+        used = sum(len(rows) * size for rows, size in zip(hot, SIZES, strict=True))
+        assert used <= budget
+        chosen = [int(CANDIDATES[t][1][CANDIDATES[t][0] == r]) for t in range(2) for r in hot[t].tolist()]
+        left = [int(c) for t in range(2) for r, c in zip(*CANDIDATES[t], strict=True)
+                if c > 0 and int(r) not in hot[t].tolist()]
+        assert not chosen or not left or min(chosen) >= max(left)
+    assert [h.tolist() for h in select_hot_rows(CANDIDATES, SIZES, 79)] == [[1], [2, 7]]  # 70 bytes; next needs 80
+    assert [h.tolist() for h in select_hot_rows(CANDIDATES, SIZES, 10_000)] == [[1, 2, 3, 4], [2, 7, 11]]
+
+
+def test_per_table_budgets_split_by_lookups_or_equally():
+    # lookups: a 18, b 16 of 34; budget 120 -> a gets 63 bytes (6 rows, has 4 seen), b 56 bytes (1 row)
+    assert [h.tolist() for h in select_hot_rows(CANDIDATES, SIZES, 120, mode="proportional")] == [[1, 2, 3, 4], [2]]
+    # equal: 60 bytes each -> a 6 rows (4 seen), b 2 rows
+    assert [h.tolist() for h in select_hot_rows(CANDIDATES, SIZES, 120, mode="equal")] == [[1, 2, 3, 4], [2, 7]]
+    with pytest.raises(ValueError, match="mode must be"):
+        select_hot_rows(CANDIDATES, SIZES, 120, mode="greedy")
+
+
+def test_a_budget_below_one_row_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"budget of 9 bytes is too small.*table 'a'.*10 bytes"):
+        select_hot_rows(CANDIDATES, SIZES, 9, names=["a", "b"])
+
+
+def test_coverage_and_the_smallest_budget_for_it():
+    total = 34
+    assert lookup_coverage(CANDIDATES, [torch.tensor([1]), torch.tensor([2, 7])], total) == pytest.approx(22 / 34)
+    # 90% of 34 = 30.6 -> rows 9, 8, 5, 4, 4 (30) are not enough; + row b:11 (3) = 33 -> 120 bytes
+    assert smallest_budget_for_coverage(CANDIDATES, SIZES, total, 0.9) == 120
+    assert smallest_budget_for_coverage(CANDIDATES, SIZES, total, 0.5) == 40  # 9 + 8 = 17 = half
+    assert smallest_budget_for_coverage(CANDIDATES, SIZES, 100, 0.9) is None  # rows seen cover only 34%
+
+
+def test_top_share_and_power_law_fit_on_exact_zipf_counts():
+    ranks = torch.arange(1, 20_001, dtype=torch.float64)
+    counts = (1e7 * ranks ** -1.2).round().long()
+    assert fit_power_law(counts) == pytest.approx(1.2, abs=0.01)
+    assert top_share(counts, 20_000) == pytest.approx(float(counts[:200].sum() / counts.sum()))
+    assert top_share(torch.tensor([5, 1, 1, 1]), 4, total=16) == pytest.approx(5 / 16)  # a sketch missing lookups
+    assert math.isnan(fit_power_law(torch.tensor([3, 2, 1])))  # nothing reaches min_count
+
+
+# ---------------------------------------------------------------- the stateful profile
+
+
+def test_sampled_counts_hot_set_and_all_hot_share_on_a_small_batch():
+    profile = AccessProfile(["a", "b"], [10, 10], reservoir_inputs=100)
+    batch = kjt({"a": [[0], [0], [5], [9]], "b": [[1, 2], [1], [], [7]]})
+    profile.update(batch)
+    assert profile.dense_counts("a").tolist() == [2, 0, 0, 0, 0, 1, 0, 0, 0, 1]
+    assert profile.lookups == {"a": 4, "b": 4} and profile.num_inputs_counted == 4
+    hot = profile.hot_rows(budget_bytes=3 * 68)  # three rows: a:0 (2), b:1 (2), then a:5 (the tie's first)
+    assert [rows.tolist() for rows in hot.rows] == [[0, 5], [1]]
+    assert profile.coverage(hot) == pytest.approx(5 / 8)
+    assert profile.all_hot_share(hot) == pytest.approx(2 / 4)  # inputs 1 (a:0, b:1) and 2 (a:5)
+
+
+def test_sampling_by_batches_counts_whole_batches_and_scales_counts():
+    profile = AccessProfile(["a"], [4], sample_fraction=0.5, sample_by="batches", seed=1)
+    kept = sampled_mask(0, 40, 0.5, seed=1)
+    for _ in range(40):
+        profile.update(kjt({"a": [[1], [2]]}))
+    assert profile.num_inputs_counted == 2 * int(kept.sum()) and profile.num_inputs_seen == 80
+    assert profile.dense_counts("a")[1] * profile.scale == pytest.approx(40)
+
+
+def test_five_percent_sample_recovers_the_true_top_rows_exponent_and_top_share():
+    # One 100k-row table, exponent 1.05; 20 IDs per input: 2M inputs give 42M lookups, 2.1M of them counted.
+    rows, exponent, top = 100_000, 1.05, 1000  # N = 1% of the rows
+    datamodule = SyntheticDataModule(num_embeddings_per_feature=[rows], multi_hot=20, num_dense=1,
+                                     popularity_exponent=exponent, num_train_samples=2_097_152, batch_size=16384)
+    datamodule.setup("fit")
+    profile = profile_dataloader(AccessProfile.for_datamodule(datamodule, sample_fraction=0.05),
+                                 datamodule.train_dataloader(), progress=False)
+    assert abs(profile.num_inputs_counted / profile.num_inputs_seen - 0.05) < 0.002
+    true_top = datamodule.log.rows_of_ranks(torch.arange(top).repeat(20, 1))[0]
+    found = torch.topk(profile.dense_counts("cat_0"), top).indices
+    assert float(torch.isin(found, true_top).float().mean()) >= 0.95
+    (skew,) = profile.skew()
+    assert skew.exponent == pytest.approx(exponent, abs=0.05)
+    assert skew.top1_share == pytest.approx(expected_top_share(rows, exponent, 0.01), abs=0.01)
+
+
+def test_sketch_error_stays_within_its_stated_bound():
+    datamodule = small_datamodule(num_embeddings_per_feature=[20_000], num_train_samples=65536, batch_size=4096)
+    exact = AccessProfile.for_datamodule(datamodule)
+    sketched = AccessProfile.for_datamodule(datamodule, sketch_above_rows=10_000, sketch_counters=200)
+    for batch in datamodule.train_dataloader():
+        exact.update(batch.sparse_features)
+        sketched.update(batch.sparse_features)
+    true = exact.dense_counts("cat_0")
+    estimate = sketched.dense_counts("cat_0")
+    error, lookups = sketched.sketch_error("cat_0"), sketched.lookups["cat_0"]
+    assert sketched.counts("cat_0")[0].numel() <= 200
+    assert 0 < error <= lookups / 201
+    assert int((true - estimate).min()) >= 0 and int((true - estimate).max()) <= error
+    assert bool((estimate[true > error] > 0).all())  # every row counted more than the bound is tracked
+
+
+def test_merge_of_two_workers_equals_the_profile_of_all_their_inputs():
+    datamodule = small_datamodule()
+    batches = [b.sparse_features for b in datamodule.train_dataloader()]
+    options = {"sketch_above_rows": 1000, "sketch_counters": 64}
+    whole, first, second = (AccessProfile.for_datamodule(datamodule, **options) for _ in range(3))
+    for index, batch in enumerate(batches):
+        whole.update(batch)
+        (first if index % 2 == 0 else second).update(batch)
+    merged = first.merge(second)
+    assert torch.equal(merged.dense_counts("cat_0"), whole.dense_counts("cat_0"))
+    assert merged.lookups == whole.lookups and merged.num_inputs_seen == whole.num_inputs_seen
+    true = whole.dense_counts("cat_0")  # not sketched: 300 rows
+    exact_big = AccessProfile.for_datamodule(datamodule)
+    for batch in batches:
+        exact_big.update(batch)
+    difference = exact_big.dense_counts("cat_1") - merged.dense_counts("cat_1")
+    assert 0 <= int(difference.min()) and int(difference.max()) <= merged.sketch_error("cat_1")
+    assert merged.sketch_error("cat_1") <= merged.lookups["cat_1"] / 65
+    assert int(true.sum()) == merged.lookups["cat_0"]
+    with pytest.raises(ValueError, match="different sample_fraction"):
+        first.merge(AccessProfile.for_datamodule(datamodule, sample_fraction=0.5, **options))
+
+
+WORKER = """
+import sys
+import torch.distributed as dist
+from lightning_skew.data.synthetic import SyntheticDataModule
+from lightning_skew.profile import AccessProfile, profile_dataloader
+
+dist.init_process_group("gloo")
+datamodule = SyntheticDataModule(num_embeddings_per_feature=[300, 5000], num_dense=2, num_train_samples=8192,
+                                 batch_size=512, popularity_exponent=1.05)
+datamodule.setup("fit")
+profile = AccessProfile.for_datamodule(datamodule, sketch_above_rows=1000, sketch_counters=64)
+profile_dataloader(profile, datamodule.train_dataloader(), progress=False)
+profile.all_reduce()
+profile.save(f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_all_reduce_gives_every_gloo_rank_the_profile_of_all_ranks(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    launch(script, 2, [str(tmp_path)], timeout=120)
+    ranks = [AccessProfile.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = profile_dataloader(AccessProfile.for_datamodule(small_datamodule(), sketch_above_rows=1000,
+                                                             sketch_counters=64),
+                                small_datamodule().train_dataloader(), progress=False)
+    for profile in ranks:
+        assert profile.num_inputs_seen == 8192 and profile.lookups == single.lookups
+        assert torch.equal(profile.dense_counts("cat_0"), single.dense_counts("cat_0"))
+    for left, right in zip(ranks[0].counts("cat_1"), ranks[1].counts("cat_1"), strict=True):
+        assert torch.equal(left, right)
+    assert ranks[0].sketch_error("cat_1") == ranks[1].sketch_error("cat_1") <= 8192 / 65
+    assert [p for p, *_ in ranks[0].reservoir] == [p for p, *_ in ranks[1].reservoir]
+
+
+def test_save_load_round_trip_and_clear_errors_for_other_tables_or_data(tmp_path):
+    datamodule = small_datamodule()
+    profile = profile_dataloader(AccessProfile.for_datamodule(datamodule, sample_fraction=0.5, sketch_above_rows=1000,
+                                                              sketch_counters=64),
+                                 datamodule.train_dataloader(), progress=False)
+    path = tmp_path / "profile.pt"
+    profile.save(path)
+    loaded = AccessProfile.load(path, datamodule=datamodule)
+    assert loaded.state_dict().keys() == profile.state_dict().keys()
+    for name in ("cat_0", "cat_1"):
+        for mine, theirs in zip(profile.counts(name), loaded.counts(name), strict=True):
+            assert torch.equal(mine, theirs)
+    assert (loaded.num_inputs_seen, loaded.num_inputs_counted, loaded.sample_fraction) == \
+        (8192, profile.num_inputs_counted, 0.5)
+    hot, hot_loaded = profile.hot_rows(20_000), loaded.hot_rows(20_000)
+    assert [r.tolist() for r in hot.rows] == [r.tolist() for r in hot_loaded.rows]
+    assert loaded.all_hot_share(hot) == profile.all_hot_share(hot)
+    assert loaded.dataset["class"] == "lightning_skew.data.synthetic.SyntheticDataModule"
+
+    # batch size changes only how the data is loaded: still the same dataset
+    AccessProfile.load(path, datamodule=small_datamodule(batch_size=512))
+    with pytest.raises(ValueError, match=r"table sizes: 'cat_1' has 5000 rows in the profile, 4000 here"):
+        AccessProfile.load(path, datamodule=small_datamodule(num_embeddings_per_feature=[300, 4000]))
+    with pytest.raises(ValueError, match=r"features missing from the profile: \['cat_2'\]"):
+        AccessProfile.load(path, datamodule=small_datamodule(num_embeddings_per_feature=[300, 5000, 10]))
+    with pytest.raises(ValueError, match=r"other data: seed=0 \(profile\) vs 7 \(here\)"):
+        AccessProfile.load(path, datamodule=small_datamodule(seed=7))
+
+
+def test_ids_outside_a_table_name_the_table():
+    profile = AccessProfile(["a", "b"], [10, 4], sketch_above_rows=5)
+    with pytest.raises(ValueError, match=r"table 'b'.*\[0, 4\)"):
+        profile.update(kjt({"a": [[1]], "b": [[4]]}))
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_parse_bytes_reads_decimal_and_binary_units():
+    assert parse_bytes("64MB") == 64_000_000 and parse_bytes("64MiB") == parse_bytes("64m") == 64 * 2**20
+    assert parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes("4096") == 4096
+    with pytest.raises(ValueError, match="cannot read '64 parsecs'"):
+        parse_bytes("64 parsecs")
+
+
+def test_profile_command_end_to_end_on_a_tiny_synthetic_recipe(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "dlrm_synthetic.yaml"
+    output = tmp_path / "profile"
+    profile_main(["--config", str(recipe), "--data.init_args.max_rows_per_table", "2000",
+                  "--data.init_args.num_train_samples", "32768", "--data.init_args.batch_size", "4096",
+                  "--budget", "200kB", "--sample-fraction", "0.25", "--output-dir", str(output), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "rows take 68 bytes each (embedding_dim 16, rowwise_adagrad state" in printed  # from the recipe's model
+    assert "cat_25" in printed and "top1%" in printed and "exponent" in printed
+    assert "budget 200 kB (200000 bytes, global cut)" in printed
+    assert "suggested budget:" in printed and "covers 90% of lookups" in printed
+    for name in ("profile.pt", "coverage.png", "popularity.png", "summary.json"):
+        assert (output / name).is_file() and (output / name).stat().st_size > 1000, name
+    assert list((output / "wandb").glob("offline-run-*")), "wandb did not record the run offline"
+    profile = AccessProfile.load(output / "profile.pt")
+    assert profile.num_inputs_seen == 32768 and profile.sample_fraction == 0.25
+    assert profile.dataset["arguments"]["max_rows_per_table"] == 2000
+    hot = profile.hot_rows(200_000)
+    assert len(hot) * 68 <= 200_000 and f"{len(hot)} hot rows" in printed
+
+
+def criteo_line(rng: random.Random) -> str:
+    dense = ["" if rng.random() < 0.2 else str(rng.randint(-3, 3000)) for _ in range(13)]
+    # a skewed categorical: a few popular values, a long tail, some missing
+    cats = ["" if rng.random() < 0.1 else f"{int(rng.paretovariate(1.1) * 1000):x}" for _ in range(26)]
+    return "\t".join([str(rng.randint(0, 1)), *dense, *cats]) + "\n"
+
+
+def test_profile_command_on_a_criteo_file_agrees_with_a_plain_count(tmp_path, capsys):
+    rng = random.Random(0)
+    lines = [criteo_line(rng) for _ in range(600)]
+    (tmp_path / "day_0.tsv").write_text("".join(lines))
+    sizes = [97, 1000, 13, 7] + [500] * 22
+    config = tmp_path / "criteo.yaml"
+    config.write_text(textwrap.dedent(f"""
+        data:
+          class_path: lightning_skew.data.CriteoDataModule
+          init_args:
+            train_paths: [{tmp_path / "day_0.tsv"}]
+            num_embeddings_per_feature: {sizes}
+            batch_size: 200
+    """))
+    output = tmp_path / "out"
+    profile_main(["--config", str(config), "--sample-fraction", "1", "--output-dir", str(output), "--no-wandb",
+                  "--no-progress", "--budget", "10kB"])
+    assert "suggested budget:" in capsys.readouterr().out
+    profile = AccessProfile.load(output / "profile.pt")
+    expected = [[0] * size for size in sizes]
+    for line in lines:
+        for column, (field, size) in enumerate(zip(line.rstrip("\n").split("\t")[14:], sizes, strict=True)):
+            expected[column][int(field, 16) % size if field else 0] += 1
+    for column, name in enumerate(profile.feature_names):
+        assert profile.dense_counts(name).tolist() == expected[column], name
+    assert profile.num_inputs_seen == 600 and profile.dataset["class"].endswith("CriteoDataModule")
