@@ -188,8 +188,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", default=None,
                         help="hot-set memory, e.g. 64MB (10^6 bytes), 64MiB (2^20) or bytes; default: the suggestion")
     parser.add_argument("--sample-fraction", type=float, default=0.05,
-                        help="share of inputs counted (FAE profiles 5%%); 1 counts every input exactly")
-    parser.add_argument("--sample-by", choices=("inputs", "batches"), default="inputs")
+                        help="share of batches (or inputs) counted (FAE profiles 5%%); 1 counts every input exactly")
+    parser.add_argument("--sample-by", choices=("inputs", "batches"), default="batches",
+                        help="batches: whole batches are sampled, and data that can seek (the synthetic "
+                             "generator) never produces the others; inputs: every batch is read, a share of "
+                             "its inputs counted")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
     parser.add_argument("--embedding-dim", type=int, default=None,
                         help="row width; default: the recipe model's embedding_dim, else 16")

@@ -376,3 +376,30 @@ def test_profile_command_on_a_criteo_file_agrees_with_a_plain_count(tmp_path, ca
     for column, name in enumerate(profile.feature_names):
         assert profile.dense_counts(name).tolist() == expected[column], name
     assert profile.num_inputs_seen == 600 and profile.dataset["class"].endswith("CriteoDataModule")
+
+
+def test_batch_sampled_profile_skips_unsampled_batches_and_counts_the_same():
+    from lightning_skew.data.synthetic import SyntheticDataModule
+
+    def data():
+        module = SyntheticDataModule(num_embeddings_per_feature=[1000, 50], num_dense=2, num_train_samples=64 * 100,
+                                     num_val_samples=64, num_test_samples=64, batch_size=64, seed=2)
+        module.setup("fit")
+        return module
+
+    fast_data, slow_data = data(), data()
+    generated = []
+    stream = fast_data.train_dataloader().dataset
+    original = stream.batch_at
+    stream.batch_at = lambda index: generated.append(index) or original(index)
+
+    fast = AccessProfile.for_datamodule(fast_data, sample_fraction=0.1, sample_by="batches", seed=5)
+    profile_dataloader(fast, fast_data.train_dataloader().__class__(stream, batch_size=None), progress=False)
+    slow = AccessProfile.for_datamodule(slow_data, sample_fraction=0.1, sample_by="batches", seed=5)
+    profile_dataloader(slow, list(slow_data.train_dataloader()), progress=False)  # a plain list: no seeking
+
+    assert 0 < len(generated) < 30  # about 10 of the 100 batches were produced at all
+    assert fast.num_inputs_seen == slow.num_inputs_seen == 6400
+    assert fast.num_inputs_counted == slow.num_inputs_counted == 64 * len(generated)
+    for name in fast.feature_names:
+        assert torch.equal(fast.dense_counts(name), slow.dense_counts(name))

@@ -494,12 +494,18 @@ class SyntheticClickStream(IterableDataset):
     def batch_start(self, index: int) -> int:
         return (index * self.world_size + self.rank) * self.batch_size
 
+    def batch_at(self, index: int) -> Batch:
+        """This rank's ``index``-th batch, generated without the others (sampled profiling skips the rest)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} of a {len(self)}-batch stream")
+        start = self.batch_start(index)
+        return self.log.to_batch(self.log.generate(self.split, start, start + self.batch_size), self.keys)
+
     def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         for index in range(worker_id, len(self), num_workers):
-            start = self.batch_start(index)
-            yield self.log.to_batch(self.log.generate(self.split, start, start + self.batch_size), self.keys)
+            yield self.batch_at(index)
 
 
 # ----------------------------------------------------------------------------------------------------------
