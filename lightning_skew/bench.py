@@ -41,6 +41,7 @@ from torchrec.datasets.utils import Batch
 
 from lightning_skew.callbacks.monitor import batch_size_of
 from lightning_skew.cli import SkewCLI
+from lightning_skew.strategies.sharding import shard_module
 from lightning_skew.strategies.torchrec import TorchRecStrategy
 
 __all__ = [
@@ -372,8 +373,7 @@ def train_by_hand(recipe: Recipe) -> TrainedRun:
     forward, BCE loss, backward (embeddings update inside it), dense optimizer step."""
     ensure_process_group()
     module, datamodule = recipe.model, recipe.datamodule
-    strategy = TorchRecStrategy(parallel_devices=[torch.device("cpu")])
-    dmp = strategy._shard(module)
+    dmp = shard_module(module, torch.device("cpu"))
     dmp.train()
     optimizer = _dense_optimizer(module.configure_optimizers())
     datamodule.prepare_data()

@@ -24,6 +24,8 @@ def batch_size_of(batch: Any) -> int:
 class SamplesPerSecond(pl.Callback):
     """Logs ``samples_per_s``: global training inputs per second, averaged over the last ``window`` steps.
 
+    Logged every ``Trainer(log_every_n_steps=...)`` steps, as Lightning writes logs.
+
     The time of a step runs from the end of the previous step, so loading the batch counts.
 
     Args:
@@ -58,6 +60,8 @@ class SamplesPerSecond(pl.Callback):
             self._times.append(now - last)
             self._samples.append(batch_size_of(batch) * trainer.world_size)
             del self._times[:-self.window], self._samples[:-self.window]
+            if trainer.global_step % max(trainer.log_every_n_steps, 1):
+                return  # logging every step costs more than the figure is worth
             rate = sum(self._samples) / max(sum(self._times), 1e-9)
             pl_module.log("samples_per_s", rate, prog_bar=self.prog_bar, on_step=True, on_epoch=False,
                           rank_zero_only=True, batch_size=1)

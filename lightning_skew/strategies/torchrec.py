@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from datetime import timedelta
@@ -11,25 +10,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch import nn
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer
 
-from lightning_skew.optim import (
-    CUDA_ONLY_EMBEDDING_OPTIMIZERS,
-    embedding_modules,
-    embedding_optimizer_names,
-    fuse_embedding_optimizer,
-    has_fused_optimizer,
-)
 from lightning_skew.strategies.sharded_state import (
     copy_into_shards,
     gather_unsharded,
@@ -37,26 +25,9 @@ from lightning_skew.strategies.sharded_state import (
     load_sharded_checkpoint,
     save_sharded_checkpoint,
 )
+from lightning_skew.strategies.sharding import DEFAULT_SHARDING_TYPES, plan_rows, shard_module
 
-__all__ = ["TorchRecStrategy", "plan_rows"]
-
-log = logging.getLogger(__name__)
-
-# Sharding types TorchRec offers on every device. Row-wise sharding and the UVM kernels need CUDA;
-# data-parallel tables would keep their optimizer state outside the fused optimizer.
-DEFAULT_SHARDING_TYPES = ["table_wise", "column_wise", "table_column_wise"]
-_DMP_ATTR = "_lightning_skew_dmp"
-
-
-def plan_rows(plan: ShardingPlan) -> list[list[str]]:
-    """The sharding plan as table rows: module, table, sharding type, compute kernel, ranks."""
-    rows = []
-    for module_path, module_plan in sorted(plan.plan.items()):
-        for table, sharding in sorted(module_plan.items()):
-            ranks = ",".join(str(r) for r in (sharding.ranks or []))
-            rows.append([module_path, table, sharding.sharding_type, sharding.compute_kernel, ranks])
-    return rows
-
+__all__ = ["TorchRecStrategy"]
 
 class TorchRecStrategy(DDPStrategy):
     """Runs any LightningModule that holds TorchRec ``EmbeddingBagCollection`` s under TorchRec's
@@ -167,49 +138,9 @@ class TorchRecStrategy(DDPStrategy):
                 "gradient_clip_val, or clip dense gradients in your LightningModule's configure_gradient_clipping.")
 
     def _shard(self, module: pl.LightningModule) -> DistributedModelParallel:
-        existing = getattr(module, _DMP_ATTR, None)
-        if existing is not None:  # a second fit/validate/test with the same module object
-            return existing
-        if not any(True for _ in embedding_modules(module)):
-            raise MisconfigurationException(
-                f"{type(module).__name__} holds no TorchRec EmbeddingBagCollection; TorchRecStrategy has nothing to "
-                "shard. Use strategy='ddp' for models without TorchRec embeddings.")
-        if not has_fused_optimizer(module):
-            if self.embedding_optimizer is None:
-                raise MisconfigurationException(
-                    f"The embeddings of {type(module).__name__} have no optimizer. Call lightning_skew.optim."
-                    "fuse_embedding_optimizer(self, ...) in the module, or give TorchRecStrategy(embedding_optimizer="
-                    "'rowwise_adagrad', embedding_lr=...).")
-            fuse_embedding_optimizer(module, self.embedding_optimizer, self.embedding_lr)
-        cuda_only = embedding_optimizer_names(module) & CUDA_ONLY_EMBEDDING_OPTIMIZERS
-        if cuda_only and self.root_device.type != "cuda":
-            raise MisconfigurationException(
-                f"The embedding optimizer {sorted(cuda_only)} runs in TorchRec's fused kernels only on CUDA; FBGEMM's "
-                "CPU kernels offer sgd, adagrad and rowwise_adagrad. Choose one of those on CPU.")
-        initial = {k: v.detach().clone() for k, v in module.state_dict().items()
-                   if isinstance(v, torch.Tensor) and not v.is_meta and _is_embedding_key(module, k)}
-        _quiet_torchrec_logs()
-        # TorchRec reads the local world size from the environment (and warns when it is absent).
-        os.environ.setdefault("LOCAL_WORLD_SIZE", str(self.num_processes))
-        env = ShardingEnv.from_process_group(dist.group.WORLD)
-        plan = self._plan(module, env)
-        dmp = DistributedModelParallel(module, env=env, device=self.root_device, plan=plan)
-        # DMP initializes shards afresh; keep the module's own initial weights, so that a run starts from the
-        # same point whatever the world size or plan.
-        copy_into_shards(module.state_dict(), initial)
-        object.__setattr__(module, _DMP_ATTR, dmp)
-        return dmp
-
-    def _plan(self, module: nn.Module, env: ShardingEnv) -> ShardingPlan:
-        tables = [cfg.name for _, m in embedding_modules(module) for cfg in _table_configs(m)]
-        constraints = {name: ParameterConstraints(sharding_types=self.sharding_types,
-                                                  compute_kernels=[self.compute_kernel]) for name in tables}
-        world_size = env.world_size
-        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.num_processes or world_size))
-        topology = Topology(world_size=world_size, local_world_size=min(local_world_size, world_size),
-                            compute_device=self.root_device.type)
-        planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-        return planner.collective_plan(module, None, env.process_group)
+        return shard_module(module, self.root_device, sharding_types=self.sharding_types,
+                            compute_kernel=self.compute_kernel, embedding_optimizer=self.embedding_optimizer,
+                            embedding_lr=self.embedding_lr, local_world_size=self.num_processes)
 
     def _log_plan(self, trainer: pl.Trainer) -> None:
         rows = plan_rows(self.dmp.plan)
@@ -310,24 +241,3 @@ class TorchRecStrategy(DDPStrategy):
             torch.save(checkpoint, tmp)
             os.replace(tmp, filepath)
         self.barrier("export_unsharded_checkpoint")
-
-
-def _table_configs(module: nn.Module) -> list[Any]:
-    for getter in ("embedding_bag_configs", "embedding_configs"):
-        fn = getattr(module, getter, None)
-        if callable(fn):
-            return list(fn())
-    return []
-
-
-def _is_embedding_key(module: nn.Module, key: str) -> bool:
-    prefixes = [name + "." for name, _ in embedding_modules(module)]
-    return any(key.startswith(p) for p in prefixes)
-
-
-def _quiet_torchrec_logs() -> None:
-    # The planner and DMP log warnings on every CPU run that are about TorchRec internals, not user setup.
-    for name in ("torchrec", "torchrec.distributed", "torchrec.distributed.planner",
-                 "torchrec.distributed.planner.types", "torchrec.distributed.planner.storage_reservations",
-                 "torchrec.distributed.utils"):
-        logging.getLogger(name).setLevel(logging.ERROR)

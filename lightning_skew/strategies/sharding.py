@@ -1,0 +1,124 @@
+"""Sharding a module's TorchRec embeddings with DistributedModelParallel: the plan and the wrap, as functions."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+
+from lightning_skew.optim import (
+    CUDA_ONLY_EMBEDDING_OPTIMIZERS,
+    embedding_modules,
+    embedding_optimizer_names,
+    fuse_embedding_optimizer,
+    has_fused_optimizer,
+)
+from lightning_skew.strategies.sharded_state import copy_into_shards
+
+__all__ = ["DEFAULT_SHARDING_TYPES", "plan_rows", "plan_sharding", "shard_module"]
+
+# Sharding types TorchRec offers on every device. Row-wise sharding and the UVM kernels need CUDA;
+# data-parallel tables would keep their optimizer state outside the fused optimizer.
+DEFAULT_SHARDING_TYPES = ["table_wise", "column_wise", "table_column_wise"]
+_DMP_ATTR = "_lightning_skew_dmp"
+
+
+def plan_sharding(module: nn.Module, env: ShardingEnv, device: torch.device, sharding_types: list[str],
+                  compute_kernel: str, local_world_size: int) -> ShardingPlan:
+    """TorchRec's planner restricted to ``sharding_types`` and ``compute_kernel`` for every table.
+
+    Planned on rank 0 and broadcast, so every rank shards alike.
+    """
+    tables = [cfg.name for _, m in embedding_modules(module) for cfg in _table_configs(m)]
+    constraints = {name: ParameterConstraints(sharding_types=sharding_types, compute_kernels=[compute_kernel])
+                   for name in tables}
+    topology = Topology(world_size=env.world_size, local_world_size=min(local_world_size, env.world_size),
+                        compute_device=device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    return planner.collective_plan(module, None, env.process_group)
+
+
+def plan_rows(plan: ShardingPlan) -> list[list[str]]:
+    """The sharding plan as table rows: module, table, sharding type, compute kernel, ranks."""
+    rows = []
+    for module_path, module_plan in sorted(plan.plan.items()):
+        for table, sharding in sorted(module_plan.items()):
+            ranks = ",".join(str(r) for r in (sharding.ranks or []))
+            rows.append([module_path, table, sharding.sharding_type, sharding.compute_kernel, ranks])
+    return rows
+
+
+def shard_module(module: nn.Module, device: torch.device, sharding_types: list[str] | None = None,
+                 compute_kernel: str = "fused", embedding_optimizer: str | None = None, embedding_lr: float = 0.01,
+                 local_world_size: int | None = None) -> DistributedModelParallel:
+    """Wrap ``module`` in ``DistributedModelParallel`` over the default process group, sharding it in place.
+
+    The module's own initial embedding weights are copied into the shards (DMP alone re-initializes them), so
+    a run starts from the same weights whatever the world size or plan. Sharding the same module object again
+    returns the first wrapper.
+
+    Args:
+        module: any module holding TorchRec embedding collections.
+        device: the compute device.
+        sharding_types: allowed sharding types (default :data:`DEFAULT_SHARDING_TYPES`).
+        compute_kernel: TorchRec compute kernel for every table.
+        embedding_optimizer: fused into embeddings that carry no optimizer yet; ``None`` requires one.
+        embedding_lr: its learning rate.
+        local_world_size: processes per host (default: the world size).
+    """
+    existing = getattr(module, _DMP_ATTR, None)
+    if existing is not None:  # a second fit/validate/test with the same module object
+        return existing
+    if not any(True for _ in embedding_modules(module)):
+        raise MisconfigurationException(
+            f"{type(module).__name__} holds no TorchRec EmbeddingBagCollection; TorchRecStrategy has nothing to "
+            "shard. Use strategy='ddp' for models without TorchRec embeddings.")
+    if not has_fused_optimizer(module):
+        if embedding_optimizer is None:
+            raise MisconfigurationException(
+                f"The embeddings of {type(module).__name__} have no optimizer. Call lightning_skew.optim."
+                "fuse_embedding_optimizer(self, ...) in the module, or give TorchRecStrategy(embedding_optimizer="
+                "'rowwise_adagrad', embedding_lr=...).")
+        fuse_embedding_optimizer(module, embedding_optimizer, embedding_lr)
+    cuda_only = embedding_optimizer_names(module) & CUDA_ONLY_EMBEDDING_OPTIMIZERS
+    if cuda_only and device.type != "cuda":
+        raise MisconfigurationException(
+            f"The embedding optimizer {sorted(cuda_only)} runs in TorchRec's fused kernels only on CUDA; FBGEMM's "
+            "CPU kernels offer sgd, adagrad and rowwise_adagrad. Choose one of those on CPU.")
+    prefixes = tuple(name + "." for name, _ in embedding_modules(module))
+    initial = {k: v.detach().clone() for k, v in module.state_dict().items()
+               if isinstance(v, torch.Tensor) and not v.is_meta and k.startswith(prefixes)}
+    _quiet_torchrec_logs()
+    env = ShardingEnv.from_process_group(dist.group.WORLD)
+    local_world_size = local_world_size or env.world_size
+    # TorchRec reads the local world size from the environment (and warns when it is absent).
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(local_world_size))
+    plan = plan_sharding(module, env, device, list(sharding_types or DEFAULT_SHARDING_TYPES), compute_kernel,
+                         int(os.environ["LOCAL_WORLD_SIZE"]))
+    dmp = DistributedModelParallel(module, env=env, device=device, plan=plan)
+    copy_into_shards(module.state_dict(), initial)
+    object.__setattr__(module, _DMP_ATTR, dmp)
+    return dmp
+
+
+def _table_configs(module: nn.Module) -> list:
+    for getter in ("embedding_bag_configs", "embedding_configs"):
+        fn = getattr(module, getter, None)
+        if callable(fn):
+            return list(fn())
+    return []
+
+
+def _quiet_torchrec_logs() -> None:
+    # The planner and DMP log warnings on every CPU run that are about TorchRec internals, not user setup.
+    for name in ("torchrec", "torchrec.distributed", "torchrec.distributed.planner",
+                 "torchrec.distributed.planner.types", "torchrec.distributed.planner.storage_reservations",
+                 "torchrec.distributed.utils"):
+        logging.getLogger(name).setLevel(logging.ERROR)
