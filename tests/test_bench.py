@@ -141,3 +141,19 @@ def test_foreign_cpu_share_counts_only_other_processes():
     assert foreign_cpu_share(before, after, cores=2) == pytest.approx(0.15)
     alone = CpuSnapshot(wall_s=110.0, busy_cpu_s=1011.9, own_cpu_s=62.0)  # tick rounding: never below 0
     assert foreign_cpu_share(before, alone, cores=2) == 0.0
+
+
+def test_popularity_variants_report_profiling_cost_and_train_every_input(tmp_path):
+    output = tmp_path / "bench.json"
+    argv = ["--config", "recipes/dlrm_synthetic.yaml", "--variants", "lightning,fae,interleave,stitch",
+            "--repeats", "1", "--train-samples", "2048", "--warmup-steps", "2", "--output", str(output), *TINY]
+    report = bench.main(argv)
+    assert set(report["variants"]) == {"lightning", "fae", "interleave", "stitch"}
+    for name in ("fae", "interleave", "stitch"):
+        extras = report["variants"][name]["extras"]
+        assert extras["profile_s"] > 0
+        assert 0 < extras["profile_share_of_epoch"] < 10
+        assert 0.0 <= extras["hot_input_share"] <= 1.0
+        (run,) = [r for r in report["runs"] if r["variant"] == name]
+        assert run["steps"] * 128 == 2048  # regrouped batches, but every input trained once
+        assert 0.0 <= run["auc"] <= 1.0
