@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_skew.data.base import RecDataModule
 from lightning_skew.rowsets import RowSet, lookups_in
 
 __all__ = [
@@ -991,7 +992,7 @@ class ProfiledHotRows:
         self.seed = seed
         self.profile: AccessProfile | None = None
 
-    def hot_rows(self, datamodule: Any) -> RowSet:
+    def hot_rows(self, datamodule: RecDataModule) -> RowSet:
         if self.profile_path is not None:
             self.profile = AccessProfile.load(self.profile_path, datamodule=datamodule)
         else:

@@ -53,3 +53,14 @@ def test_default_recipe_trains_saves_its_config_and_reports_quality(tmp_path):
     validated = _cli("validate", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(checkpoint),
                      cwd=tmp_path)
     assert "val: auc" in validated.stdout
+
+
+def test_popularity_recipe_profiles_regroups_and_trains(tmp_path):
+    inner = "--data.init_args.datamodule.init_args."
+    small = [f"{inner}max_rows_per_table", "500", f"{inner}num_train_samples", "8192", f"{inner}num_val_samples",
+             "4096", f"{inner}batch_size", "1024", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar",
+             "false", "--data.init_args.hot_rows.init_args.budget_bytes", "20000"]
+    run = _cli("fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic_popularity.yaml"), *small, cwd=tmp_path)
+    assert "val: auc" in run.stdout
+    summary = next((tmp_path / "runs" / "dlrm_synthetic_popularity" / "wandb").glob("offline-run-*"))
+    assert summary.is_dir()
