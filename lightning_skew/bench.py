@@ -90,6 +90,7 @@ class Recipe:
 
     model: pl.LightningModule
     datamodule: pl.LightningDataModule
+    epochs: int = 1  # epochs every variant trains (``--epochs``)
 
 
 @dataclass
@@ -338,7 +339,7 @@ class _RecipeCLI(SkewCLI):
         self.trainer = None
 
 
-def build_recipe(recipe_args: Sequence[str]) -> Recipe:
+def build_recipe(recipe_args: Sequence[str], epochs: int = 1) -> Recipe:
     """Model and DataModule from LightningCLI arguments (``--config recipe.yaml --data.init_args.X v ...``).
 
     The recipe's ``seed_everything`` is applied before the model is built, so every call with the same
@@ -352,7 +353,7 @@ def build_recipe(recipe_args: Sequence[str]) -> Recipe:
                          args=list(recipe_args), run=False, auto_configure_optimizers=False)
     if cli.datamodule is None:
         raise ValueError("the recipe has no data section; the benchmark needs a DataModule")
-    return Recipe(model=cli.model, datamodule=cli.datamodule)
+    return Recipe(model=cli.model, datamodule=cli.datamodule, epochs=epochs)
 
 
 def ensure_process_group() -> None:
@@ -387,12 +388,13 @@ def train_by_hand(recipe: Recipe) -> TrainedRun:
     datamodule.prepare_data()
     datamodule.setup("fit")
     clock = StepClock()
-    for batch in datamodule.train_dataloader():
-        loss = F.binary_cross_entropy_with_logits(dmp(batch), batch.labels.float())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        clock.tick(batch_size_of(batch))
+    for _ in range(recipe.epochs):
+        for batch in datamodule.train_dataloader():
+            loss = F.binary_cross_entropy_with_logits(dmp(batch), batch.labels.float())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            clock.tick(batch_size_of(batch))
     return TrainedRun(model=dmp, clock=clock)
 
 
@@ -411,7 +413,8 @@ def fit_with_lightning(recipe: Recipe, callbacks: Sequence[pl.Callback] = (),
     checkpoints, progress bar or validation; ``callbacks`` are added (for variants built on this one)."""
     clock = StepClock()
     with tempfile.TemporaryDirectory(prefix="lightning-skew-bench-") as root_dir:
-        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy or TorchRecStrategy(), max_epochs=1,
+        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy or TorchRecStrategy(),
+                             max_epochs=recipe.epochs,
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                              default_root_dir=root_dir, callbacks=[_ClockCallback(clock), *callbacks])
@@ -435,7 +438,7 @@ def fit_with_popularity_batches(recipe: Recipe, schedule: str) -> TrainedRun:
     source = ProfiledHotRows(budget_bytes=POPULARITY_HOT_BUDGET_BYTES,
                              embedding_dim=int(recipe.model.hparams.get("embedding_dim", 16)), sample_fraction=0.05)
     batches = PopularityDataModule(recipe.datamodule, schedule=schedule, hot_rows=source)
-    run = fit_with_lightning(Recipe(recipe.model, batches))
+    run = fit_with_lightning(Recipe(recipe.model, batches, recipe.epochs))
     ends = run.clock.ends
     epoch_s = (ends[-1] - ends[0]) * len(ends) / max(len(ends) - 1, 1)  # the first step's start is not recorded
     stats = batches.epoch_stats.get(0)
@@ -469,10 +472,10 @@ def evaluate(model: Callable[[Batch], Tensor], batches: Iterable[Batch]) -> Qual
 
 
 def _run_once(variant: Variant, recipe_args: Sequence[str], warmup_steps: int, repeat: int,
-              position: int) -> RunResult:
+              position: int, epochs: int = 1) -> RunResult:
     began = time.perf_counter()
     cpu_before = CpuSnapshot.take()
-    recipe = build_recipe(recipe_args)
+    recipe = build_recipe(recipe_args, epochs)
     trained = variant.train(recipe)
     clock = trained.clock
     rate, timed_samples, timed_s = throughput(clock.ends, clock.samples, warmup_steps)
@@ -489,7 +492,7 @@ def _run_once(variant: Variant, recipe_args: Sequence[str], warmup_steps: int, r
 
 
 def run_bench(recipe_args: Sequence[str], variants: Sequence[str], repeats: int = 3, warmup_steps: int = 10,
-              progress: Callable[[str], None] | None = None) -> list[RunResult]:
+              progress: Callable[[str], None] | None = None, epochs: int = 1) -> list[RunResult]:
     """Run every variant once per repeat (order rotated each repeat), each from a freshly built recipe."""
     _check_variants(variants)
     if repeats < 1:
@@ -498,7 +501,7 @@ def run_bench(recipe_args: Sequence[str], variants: Sequence[str], repeats: int 
     for repeat in range(repeats):
         for position, name in enumerate(run_order(variants, repeat)):
             gc.collect()  # free the previous run's tables before building the next
-            run = _run_once(VARIANTS[name], recipe_args, warmup_steps, repeat, position)
+            run = _run_once(VARIANTS[name], recipe_args, warmup_steps, repeat, position, epochs)
             runs.append(run)
             if progress is not None:
                 progress(f"repeat {repeat + 1}/{repeats} {name}: {run.samples_per_s:,.0f} samples/s over "
@@ -604,6 +607,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-samples", type=int, default=None,
                         help="training samples per run (sets data.init_args.num_train_samples)")
     parser.add_argument("--warmup-steps", type=int, default=10, help="first steps of every run left untimed")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs every variant trains (default 1)")
     parser.add_argument("--output", default=None, help="also write the report here as JSON")
     return parser
 
@@ -614,8 +618,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, overrides = _parser().parse_known_args(argv)
     variants = [name.strip() for name in args.variants.split(",") if name.strip()]
     _check_variants(variants)
-    if args.repeats < 1 or args.warmup_steps < 1:
-        raise SystemExit(f"--repeats and --warmup-steps must be at least 1, got {args.repeats}, {args.warmup_steps}")
+    if args.repeats < 1 or args.warmup_steps < 1 or args.epochs < 1:
+        raise SystemExit(f"--repeats, --warmup-steps and --epochs must be at least 1, got {args.repeats}, "
+                         f"{args.warmup_steps}, {args.epochs}")
     machine = machine_info()  # before any work, so the load average is the machine's, not ours
     _quiet_logs()
     recipe_args = ["--config", args.config, *overrides]
@@ -628,13 +633,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     del probe
 
     runs = run_bench(recipe_args, variants, args.repeats, args.warmup_steps,
-                     progress=lambda line: print(line, flush=True))
+                     progress=lambda line: print(line, flush=True), epochs=args.epochs)
     summaries = summarize(runs, baseline=variants[0])
     report = {
         "command": "lightning-skew bench " + shlex.join(argv),
         "machine": machine,
         "settings": {"config": args.config, "overrides": overrides, "variants": variants, "repeats": args.repeats,
-                     "train_samples_per_run": train_samples, "warmup_steps": args.warmup_steps},
+                     "train_samples_per_run": train_samples, "warmup_steps": args.warmup_steps,
+                     "epochs": args.epochs},
         "baseline": variants[0],
         "ratio_method": RATIO_METHOD,
         "best_attainable_auc": best_auc,

@@ -1,0 +1,509 @@
+"""StaleEmbeddingSkipper: drop training inputs whose lookups only hit embedding rows that stopped moving (Slipstream)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from lightning_skew.data.popularity import select_inputs
+from lightning_skew.optim import embedding_modules
+from lightning_skew.rowsets import RowSet
+from lightning_skew.staleness import (
+    bisect_threshold,
+    critical_thresholds,
+    drop_mask,
+    keep_at_least_one,
+    row_change,
+    stale_rowset,
+)
+
+__all__ = ["StaleEmbeddingSkipper"]
+
+
+@dataclass
+class _Table:
+    """One embedding table: its features (KJT keys), rows and width, and where its weights live."""
+
+    module: torch.nn.Module
+    key: str  # state_dict key inside ``module``
+    features: list[str]
+    num_rows: int
+    dim: int
+
+    def pieces(self) -> list[tuple[int, int, Tensor]]:
+        """``(first_row, first_column, block)`` of every locally held part of the weight (live views)."""
+        weight = self.module.state_dict()[self.key]
+        if isinstance(weight, ShardedTensor):
+            return [(int(s.metadata.shard_offsets[0]), int(s.metadata.shard_offsets[1]), s.tensor)
+                    for s in weight.local_shards()]
+        return [(0, 0, weight)]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class StaleEmbeddingSkipper(pl.Callback):
+    """Finds embedding rows that stopped changing and drops the inputs whose lookups only hit them (Slipstream).
+
+    Every ``evaluate_every_n_steps`` steps it compares the candidate rows with a snapshot taken at the previous
+    evaluation: a row is *stale* when its largest per-element absolute change over the window is below the
+    threshold. Until the next evaluation, inputs with at least ``min_stale_lookups`` lookups on stale rows are
+    removed from the batch in ``on_train_batch_start``, so forward and backward run on the smaller batch.
+    Rows that move again (popularity drift) leave the stale set at the next evaluation, because every
+    evaluation decides afresh from the last window.
+
+    Candidate rows are the rows of ``hot_rows`` (a :class:`~lightning_skew.rowsets.RowSet` or a source with
+    ``hot_rows(datamodule)``, such as :class:`~lightning_skew.profile.ProfiledHotRows`), or, when it is
+    ``None``, the ``max_candidate_rows`` rows looked up most often since the previous evaluation (IDs counted
+    from each batch in ``on_train_batch_start``, summed over ranks). Unlike TorchRec's ``ModelDeltaTracker``,
+    which hooks the sharded modules to record the IDs (and optionally embeddings) that each rank's shards
+    served, for delta checkpoints and model publishing, this counts the input KJT on the host before the step,
+    works for plain unsharded collections as well, and keeps only counts.
+
+    The threshold is ``threshold`` when given; else, at every evaluation, a bisection finds the threshold at
+    which the share of inputs dropped on the recent batches (up to ``sample_batches`` kept, all ranks together)
+    lies within ``tolerance`` of ``target_drop_fraction``.
+
+    Logs (progress bar and logger, every ``log_every_n_steps``): ``stale/drop_share`` (inputs dropped since the
+    last log), ``stale/rows``, ``stale/threshold``, ``stale/overhead`` (the callback's own time as a share of
+    the wall time of the steps) and ``stale/backoffs``.
+
+    Args:
+        hot_rows: candidate rows (a ``RowSet`` or a source with ``hot_rows(datamodule)``, asked once at the
+            start of training); ``None`` takes the most looked-up rows of each window.
+        max_candidate_rows: rows over all tables that are snapshotted when ``hot_rows`` is ``None``.
+        evaluate_every_n_steps: window, in optimizer steps, between snapshots and stale-set decisions.
+        threshold: fixed staleness threshold; ``None`` searches one for ``target_drop_fraction``.
+        target_drop_fraction: share of inputs to drop (automatic threshold only).
+        tolerance: accepted distance of the measured drop share from the target.
+        relative: compare the change to the row's largest absolute element instead of absolutely.
+        min_stale_lookups: an input is dropped when at least this many of its lookups hit stale rows;
+            ``None`` (default) requires all of them.
+        sample_batches: recent batches kept as the sample for the threshold search.
+        guard_metric: a metric of ``trainer.callback_metrics`` watched after each validation (e.g.
+            ``"val_auc"``); ``None`` disables the accuracy guard.
+        guard_mode: ``"max"`` when larger is better (AUC), ``"min"`` when smaller is (log-loss).
+        guard_margin: a back-off happens when the metric is worse than its best by more than this.
+        backoff_factor: each back-off multiplies the target drop fraction (or the fixed threshold) by this;
+            below 1% the skipping pauses for the rest of the run.
+        log_every_n_steps: logging interval; default the Trainer's ``log_every_n_steps``.
+
+    .. note::
+        A batch is never emptied: when every input would be dropped, its first input is kept. Inputs are
+        dropped on each rank from its own batch, so ranks may train on different numbers of inputs; the stale
+        set and threshold are the same on every rank (changes and search counts are all-reduced).
+
+    .. note::
+        Batches must be ``torchrec.datasets.utils.Batch``-like (``dense_features``, ``sparse_features``,
+        ``labels``); their tensors are replaced in place. With gradient accumulation the loss scale of the
+        dropped steps changes; TorchRecStrategy forbids accumulation anyway.
+
+    Example::
+
+        trainer = pl.Trainer(strategy=TorchRecStrategy(),
+                             callbacks=[StaleEmbeddingSkipper(target_drop_fraction=0.3,
+                                                              guard_metric="val_auc")])
+        trainer.fit(DLRMModule(...), SyntheticDataModule())
+    """
+
+    def __init__(
+        self,
+        hot_rows: Any = None,
+        max_candidate_rows: int = 200_000,
+        evaluate_every_n_steps: int = 50,
+        threshold: float | None = None,
+        target_drop_fraction: float = 0.3,
+        tolerance: float = 0.02,
+        relative: bool = False,
+        min_stale_lookups: int | None = None,
+        sample_batches: int = 8,
+        guard_metric: str | None = None,
+        guard_mode: str = "max",
+        guard_margin: float = 0.002,
+        backoff_factor: float = 0.5,
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        _validate(max_candidate_rows, evaluate_every_n_steps, threshold, target_drop_fraction, tolerance,
+                  min_stale_lookups, sample_batches, guard_mode, backoff_factor)
+        self.hot_rows = hot_rows
+        self.max_candidate_rows = max_candidate_rows
+        self.evaluate_every_n_steps = evaluate_every_n_steps
+        self.fixed_threshold = threshold
+        self.target_drop_fraction = target_drop_fraction
+        self.tolerance = tolerance
+        self.relative = relative
+        self.min_stale_lookups = min_stale_lookups
+        self.sample_batches = sample_batches
+        self.guard_metric = guard_metric
+        self.guard_mode = guard_mode
+        self.guard_margin = guard_margin
+        self.backoff_factor = backoff_factor
+        self.log_every_n_steps = log_every_n_steps
+
+        self._tables: list[_Table] = []
+        self._fixed_candidates: list[Tensor] | None = None
+        # Decision state (saved): the current window's candidates and snapshots, the stale set in force.
+        self.candidates: list[Tensor] = []
+        self.snapshots: list[Tensor] = []
+        self.stale: RowSet | None = None
+        self.threshold: float = float("nan")
+        self.target: float = target_drop_fraction
+        self.fixed_scale: float = 1.0
+        self.last_evaluation_step: int = -1
+        self.evaluations = 0
+        self.backoffs = 0
+        self.best_metric: float | None = None
+        self.inputs_seen = 0
+        self.inputs_dropped = 0
+        # Per-rank state (saved for every rank): recent batches' KJTs and lookup counts of this window.
+        self.sample: deque[KeyedJaggedTensor] = deque(maxlen=sample_batches)
+        self.counts: list[Tensor] = []
+        self._pending_counts: list[tuple[Tensor, Tensor]] | None = None
+        # Logging window (not saved: figures of the interval between two logs).
+        self._log_seen = self._log_dropped = 0
+        self._own_s = 0.0
+        self._log_started: float | None = None
+
+    # ------------------------------------------------------------------------------------------ identity
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            hot_rows=type(self.hot_rows).__name__ if self.hot_rows is not None else None,
+            max_candidate_rows=self.max_candidate_rows, evaluate_every_n_steps=self.evaluate_every_n_steps,
+            threshold=self.fixed_threshold, target_drop_fraction=self.target_drop_fraction,
+            tolerance=self.tolerance, relative=self.relative, min_stale_lookups=self.min_stale_lookups,
+            guard_metric=self.guard_metric)
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.accumulate_grad_batches > 1:
+            rank_zero_warn("StaleEmbeddingSkipper with accumulate_grad_batches > 1: dropped inputs change the "
+                           "weight of the accumulated micro-batches")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._tables = _find_tables(pl_module)
+        if not self._tables:
+            raise ValueError(f"StaleEmbeddingSkipper: {type(pl_module).__name__} holds no TorchRec "
+                             "EmbeddingBagCollection whose rows it could watch")
+        if self.hot_rows is not None and self._fixed_candidates is None:
+            rowset = self.hot_rows
+            if not isinstance(rowset, RowSet):
+                if not hasattr(rowset, "hot_rows"):
+                    raise TypeError(f"hot_rows must be a RowSet or have hot_rows(datamodule), got "
+                                    f"{type(rowset).__name__}")
+                rowset = rowset.hot_rows(trainer.datamodule)
+            self._fixed_candidates = _candidates_from_rowset(rowset, self._tables)
+        if not self.counts:
+            self.counts = [torch.zeros(t.num_rows, dtype=torch.int64) for t in self._tables]
+            for counts, (rows, values) in zip(self.counts, self._pending_counts or [], strict=False):
+                counts[rows] = values
+            self._pending_counts = None
+        if self.snapshots:  # resumed: the snapshot belongs to the tables found now
+            if [s.shape for s in self.snapshots] != [(c.numel(), t.dim) for c, t in
+                                                     zip(self.candidates, self._tables, strict=True)]:
+                raise ValueError("StaleEmbeddingSkipper: the checkpoint's snapshots do not match the model's "
+                                 "tables; was it saved from another model?")
+
+    # ------------------------------------------------------------------------------------------ per step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        began = time.perf_counter()
+        if self._log_started is None:
+            self._log_started = began
+        sparse = getattr(batch, "sparse_features", None)
+        if not isinstance(sparse, KeyedJaggedTensor):
+            raise TypeError(f"StaleEmbeddingSkipper needs torchrec Batch-like batches with a KeyedJaggedTensor in "
+                            f"sparse_features, got {type(batch).__name__}")
+        sparse_cpu = sparse.to(torch.device("cpu"))
+        self.sample.append(sparse_cpu)
+        if self._fixed_candidates is None:
+            self._count(sparse_cpu)
+        step = trainer.global_step
+        if step % self.evaluate_every_n_steps == 0 and step != self.last_evaluation_step:
+            self._evaluate(step)
+        size = sparse.stride()
+        dropped = 0
+        if self.stale is not None and len(self.stale.rows) and any(r.numel() for r in self.stale.rows):
+            drop = keep_at_least_one(drop_mask(sparse_cpu, self.stale, self.min_stale_lookups))
+            dropped = int(drop.sum())
+            if dropped:
+                kept = select_inputs(batch, torch.nonzero(~drop).flatten().to(batch.labels.device))
+                batch.dense_features, batch.sparse_features, batch.labels = (kept.dense_features,
+                                                                             kept.sparse_features, kept.labels)
+        self.inputs_seen += size
+        self.inputs_dropped += dropped
+        self._log_seen += size
+        self._log_dropped += dropped
+        self._own_s += time.perf_counter() - began
+        self._log(trainer, pl_module, step)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        every = self.log_every_n_steps or max(trainer.log_every_n_steps, 1)
+        if step % every or self._log_seen == 0:
+            return
+        now = time.perf_counter()
+        wall = max(now - (self._log_started or now), 1e-9)
+        stale_rows = len(self.stale) if self.stale is not None else 0
+        figures = {"stale/drop_share": self._log_dropped / self._log_seen, "stale/rows": float(stale_rows),
+                   "stale/threshold": 0.0 if self.threshold != self.threshold else self.threshold,
+                   "stale/overhead": self._own_s / wall, "stale/backoffs": float(self.backoffs)}
+        for name, value in figures.items():
+            pl_module.log(name, value, prog_bar=name in ("stale/drop_share", "stale/rows"), on_step=True,
+                          on_epoch=False, batch_size=1)
+        self._log_seen = self._log_dropped = 0
+        self._own_s = 0.0
+        self._log_started = now
+
+    def _count(self, sparse: KeyedJaggedTensor) -> None:
+        features = sparse.to_dict()
+        for table, counts in zip(self._tables, self.counts, strict=True):
+            for feature in table.features:
+                if feature in features:
+                    ids = features[feature].values().long()
+                    counts.index_put_((ids,), torch.ones((), dtype=torch.int64), accumulate=True)
+
+    # ------------------------------------------------------------------------------------------ decisions
+
+    @torch.no_grad()
+    def _evaluate(self, step: int) -> None:
+        if self.snapshots:
+            changes = self._changes()
+            self.threshold = self._choose_threshold(changes)
+            self.stale = self._stale_set(changes, self.threshold)
+            self.evaluations += 1
+        self.candidates = self._next_candidates()
+        self.snapshots = self._snapshot(self.candidates)
+        self.last_evaluation_step = step
+
+    def _next_candidates(self) -> list[Tensor]:
+        if self._fixed_candidates is not None:
+            return self._fixed_candidates
+        counts = torch.cat(self.counts)
+        if _distributed():
+            dist.all_reduce(counts)
+        for c in self.counts:
+            c.zero_()
+        seen = int((counts > 0).sum())
+        top = torch.topk(counts, min(self.max_candidate_rows, seen), sorted=False).indices
+        flat = torch.zeros(counts.numel(), dtype=torch.bool)
+        flat[top] = True
+        masks = torch.split(flat, [t.num_rows for t in self._tables])
+        return [torch.nonzero(m).flatten() for m in masks]
+
+    def _snapshot(self, candidates: list[Tensor]) -> list[Tensor]:
+        """Full rows (all columns) of the candidates, identical on every rank: each rank fills what it holds."""
+        snapshots = []
+        for table, rows in zip(self._tables, candidates, strict=True):
+            full = torch.full((rows.numel(), table.dim), float("-inf"))
+            for first_row, first_col, block in table.pieces():
+                held = (rows >= first_row) & (rows < first_row + block.shape[0])
+                full[held, first_col:first_col + block.shape[1]] = block[rows[held] - first_row].float().cpu()
+            snapshots.append(full)
+        if _distributed() and snapshots:
+            flat = torch.cat([s.reshape(-1) for s in snapshots])
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX)  # -inf where a rank holds nothing; replicas agree
+            snapshots = list(torch.split(flat, [s.numel() for s in snapshots]))
+            snapshots = [s.reshape(-1, t.dim) for s, t in zip(snapshots, self._tables, strict=True)]
+        return snapshots
+
+    def _changes(self) -> list[Tensor]:
+        """Per table, each candidate row's change since the snapshot: local max over held parts, then MAX."""
+        changes = []
+        for table, rows, snapshot in zip(self._tables, self.candidates, self.snapshots, strict=True):
+            change = torch.zeros(rows.numel())
+            for first_row, first_col, block in table.pieces():
+                held = (rows >= first_row) & (rows < first_row + block.shape[0])
+                if not bool(held.any()):
+                    continue
+                before = snapshot[held, first_col:first_col + block.shape[1]]
+                after = block[rows[held] - first_row].float().cpu()
+                local = row_change(before, after)
+                if self.relative:
+                    local = local / (snapshot[held].abs().amax(dim=1) + 1e-12)
+                change[held] = torch.maximum(change[held], local)
+            changes.append(change)
+        if _distributed() and changes:
+            flat = torch.cat(changes)
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+            changes = list(torch.split(flat, [c.numel() for c in changes]))
+        return changes
+
+    def _per_feature_changes(self, changes: list[Tensor]) -> dict[str, Tensor]:
+        by_feature = {}
+        for table, rows, change in zip(self._tables, self.candidates, changes, strict=True):
+            full = torch.full((table.num_rows,), float("inf"))
+            full[rows] = change
+            for feature in table.features:
+                by_feature[feature] = full
+        return by_feature
+
+    def _choose_threshold(self, changes: list[Tensor]) -> float:
+        if self.fixed_threshold is not None:
+            return self.fixed_threshold * self.fixed_scale
+        if self.target <= 0 or not self.sample:
+            return 0.0
+        by_feature = self._per_feature_changes(changes)
+        critical = torch.cat([critical_thresholds(kjt, by_feature, self.min_stale_lookups) for kjt in self.sample])
+        finite = torch.cat(changes)
+        finite = finite[torch.isfinite(finite)]
+        if finite.numel() == 0:
+            return 0.0
+        positive = finite[finite > 0]
+        low = float(positive.min()) / 2 if positive.numel() else 1e-12
+        high = max(float(finite.max()) * 2, low)
+
+        def dropped_share(threshold: float) -> float:
+            counts = torch.tensor([float((critical < threshold).sum()), float(critical.numel())],
+                                  dtype=torch.float64)
+            if _distributed():
+                dist.all_reduce(counts)
+            return float(counts[0] / counts[1].clamp(min=1))
+
+        threshold, _ = bisect_threshold(dropped_share, self.target, self.tolerance, low, high)
+        return threshold
+
+    def _stale_set(self, changes: list[Tensor], threshold: float) -> RowSet:
+        names, sizes, rows, chs = [], [], [], []
+        for table, cand, change in zip(self._tables, self.candidates, changes, strict=True):
+            for feature in table.features:
+                names.append(feature)
+                sizes.append(table.num_rows)
+                rows.append(cand)
+                chs.append(change)
+        return stale_rowset(names, sizes, rows, chs, threshold)
+
+    # ------------------------------------------------------------------------------------------ accuracy guard
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.guard_metric is None or trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.guard_metric)
+        if value is None:
+            rank_zero_warn(f"StaleEmbeddingSkipper: guard_metric {self.guard_metric!r} is not among the logged "
+                           f"metrics {sorted(trainer.callback_metrics)}; the accuracy guard does nothing")
+            return
+        value = float(value)
+        sign = 1.0 if self.guard_mode == "max" else -1.0
+        if self.best_metric is None or sign * (value - self.best_metric) > 0:
+            self.best_metric = value
+            return
+        if sign * (self.best_metric - value) <= self.guard_margin:
+            return
+        self.backoffs += 1
+        if self.fixed_threshold is not None:
+            self.fixed_scale *= self.backoff_factor
+            what = f"threshold now {self.fixed_threshold * self.fixed_scale:.3g}"
+        else:
+            self.target *= self.backoff_factor
+            if self.target < 0.01:
+                self.target = 0.0
+            what = f"target drop fraction now {self.target:.3g}" + (" (skipping paused)" if not self.target else "")
+        self.stale = None  # takes effect now, not at the next evaluation
+        rank_zero_info(f"StaleEmbeddingSkipper: {self.guard_metric} {value:.4f} fell more than {self.guard_margin} "
+                       f"below its best {self.best_metric:.4f}; backing off ({what})")
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        local = {"sample": list(self.sample), "counts": [(torch.nonzero(c).flatten(), c[c > 0]) for c in self.counts]}
+        if _distributed():  # every rank's window, so each resumes its own (dump_checkpoint runs on all ranks)
+            per_rank: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, local)
+        else:
+            per_rank = [local]
+        return {
+            "candidates": self.candidates, "snapshots": self.snapshots,
+            "stale": None if self.stale is None else (self.stale.feature_names, self.stale.num_rows, self.stale.rows),
+            "threshold": self.threshold, "target": self.target, "fixed_scale": self.fixed_scale,
+            "last_evaluation_step": self.last_evaluation_step, "evaluations": self.evaluations,
+            "backoffs": self.backoffs, "best_metric": self.best_metric, "inputs_seen": self.inputs_seen,
+            "inputs_dropped": self.inputs_dropped,
+            "fixed_candidates": self._fixed_candidates, "per_rank": per_rank,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.candidates = list(state_dict["candidates"])
+        self.snapshots = list(state_dict["snapshots"])
+        stale = state_dict["stale"]
+        self.stale = None if stale is None else RowSet(*stale)
+        for name in ("threshold", "target", "fixed_scale", "last_evaluation_step", "evaluations", "backoffs",
+                     "best_metric", "inputs_seen", "inputs_dropped"):
+            setattr(self, name, state_dict[name])
+        self._fixed_candidates = state_dict["fixed_candidates"]
+        per_rank = state_dict["per_rank"]
+        rank = dist.get_rank() if _distributed() else 0
+        if len(per_rank) != (dist.get_world_size() if _distributed() else 1):
+            raise ValueError(f"StaleEmbeddingSkipper: the checkpoint was written by {len(per_rank)} rank(s); resume "
+                             "it on the same number")
+        own = per_rank[rank]
+        self.sample = deque(own["sample"], maxlen=self.sample_batches)
+        self._pending_counts = own["counts"]
+        self.counts = []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _find_tables(pl_module: pl.LightningModule) -> list[_Table]:
+    tables = []
+    for _, module in embedding_modules(pl_module):
+        configs = (module.embedding_bag_configs() if hasattr(module, "embedding_bag_configs")
+                   else getattr(module, "_embedding_bag_configs", None))
+        if configs is None:
+            continue  # EmbeddingCollection (sequence embeddings): not watched
+        state_keys = set(module.state_dict().keys())
+        for config in configs:
+            key = f"embedding_bags.{config.name}.weight"
+            if key not in state_keys:
+                raise ValueError(f"StaleEmbeddingSkipper: table {config.name!r} has no weight {key!r} in its module")
+            tables.append(_Table(module, key, list(config.feature_names), config.num_embeddings,
+                                 config.embedding_dim))
+    return tables
+
+
+def _candidates_from_rowset(rowset: RowSet, tables: list[_Table]) -> list[Tensor]:
+    candidates = []
+    for table in tables:
+        mask = torch.zeros(table.num_rows, dtype=torch.bool)
+        for feature in table.features:
+            if feature in rowset.feature_names:
+                index = rowset.feature_names.index(feature)
+                if rowset.num_rows[index] != table.num_rows:
+                    raise ValueError(f"hot_rows: feature {feature!r} has {rowset.num_rows[index]} rows in the row set "
+                                     f"but {table.num_rows} in the model's table; is the profile from another dataset?")
+                mask |= rowset.mask(feature)
+        candidates.append(torch.nonzero(mask).flatten())
+    return candidates
+
+
+def _validate(max_candidate_rows: int, every: int, threshold: float | None, target: float, tolerance: float,
+              min_stale_lookups: int | None, sample_batches: int, guard_mode: str, backoff_factor: float) -> None:
+    if max_candidate_rows < 1 or every < 1 or sample_batches < 1:
+        raise ValueError(f"max_candidate_rows, evaluate_every_n_steps and sample_batches must be positive, got "
+                         f"{max_candidate_rows}, {every}, {sample_batches}")
+    if threshold is not None and threshold < 0:
+        raise ValueError(f"threshold must be >= 0 (or None for the automatic search), got {threshold}")
+    if not 0.0 <= target < 1.0 or not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"target_drop_fraction and tolerance must lie in [0, 1), got {target}, {tolerance}")
+    if min_stale_lookups is not None and min_stale_lookups < 1:
+        raise ValueError(f"min_stale_lookups must be >= 1 or None (all lookups), got {min_stale_lookups}")
+    if guard_mode not in ("max", "min"):
+        raise ValueError(f"guard_mode must be 'max' or 'min', got {guard_mode!r}")
+    if not 0.0 < backoff_factor < 1.0:
+        raise ValueError(f"backoff_factor must lie in (0, 1), got {backoff_factor}")

@@ -1,0 +1,239 @@
+"""StaleEmbeddingSkipper: the pure staleness functions, then the callback in short CPU fits (1 and 2 processes)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+sys.path.insert(0, str(Path(__file__).parent))
+from launch import launch  # noqa: E402
+
+from lightning_skew.callbacks.stale import StaleEmbeddingSkipper  # noqa: E402
+from lightning_skew.models.dlrm import DLRMModule  # noqa: E402
+from lightning_skew.rowsets import RowSet  # noqa: E402
+from lightning_skew.staleness import (  # noqa: E402
+    bisect_threshold,
+    critical_thresholds,
+    drop_mask,
+    keep_at_least_one,
+    row_change,
+    stale_rowset,
+)
+
+ROWS = 100
+FEATURES = ["a", "b"]
+
+
+def kjt(ids: dict[str, list[list[int]]]) -> KeyedJaggedTensor:
+    keys = list(ids)
+    lengths = [len(row) for key in keys for row in ids[key]]
+    values = [v for key in keys for row in ids[key] for v in row]
+    return KeyedJaggedTensor(keys=keys, values=torch.tensor(values, dtype=torch.long),
+                             lengths=torch.tensor(lengths, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure functions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_row_change_is_the_largest_elementwise_move_and_relative_divides_by_row_scale():
+    before = torch.tensor([[1.0, 2.0], [0.5, -4.0]])
+    after = torch.tensor([[1.1, 1.7], [0.5, -4.0]])
+    assert torch.allclose(row_change(before, after), torch.tensor([0.3, 0.0]))
+    assert torch.allclose(row_change(before, after, relative=True), torch.tensor([0.15, 0.0]))
+
+
+def test_drop_rule_all_lookups_or_at_least_k_and_never_an_empty_batch():
+    sparse = kjt({"a": [[1], [1], [2], []], "b": [[3, 1], [4], [3], []]})
+    stale = RowSet(FEATURES, [10, 10], [torch.tensor([1]), torch.tensor([3])])
+    assert drop_mask(sparse, stale).tolist() == [False, False, False, False]  # input 0: b=1 not stale
+    stale_b = RowSet(FEATURES, [10, 10], [torch.tensor([1]), torch.tensor([1, 3])])
+    assert drop_mask(sparse, stale_b).tolist() == [True, False, False, False]  # no-lookup input 3 kept
+    assert drop_mask(sparse, stale, min_stale_lookups=1).tolist() == [True, True, True, False]
+    assert keep_at_least_one(torch.tensor([True, True])).tolist() == [False, True]
+
+
+def test_critical_thresholds_agree_with_the_drop_rule_at_every_threshold():
+    torch.manual_seed(0)
+    ids = {f: [torch.randint(0, 20, (int(torch.randint(0, 4, ())),)).tolist() for _ in range(64)] for f in FEATURES}
+    sparse = kjt(ids)
+    changes = {f: torch.rand(20) for f in FEATURES}
+    changes["b"][15:] = float("inf")  # not candidates
+    for k in (None, 1, 2):
+        critical = critical_thresholds(sparse, changes, k)
+        for threshold in (0.05, 0.3, 0.6, 0.95):
+            stale = stale_rowset(FEATURES, [20, 20], [torch.arange(20)] * 2, [changes["a"], changes["b"]], threshold)
+            assert torch.equal(critical < threshold, drop_mask(sparse, stale, k)), (k, threshold)
+
+
+def test_bisection_hits_the_target_drop_fraction_within_tolerance_on_a_sample():
+    torch.manual_seed(1)
+    sparse = kjt({f: [torch.randint(0, ROWS, (2,)).tolist() for _ in range(4000)] for f in FEATURES})
+    changes = {f: torch.rand(ROWS) ** 3 for f in FEATURES}
+    critical = critical_thresholds(sparse, changes)
+    for target in (0.1, 0.3, 0.5):
+        threshold, share = bisect_threshold(lambda t: float((critical < t).float().mean()), target, 0.01, 1e-9, 2.0)
+        stale = stale_rowset(FEATURES, [ROWS, ROWS], [torch.arange(ROWS)] * 2, [changes[f] for f in FEATURES],
+                             threshold)
+        measured = float(drop_mask(sparse, stale).float().mean())
+        assert abs(measured - target) <= 0.01 and measured == pytest.approx(share)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The callback in short fits (plain Lightning, unsharded embeddings)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class SizedDLRM(DLRMModule):
+    """Records the batch size that training_step sees."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen_sizes: list[int] = []
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        self.seen_sizes.append(int(batch.labels.numel()))
+        return super().training_step(batch, batch_idx)
+
+
+def make_model() -> SizedDLRM:
+    torch.manual_seed(0)
+    return SizedDLRM([ROWS, ROWS], FEATURES, 3, embedding_dim=4, dense_arch_layer_sizes=[8, 4],
+                     over_arch_layer_sizes=[8, 1], embedding_optimizer="sgd", embedding_lr=0.1)
+
+
+def make_batches(steps: int, used: list[range], batch: int = 256, seed: int = 0) -> list[Batch]:
+    """``steps`` batches; in step ``s`` every feature's ID is uniform over ``used[s * len(used) // steps]``."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for step in range(steps):
+        span = used[step * len(used) // steps]
+        ids = {f: (span.start + torch.randint(0, len(span), (batch,), generator=gen)).tolist() for f in FEATURES}
+        batches.append(Batch(torch.rand(batch, 3, generator=gen), kjt({f: [[i] for i in v] for f, v in ids.items()}),
+                             torch.randint(0, 2, (batch,), generator=gen).float()))
+    return batches
+
+
+class RecordStale(pl.Callback):
+    """After the skipper: the stale rows of feature ``a`` and the threshold at every step."""
+
+    def __init__(self, skipper: StaleEmbeddingSkipper) -> None:
+        self.skipper = skipper
+        self.stale: list[set[int]] = []
+        self.thresholds: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        stale = self.skipper.stale
+        self.stale.append(set(stale.rows[0].tolist()) if stale is not None else set())
+        self.thresholds.append(self.skipper.threshold)
+
+
+def fit(model: pl.LightningModule, batches: list[Batch], callbacks: list[pl.Callback], epochs: int = 1,
+        root: Path | None = None, ckpt_path: str | None = None) -> pl.Trainer:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=str(root) if root else None, callbacks=callbacks,
+                             num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1)
+        trainer.fit(model, DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
+    return trainer
+
+
+def all_rows() -> RowSet:
+    return RowSet(FEATURES, [ROWS, ROWS], [torch.arange(ROWS)] * 2)
+
+
+def test_rows_without_gradient_are_found_stale_with_precision_and_recall_at_least_099():
+    skipper = StaleEmbeddingSkipper(hot_rows=all_rows(), evaluate_every_n_steps=3, threshold=1e-7)
+    record = RecordStale(skipper)
+    fit(make_model(), make_batches(7, [range(0, 60)]), [skipper, record])
+    found = record.stale[-1]
+    frozen = set(range(60, ROWS))  # their IDs never appear: no gradient
+    precision = len(found & frozen) / max(len(found), 1)
+    recall = len(found & frozen) / len(frozen)
+    assert precision >= 0.99 and recall >= 0.99, (precision, recall)
+
+
+def test_dropping_really_shrinks_the_batch_the_model_sees():
+    model = make_model()
+    skipper = StaleEmbeddingSkipper(evaluate_every_n_steps=2, target_drop_fraction=0.5, tolerance=0.05,
+                                    sample_batches=2)
+    fit(model, make_batches(8, [range(0, 60)]), [skipper])
+    assert model.seen_sizes[:2] == [256, 256]  # nothing is stale before the first window ends
+    assert min(model.seen_sizes[2:]) < 256 and min(model.seen_sizes) >= 1
+    assert skipper.inputs_dropped == sum(256 - s for s in model.seen_sizes)
+
+
+def test_automatic_threshold_hits_the_target_on_its_sample():
+    skipper = StaleEmbeddingSkipper(evaluate_every_n_steps=3, target_drop_fraction=0.3, tolerance=0.03,
+                                    sample_batches=3)
+    fit(make_model(), make_batches(7, [range(0, 60)]), [skipper])
+    sample_drop = torch.cat([drop_mask(s, skipper.stale) for s in skipper.sample]).float().mean()
+    assert abs(float(sample_drop) - 0.3) <= 0.03 + 1e-9
+
+
+def test_rows_that_move_again_after_a_popularity_shift_are_reactivated_at_the_next_evaluation():
+    # Steps 0-8 use rows 0-49, steps 9-17 rows 50-99: the second half is stale, then moves again.
+    skipper = StaleEmbeddingSkipper(hot_rows=all_rows(), evaluate_every_n_steps=3, threshold=1e-7)
+    record = RecordStale(skipper)
+    fit(make_model(), make_batches(18, [range(0, 50), range(50, 100)]), [skipper, record])
+    second = set(range(50, 100))
+    assert second <= record.stale[8]  # before the shift: untouched, stale
+    assert not (second & record.stale[12])  # evaluation at step 12 saw them move over steps 9-11
+    assert set(range(0, 50)) <= record.stale[15]  # and the first half, now unused, turned stale
+
+
+def test_resume_from_a_checkpoint_continues_as_the_uninterrupted_run(tmp_path):
+    batches = make_batches(7, [range(0, 60)])
+    args = dict(evaluate_every_n_steps=3, target_drop_fraction=0.3, tolerance=0.05, sample_batches=3)
+    straight, straight_model = StaleEmbeddingSkipper(**args), make_model()
+    fit(straight_model, batches, [straight], epochs=2)
+
+    first = StaleEmbeddingSkipper(**args)
+    trainer = fit(make_model(), batches, [first], epochs=1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed, resumed_model = StaleEmbeddingSkipper(**args), make_model()
+    fit(resumed_model, batches, [resumed], epochs=2, ckpt_path=str(tmp_path / "epoch1.ckpt"))
+
+    assert resumed.threshold == straight.threshold and resumed.evaluations == straight.evaluations
+    assert [r.tolist() for r in resumed.stale.rows] == [r.tolist() for r in straight.stale.rows]
+    assert (resumed.inputs_seen, resumed.inputs_dropped) == (straight.inputs_seen, straight.inputs_dropped)
+    assert resumed_model.seen_sizes == straight_model.seen_sizes[7:]
+    for key, value in straight_model.state_dict().items():
+        assert torch.allclose(resumed_model.state_dict()[key], value, atol=1e-6), key
+
+
+def test_state_key_tells_instances_with_other_arguments_apart():
+    assert StaleEmbeddingSkipper(target_drop_fraction=0.1).state_key != StaleEmbeddingSkipper().state_key
+
+
+def test_bad_arguments_fail_early_with_the_value_found():
+    with pytest.raises(ValueError, match="target_drop_fraction"):
+        StaleEmbeddingSkipper(target_drop_fraction=1.5)
+    with pytest.raises(ValueError, match="min_stale_lookups"):
+        StaleEmbeddingSkipper(min_stale_lookups=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Two gloo processes under TorchRecStrategy
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_two_ranks_mark_the_same_rows_stale_with_the_same_threshold(tmp_path):
+    launch(Path(__file__).with_name("stale_worker.py"), 2, ["--out", str(tmp_path)], timeout=120)
+    ranks = [json.loads((tmp_path / f"stale_rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["evaluations"] == ranks[1]["evaluations"] and ranks[0]["evaluations"]
+    assert ranks[0]["decisions"] == ranks[1]["decisions"]
+    assert any(d["stale_rows"] > 0 for d in ranks[0]["decisions"])
+    assert all(min(r["seen_sizes"]) < max(r["seen_sizes"]) for r in ranks)  # sharded model trained on fewer
