@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import abstractmethod
 
 import lightning.pytorch as pl
+import torch.distributed as dist
 from torchrec.datasets.utils import Batch
 
 __all__ = ["Batch", "RecDataModule"]
@@ -35,3 +36,11 @@ class RecDataModule(pl.LightningDataModule):
     @abstractmethod
     def num_embeddings_per_feature(self) -> list[int]:
         """Rows of the embedding table of each sparse feature, in the order of the names."""
+
+    def rank_and_world_size(self) -> tuple[int, int]:
+        """This process's rank and the world size: the Trainer's when attached, else torch.distributed's, else 0/1."""
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1

@@ -972,13 +972,6 @@ class CriteoDataModule(RecDataModule):
     def num_embeddings_per_feature(self) -> list[int]:
         return list(self._num_embeddings)
 
-    def _rank_and_world_size(self) -> tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
     def _make_dataset(self, split: str) -> IterableDataset:
         paths = self.paths[split]
         assert paths is not None
@@ -993,7 +986,7 @@ class CriteoDataModule(RecDataModule):
         )
 
     def setup(self, stage: str) -> None:
-        self.rank, self.world_size = self._rank_and_world_size()
+        self.rank, self.world_size = self.rank_and_world_size()
         splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}[stage]
         if stage == "fit" and self.paths["train"] is None:
             raise ValueError("CriteoDataModule: train_paths is required to fit")

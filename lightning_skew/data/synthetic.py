@@ -9,7 +9,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -667,15 +666,8 @@ class SyntheticDataModule(RecDataModule):
     def num_embeddings_per_feature(self) -> list[int]:
         return list(self._num_embeddings)
 
-    def _discover_rank(self) -> tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
     def setup(self, stage: str | None = None) -> None:
-        self.rank, self.world_size = self._discover_rank()
+        self.rank, self.world_size = self.rank_and_world_size()
         global_batch = self.batch_size * self.world_size
         for split, count in self.num_samples.items():
             if 0 < count < global_batch:
