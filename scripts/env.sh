@@ -28,7 +28,8 @@ else
   pip install fbgemm-gpu-cpu==1.8.0
 fi
 pip install --no-deps torchrec==1.8.0
-pip install -r "$here/requirements.txt"
+# --no-warn-conflicts: pip would report torchrec's declared (deliberately skipped) dependencies as conflicts.
+pip install --no-warn-conflicts -r "$here/requirements.txt"
 pip install --no-deps -e "$here"
 "$venv/bin/python" -c "import torch, torchrec, fbgemm_gpu, lightning, lightning_skew" \
   || { echo "scripts/env.sh: the environment does not import; see the errors above" >&2; exit 1; }
