@@ -173,6 +173,14 @@ def test_the_module_is_wrapped_once_by_dmp_and_once_by_ddp():
     assert wrapper.module is trainer.lightning_module  # DMP -> DDP -> the LightningModule, nothing more
 
 
+def test_predict_scores_every_test_input_with_a_click_probability():
+    data = make_data(1)
+    model = make_model(data, "sgd")
+    predictions = torch.cat(_trainer().predict(model, data))
+    assert predictions.numel() == data.num_samples["test"]
+    assert bool(((predictions > 0) & (predictions < 1)).all())
+
+
 def test_module_without_embedding_optimizer_is_a_clear_error():
     data = make_data(1)
     module = TinyRecommender(data.num_embeddings_per_feature, data.dense_in_features)

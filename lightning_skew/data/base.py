@@ -37,6 +37,10 @@ class RecDataModule(pl.LightningDataModule):
     def num_embeddings_per_feature(self) -> list[int]:
         """Rows of the embedding table of each sparse feature, in the order of the names."""
 
+    def predict_dataloader(self):
+        """Predictions are made for the test split (``lightning-skew predict`` scores it)."""
+        return self.test_dataloader()
+
     def rank_and_world_size(self) -> tuple[int, int]:
         """This process's rank and the world size: the Trainer's when attached, else torch.distributed's, else 0/1."""
         if self.trainer is not None:
