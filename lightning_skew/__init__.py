@@ -1,6 +1,6 @@
 """lightning-skew: fast recommendation-model training on skewed data, as PyTorch Lightning parts on TorchRec."""
 
-from lightning_skew.callbacks import SamplesPerSecond
+from lightning_skew.callbacks import SamplesPerSecond, StaleEmbeddingSkipper
 from lightning_skew.data import CriteoDataModule, PopularityDataModule, RecDataModule, SyntheticDataModule
 from lightning_skew.models import DLRMModule
 from lightning_skew.profile import AccessProfile
@@ -17,6 +17,7 @@ __all__ = [
     "RecDataModule",
     "RowSet",
     "SamplesPerSecond",
+    "StaleEmbeddingSkipper",
     "SyntheticDataModule",
     "TorchRecStrategy",
 ]

@@ -454,6 +454,52 @@ for _schedule, _what in (("fae", "cold batches, then hot-only batches (FAE)"),
         lambda recipe, schedule=_schedule: fit_with_popularity_batches(recipe, schedule))
 
 
+# Stale-embedding skipping (Slipstream): candidates are the most looked-up rows of each window, the threshold
+# is searched for the target share of dropped inputs. Run on uniform IDs with --data.init_args.uniform true.
+STALE_EVALUATE_EVERY_N_STEPS = 100
+
+
+class _ReadInputs(pl.Callback):
+    """Records each step's batch size before the skipper shrinks it: a variant's samples/s counts inputs read."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.sizes.append(batch_size_of(batch))
+
+
+def fit_with_stale_skipping(recipe: Recipe, target_drop_fraction: float, profiled: bool = False) -> TrainedRun:
+    """Lightning with :class:`StaleEmbeddingSkipper`; samples/s counts the inputs read (dropped ones included),
+    extras report the measured drop share, the stale rows and threshold at the end, and the callback's time.
+    ``profiled`` takes the candidates from a 5% :class:`AccessProfile` (the popularity variants' hot set)."""
+    from lightning_skew.callbacks.stale import StaleEmbeddingSkipper
+
+    read = _ReadInputs()
+    hot_rows = (ProfiledHotRows(budget_bytes=POPULARITY_HOT_BUDGET_BYTES, sample_fraction=0.05,
+                                embedding_dim=int(recipe.model.hparams.get("embedding_dim", 16)))
+                if profiled else None)
+    skipper = StaleEmbeddingSkipper(hot_rows=hot_rows, evaluate_every_n_steps=STALE_EVALUATE_EVERY_N_STEPS,
+                                    target_drop_fraction=target_drop_fraction)
+    run = fit_with_lightning(recipe, callbacks=[read, skipper])
+    if len(read.sizes) == len(run.clock.samples):
+        run.clock.samples = read.sizes
+    ends = run.clock.ends
+    epoch_s = (ends[-1] - ends[0]) * len(ends) / max(len(ends) - 1, 1)
+    run.extras = {"drop_share": skipper.inputs_dropped / max(skipper.inputs_seen, 1),
+                  "stale_rows": float(len(skipper.stale)) if skipper.stale is not None else 0.0,
+                  "threshold": skipper.threshold, "skipper_share_of_run": skipper.seconds / epoch_s}
+    return run
+
+
+for _percent in (10, 30, 50):
+    register_variant(f"stale{_percent}", f"Lightning, inputs on stale rows dropped, target {_percent}% (Slipstream)")(
+        lambda recipe, fraction=_percent / 100: fit_with_stale_skipping(recipe, fraction))
+    register_variant(f"stale{_percent}p", f"as stale{_percent}, candidates from an access profile's hot rows")(
+        lambda recipe, fraction=_percent / 100: fit_with_stale_skipping(recipe, fraction, profiled=True))
+
+
 @torch.no_grad()
 def evaluate(model: Callable[[Batch], Tensor], batches: Iterable[Batch]) -> Quality:
     """AUC (torchmetrics ``binary_auroc``) and mean log-loss of ``model``'s logits over ``batches``."""
@@ -565,7 +611,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"machine: {machine['cpu_model']}, {machine['usable_cores']} usable cores, torch threads "
         f"{machine['torch_threads']}, load average at start {load}; python {machine['python']}, {versions}",
         f"settings: {settings['repeats']} repeat(s), order rotated each repeat; {settings['train_samples_per_run']} "
-        f"training samples per run, {settings['warmup_steps']} warm-up steps not timed; ratio = {RATIO_METHOD}",
+        f"training samples per epoch, {settings.get('epochs', 1)} epoch(s) per run, {settings['warmup_steps']} "
+        f"warm-up steps not timed; ratio = {RATIO_METHOD}",
         "",
         f"| variant | samples/s (median) | min | max | ratio to {baseline} [min, max] | median-step samples/s | "
         "its ratio | val AUC | val log-loss |",

@@ -86,6 +86,9 @@ def critical_thresholds(sparse: KeyedJaggedTensor, changes: dict[str, Tensor],
     change = torch.cat(per_lookup) if per_lookup else torch.zeros(0)
     owner = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
     lookups = torch.bincount(owner, minlength=batch_size)
+    if min_stale_lookups is None:  # all lookups: a segment max, no sort
+        critical = torch.full((batch_size,), float("-inf")).scatter_reduce(0, owner, change, reduce="amax")
+        return torch.where(lookups > 0, critical, torch.full_like(critical, float("inf")))
     # Sort by (owner, change): within each input's segment the changes ascend.
     order = torch.argsort(change, stable=True)
     order = order[torch.argsort(owner[order], stable=True)]

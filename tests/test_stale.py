@@ -112,13 +112,17 @@ def make_model() -> SizedDLRM:
                      over_arch_layer_sizes=[8, 1], embedding_optimizer="sgd", embedding_lr=0.1)
 
 
-def make_batches(steps: int, used: list[range], batch: int = 256, seed: int = 0) -> list[Batch]:
-    """``steps`` batches; in step ``s`` every feature's ID is uniform over ``used[s * len(used) // steps]``."""
+def make_batches(steps: int, used: list[range], used_b: list[range] | None = None, batch: int = 256,
+                 seed: int = 0) -> list[Batch]:
+    """``steps`` batches; in step ``s`` feature a's IDs are uniform over ``used[s * len(used) // steps]``, feature
+    b's over the same (or ``used_b``, phased alike)."""
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for step in range(steps):
-        span = used[step * len(used) // steps]
-        ids = {f: (span.start + torch.randint(0, len(span), (batch,), generator=gen)).tolist() for f in FEATURES}
+        spans = {f: phases[step * len(phases) // steps]
+                 for f, phases in zip(FEATURES, (used, used_b or used), strict=True)}
+        ids = {f: (span.start + torch.randint(0, len(span), (batch,), generator=gen)).tolist()
+               for f, span in spans.items()}
         batches.append(Batch(torch.rand(batch, 3, generator=gen), kjt({f: [[i] for i in v] for f, v in ids.items()}),
                              torch.randint(0, 2, (batch,), generator=gen).float()))
     return batches
@@ -169,10 +173,13 @@ def test_dropping_really_shrinks_the_batch_the_model_sees():
     model = make_model()
     skipper = StaleEmbeddingSkipper(evaluate_every_n_steps=2, target_drop_fraction=0.5, tolerance=0.05,
                                     sample_batches=2)
-    fit(model, make_batches(8, [range(0, 60)]), [skipper])
+    trainer = fit(model, make_batches(8, [range(0, 60)]), [skipper])
     assert model.seen_sizes[:2] == [256, 256]  # nothing is stale before the first window ends
     assert min(model.seen_sizes[2:]) < 256 and min(model.seen_sizes) >= 1
     assert skipper.inputs_dropped == sum(256 - s for s in model.seen_sizes)
+    logged = trainer.callback_metrics
+    assert 0 < float(logged["stale/drop_share"]) < 1 and float(logged["stale/rows"]) > 0
+    assert float(logged["stale/threshold"]) > 0 and 0 <= float(logged["stale/overhead"]) < 1
 
 
 def test_automatic_threshold_hits_the_target_on_its_sample():
@@ -184,10 +191,11 @@ def test_automatic_threshold_hits_the_target_on_its_sample():
 
 
 def test_rows_that_move_again_after_a_popularity_shift_are_reactivated_at_the_next_evaluation():
-    # Steps 0-8 use rows 0-49, steps 9-17 rows 50-99: the second half is stale, then moves again.
+    # Feature a uses rows 0-49 in steps 0-8 and rows 50-99 in steps 9-17: its rows 50-99 are stale, then move
+    # again. Feature b's rows all move all the time, so no input is dropped and the shifted rows get gradient.
     skipper = StaleEmbeddingSkipper(hot_rows=all_rows(), evaluate_every_n_steps=3, threshold=1e-7)
     record = RecordStale(skipper)
-    fit(make_model(), make_batches(18, [range(0, 50), range(50, 100)]), [skipper, record])
+    fit(make_model(), make_batches(18, [range(0, 50), range(50, 100)], [range(0, 100)]), [skipper, record])
     second = set(range(50, 100))
     assert second <= record.stale[8]  # before the shift: untouched, stale
     assert not (second & record.stale[12])  # evaluation at step 12 saw them move over steps 9-11
@@ -212,6 +220,17 @@ def test_resume_from_a_checkpoint_continues_as_the_uninterrupted_run(tmp_path):
     assert resumed_model.seen_sizes == straight_model.seen_sizes[7:]
     for key, value in straight_model.state_dict().items():
         assert torch.allclose(resumed_model.state_dict()[key], value, atol=1e-6), key
+
+
+def test_accuracy_guard_backs_off_when_the_metric_falls_more_than_the_margin_below_its_best():
+    skipper = StaleEmbeddingSkipper(target_drop_fraction=0.3, guard_metric="val_auc", guard_margin=0.002)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    for auc, target in ((0.80, 0.3), (0.799, 0.3), (0.81, 0.3), (0.805, 0.15), (0.80, 0.075), (0.70, 0.0375),
+                        (0.70, 0.01875), (0.70, 0.0)):
+        trainer.callback_metrics["val_auc"] = torch.tensor(auc)
+        skipper.on_validation_end(trainer, None)
+        assert skipper.target == pytest.approx(target), auc
+    assert skipper.backoffs == 5 and skipper.best_metric == pytest.approx(0.81)
 
 
 def test_state_key_tells_instances_with_other_arguments_apart():

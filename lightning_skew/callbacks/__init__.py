@@ -1,5 +1,6 @@
 """Lightning callbacks of lightning-skew."""
 
 from lightning_skew.callbacks.monitor import SamplesPerSecond
+from lightning_skew.callbacks.stale import StaleEmbeddingSkipper
 
-__all__ = ["SamplesPerSecond"]
+__all__ = ["SamplesPerSecond", "StaleEmbeddingSkipper"]

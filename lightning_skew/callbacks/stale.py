@@ -40,9 +40,14 @@ class _Table:
     num_rows: int
     dim: int
 
-    def pieces(self) -> list[tuple[int, int, Tensor]]:
-        """``(first_row, first_column, block)`` of every locally held part of the weight (live views)."""
-        weight = self.module.state_dict()[self.key]
+    def pieces(self, states: dict[int, dict[str, Any]]) -> list[tuple[int, int, Tensor]]:
+        """``(first_row, first_column, block)`` of every locally held part of the weight (live views).
+
+        ``states`` caches ``module.state_dict()`` by module id: a sharded collection builds it anew per call.
+        """
+        if id(self.module) not in states:
+            states[id(self.module)] = self.module.state_dict()
+        weight = states[id(self.module)][self.key]
         if isinstance(weight, ShardedTensor):
             return [(int(s.metadata.shard_offsets[0]), int(s.metadata.shard_offsets[1]), s.tensor)
                     for s in weight.local_shards()]
@@ -65,11 +70,16 @@ class StaleEmbeddingSkipper(pl.Callback):
 
     Candidate rows are the rows of ``hot_rows`` (a :class:`~lightning_skew.rowsets.RowSet` or a source with
     ``hot_rows(datamodule)``, such as :class:`~lightning_skew.profile.ProfiledHotRows`), or, when it is
-    ``None``, the ``max_candidate_rows`` rows looked up most often since the previous evaluation (IDs counted
-    from each batch in ``on_train_batch_start``, summed over ranks). Unlike TorchRec's ``ModelDeltaTracker``,
-    which hooks the sharded modules to record the IDs (and optionally embeddings) that each rank's shards
-    served, for delta checkpoints and model publishing, this counts the input KJT on the host before the step,
-    works for plain unsharded collections as well, and keeps only counts.
+    ``None``, the ``max_candidate_rows`` rows looked up most often in the recent batches (the last
+    ``sample_batches`` batches' IDs, kept in ``on_train_batch_start`` and counted at each evaluation, summed over
+    ranks; counting every batch cost about 5% of a CPU step). Unlike TorchRec's ``ModelDeltaTracker``, which
+    hooks the sharded modules to record the IDs (and optionally embeddings) that each rank's shards served, for
+    delta checkpoints and model publishing, this counts the input KJT on the host before the step, works for
+    plain unsharded collections as well, and keeps only counts. Counted candidates need recent batches first:
+    the first snapshot is then taken at step ``evaluate_every_n_steps`` and the first stale set decided at
+    twice that (with ``hot_rows``: snapshot at step 0, first decision at ``evaluate_every_n_steps``). A stale
+    set that drops no input of the sample (all ranks together) is not applied until the next evaluation, so a
+    run where nothing is stale pays only for the evaluations.
 
     The threshold is ``threshold`` when given; else, at every evaluation, a bisection finds the threshold at
     which the share of inputs dropped on the recent batches (up to ``sample_batches`` kept, all ranks together)
@@ -121,7 +131,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         self,
         hot_rows: Any = None,
         max_candidate_rows: int = 200_000,
-        evaluate_every_n_steps: int = 50,
+        evaluate_every_n_steps: int = 100,
         threshold: float | None = None,
         target_drop_fraction: float = 0.3,
         tolerance: float = 0.02,
@@ -166,14 +176,14 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.best_metric: float | None = None
         self.inputs_seen = 0
         self.inputs_dropped = 0
-        # Per-rank state (saved for every rank): recent batches' KJTs and lookup counts of this window.
+        self.sample_share = 0.0  # drop share of the stale set in force on the sample, all ranks
+        # Per-rank state (saved for every rank): recent batches' KJTs.
         self.sample: deque[KeyedJaggedTensor] = deque(maxlen=sample_batches)
-        self.counts: list[Tensor] = []
-        self._pending_counts: list[tuple[Tensor, Tensor]] | None = None
         # Logging window (not saved: figures of the interval between two logs).
         self._log_seen = self._log_dropped = 0
         self._own_s = 0.0
         self._log_started: float | None = None
+        self.seconds = 0.0  # the callback's own time in this process (not saved)
 
     # ------------------------------------------------------------------------------------------ identity
 
@@ -206,11 +216,6 @@ class StaleEmbeddingSkipper(pl.Callback):
                                     f"{type(rowset).__name__}")
                 rowset = rowset.hot_rows(trainer.datamodule)
             self._fixed_candidates = _candidates_from_rowset(rowset, self._tables)
-        if not self.counts:
-            self.counts = [torch.zeros(t.num_rows, dtype=torch.int64) for t in self._tables]
-            for counts, (rows, values) in zip(self.counts, self._pending_counts or [], strict=False):
-                counts[rows] = values
-            self._pending_counts = None
         if self.snapshots:  # resumed: the snapshot belongs to the tables found now
             if [s.shape for s in self.snapshots] != [(c.numel(), t.dim) for c, t in
                                                      zip(self.candidates, self._tables, strict=True)]:
@@ -230,14 +235,14 @@ class StaleEmbeddingSkipper(pl.Callback):
                             f"sparse_features, got {type(batch).__name__}")
         sparse_cpu = sparse.to(torch.device("cpu"))
         self.sample.append(sparse_cpu)
-        if self._fixed_candidates is None:
-            self._count(sparse_cpu)
         step = trainer.global_step
-        if step % self.evaluate_every_n_steps == 0 and step != self.last_evaluation_step:
+        # Counted candidates need a window of recent batches before the first snapshot.
+        warming_up = self._fixed_candidates is None and step == 0 and not self.snapshots
+        if step % self.evaluate_every_n_steps == 0 and step != self.last_evaluation_step and not warming_up:
             self._evaluate(step)
         size = sparse.stride()
         dropped = 0
-        if self.stale is not None and len(self.stale.rows) and any(r.numel() for r in self.stale.rows):
+        if self.stale is not None and self.sample_share > 0:
             drop = keep_at_least_one(drop_mask(sparse_cpu, self.stale, self.min_stale_lookups))
             dropped = int(drop.sum())
             if dropped:
@@ -248,7 +253,9 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.inputs_dropped += dropped
         self._log_seen += size
         self._log_dropped += dropped
-        self._own_s += time.perf_counter() - began
+        spent = time.perf_counter() - began
+        self._own_s += spent
+        self.seconds += spent
         self._log(trainer, pl_module, step)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
@@ -268,21 +275,13 @@ class StaleEmbeddingSkipper(pl.Callback):
         self._own_s = 0.0
         self._log_started = now
 
-    def _count(self, sparse: KeyedJaggedTensor) -> None:
-        features = sparse.to_dict()
-        for table, counts in zip(self._tables, self.counts, strict=True):
-            for feature in table.features:
-                if feature in features:
-                    ids = features[feature].values().long()
-                    counts.index_put_((ids,), torch.ones((), dtype=torch.int64), accumulate=True)
-
     # ------------------------------------------------------------------------------------------ decisions
 
     @torch.no_grad()
     def _evaluate(self, step: int) -> None:
         if self.snapshots:
             changes = self._changes()
-            self.threshold = self._choose_threshold(changes)
+            self.threshold, self.sample_share = self._choose_threshold(changes)
             self.stale = self._stale_set(changes, self.threshold)
             self.evaluations += 1
         self.candidates = self._next_candidates()
@@ -292,11 +291,17 @@ class StaleEmbeddingSkipper(pl.Callback):
     def _next_candidates(self) -> list[Tensor]:
         if self._fixed_candidates is not None:
             return self._fixed_candidates
-        counts = torch.cat(self.counts)
+        counts = [torch.zeros(t.num_rows, dtype=torch.int64) for t in self._tables]
+        for kjt in self.sample:
+            features = kjt.to_dict()
+            for table, table_counts in zip(self._tables, counts, strict=True):
+                for feature in table.features:
+                    if feature in features:
+                        ids = features[feature].values().long()
+                        table_counts.index_put_((ids,), torch.ones((), dtype=torch.int64), accumulate=True)
+        counts = torch.cat(counts)
         if _distributed():
             dist.all_reduce(counts)
-        for c in self.counts:
-            c.zero_()
         seen = int((counts > 0).sum())
         top = torch.topk(counts, min(self.max_candidate_rows, seen), sorted=False).indices
         flat = torch.zeros(counts.numel(), dtype=torch.bool)
@@ -306,10 +311,10 @@ class StaleEmbeddingSkipper(pl.Callback):
 
     def _snapshot(self, candidates: list[Tensor]) -> list[Tensor]:
         """Full rows (all columns) of the candidates, identical on every rank: each rank fills what it holds."""
-        snapshots = []
+        snapshots, states = [], {}
         for table, rows in zip(self._tables, candidates, strict=True):
             full = torch.full((rows.numel(), table.dim), float("-inf"))
-            for first_row, first_col, block in table.pieces():
+            for first_row, first_col, block in table.pieces(states):
                 held = (rows >= first_row) & (rows < first_row + block.shape[0])
                 full[held, first_col:first_col + block.shape[1]] = block[rows[held] - first_row].float().cpu()
             snapshots.append(full)
@@ -322,10 +327,10 @@ class StaleEmbeddingSkipper(pl.Callback):
 
     def _changes(self) -> list[Tensor]:
         """Per table, each candidate row's change since the snapshot: local max over held parts, then MAX."""
-        changes = []
+        changes, states = [], {}
         for table, rows, snapshot in zip(self._tables, self.candidates, self.snapshots, strict=True):
             change = torch.zeros(rows.numel())
-            for first_row, first_col, block in table.pieces():
+            for first_row, first_col, block in table.pieces(states):
                 held = (rows >= first_row) & (rows < first_row + block.shape[0])
                 if not bool(held.any()):
                     continue
@@ -351,20 +356,12 @@ class StaleEmbeddingSkipper(pl.Callback):
                 by_feature[feature] = full
         return by_feature
 
-    def _choose_threshold(self, changes: list[Tensor]) -> float:
-        if self.fixed_threshold is not None:
-            return self.fixed_threshold * self.fixed_scale
-        if self.target <= 0 or not self.sample:
-            return 0.0
+    def _choose_threshold(self, changes: list[Tensor]) -> tuple[float, float]:
+        """The threshold and its drop share on the sample (all ranks together)."""
+        if not self.sample or (self.fixed_threshold is None and self.target <= 0):
+            return 0.0, 0.0
         by_feature = self._per_feature_changes(changes)
         critical = torch.cat([critical_thresholds(kjt, by_feature, self.min_stale_lookups) for kjt in self.sample])
-        finite = torch.cat(changes)
-        finite = finite[torch.isfinite(finite)]
-        if finite.numel() == 0:
-            return 0.0
-        positive = finite[finite > 0]
-        low = float(positive.min()) / 2 if positive.numel() else 1e-12
-        high = max(float(finite.max()) * 2, low)
 
         def dropped_share(threshold: float) -> float:
             counts = torch.tensor([float((critical < threshold).sum()), float(critical.numel())],
@@ -373,8 +370,17 @@ class StaleEmbeddingSkipper(pl.Callback):
                 dist.all_reduce(counts)
             return float(counts[0] / counts[1].clamp(min=1))
 
-        threshold, _ = bisect_threshold(dropped_share, self.target, self.tolerance, low, high)
-        return threshold
+        if self.fixed_threshold is not None:
+            threshold = self.fixed_threshold * self.fixed_scale
+            return threshold, dropped_share(threshold)
+        finite = torch.cat(changes)
+        finite = finite[torch.isfinite(finite)]
+        if finite.numel() == 0:
+            return 0.0, 0.0
+        positive = finite[finite > 0]
+        low = float(positive.min()) / 2 if positive.numel() else 1e-12
+        high = max(float(finite.max()) * 2, low)
+        return bisect_threshold(dropped_share, self.target, self.tolerance, low, high)
 
     def _stale_set(self, changes: list[Tensor], threshold: float) -> RowSet:
         names, sizes, rows, chs = [], [], [], []
@@ -419,7 +425,7 @@ class StaleEmbeddingSkipper(pl.Callback):
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        local = {"sample": list(self.sample), "counts": [(torch.nonzero(c).flatten(), c[c > 0]) for c in self.counts]}
+        local = {"sample": [(kjt.keys(), kjt.values(), kjt.lengths()) for kjt in self.sample]}
         if _distributed():  # every rank's window, so each resumes its own (dump_checkpoint runs on all ranks)
             per_rank: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(per_rank, local)
@@ -431,7 +437,7 @@ class StaleEmbeddingSkipper(pl.Callback):
             "threshold": self.threshold, "target": self.target, "fixed_scale": self.fixed_scale,
             "last_evaluation_step": self.last_evaluation_step, "evaluations": self.evaluations,
             "backoffs": self.backoffs, "best_metric": self.best_metric, "inputs_seen": self.inputs_seen,
-            "inputs_dropped": self.inputs_dropped,
+            "inputs_dropped": self.inputs_dropped, "sample_share": self.sample_share,
             "fixed_candidates": self._fixed_candidates, "per_rank": per_rank,
         }
 
@@ -441,7 +447,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         stale = state_dict["stale"]
         self.stale = None if stale is None else RowSet(*stale)
         for name in ("threshold", "target", "fixed_scale", "last_evaluation_step", "evaluations", "backoffs",
-                     "best_metric", "inputs_seen", "inputs_dropped"):
+                     "best_metric", "inputs_seen", "inputs_dropped", "sample_share"):
             setattr(self, name, state_dict[name])
         self._fixed_candidates = state_dict["fixed_candidates"]
         per_rank = state_dict["per_rank"]
@@ -450,9 +456,8 @@ class StaleEmbeddingSkipper(pl.Callback):
             raise ValueError(f"StaleEmbeddingSkipper: the checkpoint was written by {len(per_rank)} rank(s); resume "
                              "it on the same number")
         own = per_rank[rank]
-        self.sample = deque(own["sample"], maxlen=self.sample_batches)
-        self._pending_counts = own["counts"]
-        self.counts = []
+        self.sample = deque((KeyedJaggedTensor(keys=list(keys), values=values, lengths=lengths)
+                             for keys, values, lengths in own["sample"]), maxlen=self.sample_batches)
 
 
 # ----------------------------------------------------------------------------------------------------------
