@@ -25,6 +25,8 @@ class RowSet:
     num_rows: list[int]
     rows: list[Tensor]
     _masks: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _joined: dict[tuple[str, ...], tuple[Tensor, Tensor, Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not (len(self.feature_names) == len(self.num_rows) == len(self.rows)):
@@ -49,6 +51,17 @@ class RowSet:
             self._masks[feature] = mask
         return self._masks[feature]
 
+    def joined_masks(self, keys: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        """For features in ``keys`` order: all their masks end to end, each feature's offset into that, and
+        whether the set names the feature at all (cached per key order)."""
+        if keys not in self._joined:
+            known = torch.tensor([key in self.feature_names for key in keys], dtype=torch.bool)
+            masks = [self.mask(key) for key in keys if key in self.feature_names] or [torch.zeros(1, dtype=torch.bool)]
+            sizes = [self.mask(key).numel() if key in self.feature_names else 0 for key in keys]
+            offsets = torch.cumsum(torch.tensor([0, *sizes[:-1]], dtype=torch.int64), 0)
+            self._joined[keys] = (torch.cat(masks), offsets, known)
+        return self._joined[keys]
+
     def __len__(self) -> int:
         """Member rows over all tables."""
         return sum(int(self.mask(name).sum()) for name in self.feature_names)
@@ -58,19 +71,25 @@ def lookups_in(sparse: KeyedJaggedTensor, rowset: RowSet) -> tuple[Tensor, Tenso
     """Per input of the batch: how many of its lookups hit rows of ``rowset``, and how many lookups it has.
 
     Features of ``sparse`` that ``rowset`` does not name count as lookups outside the set. An input whose
-    ``hits == lookups`` touches only member rows (a "hot input" when the set is the hot rows).
+    ``hits == lookups`` touches only member rows (a "hot input" when the set is the hot rows). One gather over
+    all features' masks joined end to end, so the cost grows with the lookups, not the features.
 
     Returns:
         ``(hits, lookups)``, two int64 tensors of shape ``[batch_size]``.
     """
+    keys = tuple(sparse.keys())
     batch_size = sparse.stride()
-    hits = torch.zeros(batch_size, dtype=torch.int64)
-    lookups = torch.zeros(batch_size, dtype=torch.int64)
-    for key, jagged in sparse.to_dict().items():
-        lengths = jagged.lengths().long()
-        owner = torch.repeat_interleave(torch.arange(batch_size), lengths)
-        lookups += lengths
-        if key in rowset.feature_names:
-            member = rowset.mask(key)[jagged.values().long()]
-            hits.index_add_(0, owner, member.long())
+    lengths = sparse.lengths().long()
+    per_key = lengths.view(len(keys), batch_size)
+    lookups = per_key.sum(0)
+    joined, offsets, known = rowset.joined_masks(keys)
+    counts = per_key.sum(1)
+    index = (sparse.values().long() + torch.repeat_interleave(offsets, counts)).clamp_(max=joined.numel() - 1)
+    member = joined[index]
+    if not bool(known.all()):
+        member &= torch.repeat_interleave(known.to(torch.uint8), counts).bool()
+    # Per (feature, input) segment sums of ``member`` from its running sum, then summed over features.
+    ends = torch.cumsum(lengths, 0)
+    running = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(member, 0, dtype=torch.int64)])
+    hits = (running[ends] - running[ends - lengths]).view(len(keys), batch_size).sum(0)
     return hits, lookups
