@@ -93,7 +93,7 @@ def critical_thresholds(sparse: KeyedJaggedTensor, changes: dict[str, Tensor],
     order = torch.argsort(change, stable=True)
     order = order[torch.argsort(owner[order], stable=True)]
     ordered = change[order]
-    needed = lookups if min_stale_lookups is None else lookups.clamp(max=min_stale_lookups)
+    needed = lookups.clamp(max=min_stale_lookups)  # None returned above
     starts = torch.cumsum(lookups, 0) - lookups
     critical = torch.full((batch_size,), float("inf"))
     has = lookups > 0

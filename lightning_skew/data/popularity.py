@@ -211,7 +211,8 @@ def count_lookups(sparse: KeyedJaggedTensor, feature_names: Sequence[str], num_r
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
             raise ValueError(f"feature {name!r} has IDs outside its table [0, {size}): "
                              f"min {int(ids.min())}, max {int(ids.max())}")
-        count += torch.bincount(ids, minlength=size)
+        # O(lookups), not O(table rows): re-profiling runs on every delivered batch
+        count.index_put_((ids,), torch.ones((), dtype=count.dtype), accumulate=True)
     return counts
 
 
