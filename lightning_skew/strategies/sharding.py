@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.distributed.types import CacheParams, ShardingEnv, ShardingPlan
 
 from lightning_skew.optim import (
     CUDA_ONLY_EMBEDDING_OPTIMIZERS,
@@ -31,13 +31,19 @@ _DMP_ATTR = "_lightning_skew_dmp"
 
 
 def plan_sharding(module: nn.Module, env: ShardingEnv, device: torch.device, sharding_types: list[str],
-                  compute_kernel: str, local_world_size: int) -> ShardingPlan:
+                  compute_kernel: str, local_world_size: int, kernel_by_table: dict[str, str] | None = None,
+                  cache_load_factor: float | None = None) -> ShardingPlan:
     """TorchRec's planner restricted to ``sharding_types`` and ``compute_kernel`` for every table.
 
-    Planned on rank 0 and broadcast, so every rank shards alike.
+    ``kernel_by_table`` overrides the kernel of some tables; ``cache_load_factor`` sizes the GPU cache of
+    ``fused_uvm_caching`` tables (the share of a table's rows cached). Planned on rank 0 and broadcast, so
+    every rank shards alike.
     """
     tables = [cfg.name for _, m in embedding_modules(module) for cfg in _table_configs(m)]
-    constraints = {name: ParameterConstraints(sharding_types=sharding_types, compute_kernels=[compute_kernel])
+    kernels = {name: (kernel_by_table or {}).get(name, compute_kernel) for name in tables}
+    cache = CacheParams(load_factor=cache_load_factor) if cache_load_factor is not None else None
+    constraints = {name: ParameterConstraints(sharding_types=sharding_types, compute_kernels=[kernels[name]],
+                                              cache_params=cache if kernels[name] == "fused_uvm_caching" else None)
                    for name in tables}
     topology = Topology(world_size=env.world_size, local_world_size=min(local_world_size, env.world_size),
                         compute_device=device.type)
@@ -57,7 +63,8 @@ def plan_rows(plan: ShardingPlan) -> list[list[str]]:
 
 def shard_module(module: nn.Module, device: torch.device, sharding_types: list[str] | None = None,
                  compute_kernel: str = "fused", embedding_optimizer: str | None = None, embedding_lr: float = 0.01,
-                 local_world_size: int | None = None) -> DistributedModelParallel:
+                 local_world_size: int | None = None, kernel_by_table: dict[str, str] | None = None,
+                 cache_load_factor: float | None = None) -> DistributedModelParallel:
     """Wrap ``module`` in ``DistributedModelParallel`` over the default process group, sharding it in place.
 
     The module's own initial embedding weights are copied into the shards (DMP alone re-initializes them), so
@@ -72,6 +79,8 @@ def shard_module(module: nn.Module, device: torch.device, sharding_types: list[s
         embedding_optimizer: fused into embeddings that carry no optimizer yet; ``None`` requires one.
         embedding_lr: its learning rate.
         local_world_size: processes per host (default: the world size).
+        kernel_by_table: compute kernels of some tables, overriding ``compute_kernel``.
+        cache_load_factor: share of rows that ``fused_uvm_caching`` tables cache on the GPU.
     """
     existing = getattr(module, _DMP_ATTR, None)
     if existing is not None:  # a second fit/validate/test with the same module object
@@ -101,7 +110,7 @@ def shard_module(module: nn.Module, device: torch.device, sharding_types: list[s
     # TorchRec reads the local world size from the environment (and warns when it is absent).
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(local_world_size))
     plan = plan_sharding(module, env, device, list(sharding_types or DEFAULT_SHARDING_TYPES), compute_kernel,
-                         int(os.environ["LOCAL_WORLD_SIZE"]))
+                         int(os.environ["LOCAL_WORLD_SIZE"]), kernel_by_table, cache_load_factor)
     dmp = DistributedModelParallel(module, env=env, device=device, plan=plan)
     copy_into_shards(module.state_dict(), initial)
     object.__setattr__(module, _DMP_ATTR, dmp)

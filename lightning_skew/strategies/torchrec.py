@@ -29,6 +29,8 @@ from lightning_skew.strategies.sharding import DEFAULT_SHARDING_TYPES, plan_rows
 
 __all__ = ["TorchRecStrategy"]
 
+SHARDED_FORMAT = "sharded-v1"
+
 class TorchRecStrategy(DDPStrategy):
     """Runs any LightningModule that holds TorchRec ``EmbeddingBagCollection`` s under TorchRec's
     ``DistributedModelParallel`` (DMP): embedding tables sharded by TorchRec's planner and trained with a fused
@@ -40,6 +42,8 @@ class TorchRecStrategy(DDPStrategy):
             ``table_wise``, ``column_wise``, ``table_column_wise``, which work on CPU and GPU.
         compute_kernel: TorchRec compute kernel for every table (``fused``; ``fused_uvm`` and
             ``fused_uvm_caching`` need CUDA).
+        cache_load_factor: with ``compute_kernel="fused_uvm_caching"``, the share of each table's rows that
+            TorchRec's UVM cache keeps on the GPU (TorchRec's default when ``None``).
         embedding_optimizer: optimizer for modules whose embeddings carry none yet (see
             :func:`~lightning_skew.optim.fuse_embedding_optimizer`); ``None`` requires the module to choose one.
         embedding_lr: learning rate for ``embedding_optimizer``.
@@ -71,6 +75,7 @@ class TorchRecStrategy(DDPStrategy):
         self,
         sharding_types: list[str] | None = None,
         compute_kernel: str = "fused",
+        cache_load_factor: float | None = None,
         embedding_optimizer: str | None = None,
         embedding_lr: float = 0.01,
         accelerator: Any = None,
@@ -88,6 +93,9 @@ class TorchRecStrategy(DDPStrategy):
                          timeout=timeout, start_method=start_method)
         self.sharding_types = list(sharding_types or DEFAULT_SHARDING_TYPES)
         self.compute_kernel = compute_kernel
+        if cache_load_factor is not None and not 0 < cache_load_factor <= 1:
+            raise ValueError(f"cache_load_factor must lie in (0, 1], got {cache_load_factor}")
+        self.cache_load_factor = cache_load_factor
         self.embedding_optimizer = embedding_optimizer
         self.embedding_lr = embedding_lr
         self._embedding_base_lrs: list[float] = []
@@ -140,7 +148,8 @@ class TorchRecStrategy(DDPStrategy):
     def _shard(self, module: pl.LightningModule) -> DistributedModelParallel:
         return shard_module(module, self.root_device, sharding_types=self.sharding_types,
                             compute_kernel=self.compute_kernel, embedding_optimizer=self.embedding_optimizer,
-                            embedding_lr=self.embedding_lr, local_world_size=self.num_processes)
+                            embedding_lr=self.embedding_lr, local_world_size=self.num_processes,
+                            cache_load_factor=self.cache_load_factor)
 
     def _log_plan(self, trainer: pl.Trainer) -> None:
         rows = plan_rows(self.dmp.plan)
@@ -186,7 +195,7 @@ class TorchRecStrategy(DDPStrategy):
             raise TypeError("TorchRecStrategy.save_checkpoint takes no storage_options")
         tensors = {"state_dict": checkpoint["state_dict"], "fused_optimizer": self.fused_optimizer.state_dict()}
         meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
-        meta["lightning_skew"] = {"world_size": self.world_size, "format": "sharded-v1"}
+        meta["lightning_skew"] = {"world_size": self.world_size, "format": SHARDED_FORMAT}
         save_sharded_checkpoint(filepath, tensors, meta, self.is_global_zero)
 
     def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
@@ -196,8 +205,10 @@ class TorchRecStrategy(DDPStrategy):
         template = {"state_dict": self.lightning_module.state_dict(),
                     "fused_optimizer": self.fused_optimizer.state_dict()}
         meta = load_sharded_checkpoint(path, template)
-        saved_world_size = meta.get("lightning_skew", {}).get("world_size", self.world_size)
-        if saved_world_size != self.world_size:
+        info = meta.get("lightning_skew", {})
+        saved_world_size = info.get("world_size", self.world_size)
+        # Checkpoints of whole tables (HotColdStrategy's) load at any world size; shards need the same one.
+        if info.get("format") == SHARDED_FORMAT and saved_world_size != self.world_size:
             raise RuntimeError(f"{path} was saved by {saved_world_size} rank(s) but this run has {self.world_size}; "
                                "resume with the same number of processes, or export_unsharded_checkpoint() and "
                                "start from that file")
@@ -225,6 +236,10 @@ class TorchRecStrategy(DDPStrategy):
             elif path.exists():
                 path.unlink()
 
+    def unsharded_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LightningModule's state with every table whole, on rank zero (other ranks: the rest). Collective."""
+        return gather_unsharded(self.lightning_module.state_dict())
+
     def export_unsharded_checkpoint(self, filepath: str | os.PathLike) -> None:
         """Write an ordinary Lightning checkpoint whose ``state_dict`` holds full (unsharded) tables.
 
@@ -232,7 +247,7 @@ class TorchRecStrategy(DDPStrategy):
         as the sharded model does. A collective: call it on every rank; rank zero writes.
         """
         module = self.lightning_module
-        state = gather_unsharded(module.state_dict())
+        state = self.unsharded_state_dict()
         if self.is_global_zero:
             checkpoint = {"state_dict": state, "pytorch-lightning_version": pl.__version__,
                           module.CHECKPOINT_HYPER_PARAMS_KEY: dict(module.hparams)}

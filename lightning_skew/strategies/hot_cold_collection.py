@@ -1,0 +1,275 @@
+"""An EmbeddingBagCollection split into a hot and a cold collection by a :class:`~lightning_skew.placement.Placement`.
+
+:class:`HotColdEmbeddingBagCollection` takes the place of a TorchRec ``EmbeddingBagCollection`` inside any
+model. It holds two ordinary collections, ``hot`` (the hot shards: tables that fit entirely, and the hot
+rows of split tables, ``<table>__hot``) and ``cold`` (the rest, ``<table>__cold``), which TorchRec shards and
+places like any other (fast memory for ``hot``, host memory for ``cold``). Its forward takes the model's
+``KeyedJaggedTensor`` in the dataset's ID space, re-indexes every lookup into its shard and sums the hot and
+cold pooled embeddings of each feature, so the model sees exactly the output of the original collection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from lightning_skew.placement import HOT, COLD, Placement, TableSpec, merge_rows, row_slots, split_rows
+
+__all__ = ["HOT_SUFFIX", "COLD_SUFFIX", "HotColdEmbeddingBagCollection", "table_specs"]
+
+HOT_SUFFIX, COLD_SUFFIX = "__hot", "__cold"
+
+
+def table_specs(ebc: EmbeddingBagCollection) -> list[TableSpec]:
+    """The tables of a collection as the placement sees them."""
+    return [TableSpec(cfg.name, tuple(cfg.feature_names), cfg.num_embeddings, cfg.embedding_dim)
+            for cfg in ebc.embedding_bag_configs()]
+
+
+def _part_config(cfg: EmbeddingBagConfig, suffix: str, rows: int) -> EmbeddingBagConfig:
+    return EmbeddingBagConfig(name=cfg.name + suffix, embedding_dim=cfg.embedding_dim, num_embeddings=rows,
+                              feature_names=[f + suffix for f in cfg.feature_names], data_type=cfg.data_type,
+                              pooling=cfg.pooling, weight_init_max=cfg.weight_init_max,
+                              weight_init_min=cfg.weight_init_min)
+
+
+class HotColdEmbeddingBagCollection(nn.Module):
+    """A TorchRec ``EmbeddingBagCollection`` re-laid out as a hot and a cold collection.
+
+    Built from an existing collection (its weights and embedding optimizer carry over) and a placement of
+    its tables. Each table ``t`` becomes ``t__hot`` in :attr:`hot`, ``t__cold`` in :attr:`cold`, or both when
+    split. Only sum pooling is supported (a mean over a bag split in two parts is not the sum of the parts).
+
+    Attributes:
+        skip_cold: when set, the forward leaves :attr:`cold` out entirely (a hot-only batch, whose lookups
+            all hit hot rows). Every rank must agree (a sharded collection is a collective). A batch that looks
+            up a cold row while it is set is an error. :attr:`skipped_cold` counts such forwards.
+        counts: lookups per row of every table end to end (in table order) counted in training forwards
+            when counting is on (see :meth:`start_counting`), for rebalancing.
+
+    Args:
+        ebc: the collection to replace (plain, not sharded yet).
+        placement: the hot rows of each of its tables.
+    """
+
+    def __init__(self, ebc: EmbeddingBagCollection, placement: Placement) -> None:
+        super().__init__()
+        configs = list(ebc.embedding_bag_configs())
+        if [t.spec for t in placement.tables] != table_specs(ebc):
+            raise ValueError("the placement describes other tables than the collection: "
+                             f"{[t.spec.name for t in placement.tables]} vs {[c.name for c in configs]}")
+        for cfg in configs:
+            if cfg.pooling != PoolingType.SUM:
+                raise ValueError(f"table {cfg.name!r} pools by {cfg.pooling.name}; hot/cold placement supports sum "
+                                 "pooling only (a mean over a split bag is not the sum of its parts)")
+        self._configs = configs
+        self._is_weighted = ebc.is_weighted()
+        self._embedding_names = [n for names in get_embedding_names_by_table(configs) for n in names]
+        self._lengths_per_embedding = [cfg.embedding_dim for cfg in configs for _ in cfg.feature_names]
+        self._column_offsets = dict(zip(self._embedding_names, _exclusive_cumsum(self._lengths_per_embedding),
+                                        strict=True))
+        self._total_dim = sum(self._lengths_per_embedding)
+        self.placement = placement
+        weights = {cfg.name: ebc.embedding_bags[cfg.name].weight for cfg in configs}
+        hot_configs, cold_configs = [], []
+        for cfg, table in zip(configs, placement.tables, strict=True):
+            if table.num_hot:
+                hot_configs.append(_part_config(cfg, HOT_SUFFIX, table.num_hot))
+            if table.num_hot < cfg.num_embeddings:
+                cold_configs.append(_part_config(cfg, COLD_SUFFIX, cfg.num_embeddings - table.num_hot))
+        device = next(iter(weights.values())).device
+        self.hot = EmbeddingBagCollection(hot_configs, is_weighted=self._is_weighted, device=device) \
+            if hot_configs else None
+        self.cold = EmbeddingBagCollection(cold_configs, is_weighted=self._is_weighted, device=device) \
+            if cold_configs else None
+        self._inner_tables = {**{c.name: (c.name[: -len(HOT_SUFFIX)], HOT) for c in hot_configs},
+                              **{c.name: (c.name[: -len(COLD_SUFFIX)], COLD) for c in cold_configs}}
+        # Inner embedding name -> original embedding name (keys of the pooled output).
+        self._original_name: dict[str, str] = {}
+        for part, suffix in ((self.hot, HOT_SUFFIX), (self.cold, COLD_SUFFIX)):
+            if part is None:
+                continue
+            inner = get_embedding_names_by_table(part.embedding_bag_configs())
+            by_table = dict(zip([c.name for c in configs], get_embedding_names_by_table(configs), strict=True))
+            for cfg, names in zip(part.embedding_bag_configs(), inner, strict=True):
+                self._original_name.update(zip(names, by_table[cfg.name[: -len(suffix)]], strict=True))
+        with torch.no_grad():
+            for cfg, table in zip(configs, placement.tables, strict=True):
+                hot_part, cold_part = split_rows(weights[cfg.name].detach(), table.hot)
+                for part, suffix, rows in ((self.hot, HOT_SUFFIX, hot_part), (self.cold, COLD_SUFFIX, cold_part)):
+                    if rows.shape[0]:
+                        part.embedding_bags[cfg.name + suffix].weight.copy_(rows)
+        self._carry_optimizer(ebc)
+        self.skip_cold = False
+        self.skipped_cold = 0  # forwards that left the cold collection out
+        self.counts: Tensor | None = None
+        self._counting = False
+        self._set_routing(placement)
+
+    # -- set-up -------------------------------------------------------------------------------------------
+
+    def _carry_optimizer(self, ebc: EmbeddingBagCollection) -> None:
+        """Give each part's table the embedding optimizer its original table carried (if any)."""
+        for cfg in self._configs:
+            original = ebc.embedding_bags[cfg.name].weight
+            classes = getattr(original, "_optimizer_classes", None)
+            if not classes:
+                continue
+            for part, suffix in ((self.hot, HOT_SUFFIX), (self.cold, COLD_SUFFIX)):
+                if part is not None and cfg.name + suffix in part.embedding_bags:
+                    weight = part.embedding_bags[cfg.name + suffix].weight
+                    _apply_optimizer_in_backward(classes[0], [weight], dict(original._optimizer_kwargs[0]))
+
+    def _set_routing(self, placement: Placement) -> None:
+        tables = placement.tables
+        self._table_offset = dict(zip([t.spec.name for t in tables],
+                                      _exclusive_cumsum([t.spec.num_rows for t in tables]), strict=True))
+        self._feature_table = {f: t.spec.name for t in tables for f in t.spec.feature_names}
+        self._has_hot = {f: t.kind != COLD for t in tables for f in t.spec.feature_names}
+        self._has_cold = {f: t.kind != HOT for t in tables for f in t.spec.feature_names}
+        self._hot_rows = torch.cat([t.hot for t in tables])
+        self._slots = torch.cat([row_slots(t.hot) for t in tables])
+        self._routes: dict[tuple, tuple] = {}
+        self._columns: dict[tuple, Tensor] = {}
+
+    def set_placement(self, placement: Placement) -> None:
+        """Route lookups by ``placement`` from now on. It must keep every table's hot row count (the shards'
+        shapes); moving the rows' contents is the caller's job (see the strategy)."""
+        if not placement.same_shapes(self.placement):
+            raise ValueError("a new placement must keep each table's hot row count; re-shard to change it")
+        self.placement = placement
+        self._set_routing(placement)
+
+    def start_counting(self) -> None:
+        """Count lookups per row in training forwards from now on (drops earlier counts)."""
+        self._counting, self.counts = True, None
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        """The original collection's tables (the dataset's ID space)."""
+        return list(self._configs)
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    # -- forward ------------------------------------------------------------------------------------------
+
+    def _route(self, keys: tuple[str, ...], device: torch.device) -> tuple:
+        cache_key = (keys, device)
+        if cache_key not in self._routes:
+            missing = [f for f in self._feature_table if f not in keys]
+            if missing:
+                raise KeyError(f"the batch lacks features {missing} of the hot/cold embedding collection")
+            known = torch.tensor([k in self._feature_table for k in keys], dtype=torch.bool)
+            offsets = torch.tensor([self._table_offset[self._feature_table[k]] if k in self._feature_table else 0
+                                    for k in keys], dtype=torch.int64)
+            hot_index = [i for i, k in enumerate(keys) if self._has_hot.get(k, False)]
+            cold_index = [i for i, k in enumerate(keys) if self._has_cold.get(k, False)]
+            self._routes[cache_key] = (
+                bool(known.all()), known.to(device), offsets.to(device),
+                self._hot_rows.to(device), self._slots.to(device),
+                torch.tensor(hot_index, dtype=torch.int64, device=device), [keys[i] + HOT_SUFFIX for i in hot_index],
+                torch.tensor(cold_index, dtype=torch.int64, device=device),
+                [keys[i] + COLD_SUFFIX for i in cold_index])
+        return self._routes[cache_key]
+
+    def split_features(self, features: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
+        """The batch's lookups as ``(hot, cold)`` KeyedJaggedTensors of shard slots (features ``f__hot``,
+        ``f__cold``), order within each bag kept. Features the collection does not look up are left out."""
+        keys = tuple(features.keys())
+        values, lengths = features.values(), features.lengths()
+        weights = features.weights_or_none()
+        (all_known, known, offsets, hot_rows, slots, hot_index, hot_keys, cold_index,
+         cold_keys) = self._route(keys, values.device)
+        batch_size = features.stride()
+        per_key = lengths.view(len(keys), batch_size).sum(1)
+        index = values.long() + torch.repeat_interleave(offsets, per_key, output_size=values.numel())
+        if not all_known:
+            member = torch.repeat_interleave(known, per_key, output_size=values.numel())
+            index = torch.where(member, index, torch.zeros_like(index))
+        is_hot = hot_rows[index]
+        is_cold = ~is_hot if all_known else ~is_hot & member
+        if not all_known:
+            is_hot = is_hot & member
+        slot = slots[index]
+        if self.training and self._counting:
+            if self.counts is None:
+                self.counts = torch.zeros(hot_rows.numel(), dtype=torch.int64, device=index.device)
+            kept = index if all_known else index[member]
+            self.counts.index_add_(0, kept, torch.ones_like(kept))
+        ends = torch.cumsum(lengths.long(), 0)
+        running = torch.cat([ends.new_zeros(1), torch.cumsum(is_hot, 0)])
+        hot_lengths = (running[ends] - running[ends - lengths.long()]).view(len(keys), batch_size)
+        running = torch.cat([ends.new_zeros(1), torch.cumsum(is_cold, 0)])
+        cold_lengths = (running[ends] - running[ends - lengths.long()]).view(len(keys), batch_size)
+        hot = KeyedJaggedTensor(keys=hot_keys, values=slot[is_hot],
+                                lengths=hot_lengths.index_select(0, hot_index).flatten().to(lengths.dtype),
+                                weights=None if weights is None else weights[is_hot], stride=batch_size)
+        cold = KeyedJaggedTensor(keys=cold_keys, values=slot[is_cold],
+                                 lengths=cold_lengths.index_select(0, cold_index).flatten().to(lengths.dtype),
+                                 weights=None if weights is None else weights[is_cold], stride=batch_size)
+        return hot, cold
+
+    def _output_columns(self, pooled: KeyedTensor) -> Tensor:
+        keys = tuple(pooled.keys())
+        cache_key = (keys, pooled.values().device)
+        if cache_key not in self._columns:
+            columns = []
+            for key, width in zip(keys, pooled.length_per_key(), strict=True):
+                start = self._column_offsets[self._original_name[key]]
+                columns.append(torch.arange(start, start + width))
+            self._columns[cache_key] = torch.cat(columns).to(pooled.values().device)
+        return self._columns[cache_key]
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        hot, cold = self.split_features(features)
+        pooled = []
+        if self.hot is not None:
+            pooled.append(self.hot(hot))
+        if self.skip_cold:
+            if cold.values().numel():
+                raise RuntimeError(f"a batch marked hot looks up {cold.values().numel()} cold rows; its hot set is not "
+                                   "inside the placement's hot rows")
+            self.skipped_cold += 1
+        elif self.cold is not None:
+            pooled.append(self.cold(cold))
+        values = None
+        for part in pooled:
+            part_values = part.values()
+            if values is None:
+                values = part_values.new_zeros((features.stride(), self._total_dim))
+            values = values.index_add(1, self._output_columns(part), part_values)
+        if values is None:  # every table cold and the cold part skipped
+            values = torch.zeros((features.stride(), self._total_dim), device=features.values().device)
+        return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding, values=values)
+
+    # -- state in the dataset's ID space ------------------------------------------------------------------
+
+    def inner_tables(self) -> dict[str, tuple[str, str]]:
+        """Inner table name -> (original table, ``hot`` or ``cold``)."""
+        return dict(self._inner_tables)
+
+    def merge_table(self, table: str, hot_part: Tensor | None, cold_part: Tensor | None) -> Tensor:
+        """A table's rows (weights or per-row optimizer state) in row-ID order, from its shard parts."""
+        return merge_rows(hot_part, cold_part, self.placement.table(table).hot)
+
+    def split_table(self, table: str, full: Tensor) -> dict[str, Tensor]:
+        """A table's rows in row-ID order as its parts: ``{inner table name: rows}``."""
+        hot_part, cold_part = split_rows(full, self.placement.table(table).hot)
+        parts = {}
+        if hot_part.shape[0]:
+            parts[table + HOT_SUFFIX] = hot_part
+        if cold_part.shape[0]:
+            parts[table + COLD_SUFFIX] = cold_part
+        return parts
+
+
+def _exclusive_cumsum(sizes: list[int]) -> list[int]:
+    out, total = [], 0
+    for size in sizes:
+        out.append(total)
+        total += size
+    return out

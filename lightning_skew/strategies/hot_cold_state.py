@@ -1,0 +1,121 @@
+"""State of a module with hot/cold collections, moved to and from the dataset's own ID space.
+
+Inside the module a table ``t`` of a collection at ``prefix`` lives as ``prefix.hot.embedding_bags.t__hot``
+and ``prefix.cold.embedding_bags.t__cold`` (see :class:`HotColdEmbeddingBagCollection`). Checkpoints and
+exports name it as the original collection did, ``prefix.embedding_bags.t``, with its rows in row-ID order,
+so they load into a plain :class:`~lightning_skew.strategies.TorchRecStrategy` run, an unsharded module, or a
+hot/cold run with another placement. The same holds for the fused optimizer's per-row state, flattened here
+as ``"<parameter key>::<state name>"`` (TorchRec names a table's state ``"<table>.<state>"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_skew.placement import COLD, HOT
+from lightning_skew.strategies.hot_cold_collection import COLD_SUFFIX, HOT_SUFFIX, HotColdEmbeddingBagCollection
+
+__all__ = ["flatten_optimizer_state", "from_original_ids", "hot_cold_collections", "to_original_ids",
+           "unflatten_optimizer_state"]
+
+SEPARATOR = "::"
+
+
+def hot_cold_collections(module: nn.Module) -> dict[str, HotColdEmbeddingBagCollection]:
+    """Every :class:`HotColdEmbeddingBagCollection` inside ``module``, by its path."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, HotColdEmbeddingBagCollection)}
+
+
+def flatten_optimizer_state(state: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``{param key: {state name: value}}`` as ``{"param key::state name": value}``."""
+    return {f"{param}{SEPARATOR}{name}": value for param, entries in state.items() for name, value in entries.items()}
+
+
+def unflatten_optimizer_state(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        param, name = key.split(SEPARATOR, 1)
+        out.setdefault(param, {})[name] = value
+    return out
+
+
+def _inner_keys(collections: dict[str, HotColdEmbeddingBagCollection]) -> dict[str, tuple[str, str, str, str]]:
+    """Inner weight key -> (collection path, original table, part, original weight key)."""
+    out = {}
+    for path, collection in collections.items():
+        prefix = f"{path}." if path else ""
+        for inner, (table, part) in collection.inner_tables().items():
+            out[f"{prefix}{part}.embedding_bags.{inner}.weight"] = (path, table, part,
+                                                                     f"{prefix}embedding_bags.{table}.weight")
+    return out
+
+
+def _parse(key: str, inner_keys: dict[str, tuple[str, str, str, str]]) -> tuple[str, str, str, str] | None:
+    """For an inner key (weight or flattened optimizer state): (path, table, part, original key)."""
+    param, _, state = key.partition(SEPARATOR)
+    found = inner_keys.get(param)
+    if found is None:
+        return None
+    path, table, part, original = found
+    if state:
+        suffix = HOT_SUFFIX if part == HOT else COLD_SUFFIX
+        inner_table = table + suffix
+        if not state.startswith(inner_table + "."):
+            raise KeyError(f"unexpected optimizer state name {state!r} for table {inner_table!r}")
+        original = f"{original}{SEPARATOR}{table}{state[len(inner_table):]}"
+    return path, table, part, original
+
+
+def to_original_ids(flat: dict[str, Tensor], collections: dict[str, HotColdEmbeddingBagCollection]
+                    ) -> dict[str, Tensor]:
+    """Replace the hot and cold parts of every table in ``flat`` by the whole table in row-ID order.
+
+    ``flat`` holds full (unsharded) tensors: model state keys and/or flattened optimizer state. Other
+    entries pass through unchanged. A table whose parts are absent (another rank's) is left out.
+    """
+    inner_keys = _inner_keys(collections)
+    out: dict[str, Tensor] = {}
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        parsed = _parse(key, inner_keys)
+        if parsed is None:
+            out[key] = value
+            continue
+        path, table, part, original = parsed
+        entry = parts.setdefault(original, {"path": path, "table": table, HOT: None, COLD: None})
+        entry[part] = value
+    for original, entry in parts.items():
+        collection = collections[entry["path"]]
+        out[original] = collection.merge_table(entry["table"], entry[HOT], entry[COLD])
+    return out
+
+
+def from_original_ids(flat: dict[str, Tensor], collections: dict[str, HotColdEmbeddingBagCollection]
+                      ) -> dict[str, Tensor]:
+    """Inverse of :func:`to_original_ids`: whole tables in ``flat`` become their hot and cold parts under the
+    collections' current placements. Other entries pass through unchanged."""
+    originals: dict[str, tuple[str, str, str]] = {}  # original key -> (path, table, state suffix)
+    for path, collection in collections.items():
+        prefix = f"{path}." if path else ""
+        for spec in (t.spec for t in collection.placement.tables):
+            originals[f"{prefix}embedding_bags.{spec.name}.weight"] = (path, spec.name, "")
+    out: dict[str, Tensor] = {}
+    for key, value in flat.items():
+        param, _, state = key.partition(SEPARATOR)
+        found = originals.get(param)
+        if found is None:
+            out[key] = value
+            continue
+        path, table, _ = found
+        if state and not state.startswith(table + "."):
+            raise KeyError(f"unexpected optimizer state name {state!r} for table {table!r}")
+        prefix = f"{path}." if path else ""
+        for inner, rows in collections[path].split_table(table, value).items():
+            part = HOT if inner.endswith(HOT_SUFFIX) else COLD
+            inner_key = f"{prefix}{part}.embedding_bags.{inner}.weight"
+            if state:
+                inner_key = f"{inner_key}{SEPARATOR}{inner}{state[len(table):]}"
+            out[inner_key] = rows
+    return out

@@ -1,0 +1,508 @@
+"""A Lightning strategy that keeps hot TorchRec rows in fast memory and cold rows in host memory (FAE)."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from lightning_skew.data.base import RecDataModule
+from lightning_skew.data.popularity import PopularityDataModule
+from lightning_skew.optim import embedding_modules, embedding_optimizer_names
+from lightning_skew.placement import Placement, TableSpec, plan_placement, rebalanced_mask
+from lightning_skew.profile import AccessProfile, profile_dataloader, row_bytes, select_hot_rows
+from lightning_skew.rowsets import RowSet
+from lightning_skew.strategies.hot_cold_collection import HotColdEmbeddingBagCollection, table_specs
+from lightning_skew.strategies.hot_cold_state import (
+    flatten_optimizer_state,
+    from_original_ids,
+    hot_cold_collections,
+    to_original_ids,
+    unflatten_optimizer_state,
+)
+from lightning_skew.strategies.sharded_state import copy_into_shards, gather_unsharded, load_sharded_checkpoint, \
+    save_sharded_checkpoint
+from lightning_skew.strategies.sharding import shard_module
+from lightning_skew.strategies.torchrec import TorchRecStrategy
+
+__all__ = ["HotColdStrategy", "ORIGINAL_IDS_FORMAT"]
+
+ORIGINAL_IDS_FORMAT = "original-ids-v1"
+
+
+class HotColdStrategy(TorchRecStrategy):
+    """:class:`TorchRecStrategy` with every table placed by popularity: hot rows in fast memory, cold rows in
+    host memory (FAE's placement, on TorchRec).
+
+    At setup the strategy takes a hot set (the :class:`~lightning_skew.data.PopularityDataModule`'s, a saved
+    :class:`~lightning_skew.profile.AccessProfile`, or a fresh profile of a sample of the training data), cuts
+    it to ``budget_bytes`` (weights plus optimizer state), and replaces every ``EmbeddingBagCollection`` of the
+    module by a :class:`~lightning_skew.strategies.hot_cold_collection.HotColdEmbeddingBagCollection`: tables
+    that fit entirely are hot, large tables are split (their hot rows re-indexed into a compact hot shard, the
+    rest into a cold shard), the rest stays cold. TorchRec then shards the hot shards with ``hot_compute_kernel``
+    and the cold ones with ``cold_compute_kernel``. Training is exact: placement re-indexes rows, so losses
+    and weights match :class:`TorchRecStrategy` to floating-point rounding.
+
+    Args:
+        budget_bytes: fast memory for hot rows, optimizer state included (4-byte weights).
+        profile_path: an access profile (``lightning-skew profile``) to cut the hot set from. Without one the
+            strategy uses the PopularityDataModule's hot set, or profiles ``sample_fraction`` of the training
+            batches at setup (all ranks' counts summed).
+        sample_fraction: share of training batches counted by that setup profile (FAE: 5%).
+        hot_set_mode: how the profile's hot set spreads over tables (``global``: FAE's cut over all rows).
+        rebalance_every_n_steps: every this many optimizer steps, the lookups counted since the last rebalance
+            (all ranks summed) choose each split table's hot rows anew (same count per table); rows and their
+            optimizer state move between the shards. ``None``: never.
+        rebalance_every_n_epochs: the same at the start of every this many epochs.
+        hot_compute_kernel: TorchRec kernel of hot shards (default ``fused``: GPU memory on CUDA).
+        cold_compute_kernel: TorchRec kernel of cold shards (default ``fused_uvm`` on CUDA: host memory read by
+            the GPU; ``fused`` on CPU).
+        sharding_types, embedding_optimizer, embedding_lr, process_group_backend, timeout, start_method: as in
+            :class:`TorchRecStrategy`.
+
+    .. note::
+        With a PopularityDataModule whose schedule keeps ranks in step (``fae``, ``interleave``; or any on one
+        process) and whose hot set lies inside the placement's hot rows, a hot batch runs without the cold
+        collection at all: it never touches host memory.
+
+    .. note::
+        Checkpoints and exports are in the dataset's own ID space: whole tables and per-row optimizer state,
+        named as the original collections name them. They load into a :class:`TorchRecStrategy` run, into an
+        unsharded module, or into a HotColdStrategy with another budget, at any world size. Saving gathers the
+        tables on rank zero, and loading reads them whole on every rank: one full copy of the tables per
+        process, in host memory, while a checkpoint is written or read. A rebalance moves state the same way.
+    """
+
+    strategy_name = "hot_cold"
+
+    def __init__(
+        self,
+        budget_bytes: int,
+        profile_path: str | None = None,
+        sample_fraction: float = 0.05,
+        hot_set_mode: str = "global",
+        rebalance_every_n_steps: int | None = None,
+        rebalance_every_n_epochs: int | None = None,
+        hot_compute_kernel: str | None = None,
+        cold_compute_kernel: str | None = None,
+        sharding_types: list[str] | None = None,
+        embedding_optimizer: str | None = None,
+        embedding_lr: float = 0.01,
+        accelerator: Any = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: Any = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Any = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: str = "popen",
+    ) -> None:
+        super().__init__(sharding_types=sharding_types, embedding_optimizer=embedding_optimizer,
+                         embedding_lr=embedding_lr, accelerator=accelerator, parallel_devices=parallel_devices,
+                         cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
+                         precision_plugin=precision_plugin, process_group_backend=process_group_backend,
+                         timeout=timeout, start_method=start_method)
+        if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
+        if not 0 < sample_fraction <= 1:
+            raise ValueError(f"sample_fraction must lie in (0, 1], got {sample_fraction}")
+        for name, value in (("rebalance_every_n_steps", rebalance_every_n_steps),
+                            ("rebalance_every_n_epochs", rebalance_every_n_epochs)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        self.budget_bytes = budget_bytes
+        self.profile_path = profile_path
+        self.sample_fraction = sample_fraction
+        self.hot_set_mode = hot_set_mode
+        self.rebalance_every_n_steps = rebalance_every_n_steps
+        self.rebalance_every_n_epochs = rebalance_every_n_epochs
+        self.hot_compute_kernel = hot_compute_kernel
+        self.cold_compute_kernel = cold_compute_kernel
+        self.hot_set_source = ""  # where the hot set came from: popularity datamodule, profile file, fresh profile
+        self.rebalances: list[dict[str, float]] = []  # one record per rebalance (also logged)
+        self._trainer: pl.Trainer | None = None
+        self._last_rebalance: tuple[int, int] | None = None  # (epoch, global step) of the last rebalance
+        self._checked_hot_set: tuple[RowSet | None, bool] = (None, False)
+        self._warned_skip = False
+
+    # ----------------------------------------------------------------------------------------- set-up
+
+    @property
+    def placements(self) -> dict[str, Placement]:
+        """The current placement of every hot/cold collection, by its path in the LightningModule."""
+        return {path: c.placement for path, c in self.collections().items()}
+
+    def collections(self) -> dict[str, HotColdEmbeddingBagCollection]:
+        return hot_cold_collections(self.lightning_module)
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        self._trainer = trainer
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING and self._rebalancing:
+            for collection in self.collections().values():
+                collection.start_counting()
+
+    @property
+    def _rebalancing(self) -> bool:
+        return self.rebalance_every_n_steps is not None or self.rebalance_every_n_epochs is not None
+
+    def _shard(self, module: pl.LightningModule) -> DistributedModelParallel:
+        if not hot_cold_collections(module):
+            self._place(module)
+        kernels = self._kernels()
+        kernel_by_table = {name: kernels[part] for c in hot_cold_collections(module).values()
+                           for name, (_, part) in c.inner_tables().items()}
+        return shard_module(module, self.root_device, sharding_types=self.sharding_types,
+                            compute_kernel=self.compute_kernel, embedding_optimizer=self.embedding_optimizer,
+                            embedding_lr=self.embedding_lr, local_world_size=self.num_processes,
+                            kernel_by_table=kernel_by_table)
+
+    def _kernels(self) -> dict[str, str]:
+        cuda = self.root_device.type == "cuda"
+        kernels = {"hot": self.hot_compute_kernel or "fused",
+                   "cold": self.cold_compute_kernel or ("fused_uvm" if cuda else "fused")}
+        if not cuda and any("uvm" in k for k in kernels.values()):
+            raise MisconfigurationException(
+                f"HotColdStrategy: the kernels {kernels} need CUDA (UVM is GPU-addressable host memory); on CPU "
+                "both parts use 'fused'")
+        return kernels
+
+    def _place(self, module: nn.Module) -> None:
+        found = [(name, m) for name, m in embedding_modules(module) if isinstance(m, EmbeddingBagCollection)]
+        if not found:
+            raise MisconfigurationException(
+                f"{type(module).__name__} holds no TorchRec EmbeddingBagCollection; HotColdStrategy has nothing to "
+                "place")
+        specs = [spec for _, ebc in found for spec in table_specs(ebc)]
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise MisconfigurationException(f"HotColdStrategy needs unique table names across collections: {names}")
+        sizes = self._bytes_per_row(module, specs)
+        hot_set = self._hot_set(specs, sizes)
+        placement = plan_placement(specs, [_table_rows(hot_set, spec) for spec in specs], self.budget_bytes, sizes)
+        start = 0
+        for name, ebc in found:
+            count = len(ebc.embedding_bag_configs())
+            part = Placement(placement.tables[start:start + count], placement.budget_bytes,
+                             placement.bytes_per_row[start:start + count])
+            start += count
+            _replace(module, name, HotColdEmbeddingBagCollection(ebc, part))
+
+    def _bytes_per_row(self, module: nn.Module, specs: list[TableSpec]) -> list[int]:
+        names = embedding_optimizer_names(module) or ({self.embedding_optimizer} if self.embedding_optimizer else set())
+        sizes = []
+        for spec in specs:
+            sizes.append(max((row_bytes(spec.embedding_dim, 4, n) for n in names),
+                             default=row_bytes(spec.embedding_dim, 4, "sgd")))
+        return sizes
+
+    def _hot_set(self, specs: list[TableSpec], sizes: list[int]) -> RowSet:
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if isinstance(datamodule, PopularityDataModule) and datamodule.hot_rows is not None:
+            self.hot_set_source = "PopularityDataModule hot set"
+            return datamodule.hot_rows
+        features = [f for spec in specs for f in spec.feature_names]
+        rows = [spec.num_rows for spec in specs for _ in spec.feature_names]
+        if self.profile_path is not None:
+            profile = AccessProfile.load(self.profile_path)
+            self.hot_set_source = f"profile {self.profile_path}"
+        elif isinstance(datamodule, RecDataModule) and self._trainer.state.fn == TrainerFn.FITTING:
+            profile = AccessProfile.for_datamodule(datamodule, sample_fraction=self.sample_fraction,
+                                                   sample_by="batches")
+            profile = profile_dataloader(profile, datamodule.train_dataloader(),
+                                         progress=self.is_global_zero).all_reduce()
+            self.hot_set_source = f"profile of {self.sample_fraction:.0%} of the training batches"
+        else:
+            rank_zero_warn("HotColdStrategy: no access profile (give profile_path) and no training data to profile; "
+                           "every table stays cold")
+            self.hot_set_source = "none (all cold)"
+            return RowSet(features, rows, [torch.zeros(0, dtype=torch.int64) for _ in features])
+        _check_profile(profile, features, rows)
+        # Features of the profile that no table here looks up are never hot.
+        size_of = {f: size for spec, size in zip(specs, sizes, strict=True) for f in spec.feature_names}
+        empty = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+        candidates = [profile.counts(f) if f in size_of else empty for f in profile.feature_names]
+        row_sizes = [size_of.get(f, max(sizes)) for f in profile.feature_names]
+        hot = select_hot_rows(candidates, row_sizes, self.budget_bytes, self.hot_set_mode, profile.feature_names)
+        return RowSet(list(profile.feature_names), list(profile.num_rows), hot)
+
+    def _log_plan(self, trainer: pl.Trainer) -> None:
+        super()._log_plan(trainer)
+        rows = [[path, *row] for path, placement in self.placements.items() for row in placement.rows()]
+        text = "\n".join(f"{path}:\n{placement.describe()}" for path, placement in self.placements.items())
+        rank_zero_info(f"Hot/cold placement (hot set: {self.hot_set_source}):\n{text}")
+        log_dir = trainer.log_dir if trainer.loggers else None
+        if not self.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            log_text = getattr(logger, "log_text", None)
+            if callable(log_text):
+                log_text(key="hot_cold_placement", columns=["collection", "table", "placement", "hot_rows",
+                                                             "cold_rows", "hot_bytes"], data=rows)
+        if log_dir:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(log_dir) / "hot_cold_placement.txt").write_text(text + "\n")
+
+    # ------------------------------------------------------------------------------------- training
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        batch = args[0] if args else kwargs.get("batch")
+        skip = self._hot_only(batch)
+        collections = self.collections().values()
+        for collection in collections:
+            collection.skip_cold = skip
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            for collection in collections:
+                collection.skip_cold = False
+
+    def _hot_only(self, batch: Any) -> bool:
+        """Whether this step may leave the cold collections out: a hot batch that every rank agrees on, from a
+        hot set inside the placement's hot rows."""
+        if not getattr(batch, "is_hot", False):
+            return False
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if not isinstance(datamodule, PopularityDataModule):
+            return False
+        if datamodule.schedule == "stitch" and self.world_size > 1:
+            return False  # a stitched batch's is_hot describes one rank only
+        hot_set = datamodule.hot_rows
+        if self._checked_hot_set[0] is not hot_set:
+            self._checked_hot_set = (hot_set, hot_set is not None and _inside(hot_set, self.placements.values()))
+        inside = self._checked_hot_set[1]
+        if not inside and not self._warned_skip:
+            rank_zero_warn("HotColdStrategy: the PopularityDataModule's hot set has rows outside the placement's hot "
+                           "rows, so hot batches still run the cold collections")
+            self._warned_skip = True
+        return inside
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        trainer = self._trainer
+        if trainer is None or not self._rebalancing:
+            return
+        epoch, step = trainer.current_epoch, trainer.global_step
+        if self._last_rebalance is not None and self._last_rebalance[1] == step:
+            return
+        by_steps = self.rebalance_every_n_steps is not None and step > 0 and step % self.rebalance_every_n_steps == 0
+        by_epochs = (self.rebalance_every_n_epochs is not None and batch_idx == 0 and epoch > 0
+                     and epoch % self.rebalance_every_n_epochs == 0)
+        if by_steps or by_epochs:
+            self.rebalance()
+
+    def rebalance(self) -> dict[str, float]:
+        """Choose every split table's hot rows anew from the lookups counted since the last rebalance (all ranks
+        summed) and move rows and their optimizer state between the shards. Collective. Returns (and logs) the
+        cost and effect: seconds, rows moved, and the counted lookups' hot share before and after."""
+        start = time.perf_counter()
+        collections = self.collections()
+        moved, hot_before, hot_after, total = 0, 0, 0, 0
+        new_placements: dict[str, Placement] = {}
+        for path, collection in sorted(collections.items()):
+            counts = _all_reduced_counts(collection)
+            masks, offset = [], 0
+            for table in collection.placement.tables:
+                table_counts = counts[offset:offset + table.spec.num_rows].cpu()
+                offset += table.spec.num_rows
+                mask = rebalanced_mask(table_counts, table.hot)
+                moved += int((mask & ~table.hot).sum())
+                hot_before += int(table_counts[table.hot].sum())
+                hot_after += int(table_counts[mask].sum())
+                total += int(table_counts.sum())
+                masks.append(mask)
+            new_placements[path] = collection.placement.with_masks(masks)
+        if moved:
+            weights, optimizer = self.gather_tables()
+            weights, optimizer = _broadcast((weights, optimizer))
+            for path, placement in new_placements.items():
+                collections[path].set_placement(placement)
+            self._scatter_tables(weights, optimizer)
+        for collection in collections.values():
+            collection.start_counting()
+        trainer = self._trainer
+        self._last_rebalance = (trainer.current_epoch, trainer.global_step) if trainer is not None else None
+        record = {"rebalance_seconds": time.perf_counter() - start, "rows_moved": float(moved),
+                  "hot_lookup_share_before": hot_before / total if total else float("nan"),
+                  "hot_lookup_share_after": hot_after / total if total else float("nan")}
+        self.rebalances.append(record)
+        if trainer is not None and self.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"hot_cold/{k}": v for k, v in record.items()}, step=trainer.global_step)
+        rank_zero_info(f"HotColdStrategy rebalance at step {trainer.global_step if trainer else '?'}: "
+                       f"{moved} rows moved in {record['rebalance_seconds']:.3f} s; hot share of the counted "
+                       f"lookups {record['hot_lookup_share_before']:.3f} -> {record['hot_lookup_share_after']:.3f}")
+        return record
+
+    # ------------------------------------------------------------------------- state in the data's ID space
+
+    def _table_keys(self) -> set[str]:
+        return {f"{path}.{part}.embedding_bags.{inner}.weight" if path else f"{part}.embedding_bags.{inner}.weight"
+                for path, c in self.collections().items() for inner, (_, part) in c.inner_tables().items()}
+
+    def gather_tables(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Whole tables and their flattened optimizer state (``"<param>::<state>"``), in the dataset's ID space,
+        on rank zero (other ranks get empty dicts). Collective."""
+        keys = self._table_keys()
+        state = {k: v for k, v in self.lightning_module.state_dict().items() if k in keys}
+        collections = self.collections()
+        weights = to_original_ids(gather_unsharded(state), collections)
+        optimizer = flatten_optimizer_state(self.fused_optimizer.state_dict()["state"])
+        return weights, to_original_ids(gather_unsharded(optimizer), collections)
+
+    def _scatter_tables(self, weights: dict[str, Tensor], optimizer: dict[str, Tensor] | None) -> None:
+        """Copy whole tables (and optimizer state) in row-ID order into this rank's shards."""
+        collections = self.collections()
+        if weights:
+            copy_into_shards(self.lightning_module.state_dict(), from_original_ids(weights, collections))
+        if optimizer:
+            template = self.fused_optimizer.state_dict()
+            copy_into_shards(flatten_optimizer_state(template["state"]), from_original_ids(optimizer, collections))
+            self.fused_optimizer.load_state_dict(template)
+
+    def unsharded_state_dict(self) -> dict[str, Tensor]:
+        keys = self._table_keys()
+        state = self.lightning_module.state_dict()
+        tables = to_original_ids(gather_unsharded({k: v for k, v in state.items() if k in keys}), self.collections())
+        rest = {k: v for k, v in state.items() if k not in keys}
+        return {**rest, **tables}
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        # Whole tables in the dataset's ID space (on rank zero), so checkpoints outlive the placement.
+        return self.unsharded_state_dict()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | os.PathLike,
+                        storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError("HotColdStrategy.save_checkpoint takes no storage_options")
+        _, optimizer = self.gather_tables()
+        counts = {path: _all_reduced_counts(c).cpu() for path, c in sorted(self.collections().items())
+                  if c.counts is not None}
+        tensors = {"state_dict": checkpoint["state_dict"],
+                   "fused_optimizer": {"state": unflatten_optimizer_state(optimizer)}}
+        meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+        meta["lightning_skew"] = {
+            "world_size": self.world_size, "format": ORIGINAL_IDS_FORMAT,
+            "hot_cold": {"placements": {p: pl_.state_dict() for p, pl_ in self.placements.items()},
+                         "counts": counts, "last_rebalance": self._last_rebalance}}
+        save_sharded_checkpoint(filepath, tensors, meta, self.is_global_zero)
+
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(checkpoint_path)
+        if path.is_file():  # an unsharded file: load_model_state_dict places its tables
+            return torch.load(path, map_location="cpu", weights_only=bool(weights_only))
+        collections = self.collections()
+        keys = self._table_keys()
+        state = {k: v for k, v in self.lightning_module.state_dict().items() if k not in keys}
+        for path_, collection in collections.items():
+            prefix = f"{path_}." if path_ else ""
+            for table in collection.placement.tables:
+                state[f"{prefix}embedding_bags.{table.spec.name}.weight"] = torch.zeros(
+                    table.spec.num_rows, table.spec.embedding_dim)
+        optimizer = {}
+        for key, value in flatten_optimizer_state(self.fused_optimizer.state_dict()["state"]).items():
+            optimizer[key] = torch.zeros(tuple(value.size()), dtype=value.dtype)
+        optimizer = to_original_ids(optimizer, collections)  # zeros of whole-table shapes, original names
+        template = {"state_dict": state, "fused_optimizer": {"state": unflatten_optimizer_state(optimizer)}}
+        meta = load_sharded_checkpoint(path, template)
+        self._restore_hot_cold(meta.get("lightning_skew", {}).get("hot_cold"))
+        self._scatter_tables({}, flatten_optimizer_state(template["fused_optimizer"]["state"]))
+        return {**meta, "state_dict": template["state_dict"]}
+
+    def _restore_hot_cold(self, saved: dict[str, Any] | None) -> None:
+        if not saved:
+            return
+        collections = self.collections()
+        for path, state in saved.get("placements", {}).items():
+            if path in collections:
+                placement = Placement.from_state_dict(state)
+                if placement.same_shapes(collections[path].placement):  # same budget: resume the same layout
+                    collections[path].set_placement(placement)
+        for path, counts in saved.get("counts", {}).items():
+            if path in collections and collections[path]._counting:
+                # Rank zero carries the summed counts; the next all_reduce sums the same totals.
+                collections[path].counts = counts.clone() if self.is_global_zero else torch.zeros_like(counts)
+        self._last_rebalance = saved.get("last_rebalance")
+        if self._last_rebalance is not None:
+            self._last_rebalance = tuple(self._last_rebalance)
+
+    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
+        incoming = from_original_ids(checkpoint["state_dict"], self.collections())
+        super().load_model_state_dict({**checkpoint, "state_dict": incoming}, strict=strict)
+
+
+def _replace(module: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = module.get_submodule(parent_path) if parent_path else module
+    setattr(parent, name, new)
+
+
+def _check_profile(profile: AccessProfile, features: list[str], rows: list[int]) -> None:
+    known = dict(zip(profile.feature_names, profile.num_rows, strict=True))
+    missing = [f for f in features if f not in known]
+    if missing:
+        raise ValueError(f"the access profile describes other tables: the model's features {missing} are not in it "
+                         f"(profile features: {profile.feature_names})")
+    differ = [f"{f!r}: {known[f]} rows in the profile, {n} in the model"
+              for f, n in zip(features, rows, strict=True) if known[f] != n]
+    if differ:
+        raise ValueError("the access profile describes other table sizes: " + "; ".join(differ))
+
+
+def _table_rows(hot_set: RowSet, spec: TableSpec) -> Tensor:
+    """The hot rows of a table: the union of its features' hot rows."""
+    rows = []
+    for feature in spec.feature_names:
+        if feature not in hot_set.feature_names:
+            raise ValueError(f"the hot set has no feature {feature!r} of table {spec.name!r} "
+                             f"(it names {hot_set.feature_names}); was it made for other tables?")
+        index = hot_set.feature_names.index(feature)
+        if hot_set.num_rows[index] != spec.num_rows:
+            raise ValueError(f"the hot set gives feature {feature!r} {hot_set.num_rows[index]} rows but table "
+                             f"{spec.name!r} has {spec.num_rows}")
+        rows.append(hot_set.rows[index].long())
+    return torch.unique(torch.cat(rows)) if rows else torch.zeros(0, dtype=torch.int64)
+
+
+def _inside(hot_set: RowSet, placements: Any) -> bool:
+    """Whether every row of ``hot_set`` is hot in the placements (features they do not place are ignored)."""
+    for placement in placements:
+        for table in placement.tables:
+            for feature in table.spec.feature_names:
+                if feature in hot_set.feature_names:
+                    rows = hot_set.rows[hot_set.feature_names.index(feature)].long()
+                    if rows.numel() and not bool(table.hot[rows].all()):
+                        return False
+    return True
+
+
+def _all_reduced_counts(collection: HotColdEmbeddingBagCollection) -> Tensor:
+    size = sum(t.spec.num_rows for t in collection.placement.tables)
+    counts = collection.counts if collection.counts is not None else torch.zeros(size, dtype=torch.int64)
+    counts = counts.clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl" and counts.device.type != "cuda":
+            counts = counts.cuda()
+        dist.all_reduce(counts)
+    return counts
+
+
+def _broadcast(payload: Any) -> Any:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return payload
+    box = [payload if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
