@@ -1,0 +1,307 @@
+"""Hot/cold placement: the plan math, the split collection, and HotColdStrategy end to end on CPU (and CUDA)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+sys.path.insert(0, str(Path(__file__).parent))
+from launch import launch  # noqa: E402
+from strategy_worker import make_data, make_model  # noqa: E402
+
+from lightning_skew.placement import (  # noqa: E402
+    Placement,
+    TableSpec,
+    merge_rows,
+    plan_placement,
+    rebalanced_mask,
+    row_slots,
+    split_rows,
+)
+from lightning_skew.profile import AccessProfile  # noqa: E402
+from lightning_skew.strategies.hot_cold_collection import HotColdEmbeddingBagCollection, table_specs  # noqa: E402
+from lightning_skew.strategies.hot_cold_state import from_original_ids, to_original_ids  # noqa: E402
+from lightning_skew.strategies.hotcold import HotColdStrategy  # noqa: E402
+
+WORKER = Path(__file__).parent / "hot_cold_worker.py"
+SPECS = [TableSpec("a", ("fa",), 100, 4), TableSpec("b", ("fb",), 3, 4), TableSpec("c", ("fc",), 50, 8)]
+SIZES = [20, 20, 36]  # bytes per row: dim * 4 plus one rowwise_adagrad element
+
+
+# -- the plan -------------------------------------------------------------------------------------------------
+
+
+def test_plan_splits_large_tables_keeps_small_ones_whole_and_respects_the_budget():
+    hot = [torch.tensor([5, 1, 7]), torch.tensor([0]), torch.tensor([], dtype=torch.int64)]
+    plan = plan_placement(SPECS, hot, budget_bytes=130, bytes_per_row=SIZES)
+    assert [t.kind for t in plan.tables] == ["split", "hot", "cold"]  # b (3 rows) fits whole: promoted
+    assert torch.nonzero(plan.table("a").hot).flatten().tolist() == [1, 5, 7]
+    assert plan.hot_bytes == 3 * 20 + 3 * 20 <= 130
+    for budget in (40, 100, 500, 10_000):
+        rows = [torch.arange(0, budget // 60), torch.tensor([0]), torch.arange(0, budget // 100)]
+        try:
+            placed = plan_placement(SPECS, rows, budget, SIZES)
+        except ValueError:
+            continue
+        assert placed.hot_bytes <= budget
+    assert [t.kind for t in plan_placement(SPECS, hot, 10_000, SIZES).tables] == ["hot", "hot", "hot"]
+
+
+def test_plan_is_deterministic_and_survives_its_state_dict():
+    hot = [torch.tensor([9, 3]), torch.tensor([2]), torch.tensor([4, 0])]
+    first, second = (plan_placement(SPECS, hot, 300, SIZES) for _ in range(2))
+    assert first.rows() == second.rows()
+    assert all(torch.equal(a.hot, b.hot) for a, b in zip(first.tables, second.tables, strict=True))
+    restored = Placement.from_state_dict(first.state_dict())
+    assert restored.rows() == first.rows() and restored.same_shapes(first)
+
+
+def test_a_budget_too_small_for_any_row_or_hot_rows_beyond_it_are_clear_errors():
+    none = [torch.zeros(0, dtype=torch.int64)] * 3
+    with pytest.raises(ValueError, match="holds no embedding row"):
+        plan_placement(SPECS, none, budget_bytes=19, bytes_per_row=SIZES)
+    with pytest.raises(ValueError, match="more than the budget"):
+        plan_placement(SPECS, [torch.arange(10), torch.tensor([0]), torch.tensor([0])], 100, SIZES)
+    with pytest.raises(ValueError, match="outside"):
+        plan_placement(SPECS, [torch.tensor([100]), torch.tensor([0]), torch.tensor([0])], 1000, SIZES)
+
+
+def test_rebalance_takes_the_most_counted_rows_keeps_the_count_and_prefers_current_rows_on_ties():
+    current = torch.tensor([True, True, False, False, False])
+    counts = torch.tensor([5, 1, 1, 9, 0])
+    mask = rebalanced_mask(counts, current)
+    assert mask.tolist() == [True, False, False, True, False]
+    tie = rebalanced_mask(torch.tensor([1, 1, 1, 1, 1]), current)
+    assert torch.equal(tie, current)
+
+
+def test_split_and_merge_are_inverse_and_slots_index_the_parts():
+    full = torch.randn(10, 3)
+    hot = torch.tensor([0, 1, 0, 0, 1, 1, 0, 0, 0, 1], dtype=torch.bool)
+    hot_part, cold_part = split_rows(full, hot)
+    slots = row_slots(hot)
+    for row in range(10):
+        part = hot_part if hot[row] else cold_part
+        assert torch.equal(part[slots[row]], full[row])
+    assert torch.equal(merge_rows(hot_part, cold_part, hot), full)
+
+
+# -- the split collection ---------------------------------------------------------------------------------
+
+
+def _collection(weighted: bool = False):
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name="a", embedding_dim=4, num_embeddings=100, feature_names=["fa", "fa2"]),
+              EmbeddingBagConfig(name="b", embedding_dim=4, num_embeddings=3, feature_names=["fb"]),
+              EmbeddingBagConfig(name="c", embedding_dim=8, num_embeddings=50, feature_names=["fc"])]
+    ebc = EmbeddingBagCollection(tables, is_weighted=weighted)
+    specs = table_specs(ebc)
+    plan = plan_placement(specs, [torch.tensor([1, 5, 7]), torch.tensor([0]), torch.zeros(0, dtype=torch.int64)],
+                          budget_bytes=130, bytes_per_row=[20, 20, 36])
+    return ebc, HotColdEmbeddingBagCollection(ebc, plan)
+
+
+def _batch(weighted: bool = False, batch_size: int = 6) -> KeyedJaggedTensor:
+    generator = torch.Generator().manual_seed(1)
+    keys, sizes = ["fa", "extra", "fb", "fc", "fa2"], [100, 1000, 3, 50, 100]
+    lengths = torch.randint(0, 4, (len(keys) * batch_size,), generator=generator)
+    per_key = lengths.view(len(keys), batch_size).sum(1)
+    values = torch.cat([torch.randint(0, s, (int(n),), generator=generator) for s, n in zip(sizes, per_key)])
+    weights = torch.rand(values.numel(), generator=generator) if weighted else None
+    return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_the_split_collection_pools_exactly_as_the_original(weighted):
+    ebc, split = _collection(weighted)
+    batch = _batch(weighted)
+    expected, actual = ebc(batch), split(batch)
+    assert actual.keys() == expected.keys()
+    torch.testing.assert_close(actual.values(), expected.values(), atol=1e-6, rtol=1e-6)
+    expected.values().sum().backward()
+    actual.values().sum().backward()
+    grad = split.hot.embedding_bags["a__hot"].weight.grad
+    torch.testing.assert_close(grad, ebc.embedding_bags["a"].weight.grad[[1, 5, 7]])
+
+
+def test_counting_sees_every_training_lookup_and_ignores_other_features():
+    _, split = _collection()
+    batch = _batch()
+    split.train()
+    split.start_counting()
+    split(batch)
+    per_key = dict(zip(batch.keys(), batch.lengths().view(5, -1).sum(1).tolist(), strict=True))
+    assert int(split.counts.sum()) == sum(per_key[k] for k in ("fa", "fa2", "fb", "fc"))
+
+
+def test_a_hot_batch_that_looks_up_cold_rows_is_an_error_and_mean_pooling_is_refused():
+    _, split = _collection()
+    split.skip_cold = True
+    with pytest.raises(RuntimeError, match="looks up"):
+        split(_batch())
+    mean = EmbeddingBagCollection([EmbeddingBagConfig(name="m", embedding_dim=4, num_embeddings=10,
+                                                      feature_names=["f"], pooling=PoolingType.MEAN)])
+    plan = plan_placement(table_specs(mean), [torch.tensor([1])], 20, [20])
+    with pytest.raises(ValueError, match="sum pooling"):
+        HotColdEmbeddingBagCollection(mean, plan)
+
+
+def test_state_moves_to_the_datasets_id_space_and_back():
+    ebc, split = _collection()
+    inner = {f"ebc.{k}": v for k, v in split.state_dict().items()}
+    original = to_original_ids(inner, {"ebc": split})
+    for name in ("a", "b", "c"):
+        torch.testing.assert_close(original[f"ebc.embedding_bags.{name}.weight"], ebc.embedding_bags[name].weight)
+    back = from_original_ids(original, {"ebc": split})
+    assert sorted(back) == sorted(inner) and all(torch.equal(back[k], inner[k]) for k in inner)
+
+
+# -- the strategy, end to end (separate processes, like torchrun) ------------------------------------------
+
+
+def _run(out: Path, world_size: int = 1, **options) -> dict:
+    args = ["--out", str(out)]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    launch(WORKER, world_size, args)
+    state = torch.load(out / "state.pt", weights_only=False)
+    return {"losses": json.loads((out / "losses.json").read_text()), "optimizer": state["optimizer"],
+            "weights": torch.load(out / "export.ckpt", weights_only=False)["state_dict"], "state": state,
+            "checkpoint": next((out / "checkpoints").iterdir(), None)}
+
+
+def _assert_same(actual: dict, expected: dict, atol: float = 1e-6, first_step: int = 0) -> None:
+    assert len(actual["losses"]) == len(expected["losses"]) - first_step
+    torch.testing.assert_close(actual["losses"], expected["losses"][first_step:], atol=atol, rtol=0)
+    for part in ("weights", "optimizer"):
+        assert sorted(actual[part]) == sorted(expected[part])
+        for key, value in expected[part].items():
+            torch.testing.assert_close(actual[part][key].float(), value.float(), atol=atol, rtol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("hotcold")
+    out = {"torchrec": _run(root / "torchrec", strategy="torchrec", epochs=2),
+           "hotcold": _run(root / "hotcold", strategy="hotcold", epochs=2, rebalance_every=3),
+           "first": _run(root / "first", strategy="hotcold", epochs=1, rebalance_every=3),
+           "torchrec_first": _run(root / "torchrec_first", strategy="torchrec", epochs=1)}
+    return {"root": root, **out}
+
+
+def test_hot_cold_training_equals_torchrec_training_across_rebalances(runs):
+    rebalances = runs["hotcold"]["state"]["rebalances"]
+    assert len(rebalances) == 5 and all(r["rows_moved"] > 0 for r in rebalances)
+    assert all(r["hot_lookup_share_after"] >= r["hot_lookup_share_before"] for r in rebalances)
+    kinds = {row[1] for p in runs["hotcold"]["state"]["placements"].values()
+             for row in Placement.from_state_dict(p).rows()}
+    assert "split" in kinds
+    _assert_same(runs["hotcold"], runs["torchrec"])
+
+
+def test_resume_continues_as_the_uninterrupted_run_rebalances_included(runs):
+    resumed = _run(runs["root"] / "resumed", strategy="hotcold", epochs=2, rebalance_every=3,
+                   resume=runs["first"]["checkpoint"])
+    assert [r["rows_moved"] for r in resumed["state"]["rebalances"]] == \
+        [r["rows_moved"] for r in runs["hotcold"]["state"]["rebalances"][2:]]
+    _assert_same(resumed, runs["hotcold"], first_step=8)
+
+
+def test_a_hot_cold_checkpoint_resumes_under_plain_torchrec(runs):
+    resumed = _run(runs["root"] / "into_torchrec", strategy="torchrec", epochs=2, resume=runs["first"]["checkpoint"])
+    _assert_same(resumed, runs["torchrec"], first_step=8)
+
+
+def test_a_torchrec_checkpoint_resumes_under_another_budget(runs):
+    resumed = _run(runs["root"] / "into_hotcold", strategy="hotcold", epochs=2, budget_rows=50,
+                   resume=runs["torchrec_first"]["checkpoint"])
+    _assert_same(resumed, runs["torchrec"], first_step=8)
+
+
+def test_two_ranks_resume_a_one_rank_checkpoint_under_another_budget(runs):
+    resumed = _run(runs["root"] / "two_ranks", world_size=2, strategy="hotcold", epochs=2, budget_rows=120,
+                   rebalance_every=3, resume=runs["first"]["checkpoint"])
+    _assert_same(resumed, runs["torchrec"], first_step=8)
+
+
+def test_hot_batches_of_a_popularity_datamodule_never_run_the_cold_collection(tmp_path):
+    plain = _run(tmp_path / "torchrec", strategy="torchrec", popularity=True)
+    hot_cold = _run(tmp_path / "hotcold", strategy="hotcold", popularity=True)
+    assert hot_cold["state"]["skipped_cold"] == [2]  # the FAE schedule's two hot batches
+    _assert_same(hot_cold, plain)
+
+
+# -- set-up errors, in process ------------------------------------------------------------------------------
+
+
+def _fit(strategy: HotColdStrategy, tmp_path: Path) -> pl.Trainer:
+    data = make_data(1)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, max_steps=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(make_model(data, "rowwise_adagrad"), data)
+    return trainer
+
+
+def test_a_budget_too_small_for_any_row_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="budget of 8 bytes .* smallest row"):
+        _fit(HotColdStrategy(budget_bytes=8), tmp_path)  # the message names the smallest row
+
+
+def test_a_profile_of_other_tables_is_a_clear_error(tmp_path):
+    profile = AccessProfile(["x", "y"], [10, 20])
+    profile.save(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other tables"):
+        _fit(HotColdStrategy(budget_bytes=10_000, profile_path=str(tmp_path / "other.pt")), tmp_path)
+
+
+def test_a_saved_profile_places_the_same_rows_every_time(tmp_path):
+    data = make_data(1)
+    data.setup("fit")
+    profile = AccessProfile.for_datamodule(data)
+    for batch in data.train_dataloader():
+        profile.update(batch.sparse_features)
+    profile.save(tmp_path / "profile.pt")
+    plans = []
+    for _ in range(2):
+        strategy = HotColdStrategy(budget_bytes=36 * 100, profile_path=str(tmp_path / "profile.pt"))
+        _fit(strategy, tmp_path)
+        (placement,) = strategy.placements.values()
+        assert placement.hot_bytes <= 36 * 100
+        plans.append(placement)
+    assert plans[0].rows() == plans[1].rows()
+    assert all(torch.equal(a.hot, b.hot) for a, b in zip(plans[0].tables, plans[1].tables, strict=True))
+
+
+def test_uvm_kernels_on_cpu_are_a_clear_error(tmp_path):
+    with pytest.raises(MisconfigurationException, match="need CUDA"):
+        _fit(HotColdStrategy(budget_bytes=10_000, cold_compute_kernel="fused_uvm"), tmp_path)
+
+
+# -- CUDA --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_hot_shards_use_gpu_memory_and_cold_shards_host_memory(tmp_path):
+    data = make_data(1)
+    strategy = HotColdStrategy(budget_bytes=36 * 100)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, strategy=strategy, max_epochs=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer.fit(make_model(data, "rowwise_adagrad"), data)
+    kernels = {table: sharding.compute_kernel for plan in strategy.dmp.plan.plan.values()
+               for table, sharding in plan.items()}
+    assert all(k == "fused" for t, k in kernels.items() if t.endswith("__hot"))
+    assert all(k == "fused_uvm" for t, k in kernels.items() if t.endswith("__cold"))
