@@ -5,7 +5,7 @@ from lightning_skew.data import CriteoDataModule, PopularityDataModule, RecDataM
 from lightning_skew.models import DLRMModule
 from lightning_skew.profile import AccessProfile
 from lightning_skew.rowsets import RowSet
-from lightning_skew.strategies import TorchRecStrategy
+from lightning_skew.strategies import HotColdStrategy, TorchRecStrategy
 
 __version__ = "0.1.0"
 
@@ -13,6 +13,7 @@ __all__ = [
     "AccessProfile",
     "CriteoDataModule",
     "DLRMModule",
+    "HotColdStrategy",
     "PopularityDataModule",
     "RecDataModule",
     "RowSet",

@@ -113,6 +113,7 @@ class TrainedRun:
     model: Callable[[Batch], Tensor]
     clock: StepClock
     extras: dict[str, float] = field(default_factory=dict)  # what a variant reports of itself (medians shown)
+    device: str = "cpu"  # where the model takes its batches
 
 
 VariantFn = Callable[[Recipe], TrainedRun]
@@ -408,18 +409,18 @@ class _ClockCallback(pl.Callback):
 
 
 def fit_with_lightning(recipe: Recipe, callbacks: Sequence[pl.Callback] = (),
-                       strategy: TorchRecStrategy | None = None) -> TrainedRun:
-    """One epoch of ``Trainer.fit`` on one CPU process with :class:`TorchRecStrategy`, without logger,
-    checkpoints, progress bar or validation; ``callbacks`` are added (for variants built on this one)."""
+                       strategy: TorchRecStrategy | None = None, accelerator: str = "cpu") -> TrainedRun:
+    """One epoch of ``Trainer.fit`` on one process with :class:`TorchRecStrategy` (or ``strategy``), without
+    logger, checkpoints, progress bar or validation; ``callbacks`` are added (for variants built on this one)."""
     clock = StepClock()
     with tempfile.TemporaryDirectory(prefix="lightning-skew-bench-") as root_dir:
-        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy or TorchRecStrategy(),
+        trainer = pl.Trainer(accelerator=accelerator, devices=1, strategy=strategy or TorchRecStrategy(),
                              max_epochs=recipe.epochs,
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                              default_root_dir=root_dir, callbacks=[_ClockCallback(clock), *callbacks])
         trainer.fit(recipe.model, datamodule=recipe.datamodule)
-    return TrainedRun(model=trainer.strategy.model, clock=clock)
+    return TrainedRun(model=trainer.strategy.model, clock=clock, device=str(trainer.strategy.root_device))
 
 
 @register_variant("lightning", "Lightning Trainer with TorchRecStrategy")
@@ -500,14 +501,87 @@ for _percent in (10, 30, 50):
         lambda recipe, fraction=_percent / 100: fit_with_stale_skipping(recipe, fraction, profiled=True))
 
 
+# Hot/cold placement (FAE): hot rows get the popularity variants' 8 MB budget. On CPU both parts live in host
+# memory (the hot shard is compact); the gpu_* variants need CUDA and FBGEMM's CUDA build.
+HOT_COLD_BUDGET_BYTES = POPULARITY_HOT_BUDGET_BYTES
+
+
+def fit_with_hot_cold(recipe: Recipe, accelerator: str = "cpu", schedule: str | None = None,
+                      **strategy_options: Any) -> TrainedRun:
+    """Lightning with :class:`HotColdStrategy` (hot set from a 5% profile of the training batches at setup, or
+    the PopularityDataModule's when ``schedule`` is given). Extras: hot rows, hot bytes, the hot share of the
+    profiled lookups where known, forwards that skipped the cold part, and peak GPU memory on CUDA."""
+    from lightning_skew.strategies.hotcold import HotColdStrategy
+
+    strategy = HotColdStrategy(budget_bytes=HOT_COLD_BUDGET_BYTES, **strategy_options)
+    datamodule = recipe.datamodule
+    if schedule is not None:
+        source = ProfiledHotRows(budget_bytes=HOT_COLD_BUDGET_BYTES, sample_fraction=0.05,
+                                 embedding_dim=int(recipe.model.hparams.get("embedding_dim", 16)))
+        datamodule = PopularityDataModule(datamodule, schedule=schedule, hot_rows=source)
+    _reset_gpu_peak(accelerator)
+    run = fit_with_lightning(Recipe(recipe.model, datamodule, recipe.epochs), strategy=strategy,
+                             accelerator=accelerator)
+    placements = list(strategy.placements.values())
+    run.extras = {"hot_rows": float(sum(t.num_hot for p in placements for t in p.tables)),
+                  "hot_mb": sum(p.hot_bytes for p in placements) / 1e6,
+                  "cold_skipped_steps": float(sum(c.skipped_cold for c in strategy.collections().values())),
+                  **_gpu_peak(accelerator)}
+    return run
+
+
+def fit_on_gpu(recipe: Recipe, compute_kernel: str, cache_load_factor: float | None = None) -> TrainedRun:
+    """Lightning with :class:`TorchRecStrategy` on one GPU, every table with ``compute_kernel``."""
+    _reset_gpu_peak("gpu")
+    run = fit_with_lightning(recipe, strategy=TorchRecStrategy(compute_kernel=compute_kernel,
+                                                               cache_load_factor=cache_load_factor),
+                             accelerator="gpu")
+    run.extras = _gpu_peak("gpu")
+    return run
+
+
+def hot_share_of_rows(recipe: Recipe, budget_bytes: int) -> float:
+    """The share of all table rows (weights plus rowwise_adagrad state) that ``budget_bytes`` holds: the cache
+    load factor that gives TorchRec's UVM cache the hot/cold variants' GPU memory."""
+    dim = int(recipe.model.hparams.get("embedding_dim", 16))
+    rows = sum(recipe.datamodule.num_embeddings_per_feature)
+    return min(1.0, budget_bytes / (rows * 4 * (dim + 1)))
+
+
+def _reset_gpu_peak(accelerator: str) -> None:
+    if accelerator != "cpu":
+        if not torch.cuda.is_available():
+            raise RuntimeError("the gpu_* benchmark variants need CUDA (and FBGEMM's CUDA build); this machine has none")
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gpu_peak(accelerator: str) -> dict[str, float]:
+    return {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 1e6} if accelerator != "cpu" else {}
+
+
+register_variant("hotcold", "Lightning, HotColdStrategy: hot rows in a compact shard (CPU: both in host memory)")(
+    fit_with_hot_cold)
+register_variant("hotcold_fae", "as hotcold, FAE batches: hot-only batches never touch the cold shard")(
+    lambda recipe: fit_with_hot_cold(recipe, schedule="fae"))
+register_variant("gpu_hbm", "GPU, every table in GPU memory (fused)")(lambda recipe: fit_on_gpu(recipe, "fused"))
+register_variant("gpu_host", "GPU, every table in host memory (fused_uvm)")(
+    lambda recipe: fit_on_gpu(recipe, "fused_uvm"))
+register_variant("gpu_uvm_cache", "GPU, TorchRec's UVM cache sized to the hot/cold budget")(
+    lambda recipe: fit_on_gpu(recipe, "fused_uvm_caching", hot_share_of_rows(recipe, HOT_COLD_BUDGET_BYTES)))
+register_variant("gpu_hotcold", "GPU, HotColdStrategy: hot rows in GPU memory, cold in host memory (fused_uvm)")(
+    lambda recipe: fit_with_hot_cold(recipe, accelerator="gpu"))
+register_variant("gpu_hotcold_fae", "as gpu_hotcold, FAE batches (hot batches stay in GPU memory)")(
+    lambda recipe: fit_with_hot_cold(recipe, accelerator="gpu", schedule="fae"))
+
+
 @torch.no_grad()
-def evaluate(model: Callable[[Batch], Tensor], batches: Iterable[Batch]) -> Quality:
+def evaluate(model: Callable[[Batch], Tensor], batches: Iterable[Batch], device: str = "cpu") -> Quality:
     """AUC (torchmetrics ``binary_auroc``) and mean log-loss of ``model``'s logits over ``batches``."""
     if isinstance(model, nn.Module):
         model.eval()
     logits, labels = [], []
     for batch in batches:
-        logits.append(model(batch).detach().float().reshape(-1))
+        logits.append(model(batch.to(device) if device != "cpu" else batch).detach().float().reshape(-1).cpu())
         labels.append(batch.labels.reshape(-1).float())
     if not logits:
         raise ValueError("no evaluation batches: the held-out split is empty")
@@ -525,7 +599,7 @@ def _run_once(variant: Variant, recipe_args: Sequence[str], warmup_steps: int, r
     trained = variant.train(recipe)
     clock = trained.clock
     rate, timed_samples, timed_s = throughput(clock.ends, clock.samples, warmup_steps)
-    quality = evaluate(trained.model, recipe.datamodule.val_dataloader())
+    quality = evaluate(trained.model, recipe.datamodule.val_dataloader(), trained.device)
     cpu_after = CpuSnapshot.take()
     foreign = (foreign_cpu_share(cpu_before, cpu_after, _usable_cores())
                if cpu_before is not None and cpu_after is not None else None)

@@ -32,7 +32,8 @@ def test_every_recipe_survives_print_config(recipe, tmp_path):
         extra = ["--data.init_args.train_paths", "[/data/criteo/day_0]"]
     printed = _cli("fit", "--config", str(recipe), *extra, "--print_config", cwd=tmp_path).stdout
     config = yaml.safe_load(printed)
-    assert config["trainer"]["strategy"]["class_path"] == "lightning_skew.strategies.TorchRecStrategy"
+    assert config["trainer"]["strategy"]["class_path"] in ("lightning_skew.strategies.TorchRecStrategy",
+                                                           "lightning_skew.strategies.HotColdStrategy")
     assert config["trainer"]["logger"]["init_args"]["offline"] is True  # no account, no network
     saved = tmp_path / "printed.yaml"
     saved.write_text(printed)
@@ -64,3 +65,21 @@ def test_popularity_recipe_profiles_regroups_and_trains(tmp_path):
     assert "val: auc" in run.stdout
     summary = next((tmp_path / "runs" / "dlrm_synthetic_popularity" / "wandb").glob("offline-run-*"))
     assert summary.is_dir()
+
+
+def test_hot_cold_recipe_places_rows_rebalances_and_trains(tmp_path):
+    inner = "--data.init_args.datamodule.init_args."
+    small = [f"{inner}max_rows_per_table", "500", f"{inner}num_train_samples", "8192", f"{inner}num_val_samples",
+             "4096", f"{inner}batch_size", "1024", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar",
+             "false", "--data.init_args.hot_rows.init_args.budget_bytes", "20000",
+             "--trainer.strategy.init_args.budget_bytes", "20000",
+             "--trainer.strategy.init_args.rebalance_every_n_steps", "3"]
+    run = _cli("fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic_hotcold.yaml"), *small, cwd=tmp_path)
+    assert "val: auc" in run.stdout
+    output = run.stdout + run.stderr
+    assert "Hot/cold placement (hot set: PopularityDataModule hot set)" in output
+    assert "HotColdStrategy rebalance at step 3" in output
+    run_dir = tmp_path / "runs" / "dlrm_synthetic_hotcold"
+    assert "split" in (run_dir / "hot_cold_placement.txt").read_text()
+    (checkpoint,) = (run_dir / "checkpoints").iterdir()
+    assert (checkpoint / "meta.pt").is_file()

@@ -17,7 +17,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from lightning_skew.placement import HOT, COLD, Placement, TableSpec, merge_rows, row_slots, split_rows
+from lightning_skew.placement import COLD, HOT, Placement, TableSpec, merge_rows, row_slots, split_rows
 
 __all__ = ["HOT_SUFFIX", "COLD_SUFFIX", "HotColdEmbeddingBagCollection", "table_specs"]
 
@@ -131,8 +131,11 @@ class HotColdEmbeddingBagCollection(nn.Module):
         self._feature_table = {f: t.spec.name for t in tables for f in t.spec.feature_names}
         self._has_hot = {f: t.kind != COLD for t in tables for f in t.spec.feature_names}
         self._has_cold = {f: t.kind != HOT for t in tables for f in t.spec.feature_names}
-        self._hot_rows = torch.cat([t.hot for t in tables])
-        self._slots = torch.cat([row_slots(t.hot) for t in tables])
+        # One code per row of every table end to end: its hot slot s as s, its cold slot s as -1 - s (one gather
+        # per lookup finds both the part and the slot).
+        hot = torch.cat([t.hot for t in tables])
+        slots = torch.cat([row_slots(t.hot) for t in tables])
+        self._codes = torch.where(hot, slots, -1 - slots)
         self._routes: dict[tuple, tuple] = {}
         self._columns: dict[tuple, Tensor] = {}
 
@@ -170,7 +173,7 @@ class HotColdEmbeddingBagCollection(nn.Module):
             cold_index = [i for i, k in enumerate(keys) if self._has_cold.get(k, False)]
             self._routes[cache_key] = (
                 bool(known.all()), known.to(device), offsets.to(device),
-                self._hot_rows.to(device), self._slots.to(device),
+                self._codes.to(device),
                 torch.tensor(hot_index, dtype=torch.int64, device=device), [keys[i] + HOT_SUFFIX for i in hot_index],
                 torch.tensor(cold_index, dtype=torch.int64, device=device),
                 [keys[i] + COLD_SUFFIX for i in cold_index])
@@ -182,7 +185,7 @@ class HotColdEmbeddingBagCollection(nn.Module):
         keys = tuple(features.keys())
         values, lengths = features.values(), features.lengths()
         weights = features.weights_or_none()
-        (all_known, known, offsets, hot_rows, slots, hot_index, hot_keys, cold_index,
+        (all_known, known, offsets, codes, hot_index, hot_keys, cold_index,
          cold_keys) = self._route(keys, values.device)
         batch_size = features.stride()
         per_key = lengths.view(len(keys), batch_size).sum(1)
@@ -190,14 +193,15 @@ class HotColdEmbeddingBagCollection(nn.Module):
         if not all_known:
             member = torch.repeat_interleave(known, per_key, output_size=values.numel())
             index = torch.where(member, index, torch.zeros_like(index))
-        is_hot = hot_rows[index]
+        code = codes[index]
+        is_hot = code >= 0
         is_cold = ~is_hot if all_known else ~is_hot & member
         if not all_known:
             is_hot = is_hot & member
-        slot = slots[index]
+        slot = torch.where(is_hot, code, -1 - code)
         if self.training and self._counting:
             if self.counts is None:
-                self.counts = torch.zeros(hot_rows.numel(), dtype=torch.int64, device=index.device)
+                self.counts = torch.zeros(codes.numel(), dtype=torch.int64, device=index.device)
             kept = index if all_known else index[member]
             self.counts.index_add_(0, kept, torch.ones_like(kept))
         ends = torch.cumsum(lengths.long(), 0)

@@ -15,7 +15,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_skew.placement import COLD, HOT
-from lightning_skew.strategies.hot_cold_collection import COLD_SUFFIX, HOT_SUFFIX, HotColdEmbeddingBagCollection
+from lightning_skew.strategies.hot_cold_collection import (
+    COLD_SUFFIX,
+    HOT_SUFFIX,
+    HotColdEmbeddingBagCollection,
+)
 
 __all__ = ["flatten_optimizer_state", "from_original_ids", "hot_cold_collections", "to_original_ids",
            "unflatten_optimizer_state"]

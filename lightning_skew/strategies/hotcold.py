@@ -33,8 +33,12 @@ from lightning_skew.strategies.hot_cold_state import (
     to_original_ids,
     unflatten_optimizer_state,
 )
-from lightning_skew.strategies.sharded_state import copy_into_shards, gather_unsharded, load_sharded_checkpoint, \
-    save_sharded_checkpoint
+from lightning_skew.strategies.sharded_state import (
+    copy_into_shards,
+    gather_unsharded,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+)
 from lightning_skew.strategies.sharding import shard_module
 from lightning_skew.strategies.torchrec import TorchRecStrategy
 
