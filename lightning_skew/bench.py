@@ -471,7 +471,8 @@ class _ReadInputs(pl.Callback):
         self.sizes.append(batch_size_of(batch))
 
 
-def fit_with_stale_skipping(recipe: Recipe, target_drop_fraction: float, profiled: bool = False) -> TrainedRun:
+def fit_with_stale_skipping(recipe: Recipe, target_drop_fraction: float, profiled: bool = False,
+                            min_stale_lookups: int | None = None) -> TrainedRun:
     """Lightning with :class:`StaleEmbeddingSkipper`; samples/s counts the inputs read (dropped ones included),
     extras report the measured drop share, the stale rows and threshold at the end, and the callback's time.
     ``profiled`` takes the candidates from a 5% :class:`AccessProfile` (the popularity variants' hot set)."""
@@ -482,7 +483,7 @@ def fit_with_stale_skipping(recipe: Recipe, target_drop_fraction: float, profile
                                 embedding_dim=int(recipe.model.hparams.get("embedding_dim", 16)))
                 if profiled else None)
     skipper = StaleEmbeddingSkipper(hot_rows=hot_rows, evaluate_every_n_steps=STALE_EVALUATE_EVERY_N_STEPS,
-                                    target_drop_fraction=target_drop_fraction)
+                                    target_drop_fraction=target_drop_fraction, min_stale_lookups=min_stale_lookups)
     run = fit_with_lightning(recipe, callbacks=[read, skipper])
     if len(read.sizes) == len(run.clock.samples):
         run.clock.samples = read.sizes
@@ -499,6 +500,9 @@ for _percent in (10, 30, 50):
         lambda recipe, fraction=_percent / 100: fit_with_stale_skipping(recipe, fraction))
     register_variant(f"stale{_percent}p", f"as stale{_percent}, candidates from an access profile's hot rows")(
         lambda recipe, fraction=_percent / 100: fit_with_stale_skipping(recipe, fraction, profiled=True))
+    register_variant(f"stale{_percent}p_half", f"as stale{_percent}p, an input dropped when half its lookups are stale")(
+        lambda recipe, fraction=_percent / 100: fit_with_stale_skipping(
+            recipe, fraction, profiled=True, min_stale_lookups=len(recipe.datamodule.sparse_feature_names) // 2))
 
 
 # Hot/cold placement (FAE): hot rows get the popularity variants' 8 MB budget. On CPU both parts live in host

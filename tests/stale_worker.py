@@ -34,6 +34,14 @@ class SizedDLRM(DLRMModule):
         return super().training_step(batch, batch_idx)
 
 
+class RecordLosses(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
+
+
 class RecordDecisions(pl.Callback):
     def __init__(self, skipper: StaleEmbeddingSkipper) -> None:
         self.skipper = skipper
@@ -49,6 +57,9 @@ class RecordDecisions(pl.Callback):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--checkpoint", action="store_true", help="save <out>/epoch<N> at the end")
+    parser.add_argument("--resume", default=None)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -61,13 +72,17 @@ def main() -> None:
                       embedding_optimizer="rowwise_adagrad", embedding_lr=0.05)
     skipper = StaleEmbeddingSkipper(evaluate_every_n_steps=3, target_drop_fraction=0.3, tolerance=0.05,
                                     sample_batches=3)
-    record = RecordDecisions(skipper)
-    trainer = pl.Trainer(accelerator="cpu", devices=world_size, strategy=TorchRecStrategy(), max_epochs=1,
+    record, losses = RecordDecisions(skipper), RecordLosses()
+    trainer = pl.Trainer(accelerator="cpu", devices=world_size, strategy=TorchRecStrategy(), max_epochs=args.epochs,
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, default_root_dir=args.out, callbacks=[skipper, record],
+                         enable_checkpointing=False, default_root_dir=args.out, callbacks=[skipper, record, losses],
                          num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1)
-    trainer.fit(model, data)
-    out = {"evaluations": skipper.evaluations, "decisions": record.decisions, "seen_sizes": model.seen_sizes}
+    trainer.fit(model, data, ckpt_path=args.resume)
+    if args.checkpoint:
+        trainer.save_checkpoint(Path(args.out) / f"epoch{args.epochs}")
+    out = {"evaluations": skipper.evaluations, "decisions": record.decisions, "seen_sizes": model.seen_sizes,
+           "losses": losses.losses}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"stale_rank{trainer.global_rank}.json").write_text(json.dumps(out))
 
 

@@ -115,7 +115,7 @@ def _batch(weighted: bool = False, batch_size: int = 6) -> KeyedJaggedTensor:
     keys, sizes = ["fa", "extra", "fb", "fc", "fa2"], [100, 1000, 3, 50, 100]
     lengths = torch.randint(0, 4, (len(keys) * batch_size,), generator=generator)
     per_key = lengths.view(len(keys), batch_size).sum(1)
-    values = torch.cat([torch.randint(0, s, (int(n),), generator=generator) for s, n in zip(sizes, per_key)])
+    values = torch.cat([torch.randint(0, s, (int(n),), generator=generator) for s, n in zip(sizes, per_key, strict=True)])
     weights = torch.rand(values.numel(), generator=generator) if weighted else None
     return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
 

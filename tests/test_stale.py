@@ -202,6 +202,42 @@ def test_rows_that_move_again_after_a_popularity_shift_are_reactivated_at_the_ne
     assert set(range(0, 50)) <= record.stale[15]  # and the first half, now unused, turned stale
 
 
+def test_rows_the_generators_drift_brings_into_use_are_reactivated_at_the_next_evaluation():
+    # The synthetic generator's own drift: at step 9 the popularity ranks of the 400-row table rotate by half,
+    # so tail rows never looked up before (no gradient: stale at threshold 1e-7) become popular. The 7-row
+    # table's rows all move all the time, so no input is all-stale and nothing is dropped.
+    from lightning_skew.data.synthetic import SyntheticDataModule
+
+    data = SyntheticDataModule(num_embeddings_per_feature=[7, 400], num_dense=3, popularity_exponent=1.3,
+                               num_train_samples=256 * 18, num_val_samples=256, num_test_samples=256,
+                               batch_size=256, seed=1, drift_every_samples=256 * 9, drift_fraction=0.5)
+    data.setup("fit")
+    batches = list(data.train_dataloader())
+    names = data.sparse_feature_names
+    used = [torch.zeros(400, dtype=torch.long), torch.zeros(400, dtype=torch.long)]
+    for step, batch in enumerate(batches):
+        values = batch.sparse_features.to_dict()[names[1]].values()
+        used[step >= 9] += torch.bincount(values, minlength=400)
+    revived = set(torch.nonzero((used[0] == 0) & (used[1] >= 20)).flatten().tolist())
+    assert len(revived) >= 5  # the drift really brings unused rows into use
+    torch.manual_seed(0)
+    model = SizedDLRM(data.num_embeddings_per_feature, names, 3, embedding_dim=4, dense_arch_layer_sizes=[8, 4],
+                      over_arch_layer_sizes=[8, 1], embedding_optimizer="sgd", embedding_lr=0.1)
+    hot = RowSet(names, [7, 400], [torch.arange(7), torch.arange(400)])
+    skipper = StaleEmbeddingSkipper(hot_rows=hot, evaluate_every_n_steps=3, threshold=1e-7)
+    stale: list[set[int]] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            rows = skipper.stale.rows[1].tolist() if skipper.stale is not None else []
+            stale.append(set(rows))
+
+    fit(model, batches, [skipper, Record()])
+    assert revived <= stale[9]  # before the drift: never looked up, stale
+    assert not (revived & stale[12])  # the evaluation at step 12 saw them move over steps 9-11
+    assert model.seen_sizes == [256] * 18  # nothing was dropped
+
+
 def test_resume_from_a_checkpoint_continues_as_the_uninterrupted_run(tmp_path):
     batches = make_batches(7, [range(0, 60)])
     args = dict(evaluate_every_n_steps=3, target_drop_fraction=0.3, tolerance=0.05, sample_batches=3)
@@ -256,3 +292,22 @@ def test_two_ranks_mark_the_same_rows_stale_with_the_same_threshold(tmp_path):
     assert ranks[0]["decisions"] == ranks[1]["decisions"]
     assert any(d["stale_rows"] > 0 for d in ranks[0]["decisions"])
     assert all(min(r["seen_sizes"]) < max(r["seen_sizes"]) for r in ranks)  # sharded model trained on fewer
+
+
+def test_two_ranks_resume_from_a_checkpoint_as_the_uninterrupted_run(tmp_path):
+    worker = Path(__file__).with_name("stale_worker.py")
+    launch(worker, 2, ["--out", str(tmp_path / "straight"), "--epochs", "2"], timeout=180)
+    launch(worker, 2, ["--out", str(tmp_path / "first"), "--epochs", "1", "--checkpoint"], timeout=180)
+    checkpoint = tmp_path / "first" / "epoch1"
+    launch(worker, 2, ["--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume", str(checkpoint)],
+           timeout=180)
+    for rank in range(2):
+        straight = json.loads((tmp_path / "straight" / f"stale_rank{rank}.json").read_text())
+        resumed = json.loads((tmp_path / "resumed" / f"stale_rank{rank}.json").read_text())
+        steps = len(resumed["decisions"])
+        assert steps == len(straight["decisions"]) // 2
+        assert resumed["decisions"] == straight["decisions"][steps:]
+        assert resumed["evaluations"] == straight["evaluations"]
+        assert resumed["seen_sizes"] == straight["seen_sizes"][steps:]
+        assert any(d["stale_rows"] > 0 for d in resumed["decisions"])
+        torch.testing.assert_close(resumed["losses"], straight["losses"][steps:], atol=1e-6, rtol=0)
