@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lightning_skew import bench
 from lightning_skew.bench import (
@@ -157,3 +158,19 @@ def test_popularity_variants_report_profiling_cost_and_train_every_input(tmp_pat
         (run,) = [r for r in report["runs"] if r["variant"] == name]
         assert run["steps"] * 128 == 2048  # regrouped batches, but every input trained once
         assert 0.0 <= run["auc"] <= 1.0
+
+
+def test_hot_cold_variants_train_the_baselines_model_and_gpu_variants_need_cuda(tmp_path):
+    argv = ["--config", "recipes/dlrm_synthetic.yaml", "--variants", "lightning,hotcold,hotcold_fae", "--repeats",
+            "1", "--train-samples", "2048", "--warmup-steps", "2", *TINY]
+    report = bench.main(argv)
+    runs = {run["variant"]: run for run in report["runs"]}
+    # Placement re-indexes rows, it does not approximate: the same model as the baseline.
+    assert runs["hotcold"]["auc"] == pytest.approx(runs["lightning"]["auc"], abs=1e-4)
+    assert runs["hotcold"]["logloss"] == pytest.approx(runs["lightning"]["logloss"], abs=1e-4)
+    assert report["variants"]["hotcold"]["extras"]["hot_rows"] > 0
+    assert report["variants"]["hotcold"]["extras"]["hot_mb"] <= bench.HOT_COLD_BUDGET_BYTES / 1e6
+    if not torch.cuda.is_available():
+        recipe = bench.build_recipe(["--config", "recipes/dlrm_synthetic.yaml", *TINY])
+        with pytest.raises(RuntimeError, match="need CUDA"):
+            bench.VARIANTS["gpu_hotcold"].train(recipe)

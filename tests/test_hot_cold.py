@@ -285,6 +285,19 @@ def test_a_saved_profile_places_the_same_rows_every_time(tmp_path):
     assert all(torch.equal(a.hot, b.hot) for a, b in zip(plans[0].tables, plans[1].tables, strict=True))
 
 
+def test_rebalancing_by_epochs_happens_at_the_first_step_of_every_nth_epoch(tmp_path):
+    data = make_data(1)
+    strategy = HotColdStrategy(budget_bytes=36 * 100, rebalance_every_n_epochs=1)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=3, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(make_model(data, "rowwise_adagrad"), data)
+    assert len(strategy.rebalances) == 2  # at the start of epochs 1 and 2, not of epoch 0
+    assert all(r["hot_lookup_share_after"] >= r["hot_lookup_share_before"] for r in strategy.rebalances)
+
+
 def test_uvm_kernels_on_cpu_are_a_clear_error(tmp_path):
     with pytest.raises(MisconfigurationException, match="need CUDA"):
         _fit(HotColdStrategy(budget_bytes=10_000, cold_compute_kernel="fused_uvm"), tmp_path)
