@@ -204,11 +204,11 @@ class HotColdEmbeddingBagCollection(nn.Module):
                 self.counts = torch.zeros(codes.numel(), dtype=torch.int64, device=index.device)
             kept = index if all_known else index[member]
             self.counts.index_add_(0, kept, torch.ones_like(kept))
-        ends = torch.cumsum(lengths.long(), 0)
-        running = torch.cat([ends.new_zeros(1), torch.cumsum(is_hot, 0)])
-        hot_lengths = (running[ends] - running[ends - lengths.long()]).view(len(keys), batch_size)
-        running = torch.cat([ends.new_zeros(1), torch.cumsum(is_cold, 0)])
-        cold_lengths = (running[ends] - running[ends - lengths.long()]).view(len(keys), batch_size)
+        # Hot lookups per (feature, input) bag: differences of the running count at the bag offsets. A bag of a
+        # feature of this collection holds only known lookups, so its cold count is the rest.
+        running = torch.cat([index.new_zeros(1), torch.cumsum(is_hot, 0)])
+        hot_lengths = running[features.offsets().long()].diff().view(len(keys), batch_size)
+        cold_lengths = lengths.view(len(keys), batch_size) - hot_lengths
         hot = KeyedJaggedTensor(keys=hot_keys, values=slot[is_hot],
                                 lengths=hot_lengths.index_select(0, hot_index).flatten().to(lengths.dtype),
                                 weights=None if weights is None else weights[is_hot], stride=batch_size)
