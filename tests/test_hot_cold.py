@@ -244,14 +244,16 @@ def test_hot_batches_of_a_popularity_datamodule_never_run_the_cold_collection(tm
 # -- set-up errors, in process ------------------------------------------------------------------------------
 
 
-def _fit(strategy: HotColdStrategy, tmp_path: Path) -> pl.Trainer:
+def _fit(strategy: HotColdStrategy, tmp_path: Path, module: pl.LightningModule | None = None,
+         max_steps: int = 1) -> pl.Trainer:
     data = make_data(1)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, max_steps=1, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, max_steps=max_steps,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         default_root_dir=str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(make_model(data, "rowwise_adagrad"), data)
+        trainer.fit(module if module is not None else make_model(data, "rowwise_adagrad"), data)
     return trainer
 
 
@@ -318,3 +320,47 @@ def test_on_cuda_hot_shards_use_gpu_memory_and_cold_shards_host_memory(tmp_path)
                for table, sharding in plan.items()}
     assert all(k == "fused" for t, k in kernels.items() if t.endswith("__hot"))
     assert all(k == "fused_uvm" for t, k in kernels.items() if t.endswith("__cold"))
+
+
+class TwoCollections(pl.LightningModule):
+    """Not a DLRM: two EmbeddingBagCollections (one with a table shared by two features) and a linear head."""
+
+    def __init__(self, rows: list[int], dense: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        first = [EmbeddingBagConfig(name="shared", embedding_dim=4, num_embeddings=max(rows[0], rows[1]),
+                                    feature_names=["cat_0", "cat_1"])]
+        second = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=4, num_embeddings=n, feature_names=[f"cat_{i}"])
+                  for i, n in enumerate(rows) if i >= 2]
+        self.first, self.second = EmbeddingBagCollection(tables=first), EmbeddingBagCollection(tables=second)
+        self.head = torch.nn.Linear(4 * len(rows) + dense, 1)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        pooled = [self.first(batch.sparse_features).values(), self.second(batch.sparse_features).values()]
+        logits = self.head(torch.cat([*pooled, batch.dense_features], dim=1)).squeeze(-1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels.float())
+        self.losses.append(float(loss))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.head.parameters(), lr=0.1)
+
+
+def test_a_module_with_two_collections_and_a_shared_table_trains_as_under_torchrec(tmp_path):
+    from lightning_skew.strategies.torchrec import TorchRecStrategy
+
+    data = make_data(1)
+    losses = {}
+    for name, strategy in (("torchrec", TorchRecStrategy(embedding_optimizer="rowwise_adagrad", embedding_lr=0.1)),
+                           ("hotcold", HotColdStrategy(budget_bytes=36 * 150, embedding_optimizer="rowwise_adagrad",
+                                                       embedding_lr=0.1, rebalance_every_n_steps=3))):
+        module = TwoCollections(data.num_embeddings_per_feature, data.dense_in_features)
+        _fit(strategy, tmp_path, module=module, max_steps=8)
+        losses[name] = module.losses
+        if name == "hotcold":
+            assert set(strategy.placements) == {"first", "second"}
+            assert {t.kind for p in strategy.placements.values() for t in p.tables} >= {"split"}
+            assert strategy.rebalances
+    assert len(losses["hotcold"]) == 8
+    torch.testing.assert_close(losses["hotcold"], losses["torchrec"], atol=1e-6, rtol=0)

@@ -234,7 +234,7 @@ class HotColdStrategy(TorchRecStrategy):
                            "every table stays cold")
             self.hot_set_source = "none (all cold)"
             return RowSet(features, rows, [torch.zeros(0, dtype=torch.int64) for _ in features])
-        _check_profile(profile, features, rows)
+        _check_profile(profile, specs)
         # Features of the profile that no table here looks up are never hot.
         size_of = {f: size for spec, size in zip(specs, sizes, strict=True) for f in spec.feature_names}
         empty = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
@@ -454,14 +454,19 @@ def _replace(module: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
-def _check_profile(profile: AccessProfile, features: list[str], rows: list[int]) -> None:
+def _fits(feature_rows: int, spec: TableSpec) -> bool:
+    """A feature's ID range fits its table: equal, or within a table that several features share."""
+    return feature_rows == spec.num_rows or (len(spec.feature_names) > 1 and feature_rows <= spec.num_rows)
+
+
+def _check_profile(profile: AccessProfile, specs: list[TableSpec]) -> None:
     known = dict(zip(profile.feature_names, profile.num_rows, strict=True))
-    missing = [f for f in features if f not in known]
+    missing = [f for spec in specs for f in spec.feature_names if f not in known]
     if missing:
         raise ValueError(f"the access profile describes other tables: the model's features {missing} are not in it "
                          f"(profile features: {profile.feature_names})")
-    differ = [f"{f!r}: {known[f]} rows in the profile, {n} in the model"
-              for f, n in zip(features, rows, strict=True) if known[f] != n]
+    differ = [f"{f!r}: {known[f]} rows in the profile, {spec.num_rows} in table {spec.name!r}"
+              for spec in specs for f in spec.feature_names if not _fits(known[f], spec)]
     if differ:
         raise ValueError("the access profile describes other table sizes: " + "; ".join(differ))
 
@@ -474,7 +479,7 @@ def _table_rows(hot_set: RowSet, spec: TableSpec) -> Tensor:
             raise ValueError(f"the hot set has no feature {feature!r} of table {spec.name!r} "
                              f"(it names {hot_set.feature_names}); was it made for other tables?")
         index = hot_set.feature_names.index(feature)
-        if hot_set.num_rows[index] != spec.num_rows:
+        if not _fits(hot_set.num_rows[index], spec):
             raise ValueError(f"the hot set gives feature {feature!r} {hot_set.num_rows[index]} rows but table "
                              f"{spec.name!r} has {spec.num_rows}")
         rows.append(hot_set.rows[index].long())
