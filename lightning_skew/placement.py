@@ -1,11 +1,13 @@
 """Hot/cold placement of embedding tables under a fast-memory budget (FAE), as pure functions.
 
-A :class:`Placement` says, per table, which rows are hot. A table whose rows are all hot lives in fast
-memory, one with none stays in host memory, and the rest are *split*: the hot rows form a compact hot
-shard (slots ``0 .. H-1``, in ascending row ID) and the other rows a cold shard (slots ``0 .. N-H-1``,
-ascending). :func:`row_slots` is that re-indexing; :func:`split_rows` and :func:`merge_rows` move a
-table's rows (weights or per-row optimizer state) between the dataset's ID space and the two shards,
-exactly (a permutation, no approximation).
+A :class:`Placement` says, per table, which rows are hot and in which slot of the table's hot shard each
+lives. A table whose rows are all hot lives in fast memory only, one with none in host memory only, and the
+rest are *split*: the hot rows form a compact hot shard (``hot_rows[s]`` is the row in slot ``s``), and the
+cold shard is the whole table in row-ID order, whose copies of hot rows are not read while they are hot (as
+FAE keeps its CPU table whole). So a lookup of a cold row needs no re-indexing, and moving a row between the
+shards touches only that row: :func:`rebalanced_rows` keeps every staying row in its slot and puts incoming
+rows into the slots of evicted ones. :func:`split_rows` and :func:`merge_rows` move a table's rows (weights
+or per-row optimizer state) between the dataset's ID space and the two shards, exactly.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ __all__ = [
     "Placement",
     "TablePlacement",
     "TableSpec",
+    "hot_slots",
     "merge_rows",
     "plan_placement",
     "rebalanced_mask",
-    "row_slots",
+    "rebalanced_rows",
     "split_rows",
 ]
 
@@ -42,18 +45,25 @@ class TableSpec:
 
 @dataclass(frozen=True)
 class TablePlacement:
-    """Which rows of one table are hot (``hot[i]`` for row ID ``i``)."""
+    """The hot rows of one table, in hot-shard slot order (``hot_rows[s]`` lives in slot ``s``)."""
 
     spec: TableSpec
-    hot: Tensor
+    hot_rows: Tensor
 
     @property
     def num_hot(self) -> int:
-        return int(self.hot.sum())
+        return int(self.hot_rows.numel())
+
+    @property
+    def hot(self) -> Tensor:
+        """Boolean mask over the table's rows: hot or not."""
+        mask = torch.zeros(self.spec.num_rows, dtype=torch.bool)
+        mask[self.hot_rows] = True
+        return mask
 
     @property
     def kind(self) -> str:
-        """``hot`` (every row hot), ``cold`` (none) or ``split``."""
+        """``hot`` (every row hot: no cold shard), ``cold`` (none: no hot shard) or ``split``."""
         hot = self.num_hot
         return HOT if hot == self.spec.num_rows else COLD if hot == 0 else SPLIT
 
@@ -88,21 +98,22 @@ class Placement:
         total = f"hot: {self.hot_bytes} of {self.budget_bytes} budget bytes"
         return "\n".join(header + lines + [total])
 
-    def with_masks(self, masks: Sequence[Tensor]) -> Placement:
-        """The same tables with other hot masks (each keeping its table's hot row count)."""
+    def with_hot_rows(self, hot_rows: Sequence[Tensor]) -> Placement:
+        """The same tables with other hot rows (slot order), each keeping its table's hot row count."""
         tables = []
-        for table, mask in zip(self.tables, masks, strict=True):
-            if mask.shape != table.hot.shape or int(mask.sum()) != table.num_hot:
-                raise ValueError(f"table {table.spec.name!r}: a new placement must keep {table.num_hot} hot rows of "
-                                 f"{table.spec.num_rows} (the shards' shapes), got {int(mask.sum())} of {mask.numel()}")
-            tables.append(TablePlacement(table.spec, mask.bool().cpu()))
+        for table, rows in zip(self.tables, hot_rows, strict=True):
+            rows = rows.long().cpu()
+            if rows.numel() != table.num_hot or (rows.numel() and int(rows.unique().numel()) != rows.numel()):
+                raise ValueError(f"table {table.spec.name!r}: a new placement must keep {table.num_hot} distinct hot "
+                                 f"rows (the shards' shapes), got {rows.numel()}")
+            tables.append(TablePlacement(table.spec, rows))
         return Placement(tuple(tables), self.budget_bytes, self.bytes_per_row)
 
     def state_dict(self) -> dict:
         return {"budget_bytes": self.budget_bytes, "bytes_per_row": list(self.bytes_per_row),
                 "tables": [{"name": t.spec.name, "feature_names": list(t.spec.feature_names),
                             "num_rows": t.spec.num_rows, "embedding_dim": t.spec.embedding_dim,
-                            "hot_rows": torch.nonzero(t.hot).flatten()} for t in self.tables]}
+                            "hot_rows": t.hot_rows.clone()} for t in self.tables]}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Placement:
@@ -110,9 +121,7 @@ class Placement:
         for entry in state["tables"]:
             spec = TableSpec(entry["name"], tuple(entry["feature_names"]), int(entry["num_rows"]),
                              int(entry["embedding_dim"]))
-            mask = torch.zeros(spec.num_rows, dtype=torch.bool)
-            mask[entry["hot_rows"].long()] = True
-            tables.append(TablePlacement(spec, mask))
+            tables.append(TablePlacement(spec, entry["hot_rows"].long()))
         return cls(tuple(tables), int(state["budget_bytes"]), tuple(int(b) for b in state["bytes_per_row"]))
 
     def same_shapes(self, other: Placement) -> bool:
@@ -167,7 +176,7 @@ def plan_placement(tables: Sequence[TableSpec], hot_rows: Sequence[Tensor], budg
         if used + extra <= budget_bytes:
             masks[index][:] = True
             used += extra
-    placed = tuple(TablePlacement(spec, mask) for spec, mask in zip(tables, masks, strict=True))
+    placed = tuple(TablePlacement(spec, torch.nonzero(mask).flatten()) for spec, mask in zip(tables, masks, strict=True))
     return Placement(placed, int(budget_bytes), tuple(int(b) for b in bytes_per_row))
 
 
@@ -178,42 +187,57 @@ def rebalanced_mask(counts: Tensor, current: Tensor) -> Tensor:
     was really counted more often, and the result is deterministic.
     """
     capacity = int(current.sum())
-    mask = torch.zeros_like(current, dtype=torch.bool)
     if capacity == 0 or capacity == current.numel():
         return current.clone().bool()
-    # Sort key: count descending, then currently hot first, then row ID ascending (stable sort keeps IDs).
-    key = counts.long().cpu() * 2 + current.long()
+    counts, current = counts.long().cpu(), current.bool().cpu()
+    # Only counted or currently hot rows can be chosen (there are at least `capacity` of them), so sort those
+    # alone: cost grows with the rows looked up, not the table. Key: count descending, then currently hot
+    # first; the stable sort over ascending candidate IDs then prefers the smaller ID.
+    candidates = torch.nonzero((counts > 0) | current).flatten()
+    key = counts[candidates] * 2 + current[candidates].long()
     order = torch.argsort(key, descending=True, stable=True)
-    mask[order[:capacity]] = True
+    mask = torch.zeros_like(current)
+    mask[candidates[order[:capacity]]] = True
     return mask
 
 
-def row_slots(hot: Tensor) -> Tensor:
-    """Where each row of a table lives: its slot in the hot shard (if ``hot``) or in the cold shard.
-
-    Both shards keep ascending row-ID order.
-    """
-    hot = hot.bool()
-    hot_slot = torch.cumsum(hot, 0) - 1
-    cold_slot = torch.cumsum(~hot, 0) - 1
-    return torch.where(hot, hot_slot, cold_slot)
-
-
-def split_rows(full: Tensor, hot: Tensor) -> tuple[Tensor, Tensor]:
-    """A table's rows (first dimension) as ``(hot shard, cold shard)`` under the hot mask ``hot``."""
-    hot = hot.to(full.device).bool()
-    return full[hot], full[~hot]
+def rebalanced_rows(counts: Tensor, current: Tensor, num_rows: int) -> Tensor:
+    """New hot rows (slot order) of a table: the ``len(current)`` most counted rows (see
+    :func:`rebalanced_mask`), every staying row in its slot, incoming rows (ascending ID) in the slots of the
+    evicted ones (ascending slot)."""
+    current = current.long().cpu()
+    mask = torch.zeros(num_rows, dtype=torch.bool)
+    mask[current] = True
+    chosen = rebalanced_mask(counts, mask)
+    staying = chosen[current]
+    incoming = torch.nonzero(chosen & ~mask).flatten()
+    rows = current.clone()
+    rows[~staying] = incoming
+    return rows
 
 
-def merge_rows(hot_part: Tensor | None, cold_part: Tensor | None, hot: Tensor) -> Tensor:
-    """Inverse of :func:`split_rows`: the table's rows in row-ID order (a missing part has no rows)."""
-    like = hot_part if hot_part is not None else cold_part
-    if like is None:
-        raise ValueError("merge_rows needs a hot or a cold part")
-    hot = hot.to(like.device).bool()
-    full = like.new_empty((hot.numel(), *like.shape[1:]))
+def hot_slots(hot_rows: Tensor, num_rows: int) -> Tensor:
+    """Per row of a table: its slot in the hot shard, or ``-1`` when it is cold."""
+    slots = torch.full((num_rows,), -1, dtype=torch.int64)
+    slots[hot_rows.long()] = torch.arange(hot_rows.numel())
+    return slots
+
+
+def split_rows(full: Tensor, hot_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """A table's rows (first dimension) as ``(hot shard, cold shard)``: the hot rows in slot order, and the
+    whole table as the cold shard."""
+    return full[hot_rows.to(full.device).long()], full
+
+
+def merge_rows(hot_part: Tensor | None, cold_part: Tensor | None, hot_rows: Tensor) -> Tensor:
+    """Inverse of :func:`split_rows`: the table's rows in row-ID order, hot rows taken from the hot shard. A
+    table without a cold shard is all hot; one without a hot shard is the cold shard."""
+    if cold_part is None:
+        if hot_part is None:
+            raise ValueError("merge_rows needs a hot or a cold part")
+        full = hot_part.new_empty(hot_part.shape)
+    else:
+        full = cold_part.clone()
     if hot_part is not None:
-        full[hot] = hot_part
-    if cold_part is not None:
-        full[~hot] = cold_part.to(like.device)
+        full[hot_rows.to(full.device).long()] = hot_part.to(full.device)
     return full

@@ -21,10 +21,11 @@ from strategy_worker import make_data, make_model  # noqa: E402
 from lightning_skew.placement import (  # noqa: E402
     Placement,
     TableSpec,
+    hot_slots,
     merge_rows,
     plan_placement,
     rebalanced_mask,
-    row_slots,
+    rebalanced_rows,
     split_rows,
 )
 from lightning_skew.profile import AccessProfile  # noqa: E402
@@ -84,15 +85,27 @@ def test_rebalance_takes_the_most_counted_rows_keeps_the_count_and_prefers_curre
     assert torch.equal(tie, current)
 
 
-def test_split_and_merge_are_inverse_and_slots_index_the_parts():
+def test_rebalanced_rows_keep_staying_rows_in_their_slots_and_fill_evicted_slots():
+    current = torch.tensor([4, 0, 2])  # slot order
+    counts = torch.tensor([9, 0, 1, 7, 8, 0])  # rows 0, 4, 3 are the most counted
+    rows = rebalanced_rows(counts, current, num_rows=6)
+    assert rows.tolist() == [4, 0, 3]  # 4 and 0 stay in slots 0 and 1; 3 replaces 2 in slot 2
+    assert torch.equal(rebalanced_rows(torch.zeros(6), current, 6), current)  # nothing counted: nothing moves
+
+
+def test_split_and_merge_are_inverse_and_slots_index_the_hot_shard():
     full = torch.randn(10, 3)
-    hot = torch.tensor([0, 1, 0, 0, 1, 1, 0, 0, 0, 1], dtype=torch.bool)
-    hot_part, cold_part = split_rows(full, hot)
-    slots = row_slots(hot)
+    hot_rows = torch.tensor([9, 1, 4])  # slot order
+    hot_part, cold_part = split_rows(full, hot_rows)
+    slots = hot_slots(hot_rows, 10)
     for row in range(10):
-        part = hot_part if hot[row] else cold_part
-        assert torch.equal(part[slots[row]], full[row])
-    assert torch.equal(merge_rows(hot_part, cold_part, hot), full)
+        if slots[row] >= 0:
+            assert torch.equal(hot_part[slots[row]], full[row])
+        assert torch.equal(cold_part[row], full[row])  # the cold shard is the whole table, by row ID
+    stale_cold = cold_part.clone()
+    stale_cold[hot_rows] = 0.0  # the cold copies of hot rows are never read
+    assert torch.equal(merge_rows(hot_part, stale_cold, hot_rows), full)
+    assert torch.equal(merge_rows(full[torch.tensor([2, 0, 1])], None, torch.tensor([2, 0, 1])), full[:3])
 
 
 # -- the split collection ---------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 :class:`HotColdEmbeddingBagCollection` takes the place of a TorchRec ``EmbeddingBagCollection`` inside any
 model. It holds two ordinary collections, ``hot`` (the hot shards: tables that fit entirely, and the hot
-rows of split tables, ``<table>__hot``) and ``cold`` (the rest, ``<table>__cold``), which TorchRec shards and
-places like any other (fast memory for ``hot``, host memory for ``cold``). Its forward takes the model's
-``KeyedJaggedTensor`` in the dataset's ID space, re-indexes every lookup into its shard and sums the hot and
-cold pooled embeddings of each feature, so the model sees exactly the output of the original collection.
+rows of split tables, ``<table>__hot``) and ``cold`` (whole tables in row-ID order, ``<table>__cold``), which
+TorchRec shards and places like any other (fast memory for ``hot``, host memory for ``cold``). Its forward
+takes the model's ``KeyedJaggedTensor`` in the dataset's ID space, sends each lookup of a hot row to its hot
+slot and every other lookup to the cold table unchanged, and sums the hot and cold pooled embeddings of each
+feature, so the model sees exactly the output of the original collection.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from lightning_skew.placement import COLD, HOT, Placement, TableSpec, merge_rows, row_slots, split_rows
+from lightning_skew.placement import COLD, HOT, Placement, TableSpec, hot_slots, merge_rows, split_rows
 
 __all__ = ["HOT_SUFFIX", "COLD_SUFFIX", "HotColdEmbeddingBagCollection", "table_specs"]
 
@@ -80,7 +81,7 @@ class HotColdEmbeddingBagCollection(nn.Module):
             if table.num_hot:
                 hot_configs.append(_part_config(cfg, HOT_SUFFIX, table.num_hot))
             if table.num_hot < cfg.num_embeddings:
-                cold_configs.append(_part_config(cfg, COLD_SUFFIX, cfg.num_embeddings - table.num_hot))
+                cold_configs.append(_part_config(cfg, COLD_SUFFIX, cfg.num_embeddings))
         device = next(iter(weights.values())).device
         self.hot = EmbeddingBagCollection(hot_configs, is_weighted=self._is_weighted, device=device) \
             if hot_configs else None
@@ -99,9 +100,9 @@ class HotColdEmbeddingBagCollection(nn.Module):
                 self._original_name.update(zip(names, by_table[cfg.name[: -len(suffix)]], strict=True))
         with torch.no_grad():
             for cfg, table in zip(configs, placement.tables, strict=True):
-                hot_part, cold_part = split_rows(weights[cfg.name].detach(), table.hot)
+                hot_part, cold_part = split_rows(weights[cfg.name].detach(), table.hot_rows)
                 for part, suffix, rows in ((self.hot, HOT_SUFFIX, hot_part), (self.cold, COLD_SUFFIX, cold_part)):
-                    if rows.shape[0]:
+                    if part is not None and cfg.name + suffix in part.embedding_bags:
                         part.embedding_bags[cfg.name + suffix].weight.copy_(rows)
         self._carry_optimizer(ebc)
         self.skip_cold = False
@@ -131,11 +132,8 @@ class HotColdEmbeddingBagCollection(nn.Module):
         self._feature_table = {f: t.spec.name for t in tables for f in t.spec.feature_names}
         self._has_hot = {f: t.kind != COLD for t in tables for f in t.spec.feature_names}
         self._has_cold = {f: t.kind != HOT for t in tables for f in t.spec.feature_names}
-        # One code per row of every table end to end: its hot slot s as s, its cold slot s as -1 - s (one gather
-        # per lookup finds both the part and the slot).
-        hot = torch.cat([t.hot for t in tables])
-        slots = torch.cat([row_slots(t.hot) for t in tables])
-        self._codes = torch.where(hot, slots, -1 - slots)
+        # Per row of every table end to end: its hot slot, or -1 (cold: the cold table holds it at its own ID).
+        self._codes = torch.cat([hot_slots(t.hot_rows, t.spec.num_rows) for t in tables])
         self._routes: dict[tuple, tuple] = {}
         self._columns: dict[tuple, Tensor] = {}
 
@@ -144,12 +142,26 @@ class HotColdEmbeddingBagCollection(nn.Module):
         shapes); moving the rows' contents is the caller's job (see the strategy)."""
         if not placement.same_shapes(self.placement):
             raise ValueError("a new placement must keep each table's hot row count; re-shard to change it")
+        # Only the codes of rows whose slot changed are rewritten, here and in the per-device copies.
+        changes = []
+        for old, new in zip(self.placement.tables, placement.tables, strict=True):
+            slots = torch.nonzero(old.hot_rows != new.hot_rows).flatten()
+            if slots.numel():
+                offset = self._table_offset[old.spec.name]
+                changes.append((old.hot_rows[slots] + offset, new.hot_rows[slots] + offset, slots))
+        codes = {id(self._codes): self._codes}
+        codes.update({id(route[3]): route[3] for route in self._routes.values()})
+        for evicted, incoming, slots in changes:
+            for tensor in codes.values():
+                tensor[evicted.to(tensor.device)] = -1
+                tensor[incoming.to(tensor.device)] = slots.to(tensor.device)
         self.placement = placement
-        self._set_routing(placement)
 
     def start_counting(self) -> None:
         """Count lookups per row in training forwards from now on (drops earlier counts)."""
-        self._counting, self.counts = True, None
+        self._counting = True
+        if self.counts is not None:
+            self.counts.zero_()
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The original collection's tables (the dataset's ID space)."""
@@ -198,10 +210,12 @@ class HotColdEmbeddingBagCollection(nn.Module):
         is_cold = ~is_hot if all_known else ~is_hot & member
         if not all_known:
             is_hot = is_hot & member
-        slot = torch.where(is_hot, code, -1 - code)
+        slot = torch.where(is_hot, code, values.long())
         if self.training and self._counting:
             if self.counts is None:
                 self.counts = torch.zeros(codes.numel(), dtype=torch.int64, device=index.device)
+            elif self.counts.device != index.device:  # counts restored from a checkpoint
+                self.counts = self.counts.to(index.device)
             kept = index if all_known else index[member]
             self.counts.index_add_(0, kept, torch.ones_like(kept))
         # Hot lookups per (feature, input) bag: differences of the running count at the bag offsets. A bag of a
@@ -258,15 +272,15 @@ class HotColdEmbeddingBagCollection(nn.Module):
 
     def merge_table(self, table: str, hot_part: Tensor | None, cold_part: Tensor | None) -> Tensor:
         """A table's rows (weights or per-row optimizer state) in row-ID order, from its shard parts."""
-        return merge_rows(hot_part, cold_part, self.placement.table(table).hot)
+        return merge_rows(hot_part, cold_part, self.placement.table(table).hot_rows)
 
     def split_table(self, table: str, full: Tensor) -> dict[str, Tensor]:
         """A table's rows in row-ID order as its parts: ``{inner table name: rows}``."""
-        hot_part, cold_part = split_rows(full, self.placement.table(table).hot)
+        hot_part, cold_part = split_rows(full, self.placement.table(table).hot_rows)
         parts = {}
-        if hot_part.shape[0]:
+        if table + HOT_SUFFIX in self._inner_tables:
             parts[table + HOT_SUFFIX] = hot_part
-        if cold_part.shape[0]:
+        if table + COLD_SUFFIX in self._inner_tables:
             parts[table + COLD_SUFFIX] = cold_part
         return parts
 

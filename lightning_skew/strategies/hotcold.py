@@ -22,11 +22,17 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from lightning_skew.data.base import RecDataModule
 from lightning_skew.data.popularity import PopularityDataModule
 from lightning_skew.optim import embedding_modules, embedding_optimizer_names
-from lightning_skew.placement import Placement, TableSpec, plan_placement, rebalanced_mask
+from lightning_skew.placement import Placement, TableSpec, plan_placement, rebalanced_rows
 from lightning_skew.profile import AccessProfile, profile_dataloader, row_bytes, select_hot_rows
 from lightning_skew.rowsets import RowSet
-from lightning_skew.strategies.hot_cold_collection import HotColdEmbeddingBagCollection, table_specs
+from lightning_skew.strategies.hot_cold_collection import (
+    COLD_SUFFIX,
+    HOT_SUFFIX,
+    HotColdEmbeddingBagCollection,
+    table_specs,
+)
 from lightning_skew.strategies.hot_cold_state import (
+    SEPARATOR,
     flatten_optimizer_state,
     from_original_ids,
     hot_cold_collections,
@@ -37,7 +43,9 @@ from lightning_skew.strategies.sharded_state import (
     copy_into_shards,
     gather_unsharded,
     load_sharded_checkpoint,
+    read_rows,
     save_sharded_checkpoint,
+    write_rows,
 )
 from lightning_skew.strategies.sharding import shard_module
 from lightning_skew.strategies.torchrec import TorchRecStrategy
@@ -316,25 +324,26 @@ class HotColdStrategy(TorchRecStrategy):
         collections = self.collections()
         moved, hot_before, hot_after, total = 0, 0, 0, 0
         new_placements: dict[str, Placement] = {}
+        moves: list[tuple[str, str, Tensor, Tensor, Tensor]] = []  # path, table, slots, evicted rows, incoming rows
         for path, collection in sorted(collections.items()):
             counts = _all_reduced_counts(collection)
-            masks, offset = [], 0
+            new_rows, offset = [], 0
             for table in collection.placement.tables:
                 table_counts = counts[offset:offset + table.spec.num_rows].cpu()
                 offset += table.spec.num_rows
-                mask = rebalanced_mask(table_counts, table.hot)
-                moved += int((mask & ~table.hot).sum())
-                hot_before += int(table_counts[table.hot].sum())
-                hot_after += int(table_counts[mask].sum())
+                rows = rebalanced_rows(table_counts, table.hot_rows, table.spec.num_rows)
+                slots = torch.nonzero(rows != table.hot_rows).flatten()
+                if slots.numel():
+                    moves.append((path, table.spec.name, slots, table.hot_rows[slots], rows[slots]))
+                moved += int(slots.numel())
+                hot_before += int(table_counts[table.hot_rows].sum())
+                hot_after += int(table_counts[rows].sum())
                 total += int(table_counts.sum())
-                masks.append(mask)
-            new_placements[path] = collection.placement.with_masks(masks)
-        if moved:
-            weights, optimizer = self.gather_tables()
-            weights, optimizer = _broadcast((weights, optimizer))
-            for path, placement in new_placements.items():
-                collections[path].set_placement(placement)
-            self._scatter_tables(weights, optimizer)
+                new_rows.append(rows)
+            new_placements[path] = collection.placement.with_hot_rows(new_rows)
+        self._move_rows(moves)
+        for path, placement in new_placements.items():
+            collections[path].set_placement(placement)
         for collection in collections.values():
             collection.start_counting()
         trainer = self._trainer
@@ -350,6 +359,32 @@ class HotColdStrategy(TorchRecStrategy):
                        f"{moved} rows moved in {record['rebalance_seconds']:.3f} s; hot share of the counted "
                        f"lookups {record['hot_lookup_share_before']:.3f} -> {record['hot_lookup_share_after']:.3f}")
         return record
+
+    def _move_rows(self, moves: list[tuple[str, str, Tensor, Tensor, Tensor]]) -> None:
+        """Swap rows between hot slots and the cold tables, weights and optimizer state: each evicted row's hot
+        copy goes back to its place in the cold table, each incoming row's cold copy into the freed slot. Cost
+        grows with the rows moved. Collective: every rank moves the same rows in the same order."""
+        if not moves:
+            return
+        state = self.lightning_module.state_dict()
+        optimizer = flatten_optimizer_state(self.fused_optimizer.state_dict()["state"])
+        shapes = _global_shapes(optimizer)  # ranks list only their own tables' optimizer state
+        for path, table, slots, evicted, incoming in moves:
+            prefix = f"{path}." if path else ""
+            hot_key = f"{prefix}hot.embedding_bags.{table}{HOT_SUFFIX}.weight"
+            cold_key = f"{prefix}cold.embedding_bags.{table}{COLD_SUFFIX}.weight"
+            pairs = [(state[hot_key], state[cold_key], tuple(state[hot_key].size()), tuple(state[cold_key].size()),
+                      state[hot_key].dtype)]
+            for key in sorted(k for k in shapes if k.startswith(hot_key + SEPARATOR)):
+                name = key.split(SEPARATOR, 1)[1]
+                cold_state = f"{cold_key}{SEPARATOR}{table}{COLD_SUFFIX}{name[len(table + HOT_SUFFIX):]}"
+                pairs.append((optimizer.get(key), optimizer.get(cold_state), shapes[key][0], shapes[cold_state][0],
+                              shapes[key][1]))
+            for hot, cold, hot_shape, cold_shape, dtype in pairs:
+                leaving = read_rows(hot, slots, hot_shape, dtype)
+                arriving = read_rows(cold, incoming, cold_shape, dtype)
+                write_rows(cold, evicted, leaving)
+                write_rows(hot, slots, arriving)
 
     # ------------------------------------------------------------------------- state in the data's ID space
 
@@ -501,17 +536,19 @@ def _inside(hot_set: RowSet, placements: Any) -> bool:
 def _all_reduced_counts(collection: HotColdEmbeddingBagCollection) -> Tensor:
     size = sum(t.spec.num_rows for t in collection.placement.tables)
     counts = collection.counts if collection.counts is not None else torch.zeros(size, dtype=torch.int64)
-    counts = counts.clone()
     if dist.is_initialized() and dist.get_world_size() > 1:
+        counts = counts.clone()
         if dist.get_backend() == "nccl" and counts.device.type != "cuda":
             counts = counts.cuda()
         dist.all_reduce(counts)
     return counts
 
 
-def _broadcast(payload: Any) -> Any:
+def _global_shapes(tensors: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of every key any rank holds (ranks hold different keys). Collective."""
+    local = {key: (tuple(value.size()), value.dtype) for key, value in tensors.items()}
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return payload
-    box = [payload if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return local
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return {key: value for part in gathered for key, value in part.items()}

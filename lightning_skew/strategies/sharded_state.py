@@ -99,3 +99,43 @@ def load_sharded_checkpoint(path: str | os.PathLike, template: dict[str, Any]) -
                                 "interrupted save")
     dcp.load(template, checkpoint_id=str(path))
     return torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+
+
+def _shard_regions(tensor: ShardedTensor, rows: torch.Tensor):
+    """For each local shard: the positions in ``rows`` it holds, their local row indices, and its columns."""
+    for shard in tensor.local_shards():
+        offsets, sizes = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+        held = (rows >= offsets[0]) & (rows < offsets[0] + sizes[0])
+        if bool(held.any()):
+            columns = tuple(slice(o, o + n) for o, n in zip(offsets[1:], sizes[1:], strict=True))
+            yield shard.tensor, held, rows[held] - offsets[0], columns
+
+
+def read_rows(tensor: ShardedTensor | None, rows: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+              ) -> torch.Tensor:
+    """Whole rows (first dimension) ``rows`` of a sharded tensor of ``shape``, on every rank, on the CPU.
+
+    Each rank fills what its shards hold and the ranks sum (every element lives on one rank). A collective
+    when distributed: every rank calls it, in the same order; a rank whose optimizer lists no such tensor
+    passes ``None``.
+    """
+    out = torch.zeros((rows.numel(), *shape[1:]), dtype=dtype)
+    if tensor is not None:
+        for local, held, local_rows, columns in _shard_regions(tensor, rows):
+            out[(held, *columns)] = local[local_rows].cpu()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            reduced = out.cuda()
+            dist.all_reduce(reduced)
+            out = reduced.cpu()
+        else:
+            dist.all_reduce(out)
+    return out
+
+
+def write_rows(tensor: ShardedTensor | None, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """Write whole rows ``values`` at ``rows`` into the parts of a sharded tensor this rank holds (in place)."""
+    if tensor is None:
+        return
+    for local, held, local_rows, columns in _shard_regions(tensor, rows):
+        local[local_rows] = values[(held, *columns)].to(local.device, local.dtype)
