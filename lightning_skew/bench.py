@@ -531,6 +531,10 @@ def fit_with_hot_cold(recipe: Recipe, accelerator: str = "cpu", schedule: str | 
                   "hot_mb": sum(p.hot_bytes for p in placements) / 1e6,
                   "cold_skipped_steps": float(sum(c.skipped_cold for c in strategy.collections().values())),
                   **_gpu_peak(accelerator)}
+    if strategy.rebalances:
+        run.extras.update(rebalances=float(len(strategy.rebalances)),
+                          rebalance_s=median(r["rebalance_seconds"] for r in strategy.rebalances),
+                          rows_moved=median(r["rows_moved"] for r in strategy.rebalances))
     return run
 
 
@@ -565,6 +569,8 @@ def _gpu_peak(accelerator: str) -> dict[str, float]:
 
 register_variant("hotcold", "Lightning, HotColdStrategy: hot rows in a compact shard (CPU: both in host memory)")(
     fit_with_hot_cold)
+register_variant("hotcold_rebalance", "as hotcold, rebalancing every 100 steps from the lookups counted")(
+    lambda recipe: fit_with_hot_cold(recipe, rebalance_every_n_steps=100))
 register_variant("hotcold_fae", "as hotcold, FAE batches: hot-only batches never touch the cold shard")(
     lambda recipe: fit_with_hot_cold(recipe, schedule="fae"))
 register_variant("gpu_hbm", "GPU, every table in GPU memory (fused)")(lambda recipe: fit_on_gpu(recipe, "fused"))

@@ -64,7 +64,7 @@ class HotColdStrategy(TorchRecStrategy):
     it to ``budget_bytes`` (weights plus optimizer state), and replaces every ``EmbeddingBagCollection`` of the
     module by a :class:`~lightning_skew.strategies.hot_cold_collection.HotColdEmbeddingBagCollection`: tables
     that fit entirely are hot, large tables are split (their hot rows re-indexed into a compact hot shard, the
-    rest into a cold shard), the rest stays cold. TorchRec then shards the hot shards with ``hot_compute_kernel``
+    whole table kept by row ID as the cold shard), the rest stays cold. TorchRec then shards the hot shards with ``hot_compute_kernel``
     and the cold ones with ``cold_compute_kernel``. Training is exact: placement re-indexes rows, so losses
     and weights match :class:`TorchRecStrategy` to floating-point rounding.
 
@@ -77,7 +77,7 @@ class HotColdStrategy(TorchRecStrategy):
         hot_set_mode: how the profile's hot set spreads over tables (``global``: FAE's cut over all rows).
         rebalance_every_n_steps: every this many optimizer steps, the lookups counted since the last rebalance
             (all ranks summed) choose each split table's hot rows anew (same count per table); rows and their
-            optimizer state move between the shards. ``None``: never.
+            optimizer state move between the shards (only the rows that change). ``None``: never.
         rebalance_every_n_epochs: the same at the start of every this many epochs.
         hot_compute_kernel: TorchRec kernel of hot shards (default ``fused``: GPU memory on CUDA).
         cold_compute_kernel: TorchRec kernel of cold shards (default ``fused_uvm`` on CUDA: host memory read by
@@ -95,7 +95,8 @@ class HotColdStrategy(TorchRecStrategy):
         named as the original collections name them. They load into a :class:`TorchRecStrategy` run, into an
         unsharded module, or into a HotColdStrategy with another budget, at any world size. Saving gathers the
         tables on rank zero, and loading reads them whole on every rank: one full copy of the tables per
-        process, in host memory, while a checkpoint is written or read. A rebalance moves state the same way.
+        process, in host memory, while a checkpoint is written or read. A rebalance moves only the rows that
+        change hot/cold status.
     """
 
     strategy_name = "hot_cold"
