@@ -377,3 +377,16 @@ def test_a_module_with_two_collections_and_a_shared_table_trains_as_under_torchr
             assert strategy.rebalances
     assert len(losses["hotcold"]) == 8
     torch.testing.assert_close(losses["hotcold"], losses["torchrec"], atol=1e-6, rtol=0)
+
+
+def test_stale_embedding_skipper_with_split_collections_is_a_clear_error(tmp_path):
+    from lightning_skew.callbacks.stale import StaleEmbeddingSkipper
+
+    data = make_data(1)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=HotColdStrategy(budget_bytes=36 * 100), max_steps=1,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         default_root_dir=str(tmp_path), callbacks=[StaleEmbeddingSkipper()])
+    with warnings.catch_warnings(), pytest.raises(MisconfigurationException, match="split collections"):
+        warnings.simplefilter("ignore")
+        trainer.fit(make_model(data, "rowwise_adagrad"), data)

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -204,6 +205,12 @@ class StaleEmbeddingSkipper(pl.Callback):
                            "weight of the accumulated micro-batches")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_skew.strategies.hot_cold_collection import HotColdEmbeddingBagCollection
+
+        if any(isinstance(m, HotColdEmbeddingBagCollection) for m in pl_module.modules()):
+            raise MisconfigurationException(
+                "StaleEmbeddingSkipper does not support HotColdStrategy's split collections yet (it watches rows of "
+                "the original tables); use it with TorchRecStrategy or a plain LightningModule")
         self._tables = _find_tables(pl_module)
         if not self._tables:
             raise ValueError(f"StaleEmbeddingSkipper: {type(pl_module).__name__} holds no TorchRec "
