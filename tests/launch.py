@@ -39,3 +39,14 @@ def launch(script: str | Path, world_size: int, args: list[str], timeout: float 
         tails = "\n".join(f"--- rank {r} (exit {procs[r].returncode}) ---\n{outputs[r][-4000:]}" for r, _ in failed)
         raise AssertionError(f"{script} failed on ranks {failed}:\n{tails}")
     return outputs
+
+
+def finish_rank() -> None:
+    """End a worker rank cleanly: wait for the others, then tear the process group down before the interpreter
+    exits (gloo's threads outliving it can abort the process with "terminate called without an active
+    exception" after all the work is done)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
