@@ -433,11 +433,20 @@ def _lightning(recipe: Recipe) -> TrainedRun:
 POPULARITY_HOT_BUDGET_BYTES = 8_000_000
 
 
+def _embedding_dim(recipe: Recipe) -> int:
+    return int(recipe.model.hparams.get("embedding_dim", 16))
+
+
+def _profiled_hot_rows(recipe: Recipe) -> ProfiledHotRows:
+    """The hot set of the popularity, stale (``p``) and hot/cold variants: a 5% batch profile cut to 8 MB."""
+    return ProfiledHotRows(budget_bytes=POPULARITY_HOT_BUDGET_BYTES, embedding_dim=_embedding_dim(recipe),
+                           sample_fraction=0.05)
+
+
 def fit_with_popularity_batches(recipe: Recipe, schedule: str) -> TrainedRun:
     """One Lightning epoch on :class:`PopularityDataModule` batches, its hot rows from a 5% batch-sampled
     :class:`AccessProfile` taken in set-up. Reports the profiling time, also as a share of the epoch."""
-    source = ProfiledHotRows(budget_bytes=POPULARITY_HOT_BUDGET_BYTES,
-                             embedding_dim=int(recipe.model.hparams.get("embedding_dim", 16)), sample_fraction=0.05)
+    source = _profiled_hot_rows(recipe)
     batches = PopularityDataModule(recipe.datamodule, schedule=schedule, hot_rows=source)
     run = fit_with_lightning(Recipe(recipe.model, batches, recipe.epochs))
     ends = run.clock.ends
@@ -479,9 +488,7 @@ def fit_with_stale_skipping(recipe: Recipe, target_drop_fraction: float, profile
     from lightning_skew.callbacks.stale import StaleEmbeddingSkipper
 
     read = _ReadInputs()
-    hot_rows = (ProfiledHotRows(budget_bytes=POPULARITY_HOT_BUDGET_BYTES, sample_fraction=0.05,
-                                embedding_dim=int(recipe.model.hparams.get("embedding_dim", 16)))
-                if profiled else None)
+    hot_rows = _profiled_hot_rows(recipe) if profiled else None
     skipper = StaleEmbeddingSkipper(hot_rows=hot_rows, evaluate_every_n_steps=STALE_EVALUATE_EVERY_N_STEPS,
                                     target_drop_fraction=target_drop_fraction, min_stale_lookups=min_stale_lookups)
     run = fit_with_lightning(recipe, callbacks=[read, skipper])
@@ -520,9 +527,7 @@ def fit_with_hot_cold(recipe: Recipe, accelerator: str = "cpu", schedule: str | 
     strategy = HotColdStrategy(budget_bytes=HOT_COLD_BUDGET_BYTES, **strategy_options)
     datamodule = recipe.datamodule
     if schedule is not None:
-        source = ProfiledHotRows(budget_bytes=HOT_COLD_BUDGET_BYTES, sample_fraction=0.05,
-                                 embedding_dim=int(recipe.model.hparams.get("embedding_dim", 16)))
-        datamodule = PopularityDataModule(datamodule, schedule=schedule, hot_rows=source)
+        datamodule = PopularityDataModule(datamodule, schedule=schedule, hot_rows=_profiled_hot_rows(recipe))
     _reset_gpu_peak(accelerator)
     run = fit_with_lightning(Recipe(recipe.model, datamodule, recipe.epochs), strategy=strategy,
                              accelerator=accelerator)
@@ -551,7 +556,7 @@ def fit_on_gpu(recipe: Recipe, compute_kernel: str, cache_load_factor: float | N
 def hot_share_of_rows(recipe: Recipe, budget_bytes: int) -> float:
     """The share of all table rows (weights plus rowwise_adagrad state) that ``budget_bytes`` holds: the cache
     load factor that gives TorchRec's UVM cache the hot/cold variants' GPU memory."""
-    dim = int(recipe.model.hparams.get("embedding_dim", 16))
+    dim = _embedding_dim(recipe)
     rows = sum(recipe.datamodule.num_embeddings_per_feature)
     return min(1.0, budget_bytes / (rows * 4 * (dim + 1)))
 

@@ -163,6 +163,11 @@ class HotColdEmbeddingBagCollection(nn.Module):
         if self.counts is not None:
             self.counts.zero_()
 
+    @property
+    def counting(self) -> bool:
+        """Whether training forwards count lookups (see :meth:`start_counting`)."""
+        return self._counting
+
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The original collection's tables (the dataset's ID space)."""
         return list(self._configs)

@@ -21,8 +21,8 @@ from lightning_skew.strategies.hot_cold_collection import (
     HotColdEmbeddingBagCollection,
 )
 
-__all__ = ["flatten_optimizer_state", "from_original_ids", "hot_cold_collections", "to_original_ids",
-           "unflatten_optimizer_state"]
+__all__ = ["flatten_optimizer_state", "from_original_ids", "hot_cold_collections", "inner_weight_key",
+           "inner_weight_keys", "to_original_ids", "unflatten_optimizer_state"]
 
 SEPARATOR = "::"
 
@@ -45,15 +45,27 @@ def unflatten_optimizer_state(flat: dict[str, Any]) -> dict[str, dict[str, Any]]
     return out
 
 
+def inner_weight_key(path: str, part: str, inner_table: str) -> str:
+    """State key of an inner table's weight: ``<path>.<hot|cold>.embedding_bags.<inner table>.weight``."""
+    prefix = f"{path}." if path else ""
+    return f"{prefix}{part}.embedding_bags.{inner_table}.weight"
+
+
+def _original_weight_key(path: str, table: str) -> str:
+    prefix = f"{path}." if path else ""
+    return f"{prefix}embedding_bags.{table}.weight"
+
+
 def _inner_keys(collections: dict[str, HotColdEmbeddingBagCollection]) -> dict[str, tuple[str, str, str, str]]:
     """Inner weight key -> (collection path, original table, part, original weight key)."""
-    out = {}
-    for path, collection in collections.items():
-        prefix = f"{path}." if path else ""
-        for inner, (table, part) in collection.inner_tables().items():
-            out[f"{prefix}{part}.embedding_bags.{inner}.weight"] = (path, table, part,
-                                                                     f"{prefix}embedding_bags.{table}.weight")
-    return out
+    return {inner_weight_key(path, part, inner): (path, table, part, _original_weight_key(path, table))
+            for path, collection in collections.items()
+            for inner, (table, part) in collection.inner_tables().items()}
+
+
+def inner_weight_keys(collections: dict[str, HotColdEmbeddingBagCollection]) -> set[str]:
+    """State keys of every inner table's weight."""
+    return set(_inner_keys(collections))
 
 
 def _parse(key: str, inner_keys: dict[str, tuple[str, str, str, str]]) -> tuple[str, str, str, str] | None:
@@ -100,11 +112,8 @@ def from_original_ids(flat: dict[str, Tensor], collections: dict[str, HotColdEmb
                       ) -> dict[str, Tensor]:
     """Inverse of :func:`to_original_ids`: whole tables in ``flat`` become their hot and cold parts under the
     collections' current placements. Other entries pass through unchanged."""
-    originals: dict[str, tuple[str, str, str]] = {}  # original key -> (path, table, state suffix)
-    for path, collection in collections.items():
-        prefix = f"{path}." if path else ""
-        for spec in (t.spec for t in collection.placement.tables):
-            originals[f"{prefix}embedding_bags.{spec.name}.weight"] = (path, spec.name, "")
+    originals = {_original_weight_key(path, t.spec.name): (path, t.spec.name)
+                 for path, collection in collections.items() for t in collection.placement.tables}
     out: dict[str, Tensor] = {}
     for key, value in flat.items():
         param, _, state = key.partition(SEPARATOR)
@@ -112,13 +121,12 @@ def from_original_ids(flat: dict[str, Tensor], collections: dict[str, HotColdEmb
         if found is None:
             out[key] = value
             continue
-        path, table, _ = found
+        path, table = found
         if state and not state.startswith(table + "."):
             raise KeyError(f"unexpected optimizer state name {state!r} for table {table!r}")
-        prefix = f"{path}." if path else ""
         for inner, rows in collections[path].split_table(table, value).items():
             part = HOT if inner.endswith(HOT_SUFFIX) else COLD
-            inner_key = f"{prefix}{part}.embedding_bags.{inner}.weight"
+            inner_key = inner_weight_key(path, part, inner)
             if state:
                 inner_key = f"{inner_key}{SEPARATOR}{inner}{state[len(table):]}"
             out[inner_key] = rows

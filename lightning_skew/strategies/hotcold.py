@@ -36,10 +36,13 @@ from lightning_skew.strategies.hot_cold_state import (
     flatten_optimizer_state,
     from_original_ids,
     hot_cold_collections,
+    inner_weight_key,
+    inner_weight_keys,
     to_original_ids,
     unflatten_optimizer_state,
 )
 from lightning_skew.strategies.sharded_state import (
+    all_reduce_sum,
     copy_into_shards,
     gather_unsharded,
     load_sharded_checkpoint,
@@ -148,6 +151,7 @@ class HotColdStrategy(TorchRecStrategy):
         self.rebalances: list[dict[str, float]] = []  # one record per rebalance (also logged)
         self._trainer: pl.Trainer | None = None
         self._last_rebalance: tuple[int, int] | None = None  # (epoch, global step) of the last rebalance
+        self._collections: dict[str, HotColdEmbeddingBagCollection] = {}  # found once the module is placed
         self._checked_hot_set: tuple[RowSet | None, bool] = (None, False)
         self._warned_skip = False
 
@@ -159,7 +163,8 @@ class HotColdStrategy(TorchRecStrategy):
         return {path: c.placement for path, c in self.collections().items()}
 
     def collections(self) -> dict[str, HotColdEmbeddingBagCollection]:
-        return hot_cold_collections(self.lightning_module)
+        """Every hot/cold collection of the LightningModule, by its path (after setup)."""
+        return self._collections
 
     def setup(self, trainer: pl.Trainer) -> None:
         self._trainer = trainer
@@ -175,8 +180,9 @@ class HotColdStrategy(TorchRecStrategy):
     def _shard(self, module: pl.LightningModule) -> DistributedModelParallel:
         if not hot_cold_collections(module):
             self._place(module)
+        self._collections = hot_cold_collections(module)  # looked up once, not at every step
         kernels = self._kernels()
-        kernel_by_table = {name: kernels[part] for c in hot_cold_collections(module).values()
+        kernel_by_table = {name: kernels[part] for c in self._collections.values()
                            for name, (_, part) in c.inner_tables().items()}
         return shard_module(module, self.root_device, sharding_types=self.sharding_types,
                             compute_kernel=self.compute_kernel, embedding_optimizer=self.embedding_optimizer,
@@ -227,8 +233,6 @@ class HotColdStrategy(TorchRecStrategy):
         if isinstance(datamodule, PopularityDataModule) and datamodule.hot_rows is not None:
             self.hot_set_source = "PopularityDataModule hot set"
             return datamodule.hot_rows
-        features = [f for spec in specs for f in spec.feature_names]
-        rows = [spec.num_rows for spec in specs for _ in spec.feature_names]
         if self.profile_path is not None:
             profile = AccessProfile.load(self.profile_path)
             self.hot_set_source = f"profile {self.profile_path}"
@@ -242,6 +246,8 @@ class HotColdStrategy(TorchRecStrategy):
             rank_zero_warn("HotColdStrategy: no access profile (give profile_path) and no training data to profile; "
                            "every table stays cold")
             self.hot_set_source = "none (all cold)"
+            features = [f for spec in specs for f in spec.feature_names]
+            rows = [spec.num_rows for spec in specs for _ in spec.feature_names]
             return RowSet(features, rows, [torch.zeros(0, dtype=torch.int64) for _ in features])
         _check_profile(profile, specs)
         # Features of the profile that no table here looks up are never hot.
@@ -371,9 +377,8 @@ class HotColdStrategy(TorchRecStrategy):
         optimizer = flatten_optimizer_state(self.fused_optimizer.state_dict()["state"])
         shapes = _global_shapes(optimizer)  # ranks list only their own tables' optimizer state
         for path, table, slots, evicted, incoming in moves:
-            prefix = f"{path}." if path else ""
-            hot_key = f"{prefix}hot.embedding_bags.{table}{HOT_SUFFIX}.weight"
-            cold_key = f"{prefix}cold.embedding_bags.{table}{COLD_SUFFIX}.weight"
+            hot_key = inner_weight_key(path, "hot", table + HOT_SUFFIX)
+            cold_key = inner_weight_key(path, "cold", table + COLD_SUFFIX)
             pairs = [(state[hot_key], state[cold_key], tuple(state[hot_key].size()), tuple(state[cold_key].size()),
                       state[hot_key].dtype)]
             for key in sorted(k for k in shapes if k.startswith(hot_key + SEPARATOR)):
@@ -389,19 +394,21 @@ class HotColdStrategy(TorchRecStrategy):
 
     # ------------------------------------------------------------------------- state in the data's ID space
 
-    def _table_keys(self) -> set[str]:
-        return {f"{path}.{part}.embedding_bags.{inner}.weight" if path else f"{part}.embedding_bags.{inner}.weight"
-                for path, c in self.collections().items() for inner, (_, part) in c.inner_tables().items()}
+    def _original_weights(self, state: dict[str, Any]) -> dict[str, Tensor]:
+        """The tables of a module ``state`` whole, in the dataset's ID space, on rank zero. Collective."""
+        keys = inner_weight_keys(self._collections)
+        return to_original_ids(gather_unsharded({k: v for k, v in state.items() if k in keys}), self._collections)
+
+    def _original_optimizer_state(self) -> dict[str, Tensor]:
+        """The fused optimizer's per-row state (``"<param>::<state>"``) whole, in the dataset's ID space, on rank
+        zero. Collective."""
+        state = flatten_optimizer_state(self.fused_optimizer.state_dict()["state"])
+        return to_original_ids(gather_unsharded(state), self._collections)
 
     def gather_tables(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Whole tables and their flattened optimizer state (``"<param>::<state>"``), in the dataset's ID space,
         on rank zero (other ranks get empty dicts). Collective."""
-        keys = self._table_keys()
-        state = {k: v for k, v in self.lightning_module.state_dict().items() if k in keys}
-        collections = self.collections()
-        weights = to_original_ids(gather_unsharded(state), collections)
-        optimizer = flatten_optimizer_state(self.fused_optimizer.state_dict()["state"])
-        return weights, to_original_ids(gather_unsharded(optimizer), collections)
+        return self._original_weights(self.lightning_module.state_dict()), self._original_optimizer_state()
 
     def _scatter_tables(self, weights: dict[str, Tensor], optimizer: dict[str, Tensor] | None) -> None:
         """Copy whole tables (and optimizer state) in row-ID order into this rank's shards."""
@@ -414,11 +421,9 @@ class HotColdStrategy(TorchRecStrategy):
             self.fused_optimizer.load_state_dict(template)
 
     def unsharded_state_dict(self) -> dict[str, Tensor]:
-        keys = self._table_keys()
+        keys = inner_weight_keys(self._collections)
         state = self.lightning_module.state_dict()
-        tables = to_original_ids(gather_unsharded({k: v for k, v in state.items() if k in keys}), self.collections())
-        rest = {k: v for k, v in state.items() if k not in keys}
-        return {**rest, **tables}
+        return {**{k: v for k, v in state.items() if k not in keys}, **self._original_weights(state)}
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         # Whole tables in the dataset's ID space (on rank zero), so checkpoints outlive the placement.
@@ -428,7 +433,7 @@ class HotColdStrategy(TorchRecStrategy):
                         storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError("HotColdStrategy.save_checkpoint takes no storage_options")
-        _, optimizer = self.gather_tables()
+        optimizer = self._original_optimizer_state()  # the weights came with checkpoint["state_dict"]
         counts = {path: _all_reduced_counts(c).cpu() for path, c in sorted(self.collections().items())
                   if c.counts is not None}
         tensors = {"state_dict": checkpoint["state_dict"],
@@ -444,8 +449,8 @@ class HotColdStrategy(TorchRecStrategy):
         path = Path(checkpoint_path)
         if path.is_file():  # an unsharded file: load_model_state_dict places its tables
             return torch.load(path, map_location="cpu", weights_only=bool(weights_only))
-        collections = self.collections()
-        keys = self._table_keys()
+        collections = self._collections
+        keys = inner_weight_keys(collections)
         state = {k: v for k, v in self.lightning_module.state_dict().items() if k not in keys}
         for path_, collection in collections.items():
             prefix = f"{path_}." if path_ else ""
@@ -472,7 +477,7 @@ class HotColdStrategy(TorchRecStrategy):
                 if placement.same_shapes(collections[path].placement):  # same budget: resume the same layout
                     collections[path].set_placement(placement)
         for path, counts in saved.get("counts", {}).items():
-            if path in collections and collections[path]._counting:
+            if path in collections and collections[path].counting:
                 # Rank zero carries the summed counts; the next all_reduce sums the same totals.
                 collections[path].counts = counts.clone() if self.is_global_zero else torch.zeros_like(counts)
         self._last_rebalance = saved.get("last_rebalance")
@@ -537,12 +542,7 @@ def _inside(hot_set: RowSet, placements: Any) -> bool:
 def _all_reduced_counts(collection: HotColdEmbeddingBagCollection) -> Tensor:
     size = sum(t.spec.num_rows for t in collection.placement.tables)
     counts = collection.counts if collection.counts is not None else torch.zeros(size, dtype=torch.int64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        counts = counts.clone()
-        if dist.get_backend() == "nccl" and counts.device.type != "cuda":
-            counts = counts.cuda()
-        dist.all_reduce(counts)
-    return counts
+    return all_reduce_sum(counts)
 
 
 def _global_shapes(tensors: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

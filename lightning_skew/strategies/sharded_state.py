@@ -101,6 +101,20 @@ def load_sharded_checkpoint(path: str | os.PathLike, template: dict[str, Any]) -
     return torch.load(path / META_FILE, map_location="cpu", weights_only=False)
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over all ranks (itself on one process), on its own device. NCCL reduces CUDA tensors
+    only, so a CPU tensor travels through the GPU there. Collective."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        reduced = tensor.cuda()
+        dist.all_reduce(reduced)
+        return reduced.to(tensor.device)
+    reduced = tensor.clone()
+    dist.all_reduce(reduced)
+    return reduced
+
+
 def _shard_regions(tensor: ShardedTensor, rows: torch.Tensor):
     """For each local shard: the positions in ``rows`` it holds, their local row indices, and its columns."""
     for shard in tensor.local_shards():
@@ -123,14 +137,7 @@ def read_rows(tensor: ShardedTensor | None, rows: torch.Tensor, shape: tuple[int
     if tensor is not None:
         for local, held, local_rows, columns in _shard_regions(tensor, rows):
             out[(held, *columns)] = local[local_rows].cpu()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            reduced = out.cuda()
-            dist.all_reduce(reduced)
-            out = reduced.cpu()
-        else:
-            dist.all_reduce(out)
-    return out
+    return all_reduce_sum(out)
 
 
 def write_rows(tensor: ShardedTensor | None, rows: torch.Tensor, values: torch.Tensor) -> None:
