@@ -19,7 +19,11 @@ SMALL = ["--data.init_args.max_rows_per_table", "500", "--data.init_args.num_tra
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"}
+    # In-process fits earlier in the session leave Lightning's rendezvous variables (MASTER_PORT, with the port
+    # still bound by this process) in os.environ; a command must pick its own, as it would from a shell.
+    rendezvous = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"}
+    env = {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "WANDB_MODE": "offline",
+           "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run([sys.executable, "-m", "lightning_skew.cli", *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
