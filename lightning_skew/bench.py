@@ -481,19 +481,22 @@ class _ReadInputs(pl.Callback):
 
 
 def fit_with_stale_skipping(recipe: Recipe, target_drop_fraction: float, profiled: bool = False,
-                            min_stale_lookups: int | None = None) -> TrainedRun:
+                            min_stale_lookups: int | None = None, repack: bool = False) -> TrainedRun:
     """Lightning with :class:`StaleEmbeddingSkipper`; samples/s counts the inputs read (dropped ones included),
     extras report the measured drop share, the stale rows and threshold at the end, and the callback's time.
-    ``profiled`` takes the candidates from a 5% :class:`AccessProfile` (the popularity variants' hot set)."""
+    ``profiled`` takes the candidates from a 5% :class:`AccessProfile` (the popularity variants' hot set);
+    ``repack`` drops in the data pipeline and trains full batches (each step then counts the inputs read for it)."""
     from lightning_skew.callbacks.stale import StaleEmbeddingSkipper
 
     read = _ReadInputs()
     hot_rows = _profiled_hot_rows(recipe) if profiled else None
     skipper = StaleEmbeddingSkipper(hot_rows=hot_rows, evaluate_every_n_steps=STALE_EVALUATE_EVERY_N_STEPS,
-                                    target_drop_fraction=target_drop_fraction, min_stale_lookups=min_stale_lookups)
+                                    target_drop_fraction=target_drop_fraction, min_stale_lookups=min_stale_lookups,
+                                    repack=repack)
     run = fit_with_lightning(recipe, callbacks=[read, skipper])
-    if len(read.sizes) == len(run.clock.samples):
-        run.clock.samples = read.sizes
+    sizes = skipper.pulled_per_batch if repack else read.sizes
+    if len(sizes) == len(run.clock.samples):
+        run.clock.samples = sizes
     ends = run.clock.ends
     epoch_s = (ends[-1] - ends[0]) * len(ends) / max(len(ends) - 1, 1)
     run.extras = {"drop_share": skipper.inputs_dropped / max(skipper.inputs_seen, 1),
@@ -510,6 +513,13 @@ for _percent in (10, 30, 50):
     register_variant(f"stale{_percent}p_half", f"as stale{_percent}p, an input dropped when half its lookups are stale")(
         lambda recipe, fraction=_percent / 100: fit_with_stale_skipping(
             recipe, fraction, profiled=True, min_stale_lookups=len(recipe.datamodule.sparse_feature_names) // 2))
+    register_variant(f"stale{_percent}p_repack", f"as stale{_percent}p, dropped in the data pipeline, full batches")(
+        lambda recipe, fraction=_percent / 100: fit_with_stale_skipping(recipe, fraction, profiled=True, repack=True))
+    register_variant(f"stale{_percent}p_half_repack", f"as stale{_percent}p_half, dropped in the data pipeline, "
+                     "full batches")(
+        lambda recipe, fraction=_percent / 100: fit_with_stale_skipping(
+            recipe, fraction, profiled=True, min_stale_lookups=len(recipe.datamodule.sparse_feature_names) // 2,
+            repack=True))
 
 
 # Hot/cold placement (FAE): hot rows get the popularity variants' 8 MB budget. On CPU both parts live in host

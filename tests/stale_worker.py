@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--checkpoint", action="store_true", help="save <out>/epoch<N> at the end")
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--repack", action="store_true", help="drop in the data pipeline (full batches)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -71,7 +72,7 @@ def main() -> None:
                       embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
                       embedding_optimizer="rowwise_adagrad", embedding_lr=0.05)
     skipper = StaleEmbeddingSkipper(evaluate_every_n_steps=3, target_drop_fraction=0.3, tolerance=0.05,
-                                    sample_batches=3)
+                                    sample_batches=3, repack=args.repack)
     record, losses = RecordDecisions(skipper), RecordLosses()
     trainer = pl.Trainer(accelerator="cpu", devices=world_size, strategy=TorchRecStrategy(), max_epochs=args.epochs,
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -81,7 +82,7 @@ def main() -> None:
     if args.checkpoint:
         trainer.save_checkpoint(Path(args.out) / f"epoch{args.epochs}")
     out = {"evaluations": skipper.evaluations, "decisions": record.decisions, "seen_sizes": model.seen_sizes,
-           "losses": losses.losses}
+           "losses": losses.losses, "dropped": skipper.inputs_dropped}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"stale_rank{trainer.global_rank}.json").write_text(json.dumps(out))
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from launch import launch  # noqa: E402
 
 from lightning_skew.callbacks.stale import StaleEmbeddingSkipper  # noqa: E402
+from lightning_skew.data.repack import repack_batches  # noqa: E402
 from lightning_skew.models.dlrm import DLRMModule  # noqa: E402
 from lightning_skew.rowsets import RowSet  # noqa: E402
 from lightning_skew.staleness import (  # noqa: E402
@@ -281,6 +282,79 @@ def test_bad_arguments_fail_early_with_the_value_found():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Dropping in the data pipeline (repack=True)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def numbered_batches(count: int, size: int) -> list[Batch]:
+    """Batches whose input ``n`` (counted over all batches) has label ``n``, dense ``[n]`` and ID ``n % 7``."""
+    batches = []
+    for first in range(0, count * size, size):
+        n = list(range(first, first + size))
+        batches.append(Batch(torch.tensor(n, dtype=torch.float32)[:, None],
+                             kjt({"a": [[i % 7] for i in n], "b": [[i % 7, 1] if i % 2 else [] for i in n]}),
+                             torch.tensor(n, dtype=torch.float32)))
+    return batches
+
+
+def test_repack_packs_the_kept_inputs_in_order_into_full_batches():
+    batches = numbered_batches(6, 8)
+
+    def keep_not_multiple_of_3(batch: Batch) -> torch.Tensor:
+        kept = torch.nonzero(batch.labels.long() % 3 != 0).flatten()
+        return kept if kept.numel() else torch.tensor([0])
+
+    out = list(repack_batches(batches, keep_not_multiple_of_3))
+    sizes = [int(b.labels.numel()) for b, _ in out]
+    assert sizes == [8, 8, 8, 8] and sum(read for _, read in out) == 48  # 32 kept of 48, all read counted
+    labels = torch.cat([b.labels for b, _ in out]).long().tolist()
+    assert labels == [n for n in range(48) if n % 3]
+    for batch, _ in out:  # every input's features travelled with it
+        n = batch.labels.long()
+        assert torch.equal(batch.dense_features[:, 0].long(), n)
+        features = batch.sparse_features.to_dict()
+        assert features["a"].values().tolist() == (n % 7).tolist()
+        assert features["b"].lengths().tolist() == [2 if i % 2 else 0 for i in n.tolist()]
+    untouched = list(repack_batches(batches, lambda batch: None))
+    assert [int(b.labels.numel()) for b, _ in untouched] == [8] * 6
+    assert all(torch.equal(b.labels, a.labels) for (b, _), a in zip(untouched, batches, strict=True))
+    ragged = list(repack_batches(batches, lambda batch: torch.arange(3)))  # 18 kept: 8, 8 and the last 2
+    assert [int(b.labels.numel()) for b, _ in ragged] == [8, 8, 2]
+    with pytest.raises(ValueError, match="at least one"):
+        list(repack_batches(batches, lambda batch: torch.zeros(0, dtype=torch.long)))
+
+
+def test_repack_trains_fewer_full_batches_and_restores_the_loader_afterwards():
+    model = make_model()
+    skipper = StaleEmbeddingSkipper(evaluate_every_n_steps=2, target_drop_fraction=0.5, tolerance=0.05,
+                                    sample_batches=2, repack=True)
+    trainer = fit(model, make_batches(12, [range(0, 60)]), [skipper])
+    assert 0 < skipper.inputs_dropped and len(model.seen_sizes) < 12  # fewer steps than batches read
+    assert all(size == 256 for size in model.seen_sizes[:-1]) and 1 <= model.seen_sizes[-1] <= 256
+    assert sum(model.seen_sizes) == skipper.inputs_seen - skipper.inputs_dropped == 12 * 256 - skipper.inputs_dropped
+    assert skipper.pulled_per_batch and sum(skipper.pulled_per_batch) == 12 * 256
+    assert "dataloader" not in vars(trainer.fit_loop._data_source)  # the wrapper is gone after fit
+
+
+def test_repack_resumes_from_an_epoch_end_checkpoint_as_the_uninterrupted_run(tmp_path):
+    batches = make_batches(7, [range(0, 60)])
+    args = dict(evaluate_every_n_steps=2, target_drop_fraction=0.4, tolerance=0.05, sample_batches=3, repack=True)
+    straight, straight_model = StaleEmbeddingSkipper(**args), make_model()
+    fit(straight_model, batches, [straight], epochs=2)
+    first, first_model = StaleEmbeddingSkipper(**args), make_model()
+    trainer = fit(first_model, batches, [first], epochs=1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed, resumed_model = StaleEmbeddingSkipper(**args), make_model()
+    fit(resumed_model, batches, [resumed], epochs=2, ckpt_path=str(tmp_path / "epoch1.ckpt"))
+
+    assert straight.inputs_dropped > first.inputs_dropped > 0
+    assert (resumed.inputs_seen, resumed.inputs_dropped) == (straight.inputs_seen, straight.inputs_dropped)
+    assert first_model.seen_sizes + resumed_model.seen_sizes == straight_model.seen_sizes
+    for key, value in straight_model.state_dict().items():
+        assert torch.allclose(resumed_model.state_dict()[key], value, atol=1e-6), key
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Two gloo processes under TorchRecStrategy
 # ----------------------------------------------------------------------------------------------------------
 
@@ -292,6 +366,17 @@ def test_two_ranks_mark_the_same_rows_stale_with_the_same_threshold(tmp_path):
     assert ranks[0]["decisions"] == ranks[1]["decisions"]
     assert any(d["stale_rows"] > 0 for d in ranks[0]["decisions"])
     assert all(min(r["seen_sizes"]) < max(r["seen_sizes"]) for r in ranks)  # sharded model trained on fewer
+
+
+def test_two_ranks_repacking_step_in_lockstep_with_the_same_stale_rows(tmp_path):
+    launch(Path(__file__).with_name("stale_worker.py"), 2, ["--out", str(tmp_path), "--repack"], timeout=120)
+    ranks = [json.loads((tmp_path / f"stale_rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["decisions"] == ranks[1]["decisions"] and ranks[0]["evaluations"]
+    steps = len(ranks[0]["seen_sizes"])
+    assert steps == len(ranks[1]["seen_sizes"]) < 12  # the same, fewer steps than the 12 batches read
+    for r in ranks:
+        assert all(1 <= size <= 128 for size in r["seen_sizes"]) and r["dropped"] > 0
+        assert sum(r["seen_sizes"]) == 12 * 128 - r["dropped"]  # every kept input trained once, none twice
 
 
 def test_two_ranks_resume_from_a_checkpoint_as_the_uninterrupted_run(tmp_path):

@@ -17,6 +17,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.data.popularity import select_inputs
+from lightning_skew.data.repack import RepackedLoader
 from lightning_skew.optim import embedding_modules
 from lightning_skew.rowsets import RowSet
 from lightning_skew.staleness import (
@@ -65,7 +66,10 @@ class StaleEmbeddingSkipper(pl.Callback):
     Every ``evaluate_every_n_steps`` steps it compares the candidate rows with a snapshot taken at the previous
     evaluation: a row is *stale* when its largest per-element absolute change over the window is below the
     threshold. Until the next evaluation, inputs with at least ``min_stale_lookups`` lookups on stale rows are
-    removed from the batch in ``on_train_batch_start``, so forward and backward run on the smaller batch.
+    removed from the batch in ``on_train_batch_start``, so forward and backward run on the smaller batch. With
+    ``repack=True`` they are removed in the data pipeline instead: the training loader's batches are filtered
+    as they arrive and the kept inputs are packed into full batches, so the epoch takes fewer, full-size steps
+    (the model never sees the dropped inputs, and no step runs on a small batch).
     Rows that move again (popularity drift) leave the stale set at the next evaluation, because every
     evaluation decides afresh from the last window.
 
@@ -109,6 +113,9 @@ class StaleEmbeddingSkipper(pl.Callback):
         backoff_factor: each back-off multiplies the target drop fraction (or the fixed threshold) by this;
             below 1% the skipping pauses for the rest of the run.
         log_every_n_steps: logging interval; default the Trainer's ``log_every_n_steps``.
+        repack: drop in the data pipeline and refill full batches from the following inputs: the training
+            loop's loader is wrapped (it then has no length, and an epoch ends when its inputs do). Exact resume
+            from checkpoints taken at the end of an epoch (Lightning's default).
 
     .. note::
         A batch is never emptied: when every input would be dropped, its first input is kept. Inputs are
@@ -144,6 +151,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         guard_margin: float = 0.002,
         backoff_factor: float = 0.5,
         log_every_n_steps: int | None = None,
+        repack: bool = False,
     ) -> None:
         _validate(max_candidate_rows, evaluate_every_n_steps, threshold, target_drop_fraction, tolerance,
                   min_stale_lookups, sample_batches, guard_mode, backoff_factor)
@@ -161,6 +169,9 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.guard_margin = guard_margin
         self.backoff_factor = backoff_factor
         self.log_every_n_steps = log_every_n_steps
+        self.repack = repack
+        self._data_source: Any = None  # repack: Lightning's training data source, while wrapped
+        self.pulled_per_batch: list[int] = []  # repack: inputs read from the loader for each batch trained
 
         self._tables: list[_Table] = []
         self._fixed_candidates: list[Tensor] | None = None
@@ -195,14 +206,28 @@ class StaleEmbeddingSkipper(pl.Callback):
             max_candidate_rows=self.max_candidate_rows, evaluate_every_n_steps=self.evaluate_every_n_steps,
             threshold=self.fixed_threshold, target_drop_fraction=self.target_drop_fraction,
             tolerance=self.tolerance, relative=self.relative, min_stale_lookups=self.min_stale_lookups,
-            guard_metric=self.guard_metric)
+            guard_metric=self.guard_metric, repack=self.repack)
 
     # ------------------------------------------------------------------------------------------ set-up
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.accumulate_grad_batches > 1:
+        if stage != "fit":
+            return
+        if trainer.accumulate_grad_batches > 1:
             rank_zero_warn("StaleEmbeddingSkipper with accumulate_grad_batches > 1: dropped inputs change the "
                            "weight of the accumulated micro-batches")
+        if self.repack and self._data_source is None:
+            # Lightning asks this source for the training loader (datamodule hook or the loaders given to
+            # fit); only the training loop's loader is filtered, not other callers of train_dataloader().
+            source = trainer.fit_loop._data_source
+            original = source.dataloader
+            source.dataloader = lambda: RepackedLoader(original(), self)
+            self._data_source = source
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._data_source is not None:
+            del self._data_source.dataloader  # the class's method again
+            self._data_source = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_skew.strategies.hot_cold_collection import HotColdEmbeddingBagCollection
@@ -236,34 +261,57 @@ class StaleEmbeddingSkipper(pl.Callback):
         began = time.perf_counter()
         if self._log_started is None:
             self._log_started = began
-        sparse = getattr(batch, "sparse_features", None)
-        if not isinstance(sparse, KeyedJaggedTensor):
-            raise TypeError(f"StaleEmbeddingSkipper needs torchrec Batch-like batches with a KeyedJaggedTensor in "
-                            f"sparse_features, got {type(batch).__name__}")
-        sparse_cpu = sparse.to(torch.device("cpu"))
-        self.sample.append(sparse_cpu)
+        if not self.repack:
+            self._record(batch)
         step = trainer.global_step
         # Counted candidates need a window of recent batches before the first snapshot.
         warming_up = self._fixed_candidates is None and step == 0 and not self.snapshots
         if step % self.evaluate_every_n_steps == 0 and step != self.last_evaluation_step and not warming_up:
             self._evaluate(step)
-        size = sparse.stride()
-        dropped = 0
-        if self.stale is not None and self.sample_share > 0:
-            drop = keep_at_least_one(drop_mask(sparse_cpu, self.stale, self.min_stale_lookups))
-            dropped = int(drop.sum())
-            if dropped:
-                kept = select_inputs(batch, torch.nonzero(~drop).flatten().to(batch.labels.device))
+        if not self.repack:
+            kept = self._kept(batch)
+            if kept is not None:
+                kept = select_inputs(batch, kept.to(batch.labels.device))
                 batch.dense_features, batch.sparse_features, batch.labels = (kept.dense_features,
                                                                              kept.sparse_features, kept.labels)
-        self.inputs_seen += size
-        self.inputs_dropped += dropped
-        self._log_seen += size
-        self._log_dropped += dropped
         spent = time.perf_counter() - began
         self._own_s += spent
         self.seconds += spent
         self._log(trainer, pl_module, step)
+
+    def kept_inputs(self, batch: Any) -> Tensor | None:
+        """Positions of the inputs of ``batch`` that the stale set in force keeps (never none; ``None`` when it
+        keeps all), with ``batch`` recorded in the sample and the counts. The data-pipeline path of ``repack``."""
+        began = time.perf_counter()
+        self._record(batch)
+        kept = self._kept(batch)
+        spent = time.perf_counter() - began
+        self._own_s += spent
+        self.seconds += spent
+        return kept
+
+    def _record(self, batch: Any) -> None:
+        sparse = getattr(batch, "sparse_features", None)
+        if not isinstance(sparse, KeyedJaggedTensor):
+            raise TypeError(f"StaleEmbeddingSkipper needs torchrec Batch-like batches with a KeyedJaggedTensor in "
+                            f"sparse_features, got {type(batch).__name__}")
+        self.sample.append(sparse.to(torch.device("cpu")))
+
+    def _kept(self, batch: Any) -> Tensor | None:
+        """Positions of the inputs of the last recorded batch to keep (``None``: all), counted."""
+        size = batch.sparse_features.stride()
+        kept = None
+        dropped = 0
+        if self.stale is not None and self.sample_share > 0:
+            drop = keep_at_least_one(drop_mask(self.sample[-1], self.stale, self.min_stale_lookups))
+            dropped = int(drop.sum())
+            if dropped:
+                kept = torch.nonzero(~drop).flatten()
+        self.inputs_seen += size
+        self.inputs_dropped += dropped
+        self._log_seen += size
+        self._log_dropped += dropped
+        return kept
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         every = self.log_every_n_steps or max(trainer.log_every_n_steps, 1)
