@@ -79,10 +79,18 @@ def lookups_in(sparse: KeyedJaggedTensor, rowset: RowSet) -> tuple[Tensor, Tenso
     """
     keys = tuple(sparse.keys())
     batch_size = sparse.stride()
-    lengths = sparse.lengths().long()
+    lengths = sparse.lengths()
+    joined, offsets, known = rowset.joined_masks(keys)
+    if sparse.values().numel() == lengths.numel() and bool((lengths == 1).all()):
+        # One ID per feature and input (one-hot features, as in Criteo): a [features, batch] grid, no segments.
+        grid = sparse.values().long().view(len(keys), batch_size) + offsets[:, None]
+        member = joined[grid.clamp_(max=joined.numel() - 1)]
+        if not bool(known.all()):
+            member &= known[:, None]
+        return member.sum(0), torch.full((batch_size,), len(keys), dtype=torch.int64)
+    lengths = lengths.long()
     per_key = lengths.view(len(keys), batch_size)
     lookups = per_key.sum(0)
-    joined, offsets, known = rowset.joined_masks(keys)
     counts = per_key.sum(1)
     index = (sparse.values().long() + torch.repeat_interleave(offsets, counts)).clamp_(max=joined.numel() - 1)
     member = joined[index]

@@ -97,6 +97,16 @@ def test_select_inputs_reorders_dense_labels_and_every_feature_together():
     assert empty.labels.numel() == 0 and empty.sparse_features.values().numel() == 0
 
 
+def test_select_inputs_of_one_hot_features_keeps_ids_weights_and_lengths_per_input():
+    sparse = KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor([10, 11, 12, 20, 21, 22]),
+                               lengths=torch.ones(6, dtype=torch.int32), weights=torch.arange(6.0))
+    batch = Batch(torch.arange(3.0)[:, None], sparse, torch.tensor([0.0, 1.0, 0.0]))
+    picked = select_inputs(batch, torch.tensor([2, 0, 2]))
+    assert jagged(picked) == {"a": ([1, 1, 1], [12, 10, 12], [2.0, 0.0, 2.0]),
+                              "b": ([1, 1, 1], [22, 20, 22], [5.0, 3.0, 5.0])}
+    assert picked.sparse_features.lengths().dtype == torch.int32
+
+
 def test_concat_batches_inverts_a_split():
     batch = hand_batch()
     joined = concat_batches([select_inputs(batch, [0]), select_inputs(batch, [1, 2]), select_inputs(batch, [0])])

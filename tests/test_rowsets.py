@@ -33,3 +33,18 @@ def test_masks_round_trip_and_bad_rows_are_rejected():
         RowSet(["a"], [3], [torch.tensor([3])])
     with pytest.raises(ValueError, match="one entry per feature"):
         RowSet(["a", "b"], [3], [torch.tensor([0])])
+
+
+def test_one_hot_inputs_take_the_grid_path_and_agree_with_the_jagged_path():
+    # 4 inputs, 3 one-hot features (c unknown to the set); the same IDs plus one empty multi-hot feature d
+    # force the general path, which must count the same hits.
+    one_hot = KeyedJaggedTensor.from_lengths_sync(keys=["a", "b", "c"],
+                                                  values=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]),
+                                                  lengths=torch.ones(12, dtype=torch.long))
+    jagged = KeyedJaggedTensor.from_lengths_sync(keys=["a", "b", "c", "d"],
+                                                 values=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]),
+                                                 lengths=torch.tensor([1] * 12 + [0] * 4))
+    rows = RowSet(["a", "b", "d"], [8, 8, 8], [torch.tensor([0, 3]), torch.tensor([5, 6, 7]), torch.tensor([1])])
+    hits, lookups = lookups_in(one_hot, rows)
+    assert hits.tolist() == [1, 1, 1, 2] and lookups.tolist() == [3, 3, 3, 3]
+    assert torch.equal(hits, lookups_in(jagged, rows)[0])

@@ -142,13 +142,19 @@ def _select_kjt(sparse: KeyedJaggedTensor, index: Tensor) -> KeyedJaggedTensor:
     if sparse.variable_stride_per_key():
         raise ValueError("select_inputs: KeyedJaggedTensors with a variable batch size per feature are not supported")
     keys = sparse.keys()
+    weights = sparse.weights_or_none()
+    if sparse.values().numel() == sparse.lengths().numel() and bool((sparse.lengths() == 1).all()):
+        # One ID per feature and input: pick columns of the [features, batch] grid.
+        grid = sparse.values().view(len(keys), sparse.stride())[:, index].reshape(-1)
+        return KeyedJaggedTensor(keys=keys, values=grid, lengths=torch.ones(grid.numel(), dtype=sparse.lengths().dtype),
+                                 weights=None if weights is None else
+                                 weights.view(len(keys), sparse.stride())[:, index].reshape(-1))
     lengths = sparse.lengths().view(len(keys), sparse.stride())
     starts = sparse.offsets()[:-1].view(len(keys), sparse.stride())[:, index].reshape(-1).long()
     picked = lengths[:, index].reshape(-1)
     counts = picked.long()
     segment = torch.repeat_interleave(torch.arange(counts.numel()), counts)
     positions = starts[segment] + torch.arange(segment.numel()) - _exclusive_cumsum(counts)[segment]
-    weights = sparse.weights_or_none()
     return KeyedJaggedTensor(keys=keys, values=sparse.values()[positions], lengths=picked,
                              weights=None if weights is None else weights[positions])
 
