@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,37 +260,42 @@ class StaleEmbeddingSkipper(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        began = time.perf_counter()
-        if self._log_started is None:
-            self._log_started = began
-        if not self.repack:
-            self._record(batch)
         step = trainer.global_step
-        # Counted candidates need a window of recent batches before the first snapshot.
-        warming_up = self._fixed_candidates is None and step == 0 and not self.snapshots
-        if step % self.evaluate_every_n_steps == 0 and step != self.last_evaluation_step and not warming_up:
-            self._evaluate(step)
-        if not self.repack:
-            kept = self._kept(batch)
-            if kept is not None:
-                kept = select_inputs(batch, kept.to(batch.labels.device))
-                batch.dense_features, batch.sparse_features, batch.labels = (kept.dense_features,
-                                                                             kept.sparse_features, kept.labels)
-        spent = time.perf_counter() - began
-        self._own_s += spent
-        self.seconds += spent
+        with self._timed():
+            if not self.repack:
+                self._record(batch)
+            # Counted candidates need a window of recent batches before the first snapshot.
+            warming_up = self._fixed_candidates is None and step == 0 and not self.snapshots
+            if step % self.evaluate_every_n_steps == 0 and step != self.last_evaluation_step and not warming_up:
+                self._evaluate(step)
+            if not self.repack:
+                kept = self._kept(batch)
+                if kept is not None:
+                    kept = select_inputs(batch, kept.to(batch.labels.device))
+                    batch.dense_features, batch.sparse_features, batch.labels = (kept.dense_features,
+                                                                                 kept.sparse_features, kept.labels)
         self._log(trainer, pl_module, step)
 
     def kept_inputs(self, batch: Any) -> Tensor | None:
-        """Positions of the inputs of ``batch`` that the stale set in force keeps (never none; ``None`` when it
-        keeps all), with ``batch`` recorded in the sample and the counts. The data-pipeline path of ``repack``."""
+        """Positions of the inputs of ``batch`` that the stale set in force keeps (at least one; ``None`` when
+        it keeps all), with ``batch`` recorded in the sample and the counts. The data-pipeline path of
+        ``repack``."""
+        with self._timed():
+            self._record(batch)
+            return self._kept(batch)
+
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        """Counts the time inside as the callback's own (for ``stale/overhead`` and ``seconds``)."""
         began = time.perf_counter()
-        self._record(batch)
-        kept = self._kept(batch)
-        spent = time.perf_counter() - began
-        self._own_s += spent
-        self.seconds += spent
-        return kept
+        if self._log_started is None:
+            self._log_started = began
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - began
+            self._own_s += spent
+            self.seconds += spent
 
     def _record(self, batch: Any) -> None:
         sparse = getattr(batch, "sparse_features", None)

@@ -64,7 +64,7 @@ def repack_batches(batches: Iterable[Batch], keep: Callable[[Batch], Tensor | No
             pending.append(_pick(batch, index))
             held += count
             continue
-        room = max(batch_size - held, 0)  # this rank may hold less than a full batch: it yields what it has
+        room = batch_size - held  # held <= batch_size; a rank short of a full batch yields what it has
         if room >= count:
             pending.append(_pick(batch, index))
             rest: list[Batch] = []
@@ -89,8 +89,8 @@ def repack_batches(batches: Iterable[Batch], keep: Callable[[Batch], Tensor | No
 class RepackedLoader:
     """A training loader whose batches went through :func:`repack_batches` with a filter's ``kept_inputs``.
 
-    Records, per batch yielded, the inputs read from ``loader`` (``reads``, also appended to
-    ``filter.pulled_per_batch`` when it has one). It has no length: how many batches an epoch holds depends on
+    For each batch yielded it appends the number of inputs read from ``loader`` to ``filter.pulled_per_batch``,
+    when the filter has that list. It has no length: how many batches an epoch holds depends on
     how many inputs are dropped, and Lightning ends the epoch when they run out.
     """
 
