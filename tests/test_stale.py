@@ -279,6 +279,8 @@ def test_bad_arguments_fail_early_with_the_value_found():
         StaleEmbeddingSkipper(target_drop_fraction=1.5)
     with pytest.raises(ValueError, match="min_stale_lookups"):
         StaleEmbeddingSkipper(min_stale_lookups=0)
+    with pytest.raises(ValueError, match="repack_min_fill.*1.5"):
+        StaleEmbeddingSkipper(repack=True, repack_min_fill=1.5)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -324,13 +326,34 @@ def test_repack_packs_the_kept_inputs_in_order_into_full_batches():
         list(repack_batches(batches, lambda batch: torch.zeros(0, dtype=torch.long)))
 
 
+def test_repack_min_fill_lets_a_nearly_full_batch_go_on_without_joining_the_next():
+    batches = numbered_batches(6, 8)
+
+    def drop_input_3(batch: Batch) -> torch.Tensor | None:
+        labels = batch.labels.long()
+        return torch.nonzero(labels != 3).flatten() if bool((labels == 3).any()) else None
+
+    full = list(repack_batches(batches, drop_input_3))  # min_fill 1.0: one drop shifts every later batch
+    assert [int(b.labels.numel()) for b, _ in full] == [8, 8, 8, 8, 8, 7]
+    relaxed = list(repack_batches(batches, drop_input_3, min_fill=0.875))  # 7 of 8 is enough
+    assert [int(b.labels.numel()) for b, _ in relaxed] == [7, 8, 8, 8, 8, 8]
+    assert [read for _, read in relaxed] == [8] * 6
+    assert all(b.labels is a.labels for (b, _), a in zip(relaxed[1:], batches[1:], strict=True))  # not copied
+    assert torch.cat([b.labels for b, _ in relaxed]).long().tolist() == [n for n in range(48) if n != 3]
+    half = list(repack_batches(batches, lambda batch: torch.arange(4), min_fill=0.75))  # 4 kept per batch
+    assert [int(b.labels.numel()) for b, _ in half] == [8, 8, 8]
+    with pytest.raises(ValueError, match="min_fill"):
+        list(repack_batches(batches, drop_input_3, min_fill=0.0))
+
+
 def test_repack_trains_fewer_full_batches_and_restores_the_loader_afterwards():
     model = make_model()
     skipper = StaleEmbeddingSkipper(evaluate_every_n_steps=2, target_drop_fraction=0.5, tolerance=0.05,
                                     sample_batches=2, repack=True)
     trainer = fit(model, make_batches(12, [range(0, 60)]), [skipper])
     assert 0 < skipper.inputs_dropped and len(model.seen_sizes) < 12  # fewer steps than batches read
-    assert all(size == 256 for size in model.seen_sizes[:-1]) and 1 <= model.seen_sizes[-1] <= 256
+    # Every batch but the last holds at least repack_min_fill (default 0.9) of the batch size.
+    assert all(231 <= size <= 256 for size in model.seen_sizes[:-1]) and 1 <= model.seen_sizes[-1] <= 256
     assert sum(model.seen_sizes) == skipper.inputs_seen - skipper.inputs_dropped == 12 * 256 - skipper.inputs_dropped
     assert skipper.pulled_per_batch and sum(skipper.pulled_per_batch) == 12 * 256
     assert "dataloader" not in vars(trainer.fit_loop._data_source)  # the wrapper is gone after fit

@@ -118,6 +118,9 @@ class StaleEmbeddingSkipper(pl.Callback):
         repack: drop in the data pipeline and refill full batches from the following inputs: the training
             loop's loader is wrapped (it then has no length, and an epoch ends when its inputs do). Exact resume
             from checkpoints taken at the end of an epoch (Lightning's default).
+        repack_min_fill: with ``repack``, a batch goes on as soon as it holds this share of the batch size
+            (see :func:`~lightning_skew.data.repack.repack_batches`): a batch that lost only a few inputs is
+            trained as it is instead of being joined with the next one, which costs time at every step.
 
     .. note::
         A batch is never emptied: when every input would be dropped, its first input is kept. Inputs are
@@ -154,7 +157,10 @@ class StaleEmbeddingSkipper(pl.Callback):
         backoff_factor: float = 0.5,
         log_every_n_steps: int | None = None,
         repack: bool = False,
+        repack_min_fill: float = 0.9,
     ) -> None:
+        if not 0.0 < repack_min_fill <= 1.0:
+            raise ValueError(f"repack_min_fill must lie in (0, 1], got {repack_min_fill}")
         _validate(max_candidate_rows, evaluate_every_n_steps, threshold, target_drop_fraction, tolerance,
                   min_stale_lookups, sample_batches, guard_mode, backoff_factor)
         self.hot_rows = hot_rows
@@ -172,6 +178,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.backoff_factor = backoff_factor
         self.log_every_n_steps = log_every_n_steps
         self.repack = repack
+        self.repack_min_fill = repack_min_fill
         self._data_source: Any = None  # repack: Lightning's training data source, while wrapped
         self.pulled_per_batch: list[int] = []  # repack: inputs read from the loader for each batch trained
 
@@ -223,7 +230,7 @@ class StaleEmbeddingSkipper(pl.Callback):
             # fit); only the training loop's loader is filtered, not other callers of train_dataloader().
             source = trainer.fit_loop._data_source
             original = source.dataloader
-            source.dataloader = lambda: RepackedLoader(original(), self)
+            source.dataloader = lambda: RepackedLoader(original(), self, self.repack_min_fill)
             self._data_source = source
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
