@@ -123,20 +123,27 @@ def _collection(weighted: bool = False):
     return ebc, HotColdEmbeddingBagCollection(ebc, plan)
 
 
-def _batch(weighted: bool = False, batch_size: int = 6) -> KeyedJaggedTensor:
+def _batch(weighted: bool = False, batch_size: int = 6, one_hot: bool = False) -> KeyedJaggedTensor:
+    """Bags of 0-3 IDs with a feature the collection does not know, or (``one_hot``) one ID per bag of the
+    collection's features only, as in Criteo."""
     generator = torch.Generator().manual_seed(1)
     keys, sizes = ["fa", "extra", "fb", "fc", "fa2"], [100, 1000, 3, 50, 100]
+    if one_hot:
+        keys, sizes = ["fa", "fb", "fc", "fa2"], [100, 3, 50, 100]
     lengths = torch.randint(0, 4, (len(keys) * batch_size,), generator=generator)
+    if one_hot:
+        lengths = torch.ones_like(lengths)
     per_key = lengths.view(len(keys), batch_size).sum(1)
     values = torch.cat([torch.randint(0, s, (int(n),), generator=generator) for s, n in zip(sizes, per_key, strict=True)])
     weights = torch.rand(values.numel(), generator=generator) if weighted else None
     return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
 
 
+@pytest.mark.parametrize("one_hot", [False, True], ids=["bags", "one_hot"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
-def test_the_split_collection_pools_exactly_as_the_original(weighted):
+def test_the_split_collection_pools_exactly_as_the_original(weighted, one_hot):
     ebc, split = _collection(weighted)
-    batch = _batch(weighted)
+    batch = _batch(weighted, batch_size=64, one_hot=one_hot)
     expected, actual = ebc(batch), split(batch)
     assert actual.keys() == expected.keys()
     torch.testing.assert_close(actual.values(), expected.values(), atol=1e-6, rtol=1e-6)
@@ -146,14 +153,18 @@ def test_the_split_collection_pools_exactly_as_the_original(weighted):
     torch.testing.assert_close(grad, ebc.embedding_bags["a"].weight.grad[[1, 5, 7]])
 
 
-def test_counting_sees_every_training_lookup_and_ignores_other_features():
+@pytest.mark.parametrize("one_hot", [False, True], ids=["bags", "one_hot"])
+def test_counting_sees_every_training_lookup_and_ignores_other_features(one_hot):
     _, split = _collection()
-    batch = _batch()
+    batch = _batch(one_hot=one_hot)
     split.train()
     split.start_counting()
     split(batch)
-    per_key = dict(zip(batch.keys(), batch.lengths().view(5, -1).sum(1).tolist(), strict=True))
+    per_key = dict(zip(batch.keys(), batch.lengths().view(len(batch.keys()), -1).sum(1).tolist(), strict=True))
     assert int(split.counts.sum()) == sum(per_key[k] for k in ("fa", "fa2", "fb", "fc"))
+    by_key = batch.to_dict()  # table a's rows come first in the counts, and fa and fa2 share it
+    expected = torch.bincount(torch.cat([by_key["fa"].values(), by_key["fa2"].values()]), minlength=100)
+    assert torch.equal(split.counts[:100], expected)
 
 
 def test_a_hot_batch_that_looks_up_cold_rows_is_an_error_and_mean_pooling_is_refused():

@@ -135,7 +135,7 @@ class HotColdEmbeddingBagCollection(nn.Module):
         # Per row of every table end to end: its hot slot, or -1 (cold: the cold table holds it at its own ID).
         self._codes = torch.cat([hot_slots(t.hot_rows, t.spec.num_rows) for t in tables])
         self._routes: dict[tuple, tuple] = {}
-        self._columns: dict[tuple, Tensor] = {}
+        self._columns: dict[tuple, Tensor | None] = {}
 
     def set_placement(self, placement: Placement) -> None:
         """Route lookups by ``placement`` from now on. It must keep every table's hot row count (the shards'
@@ -205,6 +205,8 @@ class HotColdEmbeddingBagCollection(nn.Module):
         (all_known, known, offsets, codes, hot_index, hot_keys, cold_index,
          cold_keys) = self._route(keys, values.device)
         batch_size = features.stride()
+        if all_known and values.numel() == lengths.numel() == len(keys) * batch_size and bool((lengths == 1).all()):
+            return self._split_one_hot(features, offsets, codes, hot_index, hot_keys, cold_index, cold_keys)
         per_key = lengths.view(len(keys), batch_size).sum(1)
         index = values.long() + torch.repeat_interleave(offsets, per_key, output_size=values.numel())
         if not all_known:
@@ -217,12 +219,7 @@ class HotColdEmbeddingBagCollection(nn.Module):
             is_hot = is_hot & member
         slot = torch.where(is_hot, code, values.long())
         if self.training and self._counting:
-            if self.counts is None:
-                self.counts = torch.zeros(codes.numel(), dtype=torch.int64, device=index.device)
-            elif self.counts.device != index.device:  # counts restored from a checkpoint
-                self.counts = self.counts.to(index.device)
-            kept = index if all_known else index[member]
-            self.counts.index_add_(0, kept, torch.ones_like(kept))
+            self._count(index if all_known else index[member])
         # Hot lookups per (feature, input) bag: differences of the running count at the bag offsets. A bag of a
         # feature of this collection holds only known lookups, so its cold count is the rest.
         running = torch.cat([index.new_zeros(1), torch.cumsum(is_hot, 0)])
@@ -236,7 +233,41 @@ class HotColdEmbeddingBagCollection(nn.Module):
                                  weights=None if weights is None else weights[is_cold], stride=batch_size)
         return hot, cold
 
-    def _output_columns(self, pooled: KeyedTensor) -> Tensor:
+    def _split_one_hot(self, features: KeyedJaggedTensor, offsets: Tensor, codes: Tensor, hot_index: Tensor,
+                       hot_keys: list[str], cold_index: Tensor, cold_keys: list[str]
+                       ) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
+        """:meth:`split_features` for one lookup per (feature, input), as in Criteo: a ``[features, batch]`` grid
+        whose hot mask is itself the hot bags' lengths (no segment sums)."""
+        values, lengths, weights = features.values(), features.lengths(), features.weights_or_none()
+        batch_size = features.stride()
+        grid = values.long().view(-1, batch_size)
+        index = grid + offsets[:, None]
+        code = codes[index]
+        is_hot = code >= 0
+        slot = torch.where(is_hot, code, grid)
+        if self.training and self._counting:
+            self._count(index.flatten())
+        hot_mask, cold_mask = is_hot.flatten(), ~is_hot.flatten()
+        hot_lengths = is_hot.to(lengths.dtype)
+        hot = KeyedJaggedTensor(keys=hot_keys, values=slot.flatten()[hot_mask],
+                                lengths=hot_lengths.index_select(0, hot_index).flatten(),
+                                weights=None if weights is None else weights[hot_mask], stride=batch_size)
+        cold = KeyedJaggedTensor(keys=cold_keys, values=slot.flatten()[cold_mask],
+                                 lengths=(1 - hot_lengths).index_select(0, cold_index).flatten(),
+                                 weights=None if weights is None else weights[cold_mask], stride=batch_size)
+        return hot, cold
+
+    def _count(self, index: Tensor) -> None:
+        """Add one lookup to ``counts`` for each row in ``index`` (rows of all tables end to end)."""
+        if self.counts is None:
+            self.counts = torch.zeros(self._codes.numel(), dtype=torch.int64, device=index.device)
+        elif self.counts.device != index.device:  # counts restored from a checkpoint
+            self.counts = self.counts.to(index.device)
+        self.counts.index_add_(0, index, torch.ones_like(index))
+
+    def _output_columns(self, pooled: KeyedTensor) -> Tensor | None:
+        """The output columns of a part's pooled values; ``None`` when they are all columns in order (a part
+        that holds every feature)."""
         keys = tuple(pooled.keys())
         cache_key = (keys, pooled.values().device)
         if cache_key not in self._columns:
@@ -244,7 +275,9 @@ class HotColdEmbeddingBagCollection(nn.Module):
             for key, width in zip(keys, pooled.length_per_key(), strict=True):
                 start = self._column_offsets[self._original_name[key]]
                 columns.append(torch.arange(start, start + width))
-            self._columns[cache_key] = torch.cat(columns).to(pooled.values().device)
+            columns = torch.cat(columns)
+            identity = columns.numel() == self._total_dim and bool((columns == torch.arange(self._total_dim)).all())
+            self._columns[cache_key] = None if identity else columns.to(pooled.values().device)
         return self._columns[cache_key]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -261,10 +294,13 @@ class HotColdEmbeddingBagCollection(nn.Module):
             pooled.append(self.cold(cold))
         values = None
         for part in pooled:
-            part_values = part.values()
+            part_values, columns = part.values(), self._output_columns(part)
+            if columns is None:  # the part covers every output column in order: add it whole
+                values = part_values if values is None else values + part_values
+                continue
             if values is None:
                 values = part_values.new_zeros((features.stride(), self._total_dim))
-            values = values.index_add(1, self._output_columns(part), part_values)
+            values = values.index_add(1, columns, part_values)
         if values is None:  # every table cold and the cold part skipped
             values = torch.zeros((features.stride(), self._total_dim), device=features.values().device)
         return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding, values=values)
