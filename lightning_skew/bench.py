@@ -409,7 +409,7 @@ class _ClockCallback(pl.Callback):
 
 
 def fit_with_lightning(recipe: Recipe, callbacks: Sequence[pl.Callback] = (),
-                       strategy: TorchRecStrategy | None = None, accelerator: str = "cpu") -> TrainedRun:
+                       strategy: pl.strategies.Strategy | str | None = None, accelerator: str = "cpu") -> TrainedRun:
     """One epoch of ``Trainer.fit`` on one process with :class:`TorchRecStrategy` (or ``strategy``), without
     logger, checkpoints, progress bar or validation; ``callbacks`` are added (for variants built on this one)."""
     clock = StepClock()
@@ -553,6 +553,22 @@ def fit_with_hot_cold(recipe: Recipe, accelerator: str = "cpu", schedule: str | 
     return run
 
 
+def fit_with_plain_hot_cold(recipe: Recipe, accelerator: str = "cpu") -> TrainedRun:
+    """Lightning on one device without TorchRec sharding (``strategy="auto"``), the model placed by
+    :func:`~lightning_skew.strategies.plain_hot_cold.place_hot_cold`: hot rows with the model, cold rows in host
+    memory, plain PyTorch embedding bags (the path for GPUs without FBGEMM's CUDA build). The hot set is the
+    hot/cold variants' (5% profile, 8 MB), taken before the timed steps."""
+    from lightning_skew.strategies.plain_hot_cold import place_hot_cold
+
+    _reset_gpu_peak(accelerator)  # first: a machine without CUDA fails before the profile
+    placements = place_hot_cold(recipe.model, _profiled_hot_rows(recipe).hot_rows(recipe.datamodule),
+                                HOT_COLD_BUDGET_BYTES)
+    run = fit_with_lightning(recipe, strategy="auto", accelerator=accelerator)
+    run.extras = {"hot_rows": float(sum(t.num_hot for p in placements.values() for t in p.tables)),
+                  "hot_mb": sum(p.hot_bytes for p in placements.values()) / 1e6, **_gpu_peak(accelerator)}
+    return run
+
+
 def fit_on_gpu(recipe: Recipe, compute_kernel: str, cache_load_factor: float | None = None) -> TrainedRun:
     """Lightning with :class:`TorchRecStrategy` on one GPU, every table with ``compute_kernel``."""
     _reset_gpu_peak("gpu")
@@ -588,6 +604,8 @@ register_variant("hotcold_rebalance", "as hotcold, rebalancing every 100 steps f
     lambda recipe: fit_with_hot_cold(recipe, rebalance_every_n_steps=100))
 register_variant("hotcold_fae", "as hotcold, FAE batches: hot-only batches never touch the cold shard")(
     lambda recipe: fit_with_hot_cold(recipe, schedule="fae"))
+register_variant("hotcold_plain", "Lightning without sharding, hot/cold split with plain PyTorch embedding bags "
+                 "(CPU: both in host memory)")(fit_with_plain_hot_cold)
 register_variant("gpu_hbm", "GPU, every table in GPU memory (fused)")(lambda recipe: fit_on_gpu(recipe, "fused"))
 register_variant("gpu_host", "GPU, every table in host memory (fused_uvm)")(
     lambda recipe: fit_on_gpu(recipe, "fused_uvm"))
@@ -595,6 +613,9 @@ register_variant("gpu_uvm_cache", "GPU, TorchRec's UVM cache sized to the hot/co
     lambda recipe: fit_on_gpu(recipe, "fused_uvm_caching", hot_share_of_rows(recipe, HOT_COLD_BUDGET_BYTES)))
 register_variant("gpu_hotcold", "GPU, HotColdStrategy: hot rows in GPU memory, cold in host memory (fused_uvm)")(
     lambda recipe: fit_with_hot_cold(recipe, accelerator="gpu"))
+register_variant("gpu_hotcold_plain", "GPU without FBGEMM's CUDA build: hot rows in GPU memory (plain PyTorch "
+                 "embedding bags), cold rows looked up in host memory")(
+    lambda recipe: fit_with_plain_hot_cold(recipe, accelerator="gpu"))
 register_variant("gpu_hotcold_fae", "as gpu_hotcold, FAE batches (hot batches stay in GPU memory)")(
     lambda recipe: fit_with_hot_cold(recipe, accelerator="gpu", schedule="fae"))
 

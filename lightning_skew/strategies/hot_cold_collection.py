@@ -223,7 +223,8 @@ class HotColdEmbeddingBagCollection(nn.Module):
         # Hot lookups per (feature, input) bag: differences of the running count at the bag offsets. A bag of a
         # feature of this collection holds only known lookups, so its cold count is the rest.
         running = torch.cat([index.new_zeros(1), torch.cumsum(is_hot, 0)])
-        hot_lengths = running[features.offsets().long()].diff().view(len(keys), batch_size)
+        bag_offsets = torch.cat([index.new_zeros(1), torch.cumsum(lengths.long(), 0)])  # torch only: no FBGEMM op
+        hot_lengths = running[bag_offsets].diff().view(len(keys), batch_size)
         cold_lengths = lengths.view(len(keys), batch_size) - hot_lengths
         hot = KeyedJaggedTensor(keys=hot_keys, values=slot[is_hot],
                                 lengths=hot_lengths.index_select(0, hot_index).flatten().to(lengths.dtype),
@@ -280,18 +281,22 @@ class HotColdEmbeddingBagCollection(nn.Module):
             self._columns[cache_key] = None if identity else columns.to(pooled.values().device)
         return self._columns[cache_key]
 
+    def _pool(self, part: nn.Module, features: KeyedJaggedTensor) -> KeyedTensor:
+        """One part's pooled embeddings of its lookups (the part's own collection, sharded or not)."""
+        return part(features)
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         hot, cold = self.split_features(features)
         pooled = []
         if self.hot is not None:
-            pooled.append(self.hot(hot))
+            pooled.append(self._pool(self.hot, hot))
         if self.skip_cold:
             if cold.values().numel():
                 raise RuntimeError(f"a batch marked hot looks up {cold.values().numel()} cold rows; its hot set is not "
                                    "inside the placement's hot rows")
             self.skipped_cold += 1
         elif self.cold is not None:
-            pooled.append(self.cold(cold))
+            pooled.append(self._pool(self.cold, cold))
         values = None
         for part in pooled:
             part_values, columns = part.values(), self._output_columns(part)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ from lightning_skew.strategies.sharded_state import (
 from lightning_skew.strategies.sharding import shard_module
 from lightning_skew.strategies.torchrec import TorchRecStrategy
 
-__all__ = ["HotColdStrategy", "ORIGINAL_IDS_FORMAT"]
+__all__ = ["HotColdStrategy", "ORIGINAL_IDS_FORMAT", "bytes_per_row", "embedding_bag_collections", "place_collections"]
 
 ORIGINAL_IDS_FORMAT = "original-ids-v1"
 
@@ -200,33 +201,11 @@ class HotColdStrategy(TorchRecStrategy):
         return kernels
 
     def _place(self, module: nn.Module) -> None:
-        found = [(name, m) for name, m in embedding_modules(module) if isinstance(m, EmbeddingBagCollection)]
-        if not found:
-            raise MisconfigurationException(
-                f"{type(module).__name__} holds no TorchRec EmbeddingBagCollection; HotColdStrategy has nothing to "
-                "place")
+        found = embedding_bag_collections(module)
         specs = [spec for _, ebc in found for spec in table_specs(ebc)]
-        names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise MisconfigurationException(f"HotColdStrategy needs unique table names across collections: {names}")
-        sizes = self._bytes_per_row(module, specs)
-        hot_set = self._hot_set(specs, sizes)
-        placement = plan_placement(specs, [_table_rows(hot_set, spec) for spec in specs], self.budget_bytes, sizes)
-        start = 0
-        for name, ebc in found:
-            count = len(ebc.embedding_bag_configs())
-            part = Placement(placement.tables[start:start + count], placement.budget_bytes,
-                             placement.bytes_per_row[start:start + count])
-            start += count
-            _replace(module, name, HotColdEmbeddingBagCollection(ebc, part))
-
-    def _bytes_per_row(self, module: nn.Module, specs: list[TableSpec]) -> list[int]:
-        names = embedding_optimizer_names(module) or ({self.embedding_optimizer} if self.embedding_optimizer else set())
-        sizes = []
-        for spec in specs:
-            sizes.append(max((row_bytes(spec.embedding_dim, 4, n) for n in names),
-                             default=row_bytes(spec.embedding_dim, 4, "sgd")))
-        return sizes
+        sizes = bytes_per_row(module, specs, self.embedding_optimizer)
+        place_collections(module, found, self._hot_set(specs, sizes), self.budget_bytes, sizes,
+                          HotColdEmbeddingBagCollection)
 
     def _hot_set(self, specs: list[TableSpec], sizes: list[int]) -> RowSet:
         datamodule = getattr(self._trainer, "datamodule", None)
@@ -487,6 +466,43 @@ class HotColdStrategy(TorchRecStrategy):
     def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
         incoming = from_original_ids(checkpoint["state_dict"], self.collections())
         super().load_model_state_dict({**checkpoint, "state_dict": incoming}, strict=strict)
+
+
+def embedding_bag_collections(module: nn.Module) -> list[tuple[str, EmbeddingBagCollection]]:
+    """``(path, collection)`` of every TorchRec ``EmbeddingBagCollection`` of ``module``, with unique table names;
+    a clear error when there is none."""
+    found = [(name, m) for name, m in embedding_modules(module) if isinstance(m, EmbeddingBagCollection)]
+    if not found:
+        raise MisconfigurationException(
+            f"{type(module).__name__} holds no TorchRec EmbeddingBagCollection; there is nothing to place hot or cold")
+    names = [spec.name for _, ebc in found for spec in table_specs(ebc)]
+    if len(set(names)) != len(names):
+        raise MisconfigurationException(f"hot/cold placement needs unique table names across collections: {names}")
+    return found
+
+
+def bytes_per_row(module: nn.Module, specs: list[TableSpec], optimizer: str | None = None) -> list[int]:
+    """Fast-memory bytes of one row of each table: fp32 weights plus the state of the module's embedding
+    optimizer (``optimizer`` when the module carries none yet; plain SGD when neither is known)."""
+    names = embedding_optimizer_names(module) or ({optimizer} if optimizer else set())
+    return [max((row_bytes(spec.embedding_dim, 4, n) for n in names), default=row_bytes(spec.embedding_dim, 4, "sgd"))
+            for spec in specs]
+
+
+def place_collections(module: nn.Module, found: list[tuple[str, EmbeddingBagCollection]], hot_set: RowSet,
+                      budget_bytes: int, sizes: list[int],
+                      build: Callable[[EmbeddingBagCollection, Placement], nn.Module]) -> None:
+    """Plan one placement of all tables of ``found`` (``hot_set`` cut to ``budget_bytes``, ``sizes`` bytes per
+    row) and replace each collection in ``module`` by ``build(collection, its part of the placement)``."""
+    specs = [spec for _, ebc in found for spec in table_specs(ebc)]
+    placement = plan_placement(specs, [_table_rows(hot_set, spec) for spec in specs], budget_bytes, sizes)
+    start = 0
+    for name, ebc in found:
+        count = len(ebc.embedding_bag_configs())
+        part = Placement(placement.tables[start:start + count], placement.budget_bytes,
+                         placement.bytes_per_row[start:start + count])
+        start += count
+        _replace(module, name, build(ebc, part))
 
 
 def _replace(module: nn.Module, path: str, new: nn.Module) -> None:

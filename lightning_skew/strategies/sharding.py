@@ -22,7 +22,7 @@ from lightning_skew.optim import (
 )
 from lightning_skew.strategies.sharded_state import copy_into_shards
 
-__all__ = ["DEFAULT_SHARDING_TYPES", "plan_rows", "plan_sharding", "shard_module"]
+__all__ = ["DEFAULT_SHARDING_TYPES", "fbgemm_has_cuda", "plan_rows", "plan_sharding", "shard_module"]
 
 # Sharding types TorchRec offers on every device. Row-wise sharding and the UVM kernels need CUDA;
 # data-parallel tables would keep their optimizer state outside the fused optimizer.
@@ -96,6 +96,12 @@ def shard_module(module: nn.Module, device: torch.device, sharding_types: list[s
                 "fuse_embedding_optimizer(self, ...) in the module, or give TorchRecStrategy(embedding_optimizer="
                 "'rowwise_adagrad', embedding_lr=...).")
         fuse_embedding_optimizer(module, embedding_optimizer, embedding_lr)
+    if device.type == "cuda" and not fbgemm_has_cuda():
+        raise MisconfigurationException(
+            "TorchRec's sharded embeddings run on CUDA only with FBGEMM's CUDA build (the fbgemm-gpu package), and "
+            "this one has no CUDA kernels (fbgemm-gpu-cpu?). Install fbgemm-gpu for your CUDA version; or, for hot "
+            "rows on the GPU and cold rows in host memory without it, place the module with lightning_skew."
+            "strategies.plain_hot_cold.place_hot_cold and train it with strategy='auto' on one GPU.")
     cuda_only = embedding_optimizer_names(module) & CUDA_ONLY_EMBEDDING_OPTIMIZERS
     if cuda_only and device.type != "cuda":
         raise MisconfigurationException(
@@ -115,6 +121,17 @@ def shard_module(module: nn.Module, device: torch.device, sharding_types: list[s
     copy_into_shards(module.state_dict(), initial)
     object.__setattr__(module, _DMP_ATTR, dmp)
     return dmp
+
+
+def fbgemm_has_cuda() -> bool:
+    """Whether FBGEMM's operators run on CUDA tensors here (its CUDA build is installed and a GPU is present)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        torch.ops.fbgemm.asynchronous_complete_cumsum(torch.zeros(1, dtype=torch.int64, device="cuda"))
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+    return True
 
 
 def _table_configs(module: nn.Module) -> list:

@@ -1,0 +1,187 @@
+"""Hot/cold placement with plain PyTorch embedding bags: hot rows live with the model, cold rows in host memory.
+
+TorchRec's sharded kernels (what :class:`~lightning_skew.strategies.HotColdStrategy` uses) need FBGEMM's
+CUDA build to run on a GPU. Where only the CPU build is installed, this path places the same split without
+them: :class:`PlainHotColdEmbeddingBagCollection` keeps the hot shard in the module's own device (moved with
+the LightningModule, so on the GPU under ``accelerator="gpu"``) and pins the cold shard to ``cold_device``
+(host memory): the cold lookups run there and only their pooled output crosses to the GPU. Both shards train
+with sparse gradients (only the rows a step looked up are touched) and the embedding optimizer applied in
+backward, as TorchRec fuses it.
+
+:func:`place_hot_cold` replaces every ``EmbeddingBagCollection`` of a module by such a collection, for a
+single-process run under any Lightning strategy that does not shard (``"auto"``, one device).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from lightning_skew.optim import sparse_capable
+from lightning_skew.placement import Placement
+from lightning_skew.rowsets import RowSet
+from lightning_skew.strategies.hot_cold_collection import (
+    COLD_SUFFIX,
+    HOT_SUFFIX,
+    HotColdEmbeddingBagCollection,
+    table_specs,
+)
+from lightning_skew.strategies.hotcold import bytes_per_row, embedding_bag_collections, place_collections
+
+__all__ = ["PlainHotColdEmbeddingBagCollection", "place_hot_cold"]
+
+
+class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
+    """A :class:`~lightning_skew.strategies.hot_cold_collection.HotColdEmbeddingBagCollection` computed with
+    ``torch.nn.functional.embedding_bag`` instead of TorchRec's kernels, its cold shard pinned to ``cold_device``.
+
+    Moving the module (``.to()``, ``.cuda()``, Lightning's move to the root device) moves the hot shard and
+    leaves the cold shard where it is; the embedding optimizers' state follows its rows. Lookups are split
+    on the batch's device; the cold ones are copied to ``cold_device``, pooled there, and the pooled values
+    copied back. Every table trains with sparse gradients and its embedding optimizer in backward
+    (row-wise Adagrad as :class:`~lightning_skew.optim.SparseRowWiseAdagrad`, Adagrad or SGD), so a step touches
+    only the rows it looked up. The optimizers' state is part of the module's ``state_dict`` (extra state), so
+    a Lightning checkpoint resumes it. Pooling is exact: the same outputs, gradients and updates as the
+    original collection, to floating-point rounding.
+
+    Args:
+        ebc: the collection to replace (plain, not sharded), its embedding optimizer already fused in.
+        placement: the hot rows of each of its tables.
+        cold_device: where the cold shard lives and is looked up (host memory: ``"cpu"``).
+    """
+
+    def __init__(self, ebc: EmbeddingBagCollection, placement: Placement, cold_device: str | torch.device = "cpu"
+                 ) -> None:
+        super().__init__(ebc, placement)
+        self.cold_device = torch.device(cold_device)
+        if self.cold is not None:
+            self.cold.to(self.cold_device)
+        self._part_names = {id(part): [n for names in get_embedding_names_by_table(part.embedding_bag_configs())
+                                       for n in names]
+                            for part in (self.hot, self.cold) if part is not None}
+
+    def _carry_optimizer(self, ebc: EmbeddingBagCollection) -> None:
+        """Each part's table gets the sparse-gradient form of its original table's embedding optimizer."""
+        for cfg in self._configs:
+            original = ebc.embedding_bags[cfg.name].weight
+            classes = getattr(original, "_optimizer_classes", None)
+            if not classes:
+                raise ValueError(f"table {cfg.name!r} carries no embedding optimizer; call lightning_skew.optim."
+                                 "fuse_embedding_optimizer on the module before placing it")
+            optimizer = sparse_capable(classes[0])
+            for part, suffix in ((self.hot, HOT_SUFFIX), (self.cold, COLD_SUFFIX)):
+                if part is not None and cfg.name + suffix in part.embedding_bags:
+                    weight = part.embedding_bags[cfg.name + suffix].weight
+                    _apply_optimizer_in_backward(optimizer, [weight], dict(original._optimizer_kwargs[0]))
+
+    def _parts(self) -> list[EmbeddingBagCollection]:
+        return [part for part in (self.hot, self.cold) if part is not None]
+
+    # -- devices ------------------------------------------------------------------------------------------
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PlainHotColdEmbeddingBagCollection:
+        before = self._optimizers()
+        cold = self._modules.pop("cold", None)  # the cold shard stays in host memory
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            if cold is not None:
+                self._modules["cold"] = cold
+        # The optimizers' state follows its rows; a move that made new Parameters (to or from "meta", say)
+        # gets the optimizer applied in backward again, with its state.
+        for key, (old_weight, optimizers) in before.items():
+            weight = self._weight(key)
+            if weight is not old_weight and not getattr(weight, "_in_backward_optimizers", None):
+                for optimizer in optimizers:
+                    _apply_optimizer_in_backward(type(optimizer), [weight], dict(optimizer.defaults))
+                    weight._in_backward_optimizers[-1].state[weight] = optimizer.state[old_weight]
+            for optimizer in getattr(weight, "_in_backward_optimizers", []):
+                optimizer.state[weight] = {k: v.to(weight.device) if isinstance(v, Tensor) and v.dim() else v
+                                           for k, v in optimizer.state[weight].items()}
+        return self
+
+    def _weight(self, key: tuple[str, str]) -> Tensor:
+        return getattr(self, key[0]).embedding_bags[key[1]].weight
+
+    def _optimizers(self) -> dict[tuple[str, str], tuple[Tensor, list[torch.optim.Optimizer]]]:
+        """``(part, inner table) -> (weight, its optimizers applied in backward)``."""
+        return {(part_name, name): (bag.weight, list(getattr(bag.weight, "_in_backward_optimizers", [])))
+                for part_name in ("hot", "cold") if getattr(self, part_name) is not None
+                for name, bag in getattr(self, part_name).embedding_bags.items()}
+
+    # -- forward ------------------------------------------------------------------------------------------
+
+    def _pool(self, part: nn.Module, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Sum-pool each feature's bags with its table's weight, on the device the part lives in."""
+        weights = {cfg.name: part.embedding_bags[cfg.name].weight for cfg in part.embedding_bag_configs()}
+        device = next(iter(weights.values())).device
+        out_device = features.values().device
+        keys = list(features.keys())
+        batch_size = features.stride()
+        values = features.values().to(device, non_blocking=True).long()
+        lengths = features.lengths().to(device, non_blocking=True).long().view(len(keys), batch_size)
+        per_sample = features.weights_or_none()
+        per_sample = None if per_sample is None else per_sample.to(device, non_blocking=True)
+        counts = lengths.sum(1).tolist()
+        ids = torch.split(values, counts)
+        bag_weights = torch.split(per_sample, counts) if per_sample is not None else [None] * len(keys)
+        zero = lengths.new_zeros(1)
+        pooled = []
+        for cfg in part.embedding_bag_configs():
+            for feature in cfg.feature_names:
+                index = keys.index(feature)
+                offsets = torch.cat([zero, torch.cumsum(lengths[index], 0)])
+                pooled.append(F.embedding_bag(ids[index], weights[cfg.name], offsets, mode="sum", sparse=True,
+                                              per_sample_weights=bag_weights[index], include_last_offset=True))
+        names = self._part_names[id(part)]
+        widths = [cfg.embedding_dim for cfg in part.embedding_bag_configs() for _ in cfg.feature_names]
+        return KeyedTensor(keys=names, length_per_key=widths,
+                           values=torch.cat(pooled, dim=1).to(out_device, non_blocking=True))
+
+    # -- optimizer state in checkpoints -------------------------------------------------------------------
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The embedding optimizers' state per inner table (saved with the module's ``state_dict``)."""
+        state = {}
+        for part in self._parts():
+            for name, bag in part.embedding_bags.items():
+                for optimizer in getattr(bag.weight, "_in_backward_optimizers", []):
+                    state[name] = {k: v.detach().clone() if isinstance(v, Tensor) else v
+                                   for k, v in optimizer.state[bag.weight].items()}
+        return {"optimizer_state": state}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("optimizer_state", {})
+        for part in self._parts():
+            for name, bag in part.embedding_bags.items():
+                if name not in saved:
+                    continue
+                for optimizer in getattr(bag.weight, "_in_backward_optimizers", []):
+                    optimizer.state[bag.weight] = {k: v.to(bag.weight.device) if isinstance(v, Tensor) else v
+                                                   for k, v in saved[name].items()}
+
+
+def place_hot_cold(module: nn.Module, hot_rows: RowSet, budget_bytes: int, cold_device: str | torch.device = "cpu"
+                   ) -> dict[str, Placement]:
+    """Replace every ``EmbeddingBagCollection`` of ``module`` by a :class:`PlainHotColdEmbeddingBagCollection`:
+    the rows of ``hot_rows`` (a profile's hot set, see :class:`~lightning_skew.profile.AccessProfile`) cut to
+    ``budget_bytes`` of weights plus optimizer state form the hot shards, the rest stays in ``cold_device``.
+
+    Call it on the LightningModule before ``trainer.fit`` (the embedding optimizer fused in, as
+    :class:`~lightning_skew.models.DLRMModule` does), and train with a strategy that does not shard (one
+    process). Returns the placement of each collection, by its path in ``module``.
+    """
+    if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes <= 0:
+        raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
+    found = embedding_bag_collections(module)
+    specs = [spec for _, ebc in found for spec in table_specs(ebc)]
+    place_collections(module, found, hot_rows, budget_bytes, bytes_per_row(module, specs),
+                      lambda ebc, part: PlainHotColdEmbeddingBagCollection(ebc, part, cold_device))
+    return {name: m.placement for name, m in module.named_modules()
+            if isinstance(m, PlainHotColdEmbeddingBagCollection)}

@@ -1,0 +1,177 @@
+"""The plain-PyTorch hot/cold path: sparse row-wise Adagrad, the collection that pins its cold shard to host memory,
+and a Lightning fit of a DLRM placed with it (CPU here; the CUDA test runs wherever CUDA is present)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+sys.path.insert(0, str(Path(__file__).parent))
+from strategy_worker import RecordLosses, make_data, make_model  # noqa: E402
+from test_hot_cold import _batch  # noqa: E402
+
+from lightning_skew.optim import SparseRowWiseAdagrad, fuse_embedding_optimizer  # noqa: E402
+from lightning_skew.placement import plan_placement  # noqa: E402
+from lightning_skew.profile import AccessProfile  # noqa: E402
+from lightning_skew.strategies.hot_cold_collection import table_specs  # noqa: E402
+from lightning_skew.strategies.hot_cold_state import to_original_ids  # noqa: E402
+from lightning_skew.strategies.plain_hot_cold import PlainHotColdEmbeddingBagCollection, place_hot_cold  # noqa: E402
+
+
+def test_sparse_rowwise_adagrad_updates_the_looked_up_rows_as_rowwise_adagrad_does():
+    torch.manual_seed(0)
+    dense = torch.nn.Parameter(torch.randn(10, 4))
+    sparse = torch.nn.Parameter(dense.detach().clone())
+    reference, optimizer = RowWiseAdagrad([dense], lr=0.1), SparseRowWiseAdagrad([sparse], lr=0.1)
+    for rows in ([1, 3, 3], [3, 7], [0, 1, 9, 9, 9]):
+        ids = torch.tensor(rows)
+        grad_out = torch.randn(len(rows), 4)
+        torch.nn.functional.embedding(ids, dense).mul(grad_out).sum().backward()
+        torch.nn.functional.embedding(ids, sparse, sparse=True).mul(grad_out).sum().backward()
+        assert sparse.grad.is_sparse
+        reference.step(), optimizer.step()
+        reference.zero_grad(), optimizer.zero_grad()
+    torch.testing.assert_close(sparse, dense, atol=1e-6, rtol=0)
+    torch.testing.assert_close(optimizer.state[sparse]["sum"], reference.state[dense]["sum"], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        SparseRowWiseAdagrad([sparse], lr=0.1, weight_decay=0.01)
+
+
+def _pair(weighted: bool = False) -> tuple[EmbeddingBagCollection, PlainHotColdEmbeddingBagCollection]:
+    """An original collection and a plain hot/cold copy of an identical one, both with row-wise Adagrad fused."""
+    collections = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        tables = [EmbeddingBagConfig(name="a", embedding_dim=4, num_embeddings=100, feature_names=["fa", "fa2"]),
+                  EmbeddingBagConfig(name="b", embedding_dim=4, num_embeddings=3, feature_names=["fb"]),
+                  EmbeddingBagConfig(name="c", embedding_dim=8, num_embeddings=50, feature_names=["fc"])]
+        ebc = EmbeddingBagCollection(tables, is_weighted=weighted)
+        fuse_embedding_optimizer(ebc, "rowwise_adagrad", lr=0.1)
+        collections.append(ebc)
+    plan = plan_placement(table_specs(collections[1]), [torch.tensor([1, 5, 7]), torch.tensor([0]),
+                                                        torch.zeros(0, dtype=torch.int64)],
+                          budget_bytes=130, bytes_per_row=[20, 20, 36])
+    return collections[0], PlainHotColdEmbeddingBagCollection(collections[1], plan)
+
+
+@pytest.mark.parametrize("one_hot", [False, True], ids=["bags", "one_hot"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_plain_split_pools_and_trains_exactly_as_the_original(weighted, one_hot):
+    ebc, split = _pair(weighted)
+    for step in range(3):
+        batch = _batch(weighted, batch_size=32, one_hot=one_hot)
+        expected, actual = ebc(batch), split(batch)
+        assert actual.keys() == expected.keys()
+        torch.testing.assert_close(actual.values(), expected.values(), atol=1e-6, rtol=0)
+        grad_out = torch.randn_like(expected.values(), generator=torch.Generator().manual_seed(step))
+        (expected.values() * grad_out).sum().backward()  # the fused optimizers step in backward
+        (actual.values() * grad_out).sum().backward()
+    inner = {f"ebc.{k}": v for k, v in split.state_dict().items() if k.endswith(".weight")}
+    merged = to_original_ids(inner, {"ebc": split})
+    for name in ("a", "b", "c"):
+        torch.testing.assert_close(merged[f"ebc.embedding_bags.{name}.weight"], ebc.embedding_bags[name].weight,
+                                   atol=1e-6, rtol=0)
+    assert split.hot.embedding_bags["a__hot"].weight.grad is None  # applied in backward, nothing left behind
+
+
+def test_moving_the_module_moves_the_hot_shard_and_leaves_the_cold_one_in_host_memory():
+    _, split = _pair()
+    split(_batch()).values().sum().backward()  # optimizer state exists now
+    split.to("meta")
+    assert split.hot.embedding_bags["a__hot"].weight.device.type == "meta"
+    assert split.cold.embedding_bags["a__cold"].weight.device.type == "cpu"
+    optimizers = split.hot.embedding_bags["a__hot"].weight._in_backward_optimizers
+    assert optimizers[0].state[split.hot.embedding_bags["a__hot"].weight]["sum"].device.type == "meta"
+
+
+def test_an_embedding_optimizer_without_sparse_updates_is_a_clear_error():
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="a", embedding_dim=4, num_embeddings=10,
+                                                     feature_names=["fa"])])
+    fuse_embedding_optimizer(ebc, "adam", lr=0.01)
+    plan = plan_placement(table_specs(ebc), [torch.tensor([1])], budget_bytes=100, bytes_per_row=[48])
+    with pytest.raises(ValueError, match="Adam does not take sparse gradients"):
+        PlainHotColdEmbeddingBagCollection(ebc, plan)
+
+
+# -- a DLRM placed with place_hot_cold, trained by a plain Lightning Trainer --------------------------------
+
+
+def _fit(model: pl.LightningModule, data, epochs: int, root: Path, ckpt_path: str | None = None
+         ) -> tuple[pl.Trainer, list[float]]:
+    losses = RecordLosses()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         default_root_dir=root, enable_checkpointing=False, callbacks=[losses])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+    return trainer, losses.losses
+
+
+def _placed(data, budget_bytes: int = 200 * 36):
+    model = make_model(data, "rowwise_adagrad")
+    profile = AccessProfile.for_datamodule(data)
+    for batch in data.train_dataloader():
+        profile.update(batch.sparse_features)
+    placements = place_hot_cold(model, profile.hot_rows(budget_bytes=budget_bytes, embedding_dim=8), budget_bytes)
+    return model, placements
+
+
+def _tables(model: pl.LightningModule) -> dict[str, torch.Tensor]:
+    collections = {n: m for n, m in model.named_modules() if isinstance(m, PlainHotColdEmbeddingBagCollection)}
+    inner = {k: v for k, v in model.state_dict().items() if k.endswith(".weight") and "embedding_bags" in k}
+    return to_original_ids(inner, collections)
+
+
+def test_a_placed_dlrm_trains_as_the_plain_one_and_resumes_exactly(tmp_path):
+    data = make_data(1)
+    reference = make_model(data, "rowwise_adagrad")
+    _, expected = _fit(reference, data, 2, tmp_path / "reference")
+    model, placements = _placed(data)
+    kinds = {row[1] for placement in placements.values() for row in placement.rows()}
+    assert "split" in kinds and "hot" in kinds  # small tables whole, larger ones split
+    _, losses = _fit(model, data, 2, tmp_path / "placed")
+    torch.testing.assert_close(losses, expected, atol=1e-5, rtol=0)
+    wanted = {k: v for k, v in reference.state_dict().items() if "embedding_bags" in k}
+    got = _tables(model)
+    assert sorted(got) == sorted(wanted)
+    for key, value in wanted.items():
+        torch.testing.assert_close(got[key], value, atol=1e-5, rtol=0, msg=key)
+
+    first, _ = _placed(data)  # one epoch, a checkpoint, then the second epoch from it
+    trainer, first_losses = _fit(first, data, 1, tmp_path / "first")
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed, _ = _placed(data)
+    _, resumed_losses = _fit(resumed, data, 2, tmp_path / "resumed", ckpt_path=str(tmp_path / "epoch1.ckpt"))
+    torch.testing.assert_close(first_losses + resumed_losses, losses, atol=1e-6, rtol=0)
+    for key, value in _tables(model).items():
+        torch.testing.assert_close(_tables(resumed)[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_hot_shards_train_on_the_gpu_and_cold_shards_in_host_memory():
+    ebc, split = _pair()
+    split.cuda()
+    assert split.hot.embedding_bags["a__hot"].weight.is_cuda
+    assert not split.cold.embedding_bags["a__cold"].weight.is_cuda
+    for step in range(3):
+        batch = _batch(batch_size=32, one_hot=bool(step % 2))
+        expected, actual = ebc(batch), split(batch.to(torch.device("cuda")))
+        assert actual.values().is_cuda
+        torch.testing.assert_close(actual.values().cpu(), expected.values(), atol=1e-5, rtol=0)
+        grad_out = torch.randn_like(expected.values())
+        (expected.values() * grad_out).sum().backward()
+        (actual.values() * grad_out.cuda()).sum().backward()
+    weights = {f"ebc.{k}": v.cpu() for k, v in split.state_dict().items() if k.endswith(".weight")}
+    merged = to_original_ids(weights, {"ebc": split})
+    for name in ("a", "b", "c"):
+        torch.testing.assert_close(merged[f"ebc.embedding_bags.{name}.weight"], ebc.embedding_bags[name].weight,
+                                   atol=1e-5, rtol=0)
