@@ -44,8 +44,9 @@ def test_sparse_rowwise_adagrad_updates_the_looked_up_rows_as_rowwise_adagrad_do
         SparseRowWiseAdagrad([sparse], lr=0.1, weight_decay=0.01)
 
 
-def _pair(weighted: bool = False) -> tuple[EmbeddingBagCollection, PlainHotColdEmbeddingBagCollection]:
-    """An original collection and a plain hot/cold copy of an identical one, both with row-wise Adagrad fused."""
+def _pair(weighted: bool = False, optimizer: str = "rowwise_adagrad"
+          ) -> tuple[EmbeddingBagCollection, PlainHotColdEmbeddingBagCollection]:
+    """An original collection and a plain hot/cold copy of an identical one, both with ``optimizer`` fused."""
     collections = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -53,7 +54,7 @@ def _pair(weighted: bool = False) -> tuple[EmbeddingBagCollection, PlainHotColdE
                   EmbeddingBagConfig(name="b", embedding_dim=4, num_embeddings=3, feature_names=["fb"]),
                   EmbeddingBagConfig(name="c", embedding_dim=8, num_embeddings=50, feature_names=["fc"])]
         ebc = EmbeddingBagCollection(tables, is_weighted=weighted)
-        fuse_embedding_optimizer(ebc, "rowwise_adagrad", lr=0.1)
+        fuse_embedding_optimizer(ebc, optimizer, lr=0.1)
         collections.append(ebc)
     plan = plan_placement(table_specs(collections[1]), [torch.tensor([1, 5, 7]), torch.tensor([0]),
                                                         torch.zeros(0, dtype=torch.int64)],
@@ -61,10 +62,12 @@ def _pair(weighted: bool = False) -> tuple[EmbeddingBagCollection, PlainHotColdE
     return collections[0], PlainHotColdEmbeddingBagCollection(collections[1], plan)
 
 
-@pytest.mark.parametrize("one_hot", [False, True], ids=["bags", "one_hot"])
-@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
-def test_plain_split_pools_and_trains_exactly_as_the_original(weighted, one_hot):
-    ebc, split = _pair(weighted)
+@pytest.mark.parametrize(("weighted", "one_hot", "optimizer"),
+                         [(False, False, "rowwise_adagrad"), (True, False, "rowwise_adagrad"),
+                          (False, True, "rowwise_adagrad"), (True, True, "rowwise_adagrad"),
+                          (False, False, "adagrad"), (False, True, "sgd")])
+def test_plain_split_pools_and_trains_exactly_as_the_original(weighted, one_hot, optimizer):
+    ebc, split = _pair(weighted, optimizer)
     for step in range(3):
         batch = _batch(weighted, batch_size=32, one_hot=one_hot)
         expected, actual = ebc(batch), split(batch)

@@ -102,8 +102,7 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
                     _apply_optimizer_in_backward(type(optimizer), [weight], dict(optimizer.defaults))
                     weight._in_backward_optimizers[-1].state[weight] = optimizer.state[old_weight]
             for optimizer in getattr(weight, "_in_backward_optimizers", []):
-                optimizer.state[weight] = {k: v.to(weight.device) if isinstance(v, Tensor) and v.dim() else v
-                                           for k, v in optimizer.state[weight].items()}
+                optimizer.state[weight] = _on_device(optimizer.state[weight], weight.device)
         return self
 
     def _weight(self, key: tuple[str, str]) -> Tensor:
@@ -124,10 +123,11 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
         out_device = features.values().device
         keys = list(features.keys())
         batch_size = features.stride()
-        values = features.values().to(device, non_blocking=True).long()
-        lengths = features.lengths().to(device, non_blocking=True).long().view(len(keys), batch_size)
+        # Blocking copies: a non-blocking copy from the GPU to host memory may be read before it lands.
+        values = features.values().to(device).long()
+        lengths = features.lengths().to(device).long().view(len(keys), batch_size)
         per_sample = features.weights_or_none()
-        per_sample = None if per_sample is None else per_sample.to(device, non_blocking=True)
+        per_sample = None if per_sample is None else per_sample.to(device)
         counts = lengths.sum(1).tolist()
         ids = torch.split(values, counts)
         bag_weights = torch.split(per_sample, counts) if per_sample is not None else [None] * len(keys)
@@ -163,8 +163,13 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
                 if name not in saved:
                     continue
                 for optimizer in getattr(bag.weight, "_in_backward_optimizers", []):
-                    optimizer.state[bag.weight] = {k: v.to(bag.weight.device) if isinstance(v, Tensor) else v
-                                                   for k, v in saved[name].items()}
+                    optimizer.state[bag.weight] = _on_device(saved[name], bag.weight.device)
+
+
+def _on_device(state: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """An optimizer's per-parameter state with its per-row tensors on ``device`` (scalar step counts stay on the
+    CPU, where torch's optimizers keep them)."""
+    return {k: v.to(device) if isinstance(v, Tensor) and v.dim() else v for k, v in state.items()}
 
 
 def place_hot_cold(module: nn.Module, hot_rows: RowSet, budget_bytes: int, cold_device: str | torch.device = "cpu"
