@@ -12,6 +12,7 @@ import pytest
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from strategy_worker import RecordLosses, make_data, make_model  # noqa: E402
@@ -82,6 +83,28 @@ def test_plain_split_pools_and_trains_exactly_as_the_original(weighted, one_hot,
         torch.testing.assert_close(merged[f"ebc.embedding_bags.{name}.weight"], ebc.embedding_bags[name].weight,
                                    atol=1e-6, rtol=0)
     assert split.hot.embedding_bags["a__hot"].weight.grad is None  # applied in backward, nothing left behind
+
+
+def test_a_batch_of_hot_rows_only_never_touches_the_cold_shard():
+    ebc, split = _pair()
+    cold_before = {k: v.detach().clone() for k, v in split.cold.state_dict().items()}
+    hot_rows = {"fa": [1, 5, 7], "fa2": [5], "fb": [0], "fc": []}  # table c has no hot rows: fc's bags stay empty
+    lengths, values = [], []
+    for key in ("fa", "fb", "fc", "fa2"):
+        for i in range(4):
+            bag = hot_rows[key][: i % (len(hot_rows[key]) + 1)]
+            lengths.append(len(bag))
+            values += bag
+    batch = KeyedJaggedTensor(keys=["fa", "fb", "fc", "fa2"], values=torch.tensor(values),
+                              lengths=torch.tensor(lengths))
+    expected, actual = ebc(batch), split(batch)
+    torch.testing.assert_close(actual.values(), expected.values(), atol=1e-6, rtol=0)
+    actual.values().sum().backward()
+    assert split.skipped_cold == 1
+    for key, value in split.cold.state_dict().items():
+        assert torch.equal(value, cold_before[key]), key  # no lookup, no update, no optimizer state
+    split(_batch())  # a batch with cold lookups runs the cold shard again
+    assert split.skipped_cold == 1
 
 
 def test_moving_the_module_moves_the_hot_shard_and_leaves_the_cold_one_in_host_memory():

@@ -117,12 +117,22 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
     # -- forward ------------------------------------------------------------------------------------------
 
     def _pool(self, part: nn.Module, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Sum-pool each feature's bags with its table's weight, on the device the part lives in."""
+        """Sum-pool each feature's bags with its table's weight, on the device the part lives in. A part with no
+        lookups in the batch is not touched at all (a hot-only batch never reaches host memory); its pooled
+        values are zeros, made where the batch is."""
         weights = {cfg.name: part.embedding_bags[cfg.name].weight for cfg in part.embedding_bag_configs()}
         device = next(iter(weights.values())).device
         out_device = features.values().device
         keys = list(features.keys())
         batch_size = features.stride()
+        names = self._part_names[id(part)]
+        widths = [cfg.embedding_dim for cfg in part.embedding_bag_configs() for _ in cfg.feature_names]
+        if features.values().numel() == 0:
+            if part is self.cold:
+                self.skipped_cold += 1
+            dtype = next(iter(weights.values())).dtype
+            return KeyedTensor(keys=names, length_per_key=widths,
+                               values=torch.zeros(batch_size, sum(widths), dtype=dtype, device=out_device))
         # Blocking copies: a non-blocking copy from the GPU to host memory may be read before it lands.
         values = features.values().to(device).long()
         lengths = features.lengths().to(device).long().view(len(keys), batch_size)
@@ -139,8 +149,6 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
                 offsets = torch.cat([zero, torch.cumsum(lengths[index], 0)])
                 pooled.append(F.embedding_bag(ids[index], weights[cfg.name], offsets, mode="sum", sparse=True,
                                               per_sample_weights=bag_weights[index], include_last_offset=True))
-        names = self._part_names[id(part)]
-        widths = [cfg.embedding_dim for cfg in part.embedding_bag_configs() for _ in cfg.feature_names]
         return KeyedTensor(keys=names, length_per_key=widths,
                            values=torch.cat(pooled, dim=1).to(out_device, non_blocking=True))
 
