@@ -164,6 +164,8 @@ def test_a_placed_dlrm_trains_as_the_plain_one_and_resumes_exactly(tmp_path):
     model, placements = _placed(data)
     kinds = {row[1] for placement in placements.values() for row in placement.rows()}
     assert "split" in kinds and "hot" in kinds  # small tables whole, larger ones split
+    with pytest.raises(ValueError, match="placed already"):
+        place_hot_cold(model, AccessProfile.for_datamodule(data).hot_rows(budget_bytes=36, embedding_dim=8), 36)
     _, losses = _fit(model, data, 2, tmp_path / "placed")
     torch.testing.assert_close(losses, expected, atol=1e-5, rtol=0)
     wanted = {k: v for k, v in reference.state_dict().items() if "embedding_bags" in k}

@@ -192,6 +192,10 @@ def place_hot_cold(module: nn.Module, hot_rows: RowSet, budget_bytes: int, cold_
     """
     if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes <= 0:
         raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
+    placed = [name for name, m in module.named_modules() if isinstance(m, HotColdEmbeddingBagCollection)]
+    if placed:
+        raise ValueError(f"{type(module).__name__} is placed already (hot/cold collections at {placed}); place the "
+                         "module as built, once")
     found = embedding_bag_collections(module)
     specs = [spec for _, ebc in found for spec in table_specs(ebc)]
     place_collections(module, found, hot_rows, budget_bytes, bytes_per_row(module, specs),
