@@ -6,10 +6,12 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -18,12 +20,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from strategy_worker import RecordLosses, make_data, make_model  # noqa: E402
 from test_hot_cold import _batch  # noqa: E402
 
+from lightning_skew.callbacks import PlainHotColdPlacement  # noqa: E402
 from lightning_skew.optim import SparseRowWiseAdagrad, fuse_embedding_optimizer  # noqa: E402
 from lightning_skew.placement import plan_placement  # noqa: E402
 from lightning_skew.profile import AccessProfile  # noqa: E402
 from lightning_skew.strategies.hot_cold_collection import table_specs  # noqa: E402
-from lightning_skew.strategies.hot_cold_state import to_original_ids  # noqa: E402
+from lightning_skew.strategies.hot_cold_state import hot_cold_collections, to_original_ids  # noqa: E402
 from lightning_skew.strategies.plain_hot_cold import PlainHotColdEmbeddingBagCollection, place_hot_cold  # noqa: E402
+from lightning_skew.strategies.torchrec import TorchRecStrategy  # noqa: E402
 
 
 def test_sparse_rowwise_adagrad_updates_the_looked_up_rows_as_rowwise_adagrad_does():
@@ -130,12 +134,13 @@ def test_an_embedding_optimizer_without_sparse_updates_is_a_clear_error():
 # -- a DLRM placed with place_hot_cold, trained by a plain Lightning Trainer --------------------------------
 
 
-def _fit(model: pl.LightningModule, data, epochs: int, root: Path, ckpt_path: str | None = None
-         ) -> tuple[pl.Trainer, list[float]]:
+def _fit(model: pl.LightningModule, data, epochs: int, root: Path, ckpt_path: str | None = None,
+         callbacks: list[pl.Callback] | None = None, strategy: Any = "auto") -> tuple[pl.Trainer, list[float]]:
     losses = RecordLosses()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                         default_root_dir=root, enable_checkpointing=False, callbacks=[losses])
+                         default_root_dir=root, enable_checkpointing=False, callbacks=[losses, *(callbacks or [])],
+                         strategy=strategy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, data, ckpt_path=ckpt_path)
@@ -182,6 +187,23 @@ def test_a_placed_dlrm_trains_as_the_plain_one_and_resumes_exactly(tmp_path):
     torch.testing.assert_close(first_losses + resumed_losses, losses, atol=1e-6, rtol=0)
     for key, value in _tables(model).items():
         torch.testing.assert_close(_tables(resumed)[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def test_the_placement_callback_places_the_module_at_fit_as_place_hot_cold_does(tmp_path):
+    data = make_data(1)
+    reference = make_model(data, "rowwise_adagrad")
+    _, expected = _fit(reference, data, 1, tmp_path / "reference")
+    model = make_model(data, "rowwise_adagrad")
+    placement = PlainHotColdPlacement(budget_bytes=200 * 36, sample_fraction=0.5)
+    _, losses = _fit(model, data, 1, tmp_path / "placed", callbacks=[placement])
+    assert placement.placements and sorted(placement.placements) == sorted(hot_cold_collections(model))
+    assert sum(t.num_hot for p in placement.placements.values() for t in p.tables) > 0
+    torch.testing.assert_close(losses, expected, atol=1e-5, rtol=0)
+    with pytest.raises(MisconfigurationException, match="HotColdStrategy"):
+        _fit(make_model(data, "rowwise_adagrad"), data, 1, tmp_path / "torchrec", strategy=TorchRecStrategy(),
+             callbacks=[PlainHotColdPlacement(budget_bytes=200 * 36)])
+    with pytest.raises(ValueError, match="budget_bytes"):
+        PlainHotColdPlacement(budget_bytes=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,0 +1,73 @@
+"""PlainHotColdPlacement: the plain-PyTorch hot/cold split as a callback, so recipes can turn it on in YAML."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_skew.placement import Placement
+from lightning_skew.profile import ProfiledHotRows
+from lightning_skew.strategies.hot_cold_collection import table_specs
+from lightning_skew.strategies.hot_cold_state import hot_cold_collections
+from lightning_skew.strategies.hotcold import embedding_bag_collections
+from lightning_skew.strategies.plain_hot_cold import place_hot_cold
+from lightning_skew.strategies.torchrec import TorchRecStrategy
+
+__all__ = ["PlainHotColdPlacement"]
+
+
+class PlainHotColdPlacement(pl.Callback):
+    """At the start of ``fit``, places the LightningModule's embedding tables hot and cold with plain PyTorch
+    embedding bags (:func:`~lightning_skew.strategies.plain_hot_cold.place_hot_cold`): hot rows move with the
+    module (to the GPU under ``accelerator="gpu"``), cold rows stay in host memory.
+
+    It is the path for a GPU without FBGEMM's CUDA build, under a strategy that does not shard (``"auto"``, one
+    process); with TorchRec's sharding use :class:`~lightning_skew.strategies.HotColdStrategy` instead. The hot
+    set is cut to ``budget_bytes`` from a saved access profile (``profile_path``) or from a fresh profile of
+    ``sample_fraction`` of the training batches (deterministic: the same rows on every run, so a checkpoint of
+    a placed module loads into the next placed run). The plan is printed and kept in :attr:`placements`.
+
+    Args:
+        budget_bytes: fast memory for hot rows, optimizer state included (4-byte weights).
+        profile_path: an ``AccessProfile`` file (``lightning-skew profile``); ``None`` profiles at setup.
+        sample_fraction: share of training batches profiled when there is no ``profile_path``.
+        cold_device: where the cold rows live and are looked up.
+    """
+
+    def __init__(self, budget_bytes: int, profile_path: str | None = None, sample_fraction: float = 0.05,
+                 cold_device: str = "cpu") -> None:
+        if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
+        if not 0 < sample_fraction <= 1:
+            raise ValueError(f"sample_fraction must lie in (0, 1], got {sample_fraction}")
+        self.budget_bytes = budget_bytes
+        self.profile_path = profile_path
+        self.sample_fraction = sample_fraction
+        self.cold_device = cold_device
+        self.placements: dict[str, Placement] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or hot_cold_collections(pl_module):  # placed already: a second fit of the same module
+            return
+        if isinstance(trainer.strategy, TorchRecStrategy):
+            raise MisconfigurationException(
+                "PlainHotColdPlacement places tables for a strategy that does not shard; under TorchRecStrategy use "
+                "HotColdStrategy(budget_bytes=...) instead")
+        if trainer.world_size > 1:
+            raise MisconfigurationException(
+                f"PlainHotColdPlacement runs on one process (world size {trainer.world_size}); for several use "
+                "HotColdStrategy")
+        if trainer.datamodule is None and self.profile_path is None:
+            raise MisconfigurationException("PlainHotColdPlacement needs a DataModule to profile, or profile_path")
+        specs = [spec for _, ebc in embedding_bag_collections(pl_module) for spec in table_specs(ebc)]
+        dims = {spec.embedding_dim for spec in specs}
+        if len(dims) != 1:
+            raise MisconfigurationException(f"PlainHotColdPlacement needs one embedding dimension across tables, got "
+                                            f"{sorted(dims)}; use place_hot_cold with a hot set of your own")
+        source = ProfiledHotRows(self.budget_bytes, profile_path=self.profile_path, embedding_dim=dims.pop(),
+                                 sample_fraction=self.sample_fraction)
+        self.placements = place_hot_cold(pl_module, source.hot_rows(trainer.datamodule), self.budget_bytes,
+                                         self.cold_device)
+        text = "\n".join(f"{path}:\n{placement.describe()}" for path, placement in self.placements.items())
+        rank_zero_info(f"Hot/cold placement (plain PyTorch, cold rows in {self.cold_device}):\n{text}")
