@@ -25,7 +25,7 @@ from lightning_skew.optim import SparseRowWiseAdagrad, fuse_embedding_optimizer 
 from lightning_skew.placement import plan_placement  # noqa: E402
 from lightning_skew.profile import AccessProfile  # noqa: E402
 from lightning_skew.strategies.hot_cold_collection import table_specs  # noqa: E402
-from lightning_skew.strategies.hot_cold_state import hot_cold_collections, to_original_ids  # noqa: E402
+from lightning_skew.strategies.hot_cold_state import hot_cold_collections  # noqa: E402
 from lightning_skew.strategies.plain_hot_cold import PlainHotColdEmbeddingBagCollection, place_hot_cold  # noqa: E402
 from lightning_skew.strategies.torchrec import TorchRecStrategy  # noqa: E402
 
@@ -81,10 +81,10 @@ def test_plain_split_pools_and_trains_exactly_as_the_original(weighted, one_hot,
         grad_out = torch.randn_like(expected.values(), generator=torch.Generator().manual_seed(step))
         (expected.values() * grad_out).sum().backward()  # the fused optimizers step in backward
         (actual.values() * grad_out).sum().backward()
-    inner = {f"ebc.{k}": v for k, v in split.state_dict().items() if k.endswith(".weight")}
-    merged = to_original_ids(inner, {"ebc": split})
+    merged = split.state_dict()  # whole tables by row ID, as the original collection names them
+    assert sorted(merged) == sorted(ebc.state_dict())
     for name in ("a", "b", "c"):
-        torch.testing.assert_close(merged[f"ebc.embedding_bags.{name}.weight"], ebc.embedding_bags[name].weight,
+        torch.testing.assert_close(merged[f"embedding_bags.{name}.weight"], ebc.embedding_bags[name].weight,
                                    atol=1e-6, rtol=0)
     assert split.hot.embedding_bags["a__hot"].weight.grad is None  # applied in backward, nothing left behind
 
@@ -157,12 +157,10 @@ def _placed(data, budget_bytes: int = 200 * 36):
 
 
 def _tables(model: pl.LightningModule) -> dict[str, torch.Tensor]:
-    collections = {n: m for n, m in model.named_modules() if isinstance(m, PlainHotColdEmbeddingBagCollection)}
-    inner = {k: v for k, v in model.state_dict().items() if k.endswith(".weight") and "embedding_bags" in k}
-    return to_original_ids(inner, collections)
+    return {k: v for k, v in model.state_dict().items() if "embedding_bags" in k}
 
 
-def test_a_placed_dlrm_trains_as_the_plain_one_and_resumes_exactly(tmp_path):
+def test_a_placed_dlrm_trains_as_the_plain_one_with_its_state_in_the_datasets_ids(tmp_path):
     data = make_data(1)
     reference = make_model(data, "rowwise_adagrad")
     _, expected = _fit(reference, data, 2, tmp_path / "reference")
@@ -173,32 +171,55 @@ def test_a_placed_dlrm_trains_as_the_plain_one_and_resumes_exactly(tmp_path):
         place_hot_cold(model, AccessProfile.for_datamodule(data).hot_rows(budget_bytes=36, embedding_dim=8), 36)
     _, losses = _fit(model, data, 2, tmp_path / "placed")
     torch.testing.assert_close(losses, expected, atol=1e-5, rtol=0)
-    wanted = {k: v for k, v in reference.state_dict().items() if "embedding_bags" in k}
-    got = _tables(model)
-    assert sorted(got) == sorted(wanted)
-    for key, value in wanted.items():
-        torch.testing.assert_close(got[key], value, atol=1e-5, rtol=0, msg=key)
-
-    first, _ = _placed(data)  # one epoch, a checkpoint, then the second epoch from it
-    trainer, first_losses = _fit(first, data, 1, tmp_path / "first")
-    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
-    resumed, _ = _placed(data)
-    _, resumed_losses = _fit(resumed, data, 2, tmp_path / "resumed", ckpt_path=str(tmp_path / "epoch1.ckpt"))
-    torch.testing.assert_close(first_losses + resumed_losses, losses, atol=1e-6, rtol=0)
-    for key, value in _tables(model).items():
-        torch.testing.assert_close(_tables(resumed)[key], value, atol=1e-6, rtol=0, msg=key)
+    # The state dict is the unsplit module's, keys and whole tables: it loads strictly both ways.
+    assert sorted(model.state_dict()) == sorted(reference.state_dict())
+    for key, value in _tables(reference).items():
+        torch.testing.assert_close(_tables(model)[key], value, atol=1e-5, rtol=0, msg=key)
+    unsplit = make_model(data, "rowwise_adagrad")
+    unsplit.load_state_dict(model.state_dict())
+    smaller, _ = _placed(data, budget_bytes=50 * 36)  # another placement takes the tables too
+    smaller.load_state_dict(unsplit.state_dict())
+    batch = next(iter(data.val_dataloader()))
+    with torch.no_grad():
+        torch.testing.assert_close(smaller(batch), model(batch), atol=1e-6, rtol=0)
+        torch.testing.assert_close(unsplit(batch), model(batch), atol=1e-6, rtol=0)
 
 
-def test_the_placement_callback_places_the_module_at_fit_as_place_hot_cold_does(tmp_path):
+def test_optimizer_state_moves_between_placements_in_the_datasets_ids():
+    bigger, smaller = _pair(), _pair()
+    ebc, split = bigger
+    plan = plan_placement(table_specs(ebc), [torch.tensor([9, 2]), torch.tensor([1, 2]), torch.tensor([4])],
+                          budget_bytes=130, bytes_per_row=[20, 20, 36])
+    other = PlainHotColdEmbeddingBagCollection(smaller[0], plan)  # the original of the second pair, re-placed
+    for _ in range(2):
+        split(_batch(batch_size=32)).values().sum().backward()
+    other.load_state_dict(split.state_dict())
+    other.load_optimizer_state(split.optimizer_state())
+    assert split.optimizer_state()["a"]["sum"].shape == (100, 1)
+    for module in (split, other):
+        module(_batch(batch_size=32, one_hot=True)).values().sum().backward()
+    for key, value in split.state_dict().items():
+        torch.testing.assert_close(other.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
+    for table, state in split.optimizer_state().items():
+        torch.testing.assert_close(other.optimizer_state()[table]["sum"], state["sum"], atol=1e-6, rtol=0)
+
+
+def test_the_placement_callback_places_at_fit_and_resumes_exactly_from_a_checkpoint(tmp_path):
     data = make_data(1)
     reference = make_model(data, "rowwise_adagrad")
-    _, expected = _fit(reference, data, 1, tmp_path / "reference")
-    model = make_model(data, "rowwise_adagrad")
+    _, expected = _fit(reference, data, 2, tmp_path / "reference")
+    first = make_model(data, "rowwise_adagrad")
     placement = PlainHotColdPlacement(budget_bytes=200 * 36, sample_fraction=0.5)
-    _, losses = _fit(model, data, 1, tmp_path / "placed", callbacks=[placement])
-    assert placement.placements and sorted(placement.placements) == sorted(hot_cold_collections(model))
+    trainer, first_losses = _fit(first, data, 1, tmp_path / "first", callbacks=[placement])
+    assert placement.placements and sorted(placement.placements) == sorted(hot_cold_collections(first))
     assert sum(t.num_hot for p in placement.placements.values() for t in p.tables) > 0
-    torch.testing.assert_close(losses, expected, atol=1e-5, rtol=0)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = make_model(data, "rowwise_adagrad")  # under another budget: the checkpoint is in the dataset's IDs
+    _, resumed_losses = _fit(resumed, data, 2, tmp_path / "resumed", ckpt_path=str(tmp_path / "epoch1.ckpt"),
+                             callbacks=[PlainHotColdPlacement(budget_bytes=80 * 36, sample_fraction=0.5)])
+    torch.testing.assert_close(first_losses + resumed_losses, expected, atol=1e-5, rtol=0)
+    for key, value in _tables(reference).items():
+        torch.testing.assert_close(_tables(resumed)[key], value, atol=1e-5, rtol=0, msg=key)
     with pytest.raises(MisconfigurationException, match="HotColdStrategy"):
         _fit(make_model(data, "rowwise_adagrad"), data, 1, tmp_path / "torchrec", strategy=TorchRecStrategy(),
              callbacks=[PlainHotColdPlacement(budget_bytes=200 * 36)])
@@ -220,8 +241,7 @@ def test_on_cuda_hot_shards_train_on_the_gpu_and_cold_shards_in_host_memory():
         grad_out = torch.randn_like(expected.values())
         (expected.values() * grad_out).sum().backward()
         (actual.values() * grad_out.cuda()).sum().backward()
-    weights = {f"ebc.{k}": v.cpu() for k, v in split.state_dict().items() if k.endswith(".weight")}
-    merged = to_original_ids(weights, {"ebc": split})
+    merged = split.state_dict()
     for name in ("a", "b", "c"):
-        torch.testing.assert_close(merged[f"ebc.embedding_bags.{name}.weight"], ebc.embedding_bags[name].weight,
+        torch.testing.assert_close(merged[f"embedding_bags.{name}.weight"], ebc.embedding_bags[name].weight,
                                    atol=1e-5, rtol=0)

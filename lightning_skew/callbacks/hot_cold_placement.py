@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 
 from lightning_skew.placement import Placement
 from lightning_skew.profile import ProfiledHotRows
@@ -25,8 +28,12 @@ class PlainHotColdPlacement(pl.Callback):
     It is the path for a GPU without FBGEMM's CUDA build, under a strategy that does not shard (``"auto"``, one
     process); with TorchRec's sharding use :class:`~lightning_skew.strategies.HotColdStrategy` instead. The hot
     set is cut to ``budget_bytes`` from a saved access profile (``profile_path``) or from a fresh profile of
-    ``sample_fraction`` of the training batches (deterministic: the same rows on every run, so a checkpoint of
-    a placed module loads into the next placed run). The plan is printed and kept in :attr:`placements`.
+    ``sample_fraction`` of the training batches (deterministic: the same rows on every run). The plan is printed
+    and kept in :attr:`placements`.
+
+    Checkpoints: the module's weights are saved in the dataset's ID space (whole tables, the unsplit module's
+    keys), and this callback's state holds the embedding optimizers' state the same way, so a run resumes
+    exactly, under this budget or another, and the weights load into the unsplit module.
 
     Args:
         budget_bytes: fast memory for hot rows, optimizer state included (4-byte weights).
@@ -46,9 +53,14 @@ class PlainHotColdPlacement(pl.Callback):
         self.sample_fraction = sample_fraction
         self.cold_device = cold_device
         self.placements: dict[str, Placement] = {}
+        self._pending_optimizer_state: dict[str, Any] | None = None  # restored before the module was placed
+        self._module: nn.Module | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or hot_cold_collections(pl_module):  # placed already: a second fit of the same module
+        if stage != "fit":
+            return
+        self._module = pl_module
+        if hot_cold_collections(pl_module):  # placed already: a second fit of the same module
             return
         if isinstance(trainer.strategy, TorchRecStrategy):
             raise MisconfigurationException(
@@ -71,3 +83,26 @@ class PlainHotColdPlacement(pl.Callback):
                                          self.cold_device)
         text = "\n".join(f"{path}:\n{placement.describe()}" for path, placement in self.placements.items())
         rank_zero_info(f"Hot/cold placement (plain PyTorch, cold rows in {self.cold_device}):\n{text}")
+        if self._pending_optimizer_state is not None:
+            self._load_optimizer_state(pl_module, self._pending_optimizer_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        module = self._module
+        if module is None:
+            return {}
+        return {"optimizer_state": {path: c.optimizer_state() for path, c in hot_cold_collections(module).items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("optimizer_state")
+        if saved is None:
+            return
+        if self._module is not None and hot_cold_collections(self._module):
+            self._load_optimizer_state(self._module, saved)
+        else:
+            self._pending_optimizer_state = saved
+
+    def _load_optimizer_state(self, module: nn.Module, saved: dict[str, Any]) -> None:
+        for path, collection in hot_cold_collections(module).items():
+            if path in saved:
+                collection.load_optimizer_state(saved[path])
+        self._pending_optimizer_state = None

@@ -24,7 +24,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embed
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from lightning_skew.optim import sparse_capable
-from lightning_skew.placement import Placement
+from lightning_skew.placement import COLD, HOT, Placement
 from lightning_skew.rowsets import RowSet
 from lightning_skew.strategies.hot_cold_collection import (
     COLD_SUFFIX,
@@ -46,9 +46,15 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
     on the batch's device; the cold ones are copied to ``cold_device``, pooled there, and the pooled values
     copied back. Every table trains with sparse gradients and its embedding optimizer in backward
     (row-wise Adagrad as :class:`~lightning_skew.optim.SparseRowWiseAdagrad`, Adagrad or SGD), so a step touches
-    only the rows it looked up. The optimizers' state is part of the module's ``state_dict`` (extra state), so
-    a Lightning checkpoint resumes it. Pooling is exact: the same outputs, gradients and updates as the
-    original collection, to floating-point rounding.
+    only the rows it looked up. Pooling is exact: the same outputs, gradients and updates as the original
+    collection, to floating-point rounding.
+
+    Its ``state_dict`` is in the dataset's ID space: each table whole, under the original collection's keys
+    (``embedding_bags.<table>.weight``), so it loads into the unsplit module, and ``load_state_dict`` takes an
+    unsplit collection's or another placement's tables. The embedding optimizers' state, which a plain module
+    keeps outside its ``state_dict``, comes and goes through :meth:`optimizer_state` and
+    :meth:`load_optimizer_state` (the :class:`~lightning_skew.callbacks.PlainHotColdPlacement` callback puts it
+    in Lightning checkpoints).
 
     Args:
         ebc: the collection to replace (plain, not sharded), its embedding optimizer already fused in.
@@ -65,6 +71,8 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
         self._part_names = {id(part): [n for names in get_embedding_names_by_table(part.embedding_bag_configs())
                                        for n in names]
                             for part in (self.hot, self.cold) if part is not None}
+        self.register_state_dict_post_hook(_state_to_original_ids)
+        self.register_load_state_dict_pre_hook(_state_from_original_ids)
 
     def _carry_optimizer(self, ebc: EmbeddingBagCollection) -> None:
         """Each part's table gets the sparse-gradient form of its original table's embedding optimizer."""
@@ -152,26 +160,79 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
         return KeyedTensor(keys=names, length_per_key=widths,
                            values=torch.cat(pooled, dim=1).to(out_device, non_blocking=True))
 
-    # -- optimizer state in checkpoints -------------------------------------------------------------------
+    # -- state in the dataset's ID space -------------------------------------------------------------------
 
-    def get_extra_state(self) -> dict[str, Any]:
-        """The embedding optimizers' state per inner table (saved with the module's ``state_dict``)."""
-        state = {}
-        for part in self._parts():
-            for name, bag in part.embedding_bags.items():
-                for optimizer in getattr(bag.weight, "_in_backward_optimizers", []):
-                    state[name] = {k: v.detach().clone() if isinstance(v, Tensor) else v
-                                   for k, v in optimizer.state[bag.weight].items()}
-        return {"optimizer_state": state}
+    def _inner_weight_keys(self, prefix: str) -> dict[str, dict[str, str]]:
+        """Original table -> ``{"hot"|"cold": inner weight key}`` under ``prefix``."""
+        keys: dict[str, dict[str, str]] = {}
+        for inner, (table, part) in self.inner_tables().items():
+            keys.setdefault(table, {})[part] = f"{prefix}{part}.embedding_bags.{inner}.weight"
+        return keys
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        saved = state.get("optimizer_state", {})
-        for part in self._parts():
-            for name, bag in part.embedding_bags.items():
-                if name not in saved:
-                    continue
-                for optimizer in getattr(bag.weight, "_in_backward_optimizers", []):
-                    optimizer.state[bag.weight] = _on_device(saved[name], bag.weight.device)
+    def state_to_original_ids(self, state: dict[str, Any], prefix: str) -> None:
+        """Each table of ``state`` (this module's entries under ``prefix``) whole, in row-ID order, under the
+        original collection's key (the ``state_dict`` hook)."""
+        for table, parts in self._inner_weight_keys(prefix).items():
+            found = {part: state.pop(key) for part, key in parts.items() if key in state}
+            if found:
+                hot, cold = found.get(HOT), found.get(COLD)
+                state[f"{prefix}embedding_bags.{table}.weight"] = self.merge_table(
+                    table, None if hot is None else hot.cpu(), None if cold is None else cold.cpu())
+
+    def state_from_original_ids(self, state: dict[str, Any], prefix: str) -> None:
+        """Whole tables in ``state`` (any placement's, or an unsplit collection's) as this placement's parts (the
+        ``load_state_dict`` pre-hook)."""
+        for table in self._inner_weight_keys(prefix):
+            key = f"{prefix}embedding_bags.{table}.weight"
+            if key in state:
+                for inner, rows in self.split_table(table, state.pop(key)).items():
+                    part = HOT if inner.endswith(HOT_SUFFIX) else COLD
+                    state[f"{prefix}{part}.embedding_bags.{inner}.weight"] = rows
+
+    def optimizer_state(self) -> dict[str, dict[str, Any]]:
+        """The embedding optimizers' state per original table, per-row tensors whole in row-ID order (on the
+        CPU); for checkpoints (see :class:`~lightning_skew.callbacks.PlainHotColdPlacement`)."""
+        by_table: dict[str, dict[str, dict[str, Any]]] = {}
+        for inner, (table, part) in self.inner_tables().items():
+            weight = getattr(self, part).embedding_bags[inner].weight
+            for optimizer in getattr(weight, "_in_backward_optimizers", []):
+                by_table.setdefault(table, {})[part] = optimizer.state[weight]
+        out: dict[str, dict[str, Any]] = {}
+        for table, parts in by_table.items():
+            names = {name for state in parts.values() for name in state}
+            out[table] = {}
+            for name in sorted(names):
+                hot, cold = parts.get(HOT, {}).get(name), parts.get(COLD, {}).get(name)
+                if any(isinstance(v, Tensor) and v.dim() for v in (hot, cold)):  # per-row state
+                    out[table][name] = self.merge_table(table, None if hot is None else hot.cpu(),
+                                                        None if cold is None else cold.cpu())
+                else:  # a scalar (a step count): the hot part's, else the cold part's
+                    out[table][name] = hot if hot is not None else cold
+        return out
+
+    def load_optimizer_state(self, state: dict[str, dict[str, Any]]) -> None:
+        """Inverse of :meth:`optimizer_state`, under this collection's placement (any budget's state fits)."""
+        for inner, (table, part) in self.inner_tables().items():
+            if table not in state:
+                continue
+            weight = getattr(self, part).embedding_bags[inner].weight
+            entries = {}
+            for name, value in state[table].items():
+                if isinstance(value, Tensor) and value.dim():
+                    value = self.split_table(table, value)[inner]
+                entries[name] = value
+            for optimizer in getattr(weight, "_in_backward_optimizers", []):
+                optimizer.state[weight] = _on_device(entries, weight.device)
+
+
+def _state_to_original_ids(module: PlainHotColdEmbeddingBagCollection, state: dict[str, Any], prefix: str,
+                           metadata: Any) -> None:
+    module.state_to_original_ids(state, prefix)
+
+
+def _state_from_original_ids(module: PlainHotColdEmbeddingBagCollection, state: dict[str, Any], prefix: str,
+                             *args: Any) -> None:
+    module.state_from_original_ids(state, prefix)
 
 
 def _on_device(state: dict[str, Any], device: torch.device) -> dict[str, Any]:
