@@ -117,13 +117,17 @@ class HotColdEmbeddingBagCollection(nn.Module):
         """Give each part's table the embedding optimizer its original table carried (if any)."""
         for cfg in self._configs:
             original = ebc.embedding_bags[cfg.name].weight
-            classes = getattr(original, "_optimizer_classes", None)
-            if not classes:
+            optimizer = self._part_optimizer(cfg.name, getattr(original, "_optimizer_classes", None))
+            if optimizer is None:
                 continue
             for part, suffix in ((self.hot, HOT_SUFFIX), (self.cold, COLD_SUFFIX)):
                 if part is not None and cfg.name + suffix in part.embedding_bags:
                     weight = part.embedding_bags[cfg.name + suffix].weight
-                    _apply_optimizer_in_backward(classes[0], [weight], dict(original._optimizer_kwargs[0]))
+                    _apply_optimizer_in_backward(optimizer, [weight], dict(original._optimizer_kwargs[0]))
+
+    def _part_optimizer(self, table: str, classes: list[type] | None) -> type | None:
+        """The optimizer class a part of ``table`` gets from the ``classes`` its original carried (none: none)."""
+        return classes[0] if classes else None
 
     def _set_routing(self, placement: Placement) -> None:
         tables = placement.tables

@@ -22,7 +22,7 @@ from lightning_skew.strategies.hot_cold_collection import (
 )
 
 __all__ = ["flatten_optimizer_state", "from_original_ids", "hot_cold_collections", "inner_weight_key",
-           "inner_weight_keys", "to_original_ids", "unflatten_optimizer_state"]
+           "inner_weight_keys", "original_weight_key", "to_original_ids", "unflatten_optimizer_state"]
 
 SEPARATOR = "::"
 
@@ -51,14 +51,15 @@ def inner_weight_key(path: str, part: str, inner_table: str) -> str:
     return f"{prefix}{part}.embedding_bags.{inner_table}.weight"
 
 
-def _original_weight_key(path: str, table: str) -> str:
+def original_weight_key(path: str, table: str) -> str:
+    """State key of an original table's weight: ``<path>.embedding_bags.<table>.weight``."""
     prefix = f"{path}." if path else ""
     return f"{prefix}embedding_bags.{table}.weight"
 
 
 def _inner_keys(collections: dict[str, HotColdEmbeddingBagCollection]) -> dict[str, tuple[str, str, str, str]]:
     """Inner weight key -> (collection path, original table, part, original weight key)."""
-    return {inner_weight_key(path, part, inner): (path, table, part, _original_weight_key(path, table))
+    return {inner_weight_key(path, part, inner): (path, table, part, original_weight_key(path, table))
             for path, collection in collections.items()
             for inner, (table, part) in collection.inner_tables().items()}
 
@@ -112,7 +113,7 @@ def from_original_ids(flat: dict[str, Tensor], collections: dict[str, HotColdEmb
                       ) -> dict[str, Tensor]:
     """Inverse of :func:`to_original_ids`: whole tables in ``flat`` become their hot and cold parts under the
     collections' current placements. Other entries pass through unchanged."""
-    originals = {_original_weight_key(path, t.spec.name): (path, t.spec.name)
+    originals = {original_weight_key(path, t.spec.name): (path, t.spec.name)
                  for path, collection in collections.items() for t in collection.placement.tables}
     out: dict[str, Tensor] = {}
     for key, value in flat.items():

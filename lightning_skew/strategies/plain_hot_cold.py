@@ -27,10 +27,14 @@ from lightning_skew.optim import sparse_capable
 from lightning_skew.placement import COLD, HOT, Placement
 from lightning_skew.rowsets import RowSet
 from lightning_skew.strategies.hot_cold_collection import (
-    COLD_SUFFIX,
-    HOT_SUFFIX,
     HotColdEmbeddingBagCollection,
     table_specs,
+)
+from lightning_skew.strategies.hot_cold_state import (
+    from_original_ids,
+    inner_weight_keys,
+    original_weight_key,
+    to_original_ids,
 )
 from lightning_skew.strategies.hotcold import bytes_per_row, embedding_bag_collections, place_collections
 
@@ -68,28 +72,20 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
         self.cold_device = torch.device(cold_device)
         if self.cold is not None:
             self.cold.to(self.cold_device)
-        self._part_names = {id(part): [n for names in get_embedding_names_by_table(part.embedding_bag_configs())
-                                       for n in names]
-                            for part in (self.hot, self.cold) if part is not None}
+        # Per part: its pooled output's keys and their widths, in the order a TorchRec collection gives them.
+        self._part_layout = {
+            id(part): ([n for names in get_embedding_names_by_table(part.embedding_bag_configs()) for n in names],
+                       [cfg.embedding_dim for cfg in part.embedding_bag_configs() for _ in cfg.feature_names])
+            for part in (self.hot, self.cold) if part is not None}
         self.register_state_dict_post_hook(_state_to_original_ids)
         self.register_load_state_dict_pre_hook(_state_from_original_ids)
 
-    def _carry_optimizer(self, ebc: EmbeddingBagCollection) -> None:
-        """Each part's table gets the sparse-gradient form of its original table's embedding optimizer."""
-        for cfg in self._configs:
-            original = ebc.embedding_bags[cfg.name].weight
-            classes = getattr(original, "_optimizer_classes", None)
-            if not classes:
-                raise ValueError(f"table {cfg.name!r} carries no embedding optimizer; call lightning_skew.optim."
-                                 "fuse_embedding_optimizer on the module before placing it")
-            optimizer = sparse_capable(classes[0])
-            for part, suffix in ((self.hot, HOT_SUFFIX), (self.cold, COLD_SUFFIX)):
-                if part is not None and cfg.name + suffix in part.embedding_bags:
-                    weight = part.embedding_bags[cfg.name + suffix].weight
-                    _apply_optimizer_in_backward(optimizer, [weight], dict(original._optimizer_kwargs[0]))
-
-    def _parts(self) -> list[EmbeddingBagCollection]:
-        return [part for part in (self.hot, self.cold) if part is not None]
+    def _part_optimizer(self, table: str, classes: list[type] | None) -> type:
+        """The sparse-gradient form of the table's embedding optimizer (the parts train with sparse gradients)."""
+        if not classes:
+            raise ValueError(f"table {table!r} carries no embedding optimizer; call lightning_skew.optim."
+                             "fuse_embedding_optimizer on the module before placing it")
+        return sparse_capable(classes[0])
 
     # -- devices ------------------------------------------------------------------------------------------
 
@@ -133,8 +129,7 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
         out_device = features.values().device
         keys = list(features.keys())
         batch_size = features.stride()
-        names = self._part_names[id(part)]
-        widths = [cfg.embedding_dim for cfg in part.embedding_bag_configs() for _ in cfg.feature_names]
+        names, widths = self._part_layout[id(part)]
         if features.values().numel() == 0:
             if part is self.cold:
                 self.skipped_cold += 1
@@ -162,32 +157,21 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
 
     # -- state in the dataset's ID space -------------------------------------------------------------------
 
-    def _inner_weight_keys(self, prefix: str) -> dict[str, dict[str, str]]:
-        """Original table -> ``{"hot"|"cold": inner weight key}`` under ``prefix``."""
-        keys: dict[str, dict[str, str]] = {}
-        for inner, (table, part) in self.inner_tables().items():
-            keys.setdefault(table, {})[part] = f"{prefix}{part}.embedding_bags.{inner}.weight"
-        return keys
-
     def state_to_original_ids(self, state: dict[str, Any], prefix: str) -> None:
         """Each table of ``state`` (this module's entries under ``prefix``) whole, in row-ID order, under the
         original collection's key (the ``state_dict`` hook)."""
-        for table, parts in self._inner_weight_keys(prefix).items():
-            found = {part: state.pop(key) for part, key in parts.items() if key in state}
-            if found:
-                hot, cold = found.get(HOT), found.get(COLD)
-                state[f"{prefix}embedding_bags.{table}.weight"] = self.merge_table(
-                    table, None if hot is None else hot.cpu(), None if cold is None else cold.cpu())
+        collections = {prefix.rstrip("."): self}
+        inner = inner_weight_keys(collections)
+        parts = {key: state.pop(key).cpu() for key in [k for k in state if k in inner]}  # the shards' devices differ
+        state.update(to_original_ids(parts, collections))
 
     def state_from_original_ids(self, state: dict[str, Any], prefix: str) -> None:
         """Whole tables in ``state`` (any placement's, or an unsplit collection's) as this placement's parts (the
         ``load_state_dict`` pre-hook)."""
-        for table in self._inner_weight_keys(prefix):
-            key = f"{prefix}embedding_bags.{table}.weight"
-            if key in state:
-                for inner, rows in self.split_table(table, state.pop(key)).items():
-                    part = HOT if inner.endswith(HOT_SUFFIX) else COLD
-                    state[f"{prefix}{part}.embedding_bags.{inner}.weight"] = rows
+        path = prefix.rstrip(".")
+        originals = {original_weight_key(path, t.spec.name) for t in self.placement.tables}
+        whole = {key: state.pop(key) for key in [k for k in state if k in originals]}
+        state.update(from_original_ids(whole, {path: self}))
 
     def optimizer_state(self) -> dict[str, dict[str, Any]]:
         """The embedding optimizers' state per original table, per-row tensors whole in row-ID order (on the
