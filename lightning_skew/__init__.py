@@ -1,11 +1,14 @@
 """lightning-skew: fast recommendation-model training on skewed data, as PyTorch Lightning parts on TorchRec."""
 
-from lightning_skew.callbacks import SamplesPerSecond, StaleEmbeddingSkipper
-from lightning_skew.data import CriteoDataModule, PopularityDataModule, RecDataModule, SyntheticDataModule
+from lightning_skew.core.monitor import SamplesPerSecond
+from lightning_skew.core.rowsets import RowSet
+from lightning_skew.data import CriteoDataModule, RecDataModule, SyntheticDataModule
+from lightning_skew.hotcold import HotColdStrategy, PlainHotColdPlacement, place_hot_cold
 from lightning_skew.models import DLRMModule
-from lightning_skew.profile import AccessProfile
-from lightning_skew.rowsets import RowSet
-from lightning_skew.strategies import HotColdStrategy, TorchRecStrategy
+from lightning_skew.popularity import PopularityBatch, PopularityDataModule
+from lightning_skew.profile import AccessProfile, ProfiledHotRows
+from lightning_skew.stale import StaleEmbeddingSkipper
+from lightning_skew.torchrec import TorchRecStrategy
 
 __version__ = "0.1.0"
 
@@ -14,11 +17,15 @@ __all__ = [
     "CriteoDataModule",
     "DLRMModule",
     "HotColdStrategy",
+    "PlainHotColdPlacement",
+    "PopularityBatch",
     "PopularityDataModule",
+    "ProfiledHotRows",
     "RecDataModule",
     "RowSet",
     "SamplesPerSecond",
     "StaleEmbeddingSkipper",
     "SyntheticDataModule",
     "TorchRecStrategy",
+    "place_hot_cold",
 ]

@@ -39,12 +39,12 @@ from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_auroc
 from torchrec.datasets.utils import Batch
 
-from lightning_skew.callbacks.monitor import batch_size_of
 from lightning_skew.cli import SkewCLI
-from lightning_skew.data.popularity import PopularityDataModule
-from lightning_skew.profile import ProfiledHotRows
-from lightning_skew.strategies.sharding import shard_module
-from lightning_skew.strategies.torchrec import TorchRecStrategy
+from lightning_skew.core.monitor import batch_size_of
+from lightning_skew.popularity.datamodule import PopularityDataModule
+from lightning_skew.profile.access import ProfiledHotRows
+from lightning_skew.torchrec.sharding import shard_module
+from lightning_skew.torchrec.strategy import TorchRecStrategy
 
 __all__ = [
     "VARIANTS",
@@ -486,7 +486,7 @@ def fit_with_stale_skipping(recipe: Recipe, target_drop_fraction: float, profile
     extras report the measured drop share, the stale rows and threshold at the end, and the callback's time.
     ``profiled`` takes the candidates from a 5% :class:`AccessProfile` (the popularity variants' hot set);
     ``repack`` drops in the data pipeline and trains full batches (each step then counts the inputs read for it)."""
-    from lightning_skew.callbacks.stale import StaleEmbeddingSkipper
+    from lightning_skew.stale.skipper import StaleEmbeddingSkipper
 
     read = _ReadInputs()
     hot_rows = _profiled_hot_rows(recipe) if profiled else None
@@ -532,7 +532,7 @@ def fit_with_hot_cold(recipe: Recipe, accelerator: str = "cpu", schedule: str | 
     """Lightning with :class:`HotColdStrategy` (hot set from a 5% profile of the training batches at setup, or
     the PopularityDataModule's when ``schedule`` is given). Extras: hot rows, hot bytes, the hot share of the
     profiled lookups where known, forwards that skipped the cold part, and peak GPU memory on CUDA."""
-    from lightning_skew.strategies.hotcold import HotColdStrategy
+    from lightning_skew.hotcold.strategy import HotColdStrategy
 
     strategy = HotColdStrategy(budget_bytes=HOT_COLD_BUDGET_BYTES, **strategy_options)
     datamodule = recipe.datamodule
@@ -555,10 +555,10 @@ def fit_with_hot_cold(recipe: Recipe, accelerator: str = "cpu", schedule: str | 
 
 def fit_with_plain_hot_cold(recipe: Recipe, accelerator: str = "cpu") -> TrainedRun:
     """Lightning on one device without TorchRec sharding (``strategy="auto"``), the model placed by
-    :func:`~lightning_skew.strategies.plain_hot_cold.place_hot_cold`: hot rows with the model, cold rows in host
+    :func:`~lightning_skew.hotcold.plain.place_hot_cold`: hot rows with the model, cold rows in host
     memory, plain PyTorch embedding bags (the path for GPUs without FBGEMM's CUDA build). The hot set is the
     hot/cold variants' (5% profile, 8 MB), taken before the timed steps."""
-    from lightning_skew.strategies.plain_hot_cold import place_hot_cold
+    from lightning_skew.hotcold.plain import place_hot_cold
 
     _reset_gpu_peak(accelerator)  # first: a machine without CUDA fails before the profile
     placements = place_hot_cold(recipe.model, _profiled_hot_rows(recipe).hot_rows(recipe.datamodule),

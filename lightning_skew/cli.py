@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 EXTRA_COMMANDS = {
     "bench": "lightning_skew.bench:main",
     "criteo-vocabulary": "lightning_skew.cli:criteo_vocabulary_main",
-    "profile": "lightning_skew.profile_command:main",
+    "profile": "lightning_skew.profile.command:main",
 }
 
 

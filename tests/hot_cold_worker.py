@@ -16,11 +16,11 @@ import lightning.pytorch as pl
 import torch
 from strategy_worker import RecordLosses, make_data, make_model
 
-from lightning_skew.data.popularity import PopularityDataModule
-from lightning_skew.strategies.hot_cold_state import flatten_optimizer_state
-from lightning_skew.strategies.hotcold import HotColdStrategy
-from lightning_skew.strategies.sharded_state import gather_unsharded
-from lightning_skew.strategies.torchrec import TorchRecStrategy
+from lightning_skew.hotcold.state import flatten_optimizer_state
+from lightning_skew.hotcold.strategy import HotColdStrategy
+from lightning_skew.popularity.datamodule import PopularityDataModule
+from lightning_skew.torchrec.checkpoint import gather_unsharded
+from lightning_skew.torchrec.strategy import TorchRecStrategy
 
 ROW_BYTES = 4 * (8 + 1)  # dim 8, rowwise_adagrad
 

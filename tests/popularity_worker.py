@@ -13,8 +13,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from lightning_skew.data.popularity import PopularityDataModule
 from lightning_skew.data.synthetic import SyntheticDataModule
+from lightning_skew.popularity.datamodule import PopularityDataModule
 
 
 def signatures(batch) -> list[list[float]]:

@@ -15,10 +15,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from lightning_skew.callbacks.stale import StaleEmbeddingSkipper
 from lightning_skew.data.synthetic import SyntheticDataModule
 from lightning_skew.models.dlrm import DLRMModule
-from lightning_skew.strategies.torchrec import TorchRecStrategy
+from lightning_skew.stale.skipper import StaleEmbeddingSkipper
+from lightning_skew.torchrec.strategy import TorchRecStrategy
 
 TABLE_ROWS = [300, 2000, 40, 1000, 7]
 GLOBAL_BATCH = 256

@@ -17,8 +17,8 @@ import torch
 
 from lightning_skew.data.synthetic import SyntheticDataModule
 from lightning_skew.models.dlrm import DLRMModule
-from lightning_skew.strategies.sharded_state import gather_unsharded
-from lightning_skew.strategies.torchrec import TorchRecStrategy
+from lightning_skew.torchrec.checkpoint import gather_unsharded
+from lightning_skew.torchrec.strategy import TorchRecStrategy
 
 TABLE_ROWS = [300, 2000, 40, 1000, 7]
 GLOBAL_BATCH = 64

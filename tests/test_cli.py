@@ -37,8 +37,8 @@ def test_every_recipe_survives_print_config(recipe, tmp_path):
         extra = ["--data.init_args.train_paths", "[/data/criteo/day_0]"]
     printed = _cli("fit", "--config", str(recipe), *extra, "--print_config", cwd=tmp_path).stdout
     config = yaml.safe_load(printed)
-    assert config["trainer"]["strategy"]["class_path"] in ("lightning_skew.strategies.TorchRecStrategy",
-                                                           "lightning_skew.strategies.HotColdStrategy")
+    assert config["trainer"]["strategy"]["class_path"] in ("lightning_skew.TorchRecStrategy",
+                                                           "lightning_skew.HotColdStrategy")
     assert config["trainer"]["logger"]["init_args"]["offline"] is True  # no account, no network
     saved = tmp_path / "printed.yaml"
     saved.write_text(printed)
@@ -93,7 +93,7 @@ def test_hot_cold_recipe_places_rows_rebalances_and_trains(tmp_path):
     hot_cold = _cli("validate", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(checkpoint),
                     cwd=tmp_path)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    config["trainer"]["strategy"] = {"class_path": "lightning_skew.strategies.TorchRecStrategy"}
+    config["trainer"]["strategy"] = {"class_path": "lightning_skew.TorchRecStrategy"}
     (tmp_path / "plain.yaml").write_text(yaml.safe_dump(config))
     plain = _cli("validate", "--config", str(tmp_path / "plain.yaml"), "--ckpt_path", str(checkpoint), cwd=tmp_path)
     scores = [re.search(r"val: auc ([0-9.]+), logloss ([0-9.]+)", run.stdout).groups() for run in (hot_cold, plain)]

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from launch import launch  # noqa: E402
 from strategy_worker import make_data, make_model  # noqa: E402
 
-from lightning_skew.placement import (  # noqa: E402
+from lightning_skew.hotcold.collection import HotColdEmbeddingBagCollection, table_specs  # noqa: E402
+from lightning_skew.hotcold.placement import (  # noqa: E402
     Placement,
     TableSpec,
     hot_slots,
@@ -28,10 +29,9 @@ from lightning_skew.placement import (  # noqa: E402
     rebalanced_rows,
     split_rows,
 )
+from lightning_skew.hotcold.state import from_original_ids, to_original_ids  # noqa: E402
+from lightning_skew.hotcold.strategy import HotColdStrategy  # noqa: E402
 from lightning_skew.profile import AccessProfile  # noqa: E402
-from lightning_skew.strategies.hot_cold_collection import HotColdEmbeddingBagCollection, table_specs  # noqa: E402
-from lightning_skew.strategies.hot_cold_state import from_original_ids, to_original_ids  # noqa: E402
-from lightning_skew.strategies.hotcold import HotColdStrategy  # noqa: E402
 
 WORKER = Path(__file__).parent / "hot_cold_worker.py"
 SPECS = [TableSpec("a", ("fa",), 100, 4), TableSpec("b", ("fb",), 3, 4), TableSpec("c", ("fc",), 50, 8)]
@@ -372,7 +372,7 @@ class TwoCollections(pl.LightningModule):
 
 
 def test_a_module_with_two_collections_and_a_shared_table_trains_as_under_torchrec(tmp_path):
-    from lightning_skew.strategies.torchrec import TorchRecStrategy
+    from lightning_skew.torchrec.strategy import TorchRecStrategy
 
     data = make_data(1)
     losses = {}
@@ -391,7 +391,7 @@ def test_a_module_with_two_collections_and_a_shared_table_trains_as_under_torchr
 
 
 def test_stale_embedding_skipper_with_split_collections_is_a_clear_error(tmp_path):
-    from lightning_skew.callbacks.stale import StaleEmbeddingSkipper
+    from lightning_skew.stale.skipper import StaleEmbeddingSkipper
 
     data = make_data(1)
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=HotColdStrategy(budget_bytes=36 * 100), max_steps=1,

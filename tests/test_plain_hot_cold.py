@@ -20,14 +20,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from strategy_worker import RecordLosses, make_data, make_model  # noqa: E402
 from test_hot_cold import _batch  # noqa: E402
 
-from lightning_skew.callbacks import PlainHotColdPlacement  # noqa: E402
-from lightning_skew.optim import SparseRowWiseAdagrad, fuse_embedding_optimizer  # noqa: E402
-from lightning_skew.placement import plan_placement  # noqa: E402
+from lightning_skew import PlainHotColdPlacement  # noqa: E402
+from lightning_skew.hotcold.collection import table_specs  # noqa: E402
+from lightning_skew.hotcold.placement import plan_placement  # noqa: E402
+from lightning_skew.hotcold.plain import PlainHotColdEmbeddingBagCollection, place_hot_cold  # noqa: E402
+from lightning_skew.hotcold.state import hot_cold_collections  # noqa: E402
 from lightning_skew.profile import AccessProfile  # noqa: E402
-from lightning_skew.strategies.hot_cold_collection import table_specs  # noqa: E402
-from lightning_skew.strategies.hot_cold_state import hot_cold_collections  # noqa: E402
-from lightning_skew.strategies.plain_hot_cold import PlainHotColdEmbeddingBagCollection, place_hot_cold  # noqa: E402
-from lightning_skew.strategies.torchrec import TorchRecStrategy  # noqa: E402
+from lightning_skew.torchrec.optim import SparseRowWiseAdagrad, fuse_embedding_optimizer  # noqa: E402
+from lightning_skew.torchrec.strategy import TorchRecStrategy  # noqa: E402
 
 
 def test_sparse_rowwise_adagrad_updates_the_looked_up_rows_as_rowwise_adagrad_does():

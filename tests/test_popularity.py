@@ -20,8 +20,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import launch  # noqa: E402
 
+from lightning_skew.core.rowsets import RowSet, lookups_in  # noqa: E402
 from lightning_skew.data.base import Batch  # noqa: E402
-from lightning_skew.data.popularity import (  # noqa: E402
+from lightning_skew.data.synthetic import SyntheticDataModule  # noqa: E402
+from lightning_skew.models.dlrm import DLRMModule  # noqa: E402
+from lightning_skew.popularity.datamodule import (  # noqa: E402
     PopularityBatch,
     PopularityDataModule,
     concat_batches,
@@ -32,10 +35,7 @@ from lightning_skew.data.popularity import (  # noqa: E402
     select_inputs,
     top_rows,
 )
-from lightning_skew.data.synthetic import SyntheticDataModule  # noqa: E402
-from lightning_skew.models.dlrm import DLRMModule  # noqa: E402
-from lightning_skew.rowsets import RowSet, lookups_in  # noqa: E402
-from lightning_skew.strategies.torchrec import TorchRecStrategy  # noqa: E402
+from lightning_skew.torchrec.strategy import TorchRecStrategy  # noqa: E402
 
 WORKER = Path(__file__).parent / "popularity_worker.py"
 TABLES = [60, 25, 40]
@@ -393,7 +393,7 @@ def test_lightning_cli_builds_the_wrapper_from_config():
 
     config = {
         "model": {"class_path": "lightning_skew.models.dlrm.DLRMModule", "init_args": {"embedding_dim": 8}},
-        "data": {"class_path": "lightning_skew.data.popularity.PopularityDataModule", "init_args": {
+        "data": {"class_path": "lightning_skew.popularity.datamodule.PopularityDataModule", "init_args": {
             "datamodule": {"class_path": "lightning_skew.data.synthetic.SyntheticDataModule",
                            "init_args": {"num_embeddings_per_feature": TABLES, "num_dense": 2,
                                          "num_train_samples": 256, "batch_size": 64}},

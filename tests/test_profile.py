@@ -30,8 +30,8 @@ from lightning_skew.profile import (  # noqa: E402
     smallest_budget_for_coverage,
     top_share,
 )
-from lightning_skew.profile_command import main as profile_main  # noqa: E402
-from lightning_skew.profile_command import parse_bytes  # noqa: E402
+from lightning_skew.profile.command import main as profile_main  # noqa: E402
+from lightning_skew.profile.command import parse_bytes  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_skew.rowsets import RowSet, lookups_in
+from lightning_skew.core.rowsets import RowSet, lookups_in
 
 
 def test_lookups_in_counts_member_hits_per_input_over_all_features():

@@ -17,11 +17,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import launch  # noqa: E402
 
-from lightning_skew.callbacks.stale import StaleEmbeddingSkipper  # noqa: E402
-from lightning_skew.data.repack import repack_batches  # noqa: E402
+from lightning_skew.core.rowsets import RowSet  # noqa: E402
 from lightning_skew.models.dlrm import DLRMModule  # noqa: E402
-from lightning_skew.rowsets import RowSet  # noqa: E402
-from lightning_skew.staleness import (  # noqa: E402
+from lightning_skew.stale.repack import repack_batches  # noqa: E402
+from lightning_skew.stale.skipper import StaleEmbeddingSkipper  # noqa: E402
+from lightning_skew.stale.staleness import (  # noqa: E402
     bisect_threshold,
     critical_thresholds,
     drop_mask,

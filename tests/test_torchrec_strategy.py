@@ -21,7 +21,7 @@ from launch import launch  # noqa: E402
 from strategy_worker import make_data, make_model  # noqa: E402
 
 from lightning_skew.models.dlrm import DLRMModule  # noqa: E402
-from lightning_skew.strategies.torchrec import TorchRecStrategy  # noqa: E402
+from lightning_skew.torchrec.strategy import TorchRecStrategy  # noqa: E402
 
 WORKER = Path(__file__).parent / "strategy_worker.py"
 EPOCHS = 2

@@ -1,9 +1,7 @@
-"""DataModules that yield torchrec Batches: synthetic click logs, the Criteo files, popularity batching."""
+"""DataModules that yield torchrec Batches: the shared contract, synthetic click logs, the Criteo files."""
 
 from lightning_skew.data.base import Batch, RecDataModule
 from lightning_skew.data.criteo import CriteoDataModule
-from lightning_skew.data.popularity import PopularityBatch, PopularityDataModule
 from lightning_skew.data.synthetic import SyntheticDataModule
 
-__all__ = ["Batch", "CriteoDataModule", "PopularityBatch", "PopularityDataModule", "RecDataModule",
-           "SyntheticDataModule"]
+__all__ = ["Batch", "CriteoDataModule", "RecDataModule", "SyntheticDataModule"]

@@ -13,7 +13,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
-from lightning_skew.optim import dense_parameters, fuse_embedding_optimizer
+from lightning_skew.torchrec.optim import dense_parameters, fuse_embedding_optimizer
 
 __all__ = ["DLRMModule"]
 
@@ -43,7 +43,7 @@ class DLRMModule(pl.LightningModule):
         dcn_num_layers: cross layers for ``interaction="dcn"``.
         dcn_low_rank_dim: rank of each cross layer for ``interaction="dcn"``.
         embedding_optimizer: ``sgd``, ``adagrad``, ``rowwise_adagrad`` or ``adam``; fused into TorchRec's
-            embedding kernels when sharded by :class:`~lightning_skew.strategies.TorchRecStrategy`.
+            embedding kernels when sharded by :class:`~lightning_skew.TorchRecStrategy`.
         embedding_lr: learning rate of the embedding optimizer; dense LR schedules scale it too.
         optimizer: builds the dense optimizer from the dense parameters (default Adam, lr 1e-3).
         lr_scheduler: builds an LR scheduler (stepped every optimizer step) from the dense optimizer.

@@ -20,19 +20,16 @@ from torch import Tensor, nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from lightning_skew.core.rowsets import RowSet
 from lightning_skew.data.base import RecDataModule
-from lightning_skew.data.popularity import PopularityDataModule
-from lightning_skew.optim import embedding_modules, embedding_optimizer_names
-from lightning_skew.placement import Placement, TableSpec, plan_placement, rebalanced_rows
-from lightning_skew.profile import AccessProfile, profile_dataloader, row_bytes, select_hot_rows
-from lightning_skew.rowsets import RowSet
-from lightning_skew.strategies.hot_cold_collection import (
+from lightning_skew.hotcold.collection import (
     COLD_SUFFIX,
     HOT_SUFFIX,
     HotColdEmbeddingBagCollection,
     table_specs,
 )
-from lightning_skew.strategies.hot_cold_state import (
+from lightning_skew.hotcold.placement import Placement, TableSpec, plan_placement, rebalanced_rows
+from lightning_skew.hotcold.state import (
     SEPARATOR,
     flatten_optimizer_state,
     from_original_ids,
@@ -42,7 +39,9 @@ from lightning_skew.strategies.hot_cold_state import (
     to_original_ids,
     unflatten_optimizer_state,
 )
-from lightning_skew.strategies.sharded_state import (
+from lightning_skew.popularity.datamodule import PopularityDataModule
+from lightning_skew.profile.access import AccessProfile, profile_dataloader, row_bytes, select_hot_rows
+from lightning_skew.torchrec.checkpoint import (
     all_reduce_sum,
     copy_into_shards,
     gather_unsharded,
@@ -51,8 +50,9 @@ from lightning_skew.strategies.sharded_state import (
     save_sharded_checkpoint,
     write_rows,
 )
-from lightning_skew.strategies.sharding import shard_module
-from lightning_skew.strategies.torchrec import TorchRecStrategy
+from lightning_skew.torchrec.optim import embedding_modules, embedding_optimizer_names
+from lightning_skew.torchrec.sharding import shard_module
+from lightning_skew.torchrec.strategy import TorchRecStrategy
 
 __all__ = ["HotColdStrategy", "ORIGINAL_IDS_FORMAT", "bytes_per_row", "embedding_bag_collections", "place_collections"]
 
@@ -63,10 +63,10 @@ class HotColdStrategy(TorchRecStrategy):
     """:class:`TorchRecStrategy` with every table placed by popularity: hot rows in fast memory, cold rows in
     host memory (FAE's placement, on TorchRec).
 
-    At setup the strategy takes a hot set (the :class:`~lightning_skew.data.PopularityDataModule`'s, a saved
+    At setup the strategy takes a hot set (the :class:`~lightning_skew.PopularityDataModule`'s, a saved
     :class:`~lightning_skew.profile.AccessProfile`, or a fresh profile of a sample of the training data), cuts
     it to ``budget_bytes`` (weights plus optimizer state), and replaces every ``EmbeddingBagCollection`` of the
-    module by a :class:`~lightning_skew.strategies.hot_cold_collection.HotColdEmbeddingBagCollection`: tables
+    module by a :class:`~lightning_skew.hotcold.collection.HotColdEmbeddingBagCollection`: tables
     that fit entirely are hot, large tables are split (their hot rows re-indexed into a compact hot shard, the
     whole table kept by row ID as the cold shard), the rest stays cold. TorchRec then shards the hot shards with ``hot_compute_kernel``
     and the cold ones with ``cold_compute_kernel``. Training is exact: placement re-indexes rows, so losses

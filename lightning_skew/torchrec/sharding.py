@@ -13,14 +13,14 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import CacheParams, ShardingEnv, ShardingPlan
 
-from lightning_skew.optim import (
+from lightning_skew.torchrec.checkpoint import copy_into_shards
+from lightning_skew.torchrec.optim import (
     CUDA_ONLY_EMBEDDING_OPTIMIZERS,
     embedding_modules,
     embedding_optimizer_names,
     fuse_embedding_optimizer,
     has_fused_optimizer,
 )
-from lightning_skew.strategies.sharded_state import copy_into_shards
 
 __all__ = ["DEFAULT_SHARDING_TYPES", "fbgemm_has_cuda", "plan_rows", "plan_sharding", "shard_module"]
 
@@ -92,7 +92,7 @@ def shard_module(module: nn.Module, device: torch.device, sharding_types: list[s
     if not has_fused_optimizer(module):
         if embedding_optimizer is None:
             raise MisconfigurationException(
-                f"The embeddings of {type(module).__name__} have no optimizer. Call lightning_skew.optim."
+                f"The embeddings of {type(module).__name__} have no optimizer. Call lightning_skew.torchrec.optim."
                 "fuse_embedding_optimizer(self, ...) in the module, or give TorchRecStrategy(embedding_optimizer="
                 "'rowwise_adagrad', embedding_lr=...).")
         fuse_embedding_optimizer(module, embedding_optimizer, embedding_lr)

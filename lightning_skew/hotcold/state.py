@@ -3,7 +3,7 @@
 Inside the module a table ``t`` of a collection at ``prefix`` lives as ``prefix.hot.embedding_bags.t__hot``
 and ``prefix.cold.embedding_bags.t__cold`` (see :class:`HotColdEmbeddingBagCollection`). Checkpoints and
 exports name it as the original collection did, ``prefix.embedding_bags.t``, with its rows in row-ID order,
-so they load into a plain :class:`~lightning_skew.strategies.TorchRecStrategy` run, an unsharded module, or a
+so they load into a plain :class:`~lightning_skew.TorchRecStrategy` run, an unsharded module, or a
 hot/cold run with another placement. The same holds for the fused optimizer's per-row state, flattened here
 as ``"<parameter key>::<state name>"`` (TorchRec names a table's state ``"<table>.<state>"``).
 """
@@ -14,12 +14,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_skew.placement import COLD, HOT
-from lightning_skew.strategies.hot_cold_collection import (
+from lightning_skew.hotcold.collection import (
     COLD_SUFFIX,
     HOT_SUFFIX,
     HotColdEmbeddingBagCollection,
 )
+from lightning_skew.hotcold.placement import COLD, HOT
 
 __all__ = ["flatten_optimizer_state", "from_original_ids", "hot_cold_collections", "inner_weight_key",
            "inner_weight_keys", "original_weight_key", "to_original_ids", "unflatten_optimizer_state"]

@@ -18,11 +18,10 @@ from torch import Tensor
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_skew.data.popularity import select_inputs
-from lightning_skew.data.repack import RepackedLoader
-from lightning_skew.optim import embedding_modules
-from lightning_skew.rowsets import RowSet
-from lightning_skew.staleness import (
+from lightning_skew.core.rowsets import RowSet
+from lightning_skew.popularity.datamodule import select_inputs
+from lightning_skew.stale.repack import RepackedLoader
+from lightning_skew.stale.staleness import (
     bisect_threshold,
     critical_thresholds,
     drop_mask,
@@ -30,6 +29,7 @@ from lightning_skew.staleness import (
     row_change,
     stale_rowset,
 )
+from lightning_skew.torchrec.optim import embedding_modules
 
 __all__ = ["StaleEmbeddingSkipper"]
 
@@ -75,7 +75,7 @@ class StaleEmbeddingSkipper(pl.Callback):
     Rows that move again (popularity drift) leave the stale set at the next evaluation, because every
     evaluation decides afresh from the last window.
 
-    Candidate rows are the rows of ``hot_rows`` (a :class:`~lightning_skew.rowsets.RowSet` or a source with
+    Candidate rows are the rows of ``hot_rows`` (a :class:`~lightning_skew.core.rowsets.RowSet` or a source with
     ``hot_rows(datamodule)``, such as :class:`~lightning_skew.profile.ProfiledHotRows`), or, when it is
     ``None``, the ``max_candidate_rows`` rows looked up most often in the recent batches (the last
     ``sample_batches`` batches' IDs, kept in ``on_train_batch_start`` and counted at each evaluation, summed over
@@ -119,7 +119,7 @@ class StaleEmbeddingSkipper(pl.Callback):
             loop's loader is wrapped (it then has no length, and an epoch ends when its inputs do). Exact resume
             from checkpoints taken at the end of an epoch (Lightning's default).
         repack_min_fill: with ``repack``, a batch goes on as soon as it holds this share of the batch size
-            (see :func:`~lightning_skew.data.repack.repack_batches`): a batch that lost only a few inputs is
+            (see :func:`~lightning_skew.stale.repack.repack_batches`): a batch that lost only a few inputs is
             trained as it is instead of being joined with the next one, which costs time at every step.
 
     .. note::
@@ -239,7 +239,7 @@ class StaleEmbeddingSkipper(pl.Callback):
             self._data_source = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_skew.strategies.hot_cold_collection import HotColdEmbeddingBagCollection
+        from lightning_skew.hotcold.collection import HotColdEmbeddingBagCollection
 
         if any(isinstance(m, HotColdEmbeddingBagCollection) for m in pl_module.modules()):
             raise MisconfigurationException(

@@ -81,7 +81,7 @@ def fuse_embedding_optimizer(module: nn.Module, name: str = "rowwise_adagrad", l
         name: one of :data:`EMBEDDING_OPTIMIZERS` (``sgd``, ``adagrad``, ``rowwise_adagrad``, ``adam``;
             ``adam`` only on CUDA once sharded: FBGEMM's CPU kernels lack it).
         lr: the embedding learning rate. LR schedulers of the dense optimizer reach it through
-            :class:`~lightning_skew.strategies.TorchRecStrategy`, which scales it by the same factor.
+            :class:`~lightning_skew.TorchRecStrategy`, which scales it by the same factor.
         **kwargs: further optimizer arguments (``eps``, ``weight_decay``, ...).
     """
     if name not in EMBEDDING_OPTIMIZERS:

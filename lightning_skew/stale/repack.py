@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torchrec.datasets.utils import Batch
 
-from lightning_skew.data.popularity import _gather_counts, concat_batches, select_inputs
+from lightning_skew.popularity.datamodule import _gather_counts, concat_batches, select_inputs
 
 __all__ = ["RepackedLoader", "repack_batches"]
 

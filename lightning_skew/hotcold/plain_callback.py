@@ -9,24 +9,24 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_skew.placement import Placement
-from lightning_skew.profile import ProfiledHotRows
-from lightning_skew.strategies.hot_cold_collection import table_specs
-from lightning_skew.strategies.hot_cold_state import hot_cold_collections
-from lightning_skew.strategies.hotcold import embedding_bag_collections
-from lightning_skew.strategies.plain_hot_cold import place_hot_cold
-from lightning_skew.strategies.torchrec import TorchRecStrategy
+from lightning_skew.hotcold.collection import table_specs
+from lightning_skew.hotcold.placement import Placement
+from lightning_skew.hotcold.plain import place_hot_cold
+from lightning_skew.hotcold.state import hot_cold_collections
+from lightning_skew.hotcold.strategy import embedding_bag_collections
+from lightning_skew.profile.access import ProfiledHotRows
+from lightning_skew.torchrec.strategy import TorchRecStrategy
 
 __all__ = ["PlainHotColdPlacement"]
 
 
 class PlainHotColdPlacement(pl.Callback):
     """At the start of ``fit``, places the LightningModule's embedding tables hot and cold with plain PyTorch
-    embedding bags (:func:`~lightning_skew.strategies.plain_hot_cold.place_hot_cold`): hot rows move with the
+    embedding bags (:func:`~lightning_skew.hotcold.plain.place_hot_cold`): hot rows move with the
     module (to the GPU under ``accelerator="gpu"``), cold rows stay in host memory.
 
     It is the path for a GPU without FBGEMM's CUDA build, under a strategy that does not shard (``"auto"``, one
-    process); with TorchRec's sharding use :class:`~lightning_skew.strategies.HotColdStrategy` instead. The hot
+    process); with TorchRec's sharding use :class:`~lightning_skew.HotColdStrategy` instead. The hot
     set is cut to ``budget_bytes`` from a saved access profile (``profile_path``) or from a fresh profile of
     ``sample_fraction`` of the training batches (deterministic: the same rows on every run). The plan is printed
     and kept in :attr:`placements`.

@@ -18,14 +18,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchrec.distributed import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer
 
-from lightning_skew.strategies.sharded_state import (
+from lightning_skew.torchrec.checkpoint import (
     copy_into_shards,
     gather_unsharded,
     is_sharded_checkpoint,
     load_sharded_checkpoint,
     save_sharded_checkpoint,
 )
-from lightning_skew.strategies.sharding import DEFAULT_SHARDING_TYPES, plan_rows, shard_module
+from lightning_skew.torchrec.sharding import DEFAULT_SHARDING_TYPES, plan_rows, shard_module
 
 __all__ = ["TorchRecStrategy"]
 
@@ -45,7 +45,7 @@ class TorchRecStrategy(DDPStrategy):
         cache_load_factor: with ``compute_kernel="fused_uvm_caching"``, the share of each table's rows that
             TorchRec's UVM cache keeps on the GPU (TorchRec's default when ``None``).
         embedding_optimizer: optimizer for modules whose embeddings carry none yet (see
-            :func:`~lightning_skew.optim.fuse_embedding_optimizer`); ``None`` requires the module to choose one.
+            :func:`~lightning_skew.torchrec.optim.fuse_embedding_optimizer`); ``None`` requires the module to choose one.
         embedding_lr: learning rate for ``embedding_optimizer``.
         process_group_backend: ``gloo`` or ``nccl``; default by device.
         timeout: collective timeout.

@@ -16,8 +16,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_skew.core.rowsets import RowSet, lookups_in
 from lightning_skew.data.base import Batch, RecDataModule
-from lightning_skew.rowsets import RowSet, lookups_in
 
 __all__ = [
     "SCHEDULES",
@@ -383,7 +383,7 @@ class PopularityDataModule(RecDataModule):
     Args:
         datamodule: The inner DataModule (any :class:`RecDataModule`).
         schedule: ``"fae"``, ``"interleave"`` or ``"stitch"``.
-        hot_rows: The hot set: a :class:`~lightning_skew.rowsets.RowSet`, a :class:`HotSetSource` (its
+        hot_rows: The hot set: a :class:`~lightning_skew.core.rowsets.RowSet`, a :class:`HotSetSource` (its
             ``hot_rows(datamodule)`` runs in :meth:`setup`), or a callable taking the inner DataModule.
             ``None`` profiles the inner training loader in :meth:`setup` (exact lookup counts, the
             ``hot_rows_budget`` most looked-up rows), which needs ``hot_rows_budget``.

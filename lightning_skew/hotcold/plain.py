@@ -1,6 +1,6 @@
 """Hot/cold placement with plain PyTorch embedding bags: hot rows live with the model, cold rows in host memory.
 
-TorchRec's sharded kernels (what :class:`~lightning_skew.strategies.HotColdStrategy` uses) need FBGEMM's
+TorchRec's sharded kernels (what :class:`~lightning_skew.HotColdStrategy` uses) need FBGEMM's
 CUDA build to run on a GPU. Where only the CPU build is installed, this path places the same split without
 them: :class:`PlainHotColdEmbeddingBagCollection` keeps the hot shard in the module's own device (moved with
 the LightningModule, so on the GPU under ``accelerator="gpu"``) and pins the cold shard to ``cold_device``
@@ -23,33 +23,33 @@ from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from lightning_skew.optim import sparse_capable
-from lightning_skew.placement import COLD, HOT, Placement
-from lightning_skew.rowsets import RowSet
-from lightning_skew.strategies.hot_cold_collection import (
+from lightning_skew.core.rowsets import RowSet
+from lightning_skew.hotcold.collection import (
     HotColdEmbeddingBagCollection,
     table_specs,
 )
-from lightning_skew.strategies.hot_cold_state import (
+from lightning_skew.hotcold.placement import COLD, HOT, Placement
+from lightning_skew.hotcold.state import (
     from_original_ids,
     inner_weight_keys,
     original_weight_key,
     to_original_ids,
 )
-from lightning_skew.strategies.hotcold import bytes_per_row, embedding_bag_collections, place_collections
+from lightning_skew.hotcold.strategy import bytes_per_row, embedding_bag_collections, place_collections
+from lightning_skew.torchrec.optim import sparse_capable
 
 __all__ = ["PlainHotColdEmbeddingBagCollection", "place_hot_cold"]
 
 
 class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
-    """A :class:`~lightning_skew.strategies.hot_cold_collection.HotColdEmbeddingBagCollection` computed with
+    """A :class:`~lightning_skew.hotcold.collection.HotColdEmbeddingBagCollection` computed with
     ``torch.nn.functional.embedding_bag`` instead of TorchRec's kernels, its cold shard pinned to ``cold_device``.
 
     Moving the module (``.to()``, ``.cuda()``, Lightning's move to the root device) moves the hot shard and
     leaves the cold shard where it is; the embedding optimizers' state follows its rows. Lookups are split
     on the batch's device; the cold ones are copied to ``cold_device``, pooled there, and the pooled values
     copied back. Every table trains with sparse gradients and its embedding optimizer in backward
-    (row-wise Adagrad as :class:`~lightning_skew.optim.SparseRowWiseAdagrad`, Adagrad or SGD), so a step touches
+    (row-wise Adagrad as :class:`~lightning_skew.torchrec.optim.SparseRowWiseAdagrad`, Adagrad or SGD), so a step touches
     only the rows it looked up. Pooling is exact: the same outputs, gradients and updates as the original
     collection, to floating-point rounding.
 
@@ -57,7 +57,7 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
     (``embedding_bags.<table>.weight``), so it loads into the unsplit module, and ``load_state_dict`` takes an
     unsplit collection's or another placement's tables. The embedding optimizers' state, which a plain module
     keeps outside its ``state_dict``, comes and goes through :meth:`optimizer_state` and
-    :meth:`load_optimizer_state` (the :class:`~lightning_skew.callbacks.PlainHotColdPlacement` callback puts it
+    :meth:`load_optimizer_state` (the :class:`~lightning_skew.PlainHotColdPlacement` callback puts it
     in Lightning checkpoints).
 
     Args:
@@ -83,7 +83,7 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
     def _part_optimizer(self, table: str, classes: list[type] | None) -> type:
         """The sparse-gradient form of the table's embedding optimizer (the parts train with sparse gradients)."""
         if not classes:
-            raise ValueError(f"table {table!r} carries no embedding optimizer; call lightning_skew.optim."
+            raise ValueError(f"table {table!r} carries no embedding optimizer; call lightning_skew.torchrec.optim."
                              "fuse_embedding_optimizer on the module before placing it")
         return sparse_capable(classes[0])
 
@@ -175,7 +175,7 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
 
     def optimizer_state(self) -> dict[str, dict[str, Any]]:
         """The embedding optimizers' state per original table, per-row tensors whole in row-ID order (on the
-        CPU); for checkpoints (see :class:`~lightning_skew.callbacks.PlainHotColdPlacement`)."""
+        CPU); for checkpoints (see :class:`~lightning_skew.PlainHotColdPlacement`)."""
         by_table: dict[str, dict[str, dict[str, Any]]] = {}
         for inner, (table, part) in self.inner_tables().items():
             weight = getattr(self, part).embedding_bags[inner].weight

@@ -1,6 +1,6 @@
 """Stale embedding rows (Slipstream): how much rows moved over a window, which are stale, which inputs to drop.
 
-Pure functions on tensors; :class:`~lightning_skew.callbacks.stale.StaleEmbeddingSkipper` wraps them.
+Pure functions on tensors; :class:`~lightning_skew.stale.skipper.StaleEmbeddingSkipper` wraps them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_skew.rowsets import RowSet, lookups_in
+from lightning_skew.core.rowsets import RowSet, lookups_in
 
 __all__ = [
     "bisect_threshold",

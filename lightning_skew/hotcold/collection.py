@@ -1,4 +1,4 @@
-"""An EmbeddingBagCollection split into a hot and a cold collection by a :class:`~lightning_skew.placement.Placement`.
+"""An EmbeddingBagCollection split into a hot and a cold collection by a :class:`~lightning_skew.hotcold.placement.Placement`.
 
 :class:`HotColdEmbeddingBagCollection` takes the place of a TorchRec ``EmbeddingBagCollection`` inside any
 model. It holds two ordinary collections, ``hot`` (the hot shards: tables that fit entirely, and the hot
@@ -18,7 +18,15 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from lightning_skew.placement import COLD, HOT, Placement, TableSpec, hot_slots, merge_rows, split_rows
+from lightning_skew.hotcold.placement import (
+    COLD,
+    HOT,
+    Placement,
+    TableSpec,
+    hot_slots,
+    merge_rows,
+    split_rows,
+)
 
 __all__ = ["HOT_SUFFIX", "COLD_SUFFIX", "HotColdEmbeddingBagCollection", "table_specs"]
 

@@ -17,7 +17,13 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_skew.cli import SkewCLI
-from lightning_skew.profile import AccessProfile, BudgetPoint, TableSkew, lookup_coverage, profile_dataloader
+from lightning_skew.profile.access import (
+    AccessProfile,
+    BudgetPoint,
+    TableSkew,
+    lookup_coverage,
+    profile_dataloader,
+)
 
 __all__ = ["build_datamodule", "format_bytes", "format_table", "main", "parse_bytes"]
 

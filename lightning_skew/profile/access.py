@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_skew.core.rowsets import RowSet, lookups_in
 from lightning_skew.data.base import RecDataModule
-from lightning_skew.rowsets import RowSet, lookups_in
 
 __all__ = [
     "AccessProfile",
@@ -958,7 +958,7 @@ class _SampledBatches:
 class ProfiledHotRows:
     """The hot rows of a DataModule's training data under a byte budget, from an :class:`AccessProfile`.
 
-    A :class:`~lightning_skew.data.popularity.HotSetSource`: give it to ``PopularityDataModule(hot_rows=...)``
+    A :class:`~lightning_skew.popularity.datamodule.HotSetSource`: give it to ``PopularityDataModule(hot_rows=...)``
     (in YAML as ``class_path: lightning_skew.profile.ProfiledHotRows``). It reads a saved profile (checked
     against the data's tables and description) or profiles the training data itself, merges the counts of all
     ranks, and cuts the hot set with :meth:`AccessProfile.hot_rows`.
