@@ -7,7 +7,7 @@ from lightning_skew.hotcold import HotColdStrategy, PlainHotColdPlacement, place
 from lightning_skew.models import DLRMModule
 from lightning_skew.popularity import PopularityBatch, PopularityDataModule
 from lightning_skew.profile import AccessProfile, ProfiledHotRows
-from lightning_skew.stale import StaleEmbeddingSkipper
+from lightning_skew.stale import RepackedDataModule, StaleEmbeddingSkipper
 from lightning_skew.torchrec import TorchRecStrategy
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ __all__ = [
     "PopularityDataModule",
     "ProfiledHotRows",
     "RecDataModule",
+    "RepackedDataModule",
     "RowSet",
     "SamplesPerSecond",
     "StaleEmbeddingSkipper",

@@ -17,6 +17,7 @@ import torch
 
 from lightning_skew.data.synthetic import SyntheticDataModule
 from lightning_skew.models.dlrm import DLRMModule
+from lightning_skew.stale.repack import RepackedDataModule
 from lightning_skew.stale.skipper import StaleEmbeddingSkipper
 from lightning_skew.torchrec.strategy import TorchRecStrategy
 
@@ -78,7 +79,7 @@ def main() -> None:
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, default_root_dir=args.out, callbacks=[skipper, record, losses],
                          num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1)
-    trainer.fit(model, data, ckpt_path=args.resume)
+    trainer.fit(model, RepackedDataModule(data) if args.repack else data, ckpt_path=args.resume)
     if args.checkpoint:
         trainer.save_checkpoint(Path(args.out) / f"epoch{args.epochs}")
     out = {"evaluations": skipper.evaluations, "decisions": record.decisions, "seen_sizes": model.seen_sizes,

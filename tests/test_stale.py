@@ -19,7 +19,7 @@ from launch import launch  # noqa: E402
 
 from lightning_skew.core.rowsets import RowSet  # noqa: E402
 from lightning_skew.models.dlrm import DLRMModule  # noqa: E402
-from lightning_skew.stale.repack import repack_batches  # noqa: E402
+from lightning_skew.stale.repack import RepackedLoader, repack_batches  # noqa: E402
 from lightning_skew.stale.skipper import StaleEmbeddingSkipper  # noqa: E402
 from lightning_skew.stale.staleness import (  # noqa: E402
     bisect_threshold,
@@ -151,7 +151,11 @@ def fit(model: pl.LightningModule, batches: list[Batch], callbacks: list[pl.Call
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              default_root_dir=str(root) if root else None, callbacks=callbacks,
                              num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1)
-        trainer.fit(model, DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
+        loader = DataLoader(batches, batch_size=None)
+        repacking = [c for c in callbacks if isinstance(c, StaleEmbeddingSkipper) and c.repack]
+        if repacking:  # drop in the data pipeline: the loader goes through the skipper
+            loader = RepackedLoader(loader, repacking[0])
+        trainer.fit(model, loader, ckpt_path=ckpt_path)
     return trainer
 
 

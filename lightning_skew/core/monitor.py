@@ -6,19 +6,8 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
-
-def batch_size_of(batch: Any) -> int:
-    """Inputs in a batch: the length of ``labels`` for torchrec Batches, else the first dimension."""
-    labels = getattr(batch, "labels", None)
-    if isinstance(labels, torch.Tensor):
-        return labels.shape[0]
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0].shape[0]
-    raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}")
+from lightning_skew.core.batch import batch_size_of
 
 
 class SamplesPerSecond(pl.Callback):

@@ -11,6 +11,10 @@ feature, so the model sees exactly the output of the original collection.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import Tensor, nn
 from torch.distributed.optim import _apply_optimizer_in_backward
@@ -18,6 +22,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from lightning_skew.core.tables import TablePart, WatchedTable
 from lightning_skew.hotcold.placement import (
     COLD,
     HOT,
@@ -28,9 +33,24 @@ from lightning_skew.hotcold.placement import (
     split_rows,
 )
 
-__all__ = ["HOT_SUFFIX", "COLD_SUFFIX", "HotColdEmbeddingBagCollection", "table_specs"]
+__all__ = ["HOT_SUFFIX", "COLD_SUFFIX", "HotColdEmbeddingBagCollection", "hot_only_step", "table_specs"]
 
 HOT_SUFFIX, COLD_SUFFIX = "__hot", "__cold"
+
+# Whether the forward in progress belongs to a step whose batch is hot on every rank (set from the batch by
+# whoever runs the step; read by every hot/cold collection of the model). A context, not a flag on modules.
+_HOT_ONLY: ContextVar[bool] = ContextVar("lightning_skew_hot_only_step", default=False)
+
+
+@contextmanager
+def hot_only_step(hot_only: bool = True) -> Iterator[None]:
+    """Within it, hot/cold collections leave their cold part out (``hot_only``): enter it only for a batch whose
+    lookups hit hot rows on every rank, as a :class:`~lightning_skew.core.batch.SkewBatch` says."""
+    token = _HOT_ONLY.set(bool(hot_only))
+    try:
+        yield
+    finally:
+        _HOT_ONLY.reset(token)
 
 
 def table_specs(ebc: EmbeddingBagCollection) -> list[TableSpec]:
@@ -54,9 +74,9 @@ class HotColdEmbeddingBagCollection(nn.Module):
     split. Only sum pooling is supported (a mean over a bag split in two parts is not the sum of the parts).
 
     Attributes:
-        skip_cold: when set, the forward leaves :attr:`cold` out entirely (a hot-only batch, whose lookups
-            all hit hot rows). Every rank must agree (a sharded collection is a collective). A batch that looks
-            up a cold row while it is set is an error. :attr:`skipped_cold` counts such forwards.
+        skipped_cold: forwards that left :attr:`cold` out entirely, inside :func:`hot_only_step` (a batch whose
+            lookups all hit hot rows on every rank; a sharded collection is a collective, so every rank must
+            agree). A batch that looks up a cold row inside it is an error.
         counts: lookups per row of every table end to end (in table order) counted in training forwards
             when counting is on (see :meth:`start_counting`), for rebalancing.
 
@@ -113,7 +133,6 @@ class HotColdEmbeddingBagCollection(nn.Module):
                     if part is not None and cfg.name + suffix in part.embedding_bags:
                         part.embedding_bags[cfg.name + suffix].weight.copy_(rows)
         self._carry_optimizer(ebc)
-        self.skip_cold = False
         self.skipped_cold = 0  # forwards that left the cold collection out
         self.counts: Tensor | None = None
         self._counting = False
@@ -302,7 +321,7 @@ class HotColdEmbeddingBagCollection(nn.Module):
         pooled = []
         if self.hot is not None:
             pooled.append(self._pool(self.hot, hot))
-        if self.skip_cold:
+        if _HOT_ONLY.get():
             if cold.values().numel():
                 raise RuntimeError(f"a batch marked hot looks up {cold.values().numel()} cold rows; its hot set is not "
                                    "inside the placement's hot rows")
@@ -323,6 +342,24 @@ class HotColdEmbeddingBagCollection(nn.Module):
         return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding, values=values)
 
     # -- state in the dataset's ID space ------------------------------------------------------------------
+
+    def watched_tables(self) -> list[WatchedTable]:
+        """The original tables in row-ID order (see :func:`~lightning_skew.core.tables.watched_tables`): a hot
+        row is read from its slot in :attr:`hot`, any other row from :attr:`cold`, as the placement stands now."""
+        return [WatchedTable(cfg.name, list(cfg.feature_names), cfg.num_embeddings, cfg.embedding_dim,
+                             lambda name=cfg.name: self._table_parts(name)) for cfg in self._configs]
+
+    def _table_parts(self, table: str) -> list[TablePart]:
+        placement = self.placement.table(table)
+        slots = hot_slots(placement.hot_rows, placement.spec.num_rows)
+        parts = []
+        if self.hot is not None and table + HOT_SUFFIX in self._inner_tables:
+            parts.append(TablePart(self.hot, f"embedding_bags.{table}{HOT_SUFFIX}.weight", slots))
+        if self.cold is not None and table + COLD_SUFFIX in self._inner_tables:
+            rows = torch.arange(placement.spec.num_rows)
+            parts.append(TablePart(self.cold, f"embedding_bags.{table}{COLD_SUFFIX}.weight",
+                                   torch.where(slots >= 0, -1, rows)))
+        return parts
 
     def inner_tables(self) -> dict[str, tuple[str, str]]:
         """Inner table name -> (original table, ``hot`` or ``cold``)."""

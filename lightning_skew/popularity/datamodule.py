@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_skew.core.rowsets import RowSet, lookups_in
-from lightning_skew.data.base import Batch, RecDataModule
+from lightning_skew.core.batch import Batch, SkewBatch, concat_batches, select_inputs
+from lightning_skew.core.distributed import all_gather_ints, all_reduce_sum, broadcast_object, distributed
+from lightning_skew.core.hashing import mix_seed
+from lightning_skew.core.lookups import count_lookups, hot_input_mask, top_rows
+from lightning_skew.core.rowsets import RowSet
+from lightning_skew.data.base import RecDataModule
 
 __all__ = [
     "SCHEDULES",
@@ -37,62 +40,13 @@ __all__ = [
 
 SCHEDULES: tuple[str, ...] = ("fae", "interleave", "stitch")
 
-_MASK64 = 0xFFFFFFFFFFFFFFFF
+#: The batch popularity batching delivers (the shared batch type: it says whether it is hot).
+PopularityBatch = SkewBatch
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Vocabulary: the batch type and the hot-set source
 # ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PopularityBatch(Batch):
-    """A torchrec :class:`~torchrec.datasets.utils.Batch` that says whether it touches only hot rows.
-
-    Inputs ``[0, num_hot)`` touch only hot rows; the rest may touch cold ones. A hot batch (``is_hot``)
-    has ``num_hot == batch_size``. A ``stitch`` batch is one mini-batch reordered hot-first, so
-    :meth:`hot_part` and :meth:`cold_part` are its two Hotline micro-batches, while a model that ignores
-    the split trains on it exactly as on the original mini-batch.
-
-    Args:
-        is_hot: ``True`` when every input's lookups all hit hot rows; under ``fae`` and ``interleave`` it is
-            the same on every rank at every step.
-        num_hot: Leading inputs known to be hot (the split point of a stitched batch; 0 for cold batches).
-
-    Example::
-
-        >>> import torch
-        >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-        >>> kjt = KeyedJaggedTensor(keys=["a"], values=torch.tensor([3, 4]), lengths=torch.tensor([1, 1]))
-        >>> batch = PopularityBatch(torch.zeros(2, 1), kjt, torch.zeros(2), is_hot=False, num_hot=1)
-        >>> batch.hot_part().sparse_features.values().tolist(), batch.to("cpu").num_hot
-        ([3], 1)
-    """
-
-    is_hot: bool = False
-    num_hot: int = 0
-
-    @classmethod
-    def of(cls, batch: Batch, is_hot: bool, num_hot: int) -> PopularityBatch:
-        return cls(batch.dense_features, batch.sparse_features, batch.labels, is_hot=is_hot, num_hot=num_hot)
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.labels.shape[0])
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> PopularityBatch:
-        return PopularityBatch.of(super().to(device, non_blocking), self.is_hot, self.num_hot)
-
-    def pin_memory(self) -> PopularityBatch:
-        return PopularityBatch.of(super().pin_memory(), self.is_hot, self.num_hot)
-
-    def hot_part(self) -> Batch:
-        """The hot micro-batch: inputs ``[0, num_hot)``."""
-        return select_inputs(self, torch.arange(self.num_hot))
-
-    def cold_part(self) -> Batch:
-        """The cold micro-batch: inputs ``[num_hot, batch_size)``."""
-        return select_inputs(self, torch.arange(self.num_hot, self.batch_size))
 
 
 @runtime_checkable
@@ -134,109 +88,6 @@ class EpochStats:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _exclusive_cumsum(lengths: Tensor) -> Tensor:
-    return torch.cumsum(lengths, 0) - lengths
-
-
-def _select_kjt(sparse: KeyedJaggedTensor, index: Tensor) -> KeyedJaggedTensor:
-    if sparse.variable_stride_per_key():
-        raise ValueError("select_inputs: KeyedJaggedTensors with a variable batch size per feature are not supported")
-    keys = sparse.keys()
-    weights = sparse.weights_or_none()
-    if sparse.values().numel() == sparse.lengths().numel() and bool((sparse.lengths() == 1).all()):
-        # One ID per feature and input: pick columns of the [features, batch] grid.
-        grid = sparse.values().view(len(keys), sparse.stride())[:, index].reshape(-1)
-        return KeyedJaggedTensor(keys=keys, values=grid, lengths=torch.ones(grid.numel(), dtype=sparse.lengths().dtype),
-                                 weights=None if weights is None else
-                                 weights.view(len(keys), sparse.stride())[:, index].reshape(-1))
-    lengths = sparse.lengths().view(len(keys), sparse.stride())
-    starts = sparse.offsets()[:-1].view(len(keys), sparse.stride())[:, index].reshape(-1).long()
-    picked = lengths[:, index].reshape(-1)
-    counts = picked.long()
-    segment = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-    positions = starts[segment] + torch.arange(segment.numel()) - _exclusive_cumsum(counts)[segment]
-    return KeyedJaggedTensor(keys=keys, values=sparse.values()[positions], lengths=picked,
-                             weights=None if weights is None else weights[positions])
-
-
-def select_inputs(batch: Batch, index: Tensor | Sequence[int]) -> Batch:
-    """The inputs of ``batch`` at positions ``index`` (in that order; a boolean mask selects in batch order).
-
-    Dense features, labels and every feature of the KeyedJaggedTensor (values, lengths, weights) are
-    indexed together, so input ``i`` of the result is input ``index[i]`` of ``batch``.
-    """
-    index = torch.as_tensor(index)
-    if index.dtype == torch.bool:
-        index = torch.nonzero(index, as_tuple=False).flatten()
-    index = index.long().reshape(-1)
-    return Batch(dense_features=batch.dense_features[index], sparse_features=_select_kjt(batch.sparse_features, index),
-                 labels=batch.labels[index])
-
-
-def concat_batches(batches: Sequence[Batch]) -> Batch:
-    """One batch holding the inputs of ``batches`` in order (all must have the same feature keys)."""
-    if not batches:
-        raise ValueError("concat_batches needs at least one batch")
-    if len(batches) == 1:
-        only = batches[0]
-        return Batch(only.dense_features, only.sparse_features, only.labels)
-    keys = batches[0].sparse_features.keys()
-    for batch in batches[1:]:
-        if batch.sparse_features.keys() != keys:
-            raise ValueError(f"concat_batches: feature keys differ: {keys} vs {batch.sparse_features.keys()}")
-    sparse = [batch.sparse_features for batch in batches]
-    for kjt in sparse:
-        if kjt.variable_stride_per_key():
-            raise ValueError("concat_batches: variable batch sizes per feature are not supported")
-    lengths = torch.cat([kjt.lengths().view(len(keys), kjt.stride()) for kjt in sparse], dim=1).reshape(-1)
-    per_key = [torch.split(kjt.values(), kjt.length_per_key()) for kjt in sparse]
-    values = torch.cat([part[f] for f in range(len(keys)) for part in per_key])
-    weights = None
-    if all(kjt.weights_or_none() is not None for kjt in sparse):
-        split = [torch.split(kjt.weights(), kjt.length_per_key()) for kjt in sparse]
-        weights = torch.cat([part[f] for f in range(len(keys)) for part in split])
-    return Batch(dense_features=torch.cat([batch.dense_features for batch in batches]),
-                 sparse_features=KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights),
-                 labels=torch.cat([batch.labels for batch in batches]))
-
-
-def hot_input_mask(sparse: KeyedJaggedTensor, hot_rows: RowSet) -> Tensor:
-    """``[B]`` booleans: inputs all of whose lookups hit ``hot_rows`` (an input with no lookups counts as hot)."""
-    hits, lookups = lookups_in(sparse, hot_rows)
-    return hits == lookups
-
-
-def count_lookups(sparse: KeyedJaggedTensor, feature_names: Sequence[str], num_rows: Sequence[int],
-                  counts: list[Tensor] | None = None) -> list[Tensor]:
-    """Add the lookups of one batch per (feature, row) to ``counts`` (int64, one tensor per feature)."""
-    if counts is None:
-        counts = [torch.zeros(size, dtype=torch.int64) for size in num_rows]
-    by_key = sparse.to_dict()
-    for name, size, count in zip(feature_names, num_rows, counts, strict=True):
-        ids = by_key[name].values().long()
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
-            raise ValueError(f"feature {name!r} has IDs outside its table [0, {size}): "
-                             f"min {int(ids.min())}, max {int(ids.max())}")
-        # O(lookups), not O(table rows): re-profiling runs on every delivered batch
-        count.index_put_((ids,), torch.ones((), dtype=count.dtype), accumulate=True)
-    return counts
-
-
-def top_rows(counts: Sequence[Tensor], feature_names: Sequence[str], budget_rows: int) -> RowSet:
-    """The ``budget_rows`` most looked-up rows over all tables (rows never looked up are never hot).
-
-    Ties go to the earlier feature, then the lower row ID, so the choice is deterministic.
-    """
-    if budget_rows < 0:
-        raise ValueError(f"budget_rows must be >= 0, got {budget_rows}")
-    flat = torch.cat([count.long() for count in counts])
-    order = torch.sort(flat, descending=True, stable=True).indices[:budget_rows]
-    order = order[flat[order] > 0]
-    masks = torch.zeros(flat.numel(), dtype=torch.bool)
-    masks[order] = True
-    return RowSet.from_masks(list(feature_names), list(torch.split(masks, [c.numel() for c in counts])))
-
-
 def fae_order(num_hot: int, num_cold: int) -> Tensor:
     """FAE's schedule as ``is_hot`` per step: all cold batches, then all hot batches."""
     return torch.cat([torch.zeros(num_cold, dtype=torch.bool), torch.ones(num_hot, dtype=torch.bool)])
@@ -257,69 +108,38 @@ def interleave_order(num_hot: int, num_cold: int, generator: torch.Generator | N
     return order
 
 
-def stitch_batch(batch: Batch, hot_mask: Tensor) -> PopularityBatch:
-    """One mini-batch reordered hot inputs first (Hotline): ``num_hot`` is the split point."""
+def stitch_batch(batch: Batch, hot_mask: Tensor, hot_rows: RowSet | None = None,
+                 all_hot: bool | None = None) -> PopularityBatch:
+    """One mini-batch reordered hot inputs first (Hotline): ``num_hot`` is the split point.
+
+    ``all_hot`` says whether the batch is hot on every rank (default: this batch's inputs are all hot).
+    """
     order = torch.cat([torch.nonzero(hot_mask).flatten(), torch.nonzero(~hot_mask).flatten()])
     num_hot = int(hot_mask.sum())
-    return PopularityBatch.of(select_inputs(batch, order), is_hot=num_hot == hot_mask.numel(), num_hot=num_hot)
-
-
-def _mix_seed(*parts: int) -> int:
-    value = 0
-    for part in parts:  # splitmix64 over the parts: distinct (seed, epoch, window) give unrelated streams
-        value = (value ^ (part & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
-        value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-        value ^= value >> 31
-    return value & 0x7FFFFFFFFFFFFFFF
+    is_hot = num_hot == hot_mask.numel() if all_hot is None else all_hot
+    return PopularityBatch.of(select_inputs(batch, order), is_hot=is_hot, num_hot=num_hot, hot_rows=hot_rows)
 
 
 def _window_generator(seed: int, epoch: int, window: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_mix_seed(seed, epoch, window))
+    return torch.Generator().manual_seed(mix_seed(seed, epoch, window))
+
+
+def _sum_counts(counts: list[Tensor]) -> list[Tensor]:
+    """Element-wise sums over ranks (the tensors themselves without a process group)."""
+    if not distributed():
+        return counts
+    flat = all_reduce_sum(torch.cat(counts))
+    return list(torch.split(flat, [c.numel() for c in counts]))
+
+
+def _rank_zero_rows(rowset: RowSet) -> RowSet:
+    rows = broadcast_object([rows.cpu() for rows in rowset.rows])
+    return RowSet(list(rowset.feature_names), list(rowset.num_rows), rows)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Ranks
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _collective_device() -> torch.device:
-    # NCCL reduces only CUDA tensors; gloo takes CPU ones.
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _gather_counts(values: list[int]) -> Tensor:
-    """``[world_size, len(values)]``: every rank's values (one row per rank; one row without a process group)."""
-    local = torch.tensor(values, dtype=torch.int64)
-    if not _distributed():
-        return local[None]
-    local = local.to(_collective_device())
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
-    return torch.stack(gathered).cpu()
-
-
-def _sum_counts(counts: list[Tensor]) -> list[Tensor]:
-    """Element-wise sums over ranks (the tensors themselves without a process group)."""
-    if not _distributed():
-        return counts
-    flat = torch.cat(counts).to(_collective_device())
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    return list(torch.split(flat.cpu(), [c.numel() for c in counts]))
-
-
-def _rank_zero_rows(rowset: RowSet) -> RowSet:
-    if not _distributed():
-        return rowset
-    payload = [[rows.cpu() for rows in rowset.rows]]
-    dist.broadcast_object_list(payload, src=0)
-    return RowSet(list(rowset.feature_names), list(rowset.num_rows), payload[0])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -413,7 +233,8 @@ class PopularityDataModule(RecDataModule):
         number of inputs (the lightning-skew DataModules do). Only the last cold batch of a window
         may be smaller than ``B``. ``stitch`` needs no agreement: it delivers one batch per inner batch,
         so the ranks step together when the inner loader yields as many batches on each (lightning-skew's
-        DataModules do); a stitched batch's ``is_hot`` and ``num_hot`` describe this rank's inputs only.
+        DataModules do); a stitched batch's ``num_hot`` describes this rank's inputs, and its ``is_hot`` is
+        agreed over the ranks (one tiny ``all_gather`` per batch): it is set only when every rank's batch is hot.
 
     .. note::
         **Resume.** :meth:`state_dict` holds the epoch, the position in it (batches the training loop
@@ -660,7 +481,10 @@ class PopularityDataModule(RecDataModule):
                 stats.cold_batches += 1
             if inner.exhausted:
                 stats.hot_inputs, stats.inputs = (int(v) for v in _sum_counts([local])[0])
-            yield (lambda batch=batch, mask=mask: stitch_batch(batch, mask)), inner.exhausted
+            # A step may leave the cold rows out only when every rank's batch is hot: agree on it.
+            all_hot = bool(all_gather_ints([int(bool(mask.all()))]).min())
+            yield (lambda batch=batch, mask=mask, all_hot=all_hot: stitch_batch(batch, mask, hot_rows, all_hot)), \
+                inner.exhausted
 
     def _regrouped(self, inner: _Lookahead, hot_rows: RowSet, stats: EpochStats,
                    epoch: int) -> Iterator[tuple[Callable[[], PopularityBatch], bool]]:
@@ -673,7 +497,7 @@ class PopularityDataModule(RecDataModule):
             mask = torch.zeros(0, dtype=torch.bool) if joined is None else hot_input_mask(joined.sparse_features,
                                                                                           hot_rows)
             first = int(window[0].labels.numel()) if window else 0
-            counts = _gather_counts([int(mask.sum()), mask.numel(), first, int(not inner.exhausted)])
+            counts = all_gather_ints([int(mask.sum()), mask.numel(), first, int(not inner.exhausted)])
             more = bool(counts[:, 3].any())  # some rank has inputs left: every rank reads another window
             if int(counts[:, 1].max()) == 0:
                 return
@@ -708,7 +532,8 @@ class PopularityDataModule(RecDataModule):
                 index = source[taken[is_hot] * batch_size:(taken[is_hot] + 1) * batch_size]
                 taken[is_hot] += 1
                 yield (lambda joined=joined, index=index, is_hot=is_hot: PopularityBatch.of(
-                    select_inputs(joined, index), is_hot=is_hot, num_hot=index.numel() if is_hot else 0)), \
+                    select_inputs(joined, index), is_hot=is_hot, num_hot=index.numel() if is_hot else 0,
+                    hot_rows=hot_rows)), \
                     not more and step == len(order) - 1
             window_index += 1
 

@@ -6,7 +6,6 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,51 +14,22 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_skew.core.batch import select_inputs
+from lightning_skew.core.distributed import all_reduce_max, all_reduce_sum, distributed
+from lightning_skew.core.lookups import count_lookups, top_rows_flat
 from lightning_skew.core.rowsets import RowSet
-from lightning_skew.popularity.datamodule import select_inputs
-from lightning_skew.stale.repack import RepackedLoader
+from lightning_skew.core.tables import WatchedTable, watched_tables
 from lightning_skew.stale.staleness import (
     bisect_threshold,
     critical_thresholds,
     drop_mask,
     keep_at_least_one,
-    row_change,
     stale_rowset,
 )
-from lightning_skew.torchrec.optim import embedding_modules
 
 __all__ = ["StaleEmbeddingSkipper"]
-
-
-@dataclass
-class _Table:
-    """One embedding table: its features (KJT keys), rows and width, and where its weights live."""
-
-    module: torch.nn.Module
-    key: str  # state_dict key inside ``module``
-    features: list[str]
-    num_rows: int
-    dim: int
-
-    def pieces(self, states: dict[int, dict[str, Any]]) -> list[tuple[int, int, Tensor]]:
-        """``(first_row, first_column, block)`` of every locally held part of the weight (live views).
-
-        ``states`` caches ``module.state_dict()`` by module id: a sharded collection builds it anew per call.
-        """
-        if id(self.module) not in states:
-            states[id(self.module)] = self.module.state_dict()
-        weight = states[id(self.module)][self.key]
-        if isinstance(weight, ShardedTensor):
-            return [(int(s.metadata.shard_offsets[0]), int(s.metadata.shard_offsets[1]), s.tensor)
-                    for s in weight.local_shards()]
-        return [(0, 0, weight)]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class StaleEmbeddingSkipper(pl.Callback):
@@ -115,9 +85,11 @@ class StaleEmbeddingSkipper(pl.Callback):
         backoff_factor: each back-off multiplies the target drop fraction (or the fixed threshold) by this;
             below 1% the skipping pauses for the rest of the run.
         log_every_n_steps: logging interval; default the Trainer's ``log_every_n_steps``.
-        repack: drop in the data pipeline and refill full batches from the following inputs: the training
-            loop's loader is wrapped (it then has no length, and an epoch ends when its inputs do). Exact resume
-            from checkpoints taken at the end of an epoch (Lightning's default).
+        repack: drop in the data pipeline and refill full batches from the following inputs, through a
+            :class:`~lightning_skew.stale.repack.RepackedDataModule` around the DataModule (or a
+            :class:`~lightning_skew.stale.repack.RepackedLoader` around a loader given to ``fit``); the loader then
+            has no length, and an epoch ends when its inputs do. Exact resume from checkpoints taken at the end
+            of an epoch (Lightning's default).
         repack_min_fill: with ``repack``, a batch goes on as soon as it holds this share of the batch size
             (see :func:`~lightning_skew.stale.repack.repack_batches`): a batch that lost only a few inputs is
             trained as it is instead of being joined with the next one, which costs time at every step.
@@ -179,10 +151,10 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.log_every_n_steps = log_every_n_steps
         self.repack = repack
         self.repack_min_fill = repack_min_fill
-        self._data_source: Any = None  # repack: Lightning's training data source, while wrapped
         self.pulled_per_batch: list[int] = []  # repack: inputs read from the loader for each batch trained
+        self._fed = False  # repack: a RepackedLoader handed on a batch
 
-        self._tables: list[_Table] = []
+        self._tables: list[WatchedTable] = []
         self._fixed_candidates: list[Tensor] | None = None
         # Decision state (saved): the current window's candidates and snapshots, the stale set in force.
         self.candidates: list[Tensor] = []
@@ -225,27 +197,9 @@ class StaleEmbeddingSkipper(pl.Callback):
         if trainer.accumulate_grad_batches > 1:
             rank_zero_warn("StaleEmbeddingSkipper with accumulate_grad_batches > 1: dropped inputs change the "
                            "weight of the accumulated micro-batches")
-        if self.repack and self._data_source is None:
-            # Lightning asks this source for the training loader (datamodule hook or the loaders given to
-            # fit); only the training loop's loader is filtered, not other callers of train_dataloader().
-            source = trainer.fit_loop._data_source
-            original = source.dataloader
-            source.dataloader = lambda: RepackedLoader(original(), self, self.repack_min_fill)
-            self._data_source = source
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._data_source is not None:
-            del self._data_source.dataloader  # the class's method again
-            self._data_source = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_skew.hotcold.collection import HotColdEmbeddingBagCollection
-
-        if any(isinstance(m, HotColdEmbeddingBagCollection) for m in pl_module.modules()):
-            raise MisconfigurationException(
-                "StaleEmbeddingSkipper does not support HotColdStrategy's split collections yet (it watches rows of "
-                "the original tables); use it with TorchRecStrategy or a plain LightningModule")
-        self._tables = _find_tables(pl_module)
+        self._tables = watched_tables(pl_module)
         if not self._tables:
             raise ValueError(f"StaleEmbeddingSkipper: {type(pl_module).__name__} holds no TorchRec "
                              "EmbeddingBagCollection whose rows it could watch")
@@ -268,6 +222,11 @@ class StaleEmbeddingSkipper(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         step = trainer.global_step
+        if self.repack and not self._fed:
+            raise MisconfigurationException(
+                "StaleEmbeddingSkipper(repack=True) drops inputs in the data pipeline, but no batch came through it: "
+                "wrap the DataModule in lightning_skew.RepackedDataModule, or the training loader in "
+                "lightning_skew.stale.repack.RepackedLoader(loader, skipper)")
         with self._timed():
             if not self.repack:
                 self._record(batch)
@@ -282,6 +241,11 @@ class StaleEmbeddingSkipper(pl.Callback):
                     batch.dense_features, batch.sparse_features, batch.labels = (kept.dense_features,
                                                                                  kept.sparse_features, kept.labels)
         self._log(trainer, pl_module, step)
+
+    def record_read(self, inputs: int) -> None:
+        """The data pipeline read ``inputs`` inputs for the batch it hands on next (repack mode)."""
+        self.pulled_per_batch.append(inputs)
+        self._fed = True
 
     def kept_inputs(self, batch: Any) -> Tensor | None:
         """Positions of the inputs of ``batch`` that the stale set in force keeps (at least one; ``None`` when
@@ -362,34 +326,21 @@ class StaleEmbeddingSkipper(pl.Callback):
             return self._fixed_candidates
         counts = [torch.zeros(t.num_rows, dtype=torch.int64) for t in self._tables]
         for kjt in self.sample:
-            features = kjt.to_dict()
             for table, table_counts in zip(self._tables, counts, strict=True):
-                for feature in table.features:
-                    if feature in features:
-                        ids = features[feature].values().long()
-                        table_counts.index_put_((ids,), torch.ones((), dtype=torch.int64), accumulate=True)
-        counts = torch.cat(counts)
-        if _distributed():
-            dist.all_reduce(counts)
+                count_lookups(kjt, table.features, [table.num_rows] * len(table.features),
+                              [table_counts] * len(table.features))
+        counts = all_reduce_sum(torch.cat(counts))
         seen = int((counts > 0).sum())
-        top = torch.topk(counts, min(self.max_candidate_rows, seen), sorted=False).indices
-        flat = torch.zeros(counts.numel(), dtype=torch.bool)
-        flat[top] = True
+        flat = top_rows_flat(counts, min(self.max_candidate_rows, seen))
         masks = torch.split(flat, [t.num_rows for t in self._tables])
         return [torch.nonzero(m).flatten() for m in masks]
 
     def _snapshot(self, candidates: list[Tensor]) -> list[Tensor]:
         """Full rows (all columns) of the candidates, identical on every rank: each rank fills what it holds."""
-        snapshots, states = [], {}
-        for table, rows in zip(self._tables, candidates, strict=True):
-            full = torch.full((rows.numel(), table.dim), float("-inf"))
-            for first_row, first_col, block in table.pieces(states):
-                held = (rows >= first_row) & (rows < first_row + block.shape[0])
-                full[held, first_col:first_col + block.shape[1]] = block[rows[held] - first_row].float().cpu()
-            snapshots.append(full)
-        if _distributed() and snapshots:
-            flat = torch.cat([s.reshape(-1) for s in snapshots])
-            dist.all_reduce(flat, op=dist.ReduceOp.MAX)  # -inf where a rank holds nothing; replicas agree
+        states: dict[int, Any] = {}
+        snapshots = [table.read_rows(rows, states) for table, rows in zip(self._tables, candidates, strict=True)]
+        if distributed() and snapshots:
+            flat = all_reduce_max(torch.cat([s.reshape(-1) for s in snapshots]))  # -inf where a rank holds nothing
             snapshots = list(torch.split(flat, [s.numel() for s in snapshots]))
             snapshots = [s.reshape(-1, t.dim) for s, t in zip(snapshots, self._tables, strict=True)]
         return snapshots
@@ -398,21 +349,15 @@ class StaleEmbeddingSkipper(pl.Callback):
         """Per table, each candidate row's change since the snapshot: local max over held parts, then MAX."""
         changes, states = [], {}
         for table, rows, snapshot in zip(self._tables, self.candidates, self.snapshots, strict=True):
-            change = torch.zeros(rows.numel())
-            for first_row, first_col, block in table.pieces(states):
-                held = (rows >= first_row) & (rows < first_row + block.shape[0])
-                if not bool(held.any()):
-                    continue
-                before = snapshot[held, first_col:first_col + block.shape[1]]
-                after = block[rows[held] - first_row].float().cpu()
-                local = row_change(before, after)
-                if self.relative:
-                    local = local / (snapshot[held].abs().amax(dim=1) + 1e-12)
-                change[held] = torch.maximum(change[held], local)
+            now = table.read_rows(rows, states)
+            held = torch.isfinite(now)
+            change = torch.where(held, (now - snapshot).abs(), torch.zeros(())).amax(dim=1) if rows.numel() \
+                else torch.zeros(0)
+            if self.relative:
+                change = change / (snapshot.abs().amax(dim=1) + 1e-12)
             changes.append(change)
-        if _distributed() and changes:
-            flat = torch.cat(changes)
-            dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+        if distributed() and changes:
+            flat = all_reduce_max(torch.cat(changes))
             changes = list(torch.split(flat, [c.numel() for c in changes]))
         return changes
 
@@ -435,7 +380,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         def dropped_share(threshold: float) -> float:
             counts = torch.tensor([float((critical < threshold).sum()), float(critical.numel())],
                                   dtype=torch.float64)
-            if _distributed():
+            if distributed():
                 dist.all_reduce(counts)
             return float(counts[0] / counts[1].clamp(min=1))
 
@@ -495,7 +440,7 @@ class StaleEmbeddingSkipper(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         local = {"sample": [(kjt.keys(), kjt.values(), kjt.lengths()) for kjt in self.sample]}
-        if _distributed():  # every rank's window, so each resumes its own (dump_checkpoint runs on all ranks)
+        if distributed():  # every rank's window, so each resumes its own (dump_checkpoint runs on all ranks)
             per_rank: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(per_rank, local)
         else:
@@ -520,8 +465,8 @@ class StaleEmbeddingSkipper(pl.Callback):
             setattr(self, name, state_dict[name])
         self._fixed_candidates = state_dict["fixed_candidates"]
         per_rank = state_dict["per_rank"]
-        rank = dist.get_rank() if _distributed() else 0
-        if len(per_rank) != (dist.get_world_size() if _distributed() else 1):
+        rank = dist.get_rank() if distributed() else 0
+        if len(per_rank) != (dist.get_world_size() if distributed() else 1):
             raise ValueError(f"StaleEmbeddingSkipper: the checkpoint was written by {len(per_rank)} rank(s); resume "
                              "it on the same number")
         own = per_rank[rank]
@@ -534,24 +479,7 @@ class StaleEmbeddingSkipper(pl.Callback):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _find_tables(pl_module: pl.LightningModule) -> list[_Table]:
-    tables = []
-    for _, module in embedding_modules(pl_module):
-        configs = (module.embedding_bag_configs() if hasattr(module, "embedding_bag_configs")
-                   else getattr(module, "_embedding_bag_configs", None))
-        if configs is None:
-            continue  # EmbeddingCollection (sequence embeddings): not watched
-        state_keys = set(module.state_dict().keys())
-        for config in configs:
-            key = f"embedding_bags.{config.name}.weight"
-            if key not in state_keys:
-                raise ValueError(f"StaleEmbeddingSkipper: table {config.name!r} has no weight {key!r} in its module")
-            tables.append(_Table(module, key, list(config.feature_names), config.num_embeddings,
-                                 config.embedding_dim))
-    return tables
-
-
-def _candidates_from_rowset(rowset: RowSet, tables: list[_Table]) -> list[Tensor]:
+def _candidates_from_rowset(rowset: RowSet, tables: list[WatchedTable]) -> list[Tensor]:
     candidates = []
     for table in tables:
         mask = torch.zeros(table.num_rows, dtype=torch.bool)

@@ -1,0 +1,198 @@
+"""The batch every part passes on, with the per-step decisions it carries, and the operations that keep them.
+
+A :class:`SkewBatch` is a torchrec ``Batch`` (dense features, a ``KeyedJaggedTensor`` of sparse features,
+labels) that also says what a step may do with it: whether every input on every rank looks up only hot rows
+(``is_hot``, with the hot set it refers to), and where a stitched batch splits into its hot and cold
+micro-batches (``num_hot``). Parts decide on the batch and read from the batch; no part sets flags on
+another's modules. :func:`select_inputs` and :func:`concat_batches` keep the decisions that still hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+__all__ = ["Batch", "SkewBatch", "batch_size_of", "concat_batches", "select_inputs"]
+
+
+@dataclass
+class SkewBatch(Batch):
+    """A torchrec :class:`~torchrec.datasets.utils.Batch` with the decisions of its step.
+
+    Inputs ``[0, num_hot)`` touch only hot rows; the rest may touch cold ones. A hot batch (``is_hot``)
+    has ``num_hot == batch_size``. A ``stitch`` batch is one mini-batch reordered hot-first, so
+    :meth:`hot_part` and :meth:`cold_part` are its two Hotline micro-batches, while a model that ignores
+    the split trains on it exactly as on the original mini-batch.
+
+    Args:
+        is_hot: ``True`` when every input's lookups all hit rows of ``hot_rows`` on every rank, so the step
+            may leave the cold rows out (the producer agrees it across ranks before setting it).
+        num_hot: Leading inputs known to be hot (the split point of a stitched batch; 0 for cold batches).
+        hot_rows: The hot set (a :class:`~lightning_skew.core.rowsets.RowSet`) that ``is_hot`` and
+            ``num_hot`` refer to; a consumer that keeps other rows in fast memory checks it against its own.
+
+    Example::
+
+        >>> import torch
+        >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        >>> kjt = KeyedJaggedTensor(keys=["a"], values=torch.tensor([3, 4]), lengths=torch.tensor([1, 1]))
+        >>> batch = SkewBatch(torch.zeros(2, 1), kjt, torch.zeros(2), is_hot=False, num_hot=1)
+        >>> batch.hot_part().sparse_features.values().tolist(), batch.to("cpu").num_hot
+        ([3], 1)
+    """
+
+    is_hot: bool = False
+    num_hot: int = 0
+    hot_rows: Any = None
+
+    @classmethod
+    def of(cls, batch: Batch, is_hot: bool, num_hot: int, hot_rows: Any = None) -> SkewBatch:
+        return cls(batch.dense_features, batch.sparse_features, batch.labels, is_hot=is_hot, num_hot=num_hot,
+                   hot_rows=hot_rows)
+
+    def _with_tensors(self, batch: Batch) -> SkewBatch:
+        return SkewBatch.of(batch, self.is_hot, self.num_hot, self.hot_rows)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SkewBatch:
+        return self._with_tensors(super().to(device, non_blocking))
+
+    def pin_memory(self) -> SkewBatch:
+        return self._with_tensors(super().pin_memory())
+
+    def hot_part(self) -> Batch:
+        """The hot micro-batch: inputs ``[0, num_hot)``."""
+        return select_inputs(self, torch.arange(self.num_hot))
+
+    def cold_part(self) -> Batch:
+        """The cold micro-batch: inputs ``[num_hot, batch_size)``."""
+        return select_inputs(self, torch.arange(self.num_hot, self.batch_size))
+
+
+def batch_size_of(batch: Any) -> int:
+    """Inputs in a batch: its labels' length for Batch-like objects, else the first tensor's first dimension."""
+    labels = getattr(batch, "labels", None)
+    if isinstance(labels, Tensor):
+        return int(labels.shape[0])
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
+        return int(batch[0].shape[0])
+    if isinstance(batch, dict):
+        for value in batch.values():
+            if isinstance(value, Tensor):
+                return int(value.shape[0])
+    raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}")
+
+
+def _exclusive_cumsum(lengths: Tensor) -> Tensor:
+    return torch.cumsum(lengths, 0) - lengths
+
+
+def is_one_hot(sparse: KeyedJaggedTensor) -> bool:
+    """Whether every feature of every input has exactly one ID (Criteo's layout): a ``[features, batch]`` grid."""
+    return sparse.values().numel() == sparse.lengths().numel() and bool((sparse.lengths() == 1).all())
+
+
+def _select_kjt(sparse: KeyedJaggedTensor, index: Tensor) -> KeyedJaggedTensor:
+    if sparse.variable_stride_per_key():
+        raise ValueError("select_inputs: KeyedJaggedTensors with a variable batch size per feature are not supported")
+    keys = sparse.keys()
+    weights = sparse.weights_or_none()
+    if is_one_hot(sparse):
+        grid = sparse.values().view(len(keys), sparse.stride())[:, index].reshape(-1)
+        return KeyedJaggedTensor(keys=keys, values=grid, lengths=torch.ones(grid.numel(), dtype=sparse.lengths().dtype),
+                                 weights=None if weights is None else
+                                 weights.view(len(keys), sparse.stride())[:, index].reshape(-1))
+    lengths = sparse.lengths().view(len(keys), sparse.stride())
+    starts = sparse.offsets()[:-1].view(len(keys), sparse.stride())[:, index].reshape(-1).long()
+    picked = lengths[:, index].reshape(-1)
+    counts = picked.long()
+    segment = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    positions = starts[segment] + torch.arange(segment.numel()) - _exclusive_cumsum(counts)[segment]
+    return KeyedJaggedTensor(keys=keys, values=sparse.values()[positions], lengths=picked,
+                             weights=None if weights is None else weights[positions])
+
+
+def _leading_hot(hot: Tensor) -> int:
+    """How many leading entries of a boolean vector are ``True`` when all ``True`` ones lead (else 0)."""
+    count = int(hot.sum())
+    return count if bool(hot[:count].all()) else 0
+
+
+def select_inputs(batch: Batch, index: Tensor | Sequence[int]) -> Batch:
+    """The inputs of ``batch`` at positions ``index`` (in that order; a boolean mask selects in batch order).
+
+    Dense features, labels and every feature of the KeyedJaggedTensor (values, lengths, weights) are
+    indexed together, so input ``i`` of the result is input ``index[i]`` of ``batch``. A :class:`SkewBatch`
+    stays one: inputs of a hot batch are hot, and the hot inputs picked from a stitched batch stay its split
+    point when they still lead.
+    """
+    index = torch.as_tensor(index)
+    if index.dtype == torch.bool:
+        index = torch.nonzero(index, as_tuple=False).flatten()
+    index = index.long().reshape(-1)
+    picked = Batch(dense_features=batch.dense_features[index],
+                   sparse_features=_select_kjt(batch.sparse_features, index), labels=batch.labels[index])
+    if not isinstance(batch, SkewBatch):
+        return picked
+    num_hot = index.numel() if batch.is_hot else _leading_hot(index.cpu() < batch.num_hot)
+    return SkewBatch.of(picked, batch.is_hot, num_hot, batch.hot_rows)
+
+
+def concat_batches(batches: Sequence[Batch]) -> Batch:
+    """One batch holding the inputs of ``batches`` in order (all must have the same feature keys).
+
+    Joined :class:`SkewBatch` es stay one: hot when all are hot (of the same hot set), with the leading hot
+    inputs as the split point.
+    """
+    if not batches:
+        raise ValueError("concat_batches needs at least one batch")
+    if len(batches) == 1:
+        only = batches[0]
+        return only if isinstance(only, SkewBatch) else Batch(only.dense_features, only.sparse_features, only.labels)
+    keys = batches[0].sparse_features.keys()
+    for batch in batches[1:]:
+        if batch.sparse_features.keys() != keys:
+            raise ValueError(f"concat_batches: feature keys differ: {keys} vs {batch.sparse_features.keys()}")
+    sparse = [batch.sparse_features for batch in batches]
+    for kjt in sparse:
+        if kjt.variable_stride_per_key():
+            raise ValueError("concat_batches: variable batch sizes per feature are not supported")
+    lengths = torch.cat([kjt.lengths().view(len(keys), kjt.stride()) for kjt in sparse], dim=1).reshape(-1)
+    per_key = [torch.split(kjt.values(), kjt.length_per_key()) for kjt in sparse]
+    values = torch.cat([part[f] for f in range(len(keys)) for part in per_key])
+    weights = None
+    if all(kjt.weights_or_none() is not None for kjt in sparse):
+        split = [torch.split(kjt.weights(), kjt.length_per_key()) for kjt in sparse]
+        weights = torch.cat([part[f] for f in range(len(keys)) for part in split])
+    joined = Batch(dense_features=torch.cat([batch.dense_features for batch in batches]),
+                   sparse_features=KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights),
+                   labels=torch.cat([batch.labels for batch in batches]))
+    if not any(isinstance(batch, SkewBatch) for batch in batches):
+        return joined
+    return SkewBatch.of(joined, *joined_decisions(batches))
+
+
+def joined_decisions(batches: Sequence[Batch]) -> tuple[bool, int, Any]:
+    """``(is_hot, num_hot, hot_rows)`` of the batches joined in order (plain batches count as cold)."""
+    hot_sets = {id(b.hot_rows): b.hot_rows for b in batches if isinstance(b, SkewBatch) and b.hot_rows is not None}
+    hot_rows = next(iter(hot_sets.values())) if len(hot_sets) == 1 else None
+    is_hot = hot_rows is not None and all(isinstance(b, SkewBatch) and b.is_hot for b in batches)
+    num_hot = 0
+    for batch in batches:
+        if isinstance(batch, SkewBatch) and batch.is_hot:
+            num_hot += batch_size_of(batch)
+            continue
+        num_hot += batch.num_hot if isinstance(batch, SkewBatch) else 0
+        break
+    return is_hot, num_hot, hot_rows

@@ -1,0 +1,132 @@
+"""Finding a model's embedding tables, plain, sharded by TorchRec, or split hot/cold, and reading their rows.
+
+Every part that looks at tables (the optimizer set-up, sharding, placement, stale skipping) finds them here.
+A table is seen in the dataset's row-ID space whatever its layout: a module that re-lays its tables out
+(the hot/cold collection) describes them itself through ``watched_tables()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+__all__ = ["TablePart", "WatchedTable", "bag_configs", "embedding_modules", "is_embedding_module",
+           "watched_tables", "weight_pieces"]
+
+
+def is_embedding_module(module: nn.Module) -> bool:
+    """A plain or sharded TorchRec embedding collection."""
+    if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
+        return True
+    # Sharded collections replace the plain ones in place; import lazily, distributed is heavy.
+    from torchrec.distributed.embedding import ShardedEmbeddingCollection
+    from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+
+    return isinstance(module, (ShardedEmbeddingBagCollection, ShardedEmbeddingCollection))
+
+
+def embedding_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, module)`` for every (sharded or plain) TorchRec embedding collection inside ``module``."""
+    for name, child in module.named_modules():
+        if is_embedding_module(child):
+            yield name, child
+
+
+def bag_configs(module: nn.Module) -> list[EmbeddingBagConfig] | None:
+    """The table configs of a plain or sharded ``EmbeddingBagCollection`` (``None`` for other modules).
+
+    TorchRec's ``ShardedEmbeddingBagCollection`` offers no public accessor for its configs (1.8); this is the
+    one place that reads its ``_embedding_bag_configs``.
+    """
+    if hasattr(module, "embedding_bag_configs"):
+        return list(module.embedding_bag_configs())
+    configs = getattr(module, "_embedding_bag_configs", None)
+    return None if configs is None else list(configs)
+
+
+def weight_pieces(weight: Tensor) -> list[tuple[int, int, Tensor]]:
+    """``(first_row, first_column, block)`` of every part of a weight this rank holds (live views)."""
+    if isinstance(weight, ShardedTensor):
+        return [(int(s.metadata.shard_offsets[0]), int(s.metadata.shard_offsets[1]), s.tensor)
+                for s in weight.local_shards()]
+    return [(0, 0, weight)]
+
+
+@dataclass(frozen=True)
+class TablePart:
+    """Where some rows of a table live: ``module.state_dict()[key]``, row ``row_map[r]`` for table row ``r``
+    (``-1``: not in this part; ``None``: the part holds every row at its own ID)."""
+
+    module: nn.Module
+    key: str
+    row_map: Tensor | None = None
+
+
+@dataclass
+class WatchedTable:
+    """One embedding table in the dataset's row-ID space, whatever its layout.
+
+    Args:
+        name: the table's name.
+        features: the features (KeyedJaggedTensor keys) that look it up.
+        num_rows, dim: its shape.
+        parts: returns the parts that hold its rows now (a re-laid-out table can move rows between them).
+    """
+
+    name: str
+    features: list[str]
+    num_rows: int
+    dim: int
+    parts: Callable[[], list[TablePart]]
+
+    def read_rows(self, rows: Tensor, states: dict[int, dict[str, Any]] | None = None) -> Tensor:
+        """``[len(rows), dim]`` float copies of ``rows`` as far as this rank holds them, ``-inf`` elsewhere (a MAX
+        over ranks completes them). ``states`` caches ``module.state_dict()`` by module across calls of one read."""
+        states = {} if states is None else states
+        out = torch.full((rows.numel(), self.dim), float("-inf"))
+        for part in self.parts():
+            if id(part.module) not in states:
+                states[id(part.module)] = part.module.state_dict()
+            target = rows if part.row_map is None else part.row_map[rows]
+            for first_row, first_col, block in weight_pieces(states[id(part.module)][part.key]):
+                held = (target >= first_row) & (target < first_row + block.shape[0])
+                if bool(held.any()):
+                    picked = block[(target[held] - first_row).to(block.device)].float().cpu()
+                    out[held, first_col:first_col + block.shape[1]] = picked
+        return out
+
+
+def watched_tables(module: nn.Module) -> list[WatchedTable]:
+    """Every embedding-bag table of ``module``: plain and sharded collections, and modules that describe their
+    own tables (``watched_tables()``, such as the hot/cold collection). Sequence embeddings are not included."""
+    tables: list[WatchedTable] = []
+    described: list[str] = []
+    for name, child in module.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in described):
+            continue  # inside a module that described its tables itself
+        own = getattr(child, "watched_tables", None)
+        if callable(own) and child is not module:
+            tables.extend(own())
+            described.append(name)
+            continue
+        if not is_embedding_module(child):
+            continue
+        configs = bag_configs(child)
+        if configs is None:
+            continue
+        keys = set(child.state_dict().keys())
+        for config in configs:
+            key = f"embedding_bags.{config.name}.weight"
+            if key not in keys:
+                raise ValueError(f"table {config.name!r} has no weight {key!r} in its module")
+            part = [TablePart(child, key)]
+            tables.append(WatchedTable(config.name, list(config.feature_names), config.num_embeddings,
+                                       config.embedding_dim, lambda part=part: part))
+    return tables
