@@ -19,6 +19,7 @@ from strategy_worker import RecordLosses, make_data, make_model
 from lightning_skew.hotcold.state import flatten_optimizer_state
 from lightning_skew.hotcold.strategy import HotColdStrategy
 from lightning_skew.popularity.datamodule import PopularityDataModule
+from lightning_skew.profile.sources import ProfiledHotRows
 from lightning_skew.torchrec.checkpoint import gather_unsharded
 from lightning_skew.torchrec.strategy import TorchRecStrategy
 
@@ -39,13 +40,16 @@ def main() -> None:
     out = Path(args.out)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     data = make_data(world_size)
+    # With popularity batching, the batches and the placement share one hot-set source (exact counts, one pass).
+    hot_rows = ProfiledHotRows(budget_bytes=args.budget_rows * ROW_BYTES, embedding_dim=8, sample_fraction=1.0) \
+        if args.popularity else None
     if args.popularity:
-        data = PopularityDataModule(data, schedule="fae", hot_rows_budget=args.budget_rows, shuffle=False)
+        data = PopularityDataModule(data, schedule="fae", hot_rows=hot_rows, shuffle=False)
     model = make_model(data, "rowwise_adagrad")
     if args.strategy == "torchrec":
         strategy = TorchRecStrategy()
     else:
-        strategy = HotColdStrategy(budget_bytes=args.budget_rows * ROW_BYTES, sample_fraction=0.5,
+        strategy = HotColdStrategy(budget_bytes=args.budget_rows * ROW_BYTES, hot_rows=hot_rows, sample_fraction=0.5,
                                    rebalance_every_n_steps=args.rebalance_every)
     record = RecordLosses()
     trainer = pl.Trainer(accelerator="cpu", devices=world_size, strategy=strategy, max_epochs=args.epochs,
@@ -64,6 +68,7 @@ def main() -> None:
     if trainer.is_global_zero:
         torch.save({"optimizer": optimizer, **extra}, out / "state.pt")
         (out / "losses.json").write_text(json.dumps(record.losses))
+        (out / "profiling_passes.json").write_text(json.dumps(ProfiledHotRows.profiling_passes))
 
 
 if __name__ == "__main__":

@@ -263,6 +263,8 @@ def test_hot_batches_of_a_popularity_datamodule_never_run_the_cold_collection(tm
     hot_cold = _run(tmp_path / "hotcold", strategy="hotcold", popularity=True)
     assert hot_cold["state"]["skipped_cold"] == [2]  # the FAE schedule's two hot batches
     _assert_same(hot_cold, plain)
+    # The DataModule and the strategy asked the same source: one profiling pass for both.
+    assert json.loads((tmp_path / "hotcold" / "profiling_passes.json").read_text()) == 1
 
 
 # -- set-up errors, in process ------------------------------------------------------------------------------
@@ -390,14 +392,25 @@ def test_a_module_with_two_collections_and_a_shared_table_trains_as_under_torchr
     torch.testing.assert_close(losses["hotcold"], losses["torchrec"], atol=1e-6, rtol=0)
 
 
-def test_stale_embedding_skipper_with_split_collections_is_a_clear_error(tmp_path):
+def test_stale_embedding_skipper_watches_split_collections_like_the_original_tables(tmp_path):
     from lightning_skew.stale.skipper import StaleEmbeddingSkipper
+    from lightning_skew.torchrec.strategy import TorchRecStrategy
 
-    data = make_data(1)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=HotColdStrategy(budget_bytes=36 * 100), max_steps=1,
-                         logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
-                         default_root_dir=str(tmp_path), callbacks=[StaleEmbeddingSkipper()])
-    with warnings.catch_warnings(), pytest.raises(MisconfigurationException, match="split collections"):
-        warnings.simplefilter("ignore")
-        trainer.fit(make_model(data, "rowwise_adagrad"), data)
+    decisions = {}
+    for name, strategy in (("torchrec", TorchRecStrategy(embedding_optimizer="rowwise_adagrad", embedding_lr=0.1)),
+                           ("hotcold", HotColdStrategy(budget_bytes=36 * 100, embedding_optimizer="rowwise_adagrad",
+                                                       embedding_lr=0.1))):
+        skipper = StaleEmbeddingSkipper(evaluate_every_n_steps=2, target_drop_fraction=0.3, tolerance=0.05,
+                                        sample_batches=2)
+        data = make_data(1)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=8, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                             num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path / name),
+                             callbacks=[skipper])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            trainer.fit(make_model(data, "rowwise_adagrad"), data)
+        decisions[name] = (skipper.evaluations, skipper.inputs_dropped, len(skipper.stale or []), skipper.threshold)
+    assert decisions["hotcold"][0] > 0 and decisions["hotcold"][1] > 0  # it decided and dropped inputs
+    assert decisions["hotcold"][:3] == decisions["torchrec"][:3]  # the same rows and inputs as unsplit

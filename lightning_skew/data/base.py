@@ -37,6 +37,12 @@ class RecDataModule(pl.LightningDataModule):
     def num_embeddings_per_feature(self) -> list[int]:
         """Rows of the embedding table of each sparse feature, in the order of the names."""
 
+    @property
+    def unwrapped(self) -> RecDataModule:
+        """The DataModule whose data this one delivers: itself; a wrapper (popularity batching, repacking) gives
+        the module it wraps, so profiles and hot sets describe the data, not the wrappers around it."""
+        return self
+
     def predict_dataloader(self):
         """Predictions are made for the test split (``lightning-skew predict`` scores it)."""
         return self.test_dataloader()

@@ -14,7 +14,7 @@ from lightning_skew.hotcold.placement import Placement
 from lightning_skew.hotcold.plain import place_hot_cold
 from lightning_skew.hotcold.state import hot_cold_collections
 from lightning_skew.hotcold.strategy import embedding_bag_collections
-from lightning_skew.profile.access import ProfiledHotRows
+from lightning_skew.profile.sources import ProfiledHotRows, resolve_hot_rows
 from lightning_skew.torchrec.strategy import TorchRecStrategy
 
 __all__ = ["PlainHotColdPlacement"]
@@ -40,10 +40,13 @@ class PlainHotColdPlacement(pl.Callback):
         profile_path: an ``AccessProfile`` file (``lightning-skew profile``); ``None`` profiles at setup.
         sample_fraction: share of training batches profiled when there is no ``profile_path``.
         cold_device: where the cold rows live and are looked up.
+        hot_rows: the hot-set source (a :class:`~lightning_skew.ProfiledHotRows` or a ``RowSet``) shared with the
+            other parts of the fit; ``None`` builds one from ``budget_bytes``, ``profile_path`` and
+            ``sample_fraction``.
     """
 
     def __init__(self, budget_bytes: int, profile_path: str | None = None, sample_fraction: float = 0.05,
-                 cold_device: str = "cpu") -> None:
+                 cold_device: str = "cpu", hot_rows: Any = None) -> None:
         if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
         if not 0 < sample_fraction <= 1:
@@ -52,6 +55,7 @@ class PlainHotColdPlacement(pl.Callback):
         self.profile_path = profile_path
         self.sample_fraction = sample_fraction
         self.cold_device = cold_device
+        self.hot_rows = hot_rows
         self.placements: dict[str, Placement] = {}
         self._pending_optimizer_state: dict[str, Any] | None = None  # restored before the module was placed
         self._module: nn.Module | None = None
@@ -70,16 +74,17 @@ class PlainHotColdPlacement(pl.Callback):
             raise MisconfigurationException(
                 f"PlainHotColdPlacement runs on one process (world size {trainer.world_size}); for several use "
                 "HotColdStrategy")
-        if trainer.datamodule is None and self.profile_path is None:
+        if trainer.datamodule is None and self.profile_path is None and self.hot_rows is None:
             raise MisconfigurationException("PlainHotColdPlacement needs a DataModule to profile, or profile_path")
         specs = [spec for _, ebc in embedding_bag_collections(pl_module) for spec in table_specs(ebc)]
         dims = {spec.embedding_dim for spec in specs}
         if len(dims) != 1:
             raise MisconfigurationException(f"PlainHotColdPlacement needs one embedding dimension across tables, got "
                                             f"{sorted(dims)}; use place_hot_cold with a hot set of your own")
-        source = ProfiledHotRows(self.budget_bytes, profile_path=self.profile_path, embedding_dim=dims.pop(),
-                                 sample_fraction=self.sample_fraction)
-        self.placements = place_hot_cold(pl_module, source.hot_rows(trainer.datamodule), self.budget_bytes,
+        source = self.hot_rows if self.hot_rows is not None else ProfiledHotRows(
+            self.budget_bytes, profile_path=self.profile_path, embedding_dim=dims.pop(),
+            sample_fraction=self.sample_fraction)
+        self.placements = place_hot_cold(pl_module, resolve_hot_rows(source, trainer.datamodule), self.budget_bytes,
                                          self.cold_device)
         text = "\n".join(f"{path}:\n{placement.describe()}" for path, placement in self.placements.items())
         rank_zero_info(f"Hot/cold placement (plain PyTorch, cold rows in {self.cold_device}):\n{text}")

@@ -21,7 +21,6 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from lightning_skew.core.batch import SkewBatch
 from lightning_skew.core.rowsets import RowSet
-from lightning_skew.data.base import RecDataModule
 from lightning_skew.hotcold.collection import (
     HotColdEmbeddingBagCollection,
     hot_only_step,
@@ -36,8 +35,8 @@ from lightning_skew.hotcold.state import (
     to_original_ids,
     unflatten_optimizer_state,
 )
-from lightning_skew.popularity.datamodule import PopularityDataModule
-from lightning_skew.profile.access import AccessProfile, profile_dataloader, row_bytes, select_hot_rows
+from lightning_skew.profile.access import AccessProfile, row_bytes, select_hot_rows
+from lightning_skew.profile.sources import ProfiledHotRows, resolve_hot_rows
 from lightning_skew.torchrec.checkpoint import (
     all_reduce_sum,
     copy_into_shards,
@@ -58,7 +57,7 @@ class HotColdStrategy(TorchRecStrategy):
     """:class:`TorchRecStrategy` with every table placed by popularity: hot rows in fast memory, cold rows in
     host memory (FAE's placement, on TorchRec).
 
-    At setup the strategy takes a hot set (the :class:`~lightning_skew.PopularityDataModule`'s, a saved
+    At setup the strategy takes a hot set from its source (``hot_rows``, a saved
     :class:`~lightning_skew.profile.AccessProfile`, or a fresh profile of a sample of the training data), cuts
     it to ``budget_bytes`` (weights plus optimizer state), and replaces every ``EmbeddingBagCollection`` of the
     module by a :class:`~lightning_skew.hotcold.collection.HotColdEmbeddingBagCollection`: tables
@@ -69,9 +68,13 @@ class HotColdStrategy(TorchRecStrategy):
 
     Args:
         budget_bytes: fast memory for hot rows, optimizer state included (4-byte weights).
-        profile_path: an access profile (``lightning-skew profile``) to cut the hot set from. Without one the
-            strategy uses the PopularityDataModule's hot set, or profiles ``sample_fraction`` of the training
-            batches at setup (all ranks' counts summed).
+        hot_rows: the hot-set source shared with the other parts of the fit (a
+            :class:`~lightning_skew.ProfiledHotRows` or a ``RowSet``): its hot set is placed as it is, so hot
+            batches of a PopularityDataModule with the same source skip the cold rows. ``None``: a profile cut to
+            this budget by the tables' real row sizes (``profile_path`` or ``sample_fraction`` below).
+        profile_path: with ``hot_rows=None``, an access profile (``lightning-skew profile``) to cut the hot set
+            from; without one the training data is profiled (``sample_fraction`` of its batches, all ranks'
+            counts summed; a source equal to it elsewhere in the fit shares that pass).
         sample_fraction: share of training batches counted by that setup profile (FAE: 5%).
         hot_set_mode: how the profile's hot set spreads over tables (``global``: FAE's cut over all rows).
         rebalance_every_n_steps: every this many optimizer steps, the lookups counted since the last rebalance
@@ -85,9 +88,9 @@ class HotColdStrategy(TorchRecStrategy):
             :class:`TorchRecStrategy`.
 
     .. note::
-        With a PopularityDataModule whose schedule keeps ranks in step (``fae``, ``interleave``; or any on one
-        process) and whose hot set lies inside the placement's hot rows, a hot batch runs without the cold
-        collection at all: it never touches host memory.
+        A batch that says it is hot on every rank (a :class:`~lightning_skew.core.batch.SkewBatch` from a
+        PopularityDataModule, any schedule) whose hot set lies inside the placement's hot rows runs without
+        the cold collection at all: it never touches host memory. Give both the same ``hot_rows`` source.
 
     .. note::
         Checkpoints and exports are in the dataset's own ID space: whole tables and per-row optimizer state,
@@ -103,6 +106,7 @@ class HotColdStrategy(TorchRecStrategy):
     def __init__(
         self,
         budget_bytes: int,
+        hot_rows: Any = None,
         profile_path: str | None = None,
         sample_fraction: float = 0.05,
         hot_set_mode: str = "global",
@@ -136,6 +140,7 @@ class HotColdStrategy(TorchRecStrategy):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
         self.budget_bytes = budget_bytes
+        self.hot_rows = hot_rows
         self.profile_path = profile_path
         self.sample_fraction = sample_fraction
         self.hot_set_mode = hot_set_mode
@@ -149,7 +154,6 @@ class HotColdStrategy(TorchRecStrategy):
         self._last_rebalance: tuple[int, int] | None = None  # (epoch, global step) of the last rebalance
         self._collections: dict[str, HotColdEmbeddingBagCollection] = {}  # found once the module is placed
         self._checked_hot_set: tuple[RowSet | None, bool] = (None, False)
-        self._warned_skip = False
 
     # ----------------------------------------------------------------------------------------- set-up
 
@@ -203,26 +207,24 @@ class HotColdStrategy(TorchRecStrategy):
                           HotColdEmbeddingBagCollection)
 
     def _hot_set(self, specs: list[TableSpec], sizes: list[int]) -> RowSet:
+        """The hot set from the source: a given one as it is (the answer every part of the fit shares), else a
+        profile (saved, or of the training data: the source counts, not the strategy) cut to this budget."""
         datamodule = getattr(self._trainer, "datamodule", None)
-        if isinstance(datamodule, PopularityDataModule) and datamodule.hot_rows is not None:
-            self.hot_set_source = "PopularityDataModule hot set"
-            return datamodule.hot_rows
-        if self.profile_path is not None:
-            profile = AccessProfile.load(self.profile_path)
-            self.hot_set_source = f"profile {self.profile_path}"
-        elif isinstance(datamodule, RecDataModule) and self._trainer.state.fn == TrainerFn.FITTING:
-            profile = AccessProfile.for_datamodule(datamodule, sample_fraction=self.sample_fraction,
-                                                   sample_by="batches")
-            profile = profile_dataloader(profile, datamodule.train_dataloader(),
-                                         progress=self.is_global_zero).all_reduce()
-            self.hot_set_source = f"profile of {self.sample_fraction:.0%} of the training batches"
-        else:
-            rank_zero_warn("HotColdStrategy: no access profile (give profile_path) and no training data to profile; "
-                           "every table stays cold")
+        if self.hot_rows is not None:
+            self.hot_set_source = getattr(self.hot_rows, "describe", lambda: type(self.hot_rows).__name__)()
+            return resolve_hot_rows(self.hot_rows, datamodule)
+        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
+        if self.profile_path is None and (datamodule is None or not fitting):
+            rank_zero_warn("HotColdStrategy: no hot set (give hot_rows or profile_path) and no training data to "
+                           "profile; every table stays cold")
             self.hot_set_source = "none (all cold)"
             features = [f for spec in specs for f in spec.feature_names]
             rows = [spec.num_rows for spec in specs for _ in spec.feature_names]
             return RowSet(features, rows, [torch.zeros(0, dtype=torch.int64) for _ in features])
+        source = ProfiledHotRows(self.budget_bytes, profile_path=self.profile_path,
+                                 sample_fraction=self.sample_fraction)
+        self.hot_set_source = source.describe()
+        profile = source.profile_for(datamodule) if self.profile_path is None else AccessProfile.load(self.profile_path)
         _check_profile(profile, specs)
         # Features of the profile that no table here looks up are never hot.
         size_of = {f: size for spec, size in zip(specs, sizes, strict=True) for f in spec.feature_names}

@@ -328,6 +328,10 @@ class PopularityDataModule(RecDataModule):
         return self.datamodule.num_embeddings_per_feature
 
     @property
+    def unwrapped(self) -> RecDataModule:
+        return self.datamodule.unwrapped
+
+    @property
     def hot_rows(self) -> RowSet | None:
         """The hot set in force for the current (or next) epoch."""
         return self._hot_rows

@@ -209,6 +209,10 @@ class RepackedDataModule(RecDataModule):
     def num_embeddings_per_feature(self) -> list[int]:
         return self.datamodule.num_embeddings_per_feature
 
+    @property
+    def unwrapped(self) -> RecDataModule:
+        return self.datamodule.unwrapped
+
     def __getattr__(self, name: str) -> Any:
         # Everything else a DataModule offers (best_attainable_auc, hot_rows, ...) is the inner module's.
         if name.startswith("_") or name in ("datamodule", "min_fill"):
