@@ -12,6 +12,18 @@ from lightning_skew.torchrec import TorchRecStrategy
 
 __version__ = "0.1.0"
 
+
+def _register_strategies() -> None:
+    """``Trainer(strategy="torchrec")`` and ``strategy: torchrec`` in YAML (``hot_cold`` needs a budget)."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    for strategy in (TorchRecStrategy, HotColdStrategy):
+        if strategy.strategy_name not in StrategyRegistry:
+            StrategyRegistry.register(strategy.strategy_name, strategy, description=strategy.__doc__.split("\n")[0])
+
+
+_register_strategies()
+
 __all__ = [
     "AccessProfile",
     "CriteoDataModule",
