@@ -1,0 +1,157 @@
+"""Criteo files: opening them (plain or gzip), resolving the paths given, and reading their lines in order."""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import os
+import re
+from collections.abc import Sequence
+from itertools import islice
+from typing import IO
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def open_criteo_file(path: str) -> IO[bytes]:
+    """Open a Criteo TSV file for reading bytes, gunzipping it when it is gzip (``.gz`` or magic bytes)."""
+    with open(path, "rb") as probe:
+        magic = probe.read(2)
+    if path.endswith(".gz") or magic == _GZIP_MAGIC:
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _natural_key(text: str) -> list[int | str]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _expand(path: str) -> list[str]:
+    if os.path.isdir(path):
+        names = [n for n in os.listdir(path) if not n.startswith(".")]
+        return sorted((os.path.join(path, n) for n in names), key=_natural_key)
+    if glob.has_magic(path):
+        return sorted(glob.glob(path), key=_natural_key)
+    return [path]
+
+
+def resolve_tsv_paths(paths: Sequence[str] | str, what: str = "paths") -> list[str]:
+    """Files named by ``paths`` (files, directories or globs), in order; raises if none or one is missing.
+
+    A directory stands for every non-hidden file in it except ``.npy``/``.npz`` files, in natural
+    order (``day_2`` before ``day_10``).
+    """
+    if isinstance(paths, str):
+        paths = [paths]
+    if not paths:
+        raise ValueError(f"{what}: expected at least one Criteo TSV file, got an empty list")
+    files: list[str] = []
+    for path in paths:
+        expanded = _expand(path)
+        if os.path.isdir(path):
+            expanded = [p for p in expanded if os.path.isfile(p) and not p.endswith((".npy", ".npz"))]
+        if not expanded:
+            raise FileNotFoundError(f"{what}: {path!r} matches no file")
+        for file in expanded:
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{what}: Criteo file {file!r} does not exist")
+        files.extend(expanded)
+    return files
+
+
+_NPY_PARTS = ("dense", "sparse", "labels")
+_NPY_SUFFIX = re.compile(r"_(dense|sparse|labels)(_contig)?\.npy$")
+
+
+def resolve_npy_days(paths: Sequence[str] | str, what: str = "paths") -> list[tuple[str, str, str]]:
+    """``(dense, sparse, labels)`` npy files of each day named by ``paths``, in order.
+
+    An entry may be a day's prefix (``/data/day_0``), any of its three files
+    (``/data/day_0_dense.npy``), a directory (every ``day_*_dense.npy`` in it, in day order) or a glob
+    over dense files. Raises if nothing is named or a file is missing.
+    """
+    if isinstance(paths, str):
+        paths = [paths]
+    if not paths:
+        raise ValueError(f"{what}: expected at least one TorchRec npy day, got an empty list")
+    days: list[tuple[str, str, str]] = []
+    for path in paths:
+        if os.path.isdir(path):
+            entries = sorted(glob.glob(os.path.join(path, "day_*_dense.npy")), key=_natural_key)
+        elif glob.has_magic(path):
+            entries = sorted(glob.glob(path), key=_natural_key)
+        else:
+            entries = [path]
+        if not entries:
+            raise FileNotFoundError(f"{what}: {path!r} names no day_*_dense.npy file")
+        for entry in entries:
+            prefix = _NPY_SUFFIX.sub("", entry)
+            files = tuple(f"{prefix}_{part}.npy" for part in _NPY_PARTS)
+            for file in files:
+                if not os.path.isfile(file):
+                    raise FileNotFoundError(f"{what}: TorchRec npy file {file!r} does not exist")
+            days.append(files)  # type: ignore[arg-type]
+    return days
+
+
+class _LineStream:
+    """Lines of several files read in order, knowing the file and 1-based line number of each."""
+
+    def __init__(self, files: Sequence[str]) -> None:
+        self.files = list(files)
+        self._file_index = -1
+        self._handle: IO[bytes] | None = None
+        self._line_number = 0  # lines read so far from the current file
+        # (file, first line number, count) of the lines returned by the last take().
+        self._segments: list[tuple[str, int, int]] = []
+
+    def _next_file(self) -> bool:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        self._file_index += 1
+        if self._file_index >= len(self.files):
+            return False
+        self._handle = open_criteo_file(self.files[self._file_index])
+        self._line_number = 0
+        return True
+
+    def _read(self, count: int, keep: bool) -> tuple[list[bytes], int]:
+        lines: list[bytes] = []
+        done = 0
+        if keep:
+            self._segments = []
+        while done < count:
+            if self._handle is None and not self._next_file():
+                break
+            assert self._handle is not None
+            chunk = list(islice(self._handle, count - done))
+            if keep and chunk:
+                self._segments.append((self.files[self._file_index], self._line_number + 1, len(chunk)))
+                lines.extend(chunk)
+            self._line_number += len(chunk)
+            done += len(chunk)
+            if done < count and not self._next_file():
+                break
+        return lines, done
+
+    def take(self, count: int) -> list[bytes]:
+        """The next ``count`` lines (fewer at the end of the last file)."""
+        return self._read(count, keep=True)[0]
+
+    def skip(self, count: int) -> int:
+        """Pass over ``count`` lines without keeping them; returns how many there were."""
+        return self._read(count, keep=False)[1]
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """File and 1-based line number of line ``index`` of the last :meth:`take`."""
+        for file, first, count in self._segments:
+            if index < count:
+                return file, first + index
+            index -= count
+        raise IndexError(index)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
