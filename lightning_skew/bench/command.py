@@ -1,0 +1,100 @@
+"""``lightning-skew bench``: the command line that runs variants side by side and prints and writes the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from lightning_skew.bench.report import format_report, machine_info
+from lightning_skew.bench.runner import build_recipe, check_variants, run_bench
+from lightning_skew.bench.stats import RATIO_METHOD, summarize
+from lightning_skew.bench.types import VARIANTS
+
+DEFAULT_CONFIG = "recipes/dlrm_synthetic.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-skew bench", allow_abbrev=False,
+        description="Train benchmark variants side by side (alternating, repeated) and compare samples/s and "
+                    "model quality. Other arguments (--data.init_args.X v, --model.init_args.X v) override the "
+                    "recipe.",
+        epilog=f"registered variants: {', '.join(f'{v.name} ({v.description})' for v in VARIANTS.values())}")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="the recipe (a LightningCLI config)")
+    parser.add_argument("--variants", default="handwritten,lightning",
+                        help="comma-separated variant names; the first is the baseline")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every variant")
+    parser.add_argument("--train-samples", type=int, default=None,
+                        help="training samples per run (sets data.init_args.num_train_samples)")
+    parser.add_argument("--warmup-steps", type=int, default=10, help="first steps of every run left untimed")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs every variant trains (default 1)")
+    parser.add_argument("--output", default=None, help="also write the report here as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``lightning-skew bench``: parse arguments, run, print the report and write it (``--output``).
+
+    The variants are the registered ones (:data:`VARIANTS`); the first one asked for is the baseline that the
+    others are divided by. Example::
+
+        lightning-skew bench --config recipes/dlrm_synthetic.yaml --repeats 3 --train-samples 307200 \\
+            --output bench.json
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, overrides = _parser().parse_known_args(argv)
+    variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    check_variants(variants)
+    if args.repeats < 1 or args.warmup_steps < 1 or args.epochs < 1:
+        raise SystemExit(f"--repeats, --warmup-steps and --epochs must be at least 1, got {args.repeats}, "
+                         f"{args.warmup_steps}, {args.epochs}")
+    machine = machine_info()  # before any work, so the load average is the machine's, not ours
+    _quiet_logs()
+    recipe_args = ["--config", args.config, *overrides]
+    if args.train_samples is not None:
+        recipe_args += ["--data.init_args.num_train_samples", str(args.train_samples)]
+    probe = build_recipe(recipe_args)  # fails early on a bad recipe; also gives the data's sizes
+    best = getattr(probe.datamodule, "best_attainable_auc", None)
+    best_auc = float(best("val")) if callable(best) else None
+    train_samples = getattr(probe.datamodule, "num_samples", {}).get("train")
+    del probe
+
+    runs = run_bench(recipe_args, variants, args.repeats, args.warmup_steps,
+                     progress=lambda line: print(line, flush=True), epochs=args.epochs)
+    summaries = summarize(runs, baseline=variants[0])
+    report = {
+        "command": "lightning-skew bench " + shlex.join(argv),
+        "machine": machine,
+        "settings": {"config": args.config, "overrides": overrides, "variants": variants, "repeats": args.repeats,
+                     "train_samples_per_run": train_samples, "warmup_steps": args.warmup_steps,
+                     "epochs": args.epochs},
+        "baseline": variants[0],
+        "ratio_method": RATIO_METHOD,
+        "best_attainable_auc": best_auc,
+        "max_foreign_cpu_share": max((r.foreign_cpu_share for r in runs if r.foreign_cpu_share is not None),
+                                     default=None),
+        "variants": {name: asdict(s) for name, s in summaries.items()},
+        "runs": [asdict(run) for run in runs],
+    }
+    print(format_report(report), flush=True)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _quiet_logs() -> None:
+    # Per-run banners (devices, sharding plan, process group) would bury the figures; warnings stay.
+    for name in ("lightning.pytorch", "lightning.fabric", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="torchrec")
+    warnings.filterwarnings("ignore", module="fbgemm_gpu")
+    # Lightning's guess about sized IterableDatasets; lightning-skew's streams split batches among workers.
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")

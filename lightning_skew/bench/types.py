@@ -1,0 +1,129 @@
+"""The benchmark's vocabulary: recipes, step clocks, trained runs, results, and the registry of variants."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+from torch import Tensor
+from torchrec.datasets.utils import Batch
+
+
+@dataclass
+class Recipe:
+    """A freshly built model and DataModule (not yet set up), as the recipe and its overrides describe them."""
+
+    model: pl.LightningModule
+    datamodule: pl.LightningDataModule
+    epochs: int = 1  # epochs every variant trains (``--epochs``)
+
+
+@dataclass
+class StepClock:
+    """End time (``time.perf_counter``) and input count of every training step, in order."""
+
+    ends: list[float] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
+
+    def tick(self, samples: int) -> None:
+        """Record the end of a step that trained on ``samples`` inputs."""
+        self.ends.append(time.perf_counter())
+        self.samples.append(int(samples))
+
+
+@dataclass
+class TrainedRun:
+    """What a variant hands back: the trained model (a batch to click logits ``[B]``) and its step times."""
+
+    model: Callable[[Batch], Tensor]
+    clock: StepClock
+    extras: dict[str, float] = field(default_factory=dict)  # what a variant reports of itself (medians shown)
+    device: str = "cpu"  # where the model takes its batches
+
+
+VariantFn = Callable[[Recipe], TrainedRun]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named way of training a :class:`Recipe` for one epoch."""
+
+    name: str
+    train: VariantFn
+    description: str = ""
+
+
+# Filled by register_variant: the baselines in lightning_skew.bench.runner, every technique's variants in
+# lightning_skew/<technique>/bench.py (lightning_skew.bench imports them all).
+VARIANTS: dict[str, Variant] = {}
+
+
+def register_variant(name: str, description: str = "") -> Callable[[VariantFn], VariantFn]:
+    """Register ``fn(recipe) -> TrainedRun`` as the benchmark variant ``name`` (a decorator).
+
+    The function must train ``recipe.model`` on ``recipe.datamodule``'s training split for one epoch, call
+    ``clock.tick(batch_size)`` at the end of every step (after the optimizer step), and return the trained model.
+
+    Example::
+
+        @register_variant("popularity_batches", "Lightning, batches grouped by ID popularity")
+        def popularity_batches(recipe: Recipe) -> TrainedRun:
+            return fit_with_lightning(recipe, callbacks=[PopularityBatching()])
+    """
+
+    def register(fn: VariantFn) -> VariantFn:
+        if name in VARIANTS:
+            raise ValueError(f"a benchmark variant named {name!r} is already registered")
+        VARIANTS[name] = Variant(name, fn, description or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return register
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Model quality on a held-out split."""
+
+    auc: float
+    logloss: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One variant trained once: its throughput over the timed steps and its validation quality."""
+
+    repeat: int
+    position: int  # order within the repeat
+    variant: str
+    samples_per_s: float
+    timed_samples: int
+    timed_s: float
+    median_step_samples_per_s: float  # robust to short bursts of other load; see median_step_throughput
+    steps: int
+    setup_s: float  # building the recipe and everything before the first step, plus the warm-up steps
+    auc: float
+    logloss: float
+    foreign_cpu_share: float | None = None  # CPU time of other processes over the run, a share of all cores
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VariantSummary:
+    """A variant's figures over all repeats."""
+
+    variant: str
+    repeats: int
+    median_samples_per_s: float
+    min_samples_per_s: float
+    max_samples_per_s: float
+    ratio: float  # median of per-repeat ratios to the baseline
+    min_ratio: float
+    max_ratio: float
+    median_step_samples_per_s: float  # median over repeats
+    median_step_ratio: float  # median of per-repeat ratios of median_step_samples_per_s
+    auc: float  # median over repeats
+    logloss: float
+    extras: dict[str, float] = field(default_factory=dict)  # median over repeats of each of the runs' extras
