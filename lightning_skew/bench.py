@@ -42,7 +42,7 @@ from torchrec.datasets.utils import Batch
 from lightning_skew.cli import SkewCLI
 from lightning_skew.core.monitor import batch_size_of
 from lightning_skew.popularity.datamodule import PopularityDataModule
-from lightning_skew.profile.access import ProfiledHotRows
+from lightning_skew.profile.sources import ProfiledHotRows
 from lightning_skew.torchrec.sharding import shard_module
 from lightning_skew.torchrec.strategy import TorchRecStrategy
 

@@ -14,7 +14,7 @@ from lightning_skew.hotcold.placement import Placement
 from lightning_skew.hotcold.plain import place_hot_cold
 from lightning_skew.hotcold.state import hot_cold_collections
 from lightning_skew.hotcold.strategy import embedding_bag_collections
-from lightning_skew.profile.access import ProfiledHotRows
+from lightning_skew.profile.sources import ProfiledHotRows
 from lightning_skew.torchrec.strategy import TorchRecStrategy
 
 __all__ = ["PlainHotColdPlacement"]

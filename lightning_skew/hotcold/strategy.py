@@ -40,7 +40,9 @@ from lightning_skew.hotcold.state import (
     unflatten_optimizer_state,
 )
 from lightning_skew.popularity.datamodule import PopularityDataModule
-from lightning_skew.profile.access import AccessProfile, profile_dataloader, row_bytes, select_hot_rows
+from lightning_skew.profile.access import AccessProfile
+from lightning_skew.profile.budget import row_bytes, select_hot_rows
+from lightning_skew.profile.loader import profile_dataloader
 from lightning_skew.torchrec.checkpoint import (
     all_reduce_sum,
     copy_into_shards,

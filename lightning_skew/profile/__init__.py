@@ -1,4 +1,37 @@
 """Access profiles: lookup counts per row, hot sets under a memory budget, coverage and skew (FAE's profiling)."""
 
-from lightning_skew.profile.access import *  # noqa: F403
-from lightning_skew.profile.access import __all__  # noqa: F401
+from lightning_skew.profile.access import AccessProfile
+from lightning_skew.profile.budget import (
+    BudgetPoint,
+    global_hot_order,
+    lookup_coverage,
+    optimizer_state_elements,
+    row_bytes,
+    select_hot_rows,
+    smallest_budget_for_coverage,
+)
+from lightning_skew.profile.identity import describe_datamodule
+from lightning_skew.profile.loader import profile_dataloader
+from lightning_skew.profile.sketches import add_row_counts, merge_heavy_hitters, sampled_mask
+from lightning_skew.profile.skew import TableSkew, fit_power_law, top_share
+from lightning_skew.profile.sources import ProfiledHotRows
+
+__all__ = [
+    "AccessProfile",
+    "ProfiledHotRows",
+    "BudgetPoint",
+    "TableSkew",
+    "add_row_counts",
+    "describe_datamodule",
+    "fit_power_law",
+    "global_hot_order",
+    "lookup_coverage",
+    "merge_heavy_hitters",
+    "optimizer_state_elements",
+    "profile_dataloader",
+    "row_bytes",
+    "sampled_mask",
+    "select_hot_rows",
+    "smallest_budget_for_coverage",
+    "top_share",
+]
