@@ -35,7 +35,8 @@ from lightning_skew.hotcold.state import (
     to_original_ids,
     unflatten_optimizer_state,
 )
-from lightning_skew.profile.access import AccessProfile, row_bytes, select_hot_rows
+from lightning_skew.profile.access import AccessProfile
+from lightning_skew.profile.budget import row_bytes, select_hot_rows
 from lightning_skew.profile.sources import ProfiledHotRows, resolve_hot_rows
 from lightning_skew.torchrec.checkpoint import (
     all_reduce_sum,

@@ -17,13 +17,10 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_skew.cli import SkewCLI
-from lightning_skew.profile.access import (
-    AccessProfile,
-    BudgetPoint,
-    TableSkew,
-    lookup_coverage,
-    profile_dataloader,
-)
+from lightning_skew.profile.access import AccessProfile
+from lightning_skew.profile.budget import BudgetPoint, lookup_coverage
+from lightning_skew.profile.loader import profile_dataloader
+from lightning_skew.profile.skew import TableSkew
 
 __all__ = ["build_datamodule", "format_bytes", "format_table", "main", "parse_bytes"]
 

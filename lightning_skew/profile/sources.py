@@ -7,7 +7,8 @@ from collections import OrderedDict
 from typing import Any
 
 from lightning_skew.core.rowsets import RowSet
-from lightning_skew.profile.access import AccessProfile, profile_dataloader
+from lightning_skew.profile.access import AccessProfile
+from lightning_skew.profile.loader import profile_dataloader
 
 __all__ = ["ProfiledHotRows", "profiled_data", "resolve_hot_rows"]
 
