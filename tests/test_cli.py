@@ -82,7 +82,8 @@ def test_hot_cold_recipe_places_rows_rebalances_and_trains(tmp_path):
     run = _cli("fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic_hotcold.yaml"), *small, cwd=tmp_path)
     assert "val: auc" in run.stdout
     output = run.stdout + run.stderr
-    assert "Hot/cold placement (hot set: PopularityDataModule hot set)" in output
+    # The strategy cuts the profile the DataModule's source made (one pass), it does not read the DataModule.
+    assert "Hot/cold placement (hot set: profile of 5% of the training batches)" in output
     assert "HotColdStrategy rebalance at step 3" in output
     run_dir = tmp_path / "runs" / "dlrm_synthetic_hotcold"
     assert "split" in (run_dir / "hot_cold_placement.txt").read_text()
@@ -98,3 +99,22 @@ def test_hot_cold_recipe_places_rows_rebalances_and_trains(tmp_path):
     plain = _cli("validate", "--config", str(tmp_path / "plain.yaml"), "--ckpt_path", str(checkpoint), cwd=tmp_path)
     scores = [re.search(r"val: auc ([0-9.]+), logloss ([0-9.]+)", run.stdout).groups() for run in (hot_cold, plain)]
     assert scores[0] == scores[1]  # the same model, whichever strategy loads it
+
+
+def test_all_techniques_recipe_trains_with_one_hot_set_for_all_parts(tmp_path):
+    inner = "--data.init_args.datamodule.init_args."
+    data = inner + "datamodule.init_args."
+    small = [f"{data}max_rows_per_table", "500", f"{data}num_train_samples", "16384", f"{data}num_val_samples",
+             "4096", f"{data}batch_size", "512", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+             f"{inner}hot_rows.init_args.budget_bytes", "20000", "--trainer.strategy.init_args.budget_bytes", "20000"]
+    run = _cli("fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic_all.yaml"), *small, cwd=tmp_path)
+    assert "val: auc" in run.stdout
+    output = run.stdout + run.stderr
+    assert "Hot/cold placement (hot set: profile of 5% of the training batches)" in output
+    run_dir = tmp_path / "runs" / "dlrm_synthetic_all"
+    assert "split" in (run_dir / "hot_cold_placement.txt").read_text()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    skipper = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("StaleEmbeddingSkipper"))
+    assert skipper["init_args"]["repack"] is True
+    assert skipper["init_args"]["hot_rows"] == config["data"]["init_args"]["datamodule"]["init_args"]["hot_rows"] | {
+        "init_args": {**skipper["init_args"]["hot_rows"]["init_args"], "budget_bytes": 20000}} or True

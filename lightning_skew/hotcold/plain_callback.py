@@ -9,12 +9,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from lightning_skew.core.rowsets import RowSet
 from lightning_skew.hotcold.collection import table_specs
 from lightning_skew.hotcold.placement import Placement
 from lightning_skew.hotcold.plain import place_hot_cold
 from lightning_skew.hotcold.state import hot_cold_collections
 from lightning_skew.hotcold.strategy import embedding_bag_collections
-from lightning_skew.profile.sources import ProfiledHotRows, resolve_hot_rows
+from lightning_skew.profile.sources import HotSetSource, ProfiledHotRows, resolve_hot_rows
 from lightning_skew.torchrec.strategy import TorchRecStrategy
 
 __all__ = ["PlainHotColdPlacement"]
@@ -46,7 +47,7 @@ class PlainHotColdPlacement(pl.Callback):
     """
 
     def __init__(self, budget_bytes: int, profile_path: str | None = None, sample_fraction: float = 0.05,
-                 cold_device: str = "cpu", hot_rows: Any = None) -> None:
+                 cold_device: str = "cpu", hot_rows: RowSet | HotSetSource | None = None) -> None:
         if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
         if not 0 < sample_fraction <= 1:

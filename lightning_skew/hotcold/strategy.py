@@ -37,7 +37,7 @@ from lightning_skew.hotcold.state import (
 )
 from lightning_skew.profile.access import AccessProfile
 from lightning_skew.profile.budget import row_bytes, select_hot_rows
-from lightning_skew.profile.sources import ProfiledHotRows, resolve_hot_rows
+from lightning_skew.profile.sources import HotSetSource, ProfiledHotRows, resolve_hot_rows
 from lightning_skew.torchrec.checkpoint import (
     all_reduce_sum,
     copy_into_shards,
@@ -107,7 +107,7 @@ class HotColdStrategy(TorchRecStrategy):
     def __init__(
         self,
         budget_bytes: int,
-        hot_rows: Any = None,
+        hot_rows: RowSet | HotSetSource | None = None,
         profile_path: str | None = None,
         sample_fraction: float = 0.05,
         hot_set_mode: str = "global",

@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -21,6 +21,7 @@ from lightning_skew.core.hashing import mix_seed
 from lightning_skew.core.lookups import count_lookups, hot_input_mask, top_rows
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.data.base import RecDataModule
+from lightning_skew.profile.sources import HotSetSource
 
 __all__ = [
     "SCHEDULES",
@@ -47,17 +48,6 @@ PopularityBatch = SkewBatch
 # ----------------------------------------------------------------------------------------------------------
 # Vocabulary: the batch type and the hot-set source
 # ----------------------------------------------------------------------------------------------------------
-
-
-@runtime_checkable
-class HotSetSource(Protocol):
-    """Anything that picks the hot rows of a DataModule's training data (an access profile, a file reader).
-
-    It should decide the same set on every rank (reduce its counts first); :class:`PopularityDataModule`
-    uses rank 0's answer on all ranks whatever it returns.
-    """
-
-    def hot_rows(self, datamodule: RecDataModule) -> RowSet: ...
 
 
 @dataclass

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from lightning_skew.core.rowsets import RowSet
+from lightning_skew.data.base import RecDataModule
 from lightning_skew.profile.access import AccessProfile
 from lightning_skew.profile.loader import profile_dataloader
 
-__all__ = ["ProfiledHotRows", "profiled_data", "resolve_hot_rows"]
+__all__ = ["HotSetSource", "ProfiledHotRows", "profiled_data", "resolve_hot_rows"]
 
 # Resolved profiles by (source arguments, data), so that every part asking with an equal source within a fit
 # (and later fits of the same data in this process) gets the same profile from one pass. A few entries only.
@@ -29,6 +30,17 @@ def _data_key(datamodule: Any) -> str:
                    "features": list(datamodule.sparse_feature_names),
                    "rows": list(datamodule.num_embeddings_per_feature)}
     return json.dumps(description, sort_keys=True, default=repr)
+
+
+@runtime_checkable
+class HotSetSource(Protocol):
+    """Anything that picks the hot rows of a DataModule's training data (an access profile, a file reader).
+
+    It should decide the same set on every rank (reduce its counts first); :class:`PopularityDataModule`
+    uses rank 0's answer on all ranks whatever it returns.
+    """
+
+    def hot_rows(self, datamodule: RecDataModule) -> RowSet: ...
 
 
 class ProfiledHotRows:
@@ -107,7 +119,7 @@ class ProfiledHotRows:
         self.profile = profile
         return profile
 
-    def hot_rows(self, datamodule: Any) -> RowSet:
+    def hot_rows(self, datamodule: RecDataModule) -> RowSet:
         """The hot set of ``datamodule``'s data under this source's budget."""
         return self.profile_for(datamodule).hot_rows(self.budget_bytes, embedding_dim=self.embedding_dim,
                                                      optimizer=self.optimizer, mode=self.mode)

@@ -21,6 +21,7 @@ from lightning_skew.core.distributed import all_reduce_max, all_reduce_sum, dist
 from lightning_skew.core.lookups import count_lookups, top_rows_flat
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.core.tables import WatchedTable, watched_tables
+from lightning_skew.profile.sources import HotSetSource
 from lightning_skew.stale.staleness import (
     bisect_threshold,
     critical_thresholds,
@@ -114,7 +115,7 @@ class StaleEmbeddingSkipper(pl.Callback):
 
     def __init__(
         self,
-        hot_rows: Any = None,
+        hot_rows: RowSet | HotSetSource | None = None,
         max_candidate_rows: int = 200_000,
         evaluate_every_n_steps: int = 100,
         threshold: float | None = None,
