@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from launch import launch  # noqa: E402
 from strategy_worker import make_data, make_model  # noqa: E402
 
-from lightning_skew.hotcold.collection import HotColdEmbeddingBagCollection, table_specs  # noqa: E402
+from lightning_skew.hotcold.collection import HotColdEmbeddingBagCollection, hot_only_step, table_specs  # noqa: E402
 from lightning_skew.hotcold.placement import (  # noqa: E402
     Placement,
     TableSpec,
@@ -169,8 +169,7 @@ def test_counting_sees_every_training_lookup_and_ignores_other_features(one_hot)
 
 def test_a_hot_batch_that_looks_up_cold_rows_is_an_error_and_mean_pooling_is_refused():
     _, split = _collection()
-    split.skip_cold = True
-    with pytest.raises(RuntimeError, match="looks up"):
+    with hot_only_step(), pytest.raises(RuntimeError, match="looks up"):  # the step's batch says it is hot
         split(_batch())
     mean = EmbeddingBagCollection([EmbeddingBagConfig(name="m", embedding_dim=4, num_embeddings=10,
                                                       feature_names=["f"], pooling=PoolingType.MEAN)])

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch.distributed as dist
 from torchrec.datasets.utils import Batch
 
-__all__ = ["Batch", "RecDataModule"]
+__all__ = ["Batch", "RecDataModule", "WrappedDataModule"]
 
 
 class RecDataModule(pl.LightningDataModule):
@@ -54,3 +54,50 @@ class RecDataModule(pl.LightningDataModule):
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
+
+
+class WrappedDataModule(RecDataModule):
+    """A :class:`RecDataModule` that wraps another and changes only how its training batches arrive.
+
+    Feature shapes, preparation, validation, test and predict loaders are the inner module's; subclasses
+    (popularity batching, repacking) override :meth:`train_dataloader`. :attr:`unwrapped` is the innermost data.
+    """
+
+    def __init__(self, datamodule: RecDataModule) -> None:
+        super().__init__()
+        self.datamodule = datamodule
+
+    @property
+    def dense_in_features(self) -> int:
+        return self.datamodule.dense_in_features
+
+    @property
+    def sparse_feature_names(self) -> list[str]:
+        return self.datamodule.sparse_feature_names
+
+    @property
+    def num_embeddings_per_feature(self) -> list[int]:
+        return self.datamodule.num_embeddings_per_feature
+
+    @property
+    def unwrapped(self) -> RecDataModule:
+        return self.datamodule.unwrapped
+
+    def prepare_data(self) -> None:
+        self.datamodule.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.datamodule.trainer = self.trainer
+        self.datamodule.setup(stage)
+
+    def teardown(self, stage: str | None = None) -> None:
+        self.datamodule.teardown(stage)
+
+    def val_dataloader(self):
+        return self.datamodule.val_dataloader()
+
+    def test_dataloader(self):
+        return self.datamodule.test_dataloader()
+
+    def predict_dataloader(self):
+        return self.datamodule.predict_dataloader()

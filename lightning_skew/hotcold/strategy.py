@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -22,15 +23,19 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from lightning_skew.core.batch import SkewBatch
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.hotcold.collection import (
+    COLD_SUFFIX,
+    HOT_SUFFIX,
     HotColdEmbeddingBagCollection,
     hot_only_step,
     table_specs,
 )
-from lightning_skew.hotcold.placement import Placement, TableSpec, plan_placement
+from lightning_skew.hotcold.placement import Placement, TableSpec, plan_placement, rebalanced_rows
 from lightning_skew.hotcold.state import (
+    SEPARATOR,
     flatten_optimizer_state,
     from_original_ids,
     hot_cold_collections,
+    inner_weight_key,
     inner_weight_keys,
     to_original_ids,
     unflatten_optimizer_state,
@@ -43,7 +48,9 @@ from lightning_skew.torchrec.checkpoint import (
     copy_into_shards,
     gather_unsharded,
     load_sharded_checkpoint,
+    read_rows,
     save_sharded_checkpoint,
+    write_rows,
 )
 from lightning_skew.torchrec.optim import embedding_modules, embedding_optimizer_names
 from lightning_skew.torchrec.sharding import shard_module
@@ -271,6 +278,89 @@ class HotColdStrategy(TorchRecStrategy):
                 rank_zero_warn("HotColdStrategy: the batches' hot set has rows outside the placement's hot rows, so "
                                "hot batches still run the cold collections")
         return self._checked_hot_set[1]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        trainer = self._trainer
+        if trainer is None or not self._rebalancing:
+            return
+        epoch, step = trainer.current_epoch, trainer.global_step
+        if self._last_rebalance is not None and self._last_rebalance[1] == step:
+            return
+        by_steps = self.rebalance_every_n_steps is not None and step > 0 and step % self.rebalance_every_n_steps == 0
+        by_epochs = (self.rebalance_every_n_epochs is not None and batch_idx == 0 and epoch > 0
+                     and epoch % self.rebalance_every_n_epochs == 0)
+        if by_steps or by_epochs:
+            self.rebalance()
+
+    def rebalance(self) -> dict[str, float]:
+        """Choose every split table's hot rows anew from the lookups counted since the last rebalance (all ranks
+        summed) and move rows and their optimizer state between the shards. Collective. Returns (and logs) the
+        cost and effect: seconds, rows moved, and the counted lookups' hot share before and after."""
+        start = time.perf_counter()
+        collections = self.collections()
+        moved, hot_before, hot_after, total = 0, 0, 0, 0
+        new_placements: dict[str, Placement] = {}
+        moves: list[tuple[str, str, Tensor, Tensor, Tensor]] = []  # path, table, slots, evicted rows, incoming rows
+        for path, collection in sorted(collections.items()):
+            counts = _all_reduced_counts(collection)
+            new_rows, offset = [], 0
+            for table in collection.placement.tables:
+                table_counts = counts[offset:offset + table.spec.num_rows].cpu()
+                offset += table.spec.num_rows
+                rows = rebalanced_rows(table_counts, table.hot_rows, table.spec.num_rows)
+                slots = torch.nonzero(rows != table.hot_rows).flatten()
+                if slots.numel():
+                    moves.append((path, table.spec.name, slots, table.hot_rows[slots], rows[slots]))
+                moved += int(slots.numel())
+                hot_before += int(table_counts[table.hot_rows].sum())
+                hot_after += int(table_counts[rows].sum())
+                total += int(table_counts.sum())
+                new_rows.append(rows)
+            new_placements[path] = collection.placement.with_hot_rows(new_rows)
+        self._move_rows(moves)
+        for path, placement in new_placements.items():
+            collections[path].set_placement(placement)
+        for collection in collections.values():
+            collection.start_counting()
+        trainer = self._trainer
+        self._last_rebalance = (trainer.current_epoch, trainer.global_step) if trainer is not None else None
+        record = {"rebalance_seconds": time.perf_counter() - start, "rows_moved": float(moved),
+                  "hot_lookup_share_before": hot_before / total if total else float("nan"),
+                  "hot_lookup_share_after": hot_after / total if total else float("nan")}
+        self.rebalances.append(record)
+        if trainer is not None and self.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"hot_cold/{k}": v for k, v in record.items()}, step=trainer.global_step)
+        rank_zero_info(f"HotColdStrategy rebalance at step {trainer.global_step if trainer else '?'}: "
+                       f"{moved} rows moved in {record['rebalance_seconds']:.3f} s; hot share of the counted "
+                       f"lookups {record['hot_lookup_share_before']:.3f} -> {record['hot_lookup_share_after']:.3f}")
+        return record
+
+    def _move_rows(self, moves: list[tuple[str, str, Tensor, Tensor, Tensor]]) -> None:
+        """Swap rows between hot slots and the cold tables, weights and optimizer state: each evicted row's hot
+        copy goes back to its place in the cold table, each incoming row's cold copy into the freed slot. Cost
+        grows with the rows moved. Collective: every rank moves the same rows in the same order."""
+        if not moves:
+            return
+        state = self.lightning_module.state_dict()
+        optimizer = flatten_optimizer_state(self.fused_optimizer.state_dict()["state"])
+        shapes = _global_shapes(optimizer)  # ranks list only their own tables' optimizer state
+        for path, table, slots, evicted, incoming in moves:
+            hot_key = inner_weight_key(path, "hot", table + HOT_SUFFIX)
+            cold_key = inner_weight_key(path, "cold", table + COLD_SUFFIX)
+            pairs = [(state[hot_key], state[cold_key], tuple(state[hot_key].size()), tuple(state[cold_key].size()),
+                      state[hot_key].dtype)]
+            for key in sorted(k for k in shapes if k.startswith(hot_key + SEPARATOR)):
+                name = key.split(SEPARATOR, 1)[1]
+                cold_state = f"{cold_key}{SEPARATOR}{table}{COLD_SUFFIX}{name[len(table + HOT_SUFFIX):]}"
+                pairs.append((optimizer.get(key), optimizer.get(cold_state), shapes[key][0], shapes[cold_state][0],
+                              shapes[key][1]))
+            for hot, cold, hot_shape, cold_shape, dtype in pairs:
+                leaving = read_rows(hot, slots, hot_shape, dtype)
+                arriving = read_rows(cold, incoming, cold_shape, dtype)
+                write_rows(cold, evicted, leaving)
+                write_rows(hot, slots, arriving)
 
     # ------------------------------------------------------------------------- state in the data's ID space
 

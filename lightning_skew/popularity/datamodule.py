@@ -20,7 +20,7 @@ from lightning_skew.core.distributed import all_gather_ints, all_reduce_sum, bro
 from lightning_skew.core.hashing import mix_seed
 from lightning_skew.core.lookups import count_lookups, hot_input_mask, top_rows
 from lightning_skew.core.rowsets import RowSet
-from lightning_skew.data.base import RecDataModule
+from lightning_skew.data.base import RecDataModule, WrappedDataModule
 from lightning_skew.profile.sources import HotSetSource
 
 __all__ = [
@@ -123,6 +123,8 @@ def _sum_counts(counts: list[Tensor]) -> list[Tensor]:
 
 
 def _rank_zero_rows(rowset: RowSet) -> RowSet:
+    if not distributed():
+        return rowset
     rows = broadcast_object([rows.cpu() for rows in rowset.rows])
     return RowSet(list(rowset.feature_names), list(rowset.num_rows), rows)
 
@@ -173,7 +175,7 @@ class _TrainStream(IterableDataset):
         return self.owner._num_inner_batches()
 
 
-class PopularityDataModule(RecDataModule):
+class PopularityDataModule(WrappedDataModule):
     """Wraps a :class:`RecDataModule` and regroups its training inputs into hot-only and cold batches.
 
     An input is *hot* when every one of its lookups hits a hot row (see :func:`hot_input_mask`). The
@@ -264,7 +266,7 @@ class PopularityDataModule(RecDataModule):
         reprofile_every_n_epochs: int | None = None,
         profile_batches: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(datamodule)
         if not isinstance(datamodule, RecDataModule):
             raise TypeError(f"datamodule must be a RecDataModule (yielding torchrec Batches), got {type(datamodule)}")
         if schedule not in SCHEDULES:
@@ -282,7 +284,6 @@ class PopularityDataModule(RecDataModule):
         if not (hot_rows is None or isinstance(hot_rows, (RowSet, HotSetSource)) or callable(hot_rows)):
             raise TypeError(f"hot_rows must be a RowSet, a HotSetSource or a callable, got {type(hot_rows)}")
         self.save_hyperparameters(ignore=["datamodule", "hot_rows"])
-        self.datamodule = datamodule
         self.schedule = schedule
         self.hot_rows_source = hot_rows
         self.hot_rows_budget = hot_rows_budget
@@ -303,54 +304,20 @@ class PopularityDataModule(RecDataModule):
         self._epoch_length: int | None = None  # batches of that epoch, known once its last batch is planned
         self._resume: tuple[int, int] | None = None
 
-    # -- the RecDataModule contract, forwarded ------------------------------------------------------------
-
-    @property
-    def dense_in_features(self) -> int:
-        return self.datamodule.dense_in_features
-
-    @property
-    def sparse_feature_names(self) -> list[str]:
-        return self.datamodule.sparse_feature_names
-
-    @property
-    def num_embeddings_per_feature(self) -> list[int]:
-        return self.datamodule.num_embeddings_per_feature
-
-    @property
-    def unwrapped(self) -> RecDataModule:
-        return self.datamodule.unwrapped
-
     @property
     def hot_rows(self) -> RowSet | None:
         """The hot set in force for the current (or next) epoch."""
         return self._hot_rows
 
-    def prepare_data(self) -> None:
-        self.datamodule.prepare_data()
-
     def setup(self, stage: str | None = None) -> None:
-        self.datamodule.trainer = self.trainer
-        self.datamodule.setup(stage)
+        super().setup(stage)
         if stage not in (None, "fit") or self._hot_rows is not None:
             return  # a hot set loaded from a checkpoint wins over a fresh profile
         self._hot_rows = self._check_rowset(_rank_zero_rows(self._initial_hot_rows()))
 
-    def teardown(self, stage: str | None = None) -> None:
-        self.datamodule.teardown(stage)
-
     def train_dataloader(self) -> DataLoader:
         self._train_loader = self.datamodule.train_dataloader()
         return DataLoader(_TrainStream(self), batch_size=None, num_workers=0)
-
-    def val_dataloader(self) -> Any:
-        return self.datamodule.val_dataloader()
-
-    def test_dataloader(self) -> Any:
-        return self.datamodule.test_dataloader()
-
-    def predict_dataloader(self) -> Any:
-        return self.datamodule.predict_dataloader()
 
     # -- hot sets -----------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from torchrec.datasets.utils import Batch
 
 from lightning_skew.core.batch import SkewBatch, concat_batches, select_inputs
 from lightning_skew.core.distributed import all_gather_ints
-from lightning_skew.data.base import RecDataModule
+from lightning_skew.data.base import RecDataModule, WrappedDataModule
 
 __all__ = ["RepackedDataModule", "RepackedLoader", "repack_batches"]
 
@@ -165,7 +165,7 @@ class _Counted:
         return count
 
 
-class RepackedDataModule(RecDataModule):
+class RepackedDataModule(WrappedDataModule):
     """Wraps a :class:`~lightning_skew.data.base.RecDataModule` so that its training batches go through the
     trainer's :class:`~lightning_skew.stale.skipper.StaleEmbeddingSkipper` in the data pipeline: inputs on
     stale rows are left out and the kept ones packed into full batches (:class:`RepackedLoader`).
@@ -190,44 +190,17 @@ class RepackedDataModule(RecDataModule):
     """
 
     def __init__(self, datamodule: RecDataModule, min_fill: float | None = None) -> None:
-        super().__init__()
+        super().__init__(datamodule)
         if min_fill is not None and not 0 < min_fill <= 1:
             raise ValueError(f"RepackedDataModule: min_fill must lie in (0, 1], got {min_fill}")
-        self.datamodule = datamodule
         self.min_fill = min_fill
         self._loader: RepackedLoader | None = None
-
-    @property
-    def dense_in_features(self) -> int:
-        return self.datamodule.dense_in_features
-
-    @property
-    def sparse_feature_names(self) -> list[str]:
-        return self.datamodule.sparse_feature_names
-
-    @property
-    def num_embeddings_per_feature(self) -> list[int]:
-        return self.datamodule.num_embeddings_per_feature
-
-    @property
-    def unwrapped(self) -> RecDataModule:
-        return self.datamodule.unwrapped
 
     def __getattr__(self, name: str) -> Any:
         # Everything else a DataModule offers (best_attainable_auc, hot_rows, ...) is the inner module's.
         if name.startswith("_") or name in ("datamodule", "min_fill"):
             raise AttributeError(name)
         return getattr(self.datamodule, name)
-
-    def prepare_data(self) -> None:
-        self.datamodule.prepare_data()
-
-    def setup(self, stage: str | None = None) -> None:
-        self.datamodule.trainer = self.trainer
-        self.datamodule.setup(stage)
-
-    def teardown(self, stage: str | None = None) -> None:
-        self.datamodule.teardown(stage)
 
     def _skipper(self) -> Any:
         from lightning_skew.stale.skipper import StaleEmbeddingSkipper
@@ -244,15 +217,6 @@ class RepackedDataModule(RecDataModule):
     def train_dataloader(self) -> RepackedLoader:
         self._loader = RepackedLoader(self.datamodule.train_dataloader(), self._skipper(), self.min_fill)
         return self._loader
-
-    def val_dataloader(self) -> Any:
-        return self.datamodule.val_dataloader()
-
-    def test_dataloader(self) -> Any:
-        return self.datamodule.test_dataloader()
-
-    def predict_dataloader(self) -> Any:
-        return self.datamodule.predict_dataloader()
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training and self._loader is not None and self._loader.reads:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from lightning_skew.core.tables import embedding_modules
 
 __all__ = [
     "EMBEDDING_OPTIMIZERS",
@@ -32,23 +32,6 @@ EMBEDDING_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "rowwise_adagrad": RowWiseAdagrad,
     "adam": torch.optim.Adam,
 }
-
-
-def _is_embedding_module(module: nn.Module) -> bool:
-    if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
-        return True
-    # Sharded collections replace the plain ones in place; import lazily, distributed is heavy.
-    from torchrec.distributed.embedding import ShardedEmbeddingCollection
-    from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
-
-    return isinstance(module, (ShardedEmbeddingBagCollection, ShardedEmbeddingCollection))
-
-
-def embedding_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Yield ``(name, module)`` for every (sharded or plain) TorchRec embedding collection inside ``module``."""
-    for name, child in module.named_modules():
-        if _is_embedding_module(child):
-            yield name, child
 
 
 def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
