@@ -116,5 +116,7 @@ def test_all_techniques_recipe_trains_with_one_hot_set_for_all_parts(tmp_path):
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     skipper = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("StaleEmbeddingSkipper"))
     assert skipper["init_args"]["repack"] is True
-    assert skipper["init_args"]["hot_rows"] == config["data"]["init_args"]["datamodule"]["init_args"]["hot_rows"] | {
-        "init_args": {**skipper["init_args"]["hot_rows"]["init_args"], "budget_bytes": 20000}} or True
+    # The skipper and the popularity DataModule name the same source (the anchor); only the budget was overridden.
+    shared = config["data"]["init_args"]["datamodule"]["init_args"]["hot_rows"]
+    assert skipper["init_args"]["hot_rows"]["class_path"] == shared["class_path"] == "lightning_skew.ProfiledHotRows"
+    assert {**skipper["init_args"]["hot_rows"]["init_args"], "budget_bytes": 20000} == shared["init_args"]

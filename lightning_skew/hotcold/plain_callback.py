@@ -15,7 +15,12 @@ from lightning_skew.hotcold.placement import Placement
 from lightning_skew.hotcold.plain import place_hot_cold
 from lightning_skew.hotcold.state import hot_cold_collections
 from lightning_skew.hotcold.strategy import embedding_bag_collections
-from lightning_skew.profile.sources import HotSetSource, ProfiledHotRows, resolve_hot_rows
+from lightning_skew.profile.sources import (
+    HotSetSource,
+    ProfiledHotRows,
+    check_source_arguments,
+    resolve_hot_rows,
+)
 from lightning_skew.torchrec.strategy import TorchRecStrategy
 
 __all__ = ["PlainHotColdPlacement"]
@@ -48,10 +53,7 @@ class PlainHotColdPlacement(pl.Callback):
 
     def __init__(self, budget_bytes: int, profile_path: str | None = None, sample_fraction: float = 0.05,
                  cold_device: str = "cpu", hot_rows: RowSet | HotSetSource | None = None) -> None:
-        if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes <= 0:
-            raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
-        if not 0 < sample_fraction <= 1:
-            raise ValueError(f"sample_fraction must lie in (0, 1], got {sample_fraction}")
+        check_source_arguments(budget_bytes, sample_fraction)
         self.budget_bytes = budget_bytes
         self.profile_path = profile_path
         self.sample_fraction = sample_fraction

@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -42,7 +40,12 @@ from lightning_skew.hotcold.state import (
 )
 from lightning_skew.profile.access import AccessProfile
 from lightning_skew.profile.budget import row_bytes, select_hot_rows
-from lightning_skew.profile.sources import HotSetSource, ProfiledHotRows, resolve_hot_rows
+from lightning_skew.profile.sources import (
+    HotSetSource,
+    ProfiledHotRows,
+    check_source_arguments,
+    resolve_hot_rows,
+)
 from lightning_skew.torchrec.checkpoint import (
     all_reduce_sum,
     copy_into_shards,
@@ -92,8 +95,8 @@ class HotColdStrategy(TorchRecStrategy):
         hot_compute_kernel: TorchRec kernel of hot shards (default ``fused``: GPU memory on CUDA).
         cold_compute_kernel: TorchRec kernel of cold shards (default ``fused_uvm`` on CUDA: host memory read by
             the GPU; ``fused`` on CPU).
-        sharding_types, embedding_optimizer, embedding_lr, process_group_backend, timeout, start_method: as in
-            :class:`TorchRecStrategy`.
+        **kwargs: every argument of :class:`TorchRecStrategy` (``sharding_types``, ``embedding_optimizer``,
+            ``embedding_lr``, ``cache_load_factor``, ``process_group_backend``, ...), passed through.
 
     .. note::
         A batch that says it is hot on every rank (a :class:`~lightning_skew.core.batch.SkewBatch` from a
@@ -122,27 +125,10 @@ class HotColdStrategy(TorchRecStrategy):
         rebalance_every_n_epochs: int | None = None,
         hot_compute_kernel: str | None = None,
         cold_compute_kernel: str | None = None,
-        sharding_types: list[str] | None = None,
-        embedding_optimizer: str | None = None,
-        embedding_lr: float = 0.01,
-        accelerator: Any = None,
-        parallel_devices: list[torch.device] | None = None,
-        cluster_environment: Any = None,
-        checkpoint_io: Any = None,
-        precision_plugin: Any = None,
-        process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
-        start_method: str = "popen",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(sharding_types=sharding_types, embedding_optimizer=embedding_optimizer,
-                         embedding_lr=embedding_lr, accelerator=accelerator, parallel_devices=parallel_devices,
-                         cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
-                         precision_plugin=precision_plugin, process_group_backend=process_group_backend,
-                         timeout=timeout, start_method=start_method)
-        if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes <= 0:
-            raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
-        if not 0 < sample_fraction <= 1:
-            raise ValueError(f"sample_fraction must lie in (0, 1], got {sample_fraction}")
+        super().__init__(**kwargs)
+        check_source_arguments(budget_bytes, sample_fraction)
         for name, value in (("rebalance_every_n_steps", rebalance_every_n_steps),
                             ("rebalance_every_n_epochs", rebalance_every_n_epochs)):
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -192,10 +178,7 @@ class HotColdStrategy(TorchRecStrategy):
         kernels = self._kernels()
         kernel_by_table = {name: kernels[part] for c in self._collections.values()
                            for name, (_, part) in c.inner_tables().items()}
-        return shard_module(module, self.root_device, sharding_types=self.sharding_types,
-                            compute_kernel=self.compute_kernel, embedding_optimizer=self.embedding_optimizer,
-                            embedding_lr=self.embedding_lr, local_world_size=self.num_processes,
-                            kernel_by_table=kernel_by_table)
+        return shard_module(module, self.root_device, **self._shard_options(), kernel_by_table=kernel_by_table)
 
     def _kernels(self) -> dict[str, str]:
         cuda = self.root_device.type == "cuda"

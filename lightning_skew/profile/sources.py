@@ -11,12 +11,20 @@ from lightning_skew.data.base import RecDataModule
 from lightning_skew.profile.access import AccessProfile
 from lightning_skew.profile.loader import profile_dataloader
 
-__all__ = ["HotSetSource", "ProfiledHotRows", "profiled_data", "resolve_hot_rows"]
+__all__ = ["HotSetSource", "ProfiledHotRows", "check_source_arguments", "profiled_data", "resolve_hot_rows"]
 
 # Resolved profiles by (source arguments, data), so that every part asking with an equal source within a fit
 # (and later fits of the same data in this process) gets the same profile from one pass. A few entries only.
 _RESOLVED: OrderedDict[tuple, AccessProfile] = OrderedDict()
 _RESOLVED_MAX = 4
+
+
+def check_source_arguments(budget_bytes: int, sample_fraction: float) -> None:
+    """The arguments every part that builds a source takes: a positive integer budget, a share in (0, 1]."""
+    if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes <= 0:
+        raise ValueError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
+    if not 0 < sample_fraction <= 1:
+        raise ValueError(f"sample_fraction must lie in (0, 1], got {sample_fraction}")
 
 
 def profiled_data(datamodule: Any) -> Any:
@@ -78,10 +86,7 @@ class ProfiledHotRows:
     def __init__(self, budget_bytes: int, profile_path: str | None = None, embedding_dim: int = 16,
                  optimizer: str = "rowwise_adagrad", mode: str = "global", sample_fraction: float = 0.05,
                  seed: int = 0) -> None:
-        if budget_bytes <= 0:
-            raise ValueError(f"budget_bytes must be positive, got {budget_bytes}")
-        if not 0 < sample_fraction <= 1:
-            raise ValueError(f"sample_fraction must lie in (0, 1], got {sample_fraction}")
+        check_source_arguments(budget_bytes, sample_fraction)
         self.budget_bytes = budget_bytes
         self.profile_path = profile_path
         self.embedding_dim = embedding_dim

@@ -146,10 +146,14 @@ class TorchRecStrategy(DDPStrategy):
                 "gradient_clip_val, or clip dense gradients in your LightningModule's configure_gradient_clipping.")
 
     def _shard(self, module: pl.LightningModule) -> DistributedModelParallel:
-        return shard_module(module, self.root_device, sharding_types=self.sharding_types,
-                            compute_kernel=self.compute_kernel, embedding_optimizer=self.embedding_optimizer,
-                            embedding_lr=self.embedding_lr, local_world_size=self.num_processes,
-                            cache_load_factor=self.cache_load_factor)
+        return shard_module(module, self.root_device, **self._shard_options())
+
+    def _shard_options(self) -> dict[str, Any]:
+        """The sharding settings of this strategy, as :func:`~lightning_skew.torchrec.sharding.shard_module` takes
+        them (one place, so that subclasses pass all of them on)."""
+        return {"sharding_types": self.sharding_types, "compute_kernel": self.compute_kernel,
+                "embedding_optimizer": self.embedding_optimizer, "embedding_lr": self.embedding_lr,
+                "local_world_size": self.num_processes, "cache_load_factor": self.cache_load_factor}
 
     def _log_plan(self, trainer: pl.Trainer) -> None:
         rows = plan_rows(self.dmp.plan)
