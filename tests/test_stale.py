@@ -423,3 +423,32 @@ def test_two_ranks_resume_from_a_checkpoint_as_the_uninterrupted_run(tmp_path):
         assert resumed["seen_sizes"] == straight["seen_sizes"][steps:]
         assert any(d["stale_rows"] > 0 for d in resumed["decisions"])
         torch.testing.assert_close(resumed["losses"], straight["losses"][steps:], atol=1e-6, rtol=0)
+
+
+def test_the_guard_keeps_the_best_and_backs_off_only_past_the_margin():
+    from lightning_skew.stale.guard import backed_off, guard_verdict
+
+    assert guard_verdict(None, 0.70, "max", 0.002) == (0.70, False)  # first value: the best
+    assert guard_verdict(0.70, 0.699, "max", 0.002) == (0.70, False)  # within the margin
+    assert guard_verdict(0.70, 0.69, "max", 0.002) == (0.70, True)  # fell by more than the margin
+    assert guard_verdict(0.50, 0.52, "min", 0.01) == (0.50, True)  # log-loss rose
+    assert guard_verdict(0.50, 0.40, "min", 0.01) == (0.40, False)  # a new best log-loss
+    assert backed_off(0.3, 0.5) == 0.15 and backed_off(0.015, 0.5) == 0.0  # below 1%: paused
+
+
+def test_the_tracker_sees_which_watched_rows_moved_since_the_snapshot():
+    from lightning_skew.core.tables import watched_tables
+    from lightning_skew.stale.tracker import row_changes, snapshot_rows, stale_rows
+
+    model = make_model()
+    tables = watched_tables(model)
+    candidates = [torch.arange(t.num_rows) for t in tables]
+    snapshots = snapshot_rows(tables, candidates)
+    with torch.no_grad():
+        weight = dict(model.named_parameters())[next(n for n, _ in model.named_parameters() if tables[0].name in n)]
+        weight[3] += 0.5  # one row of the first table moves
+    changes = row_changes(tables, candidates, snapshots)
+    assert float(changes[0][3]) == pytest.approx(0.5) and float(changes[0].sum()) == pytest.approx(0.5)
+    assert all(float(c.abs().sum()) == 0 for c in changes[1:])
+    stale = stale_rows(tables, candidates, changes, threshold=0.1)
+    assert 3 not in stale.rows[0].tolist() and len(stale) == sum(t.num_rows for t in tables) - 1

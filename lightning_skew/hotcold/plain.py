@@ -29,13 +29,13 @@ from lightning_skew.hotcold.collection import (
     table_specs,
 )
 from lightning_skew.hotcold.placement import COLD, HOT, Placement
+from lightning_skew.hotcold.planning import bytes_per_row, embedding_bag_collections, place_collections
 from lightning_skew.hotcold.state import (
     from_original_ids,
     inner_weight_keys,
     original_weight_key,
     to_original_ids,
 )
-from lightning_skew.hotcold.strategy import bytes_per_row, embedding_bag_collections, place_collections
 from lightning_skew.torchrec.optim import sparse_capable
 
 __all__ = ["PlainHotColdEmbeddingBagCollection", "place_hot_cold"]

@@ -13,8 +13,8 @@ from lightning_skew.core.rowsets import RowSet
 from lightning_skew.hotcold.collection import table_specs
 from lightning_skew.hotcold.placement import Placement
 from lightning_skew.hotcold.plain import place_hot_cold
+from lightning_skew.hotcold.planning import embedding_bag_collections
 from lightning_skew.hotcold.state import hot_cold_collections
-from lightning_skew.hotcold.strategy import embedding_bag_collections
 from lightning_skew.profile.sources import (
     HotSetSource,
     ProfiledHotRows,

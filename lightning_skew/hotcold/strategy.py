@@ -4,42 +4,43 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchrec.distributed import DistributedModelParallel
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from lightning_skew.core.batch import SkewBatch
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.hotcold.collection import (
-    COLD_SUFFIX,
-    HOT_SUFFIX,
     HotColdEmbeddingBagCollection,
     hot_only_step,
     table_specs,
 )
-from lightning_skew.hotcold.placement import Placement, TableSpec, plan_placement, rebalanced_rows
+from lightning_skew.hotcold.placement import Placement, TableSpec
+from lightning_skew.hotcold.planning import (
+    bytes_per_row,
+    check_profile,
+    embedding_bag_collections,
+    hot_set_inside,
+    place_collections,
+)
+from lightning_skew.hotcold.rebalance import all_reduced_counts, move_rows, plan_rebalance
 from lightning_skew.hotcold.state import (
-    SEPARATOR,
     flatten_optimizer_state,
     from_original_ids,
     hot_cold_collections,
-    inner_weight_key,
     inner_weight_keys,
     to_original_ids,
     unflatten_optimizer_state,
 )
 from lightning_skew.profile.access import AccessProfile
-from lightning_skew.profile.budget import row_bytes, select_hot_rows
+from lightning_skew.profile.budget import select_hot_rows
 from lightning_skew.profile.sources import (
     HotSetSource,
     ProfiledHotRows,
@@ -47,19 +48,15 @@ from lightning_skew.profile.sources import (
     resolve_hot_rows,
 )
 from lightning_skew.torchrec.checkpoint import (
-    all_reduce_sum,
     copy_into_shards,
     gather_unsharded,
     load_sharded_checkpoint,
-    read_rows,
     save_sharded_checkpoint,
-    write_rows,
 )
-from lightning_skew.torchrec.optim import embedding_modules, embedding_optimizer_names
 from lightning_skew.torchrec.sharding import shard_module
 from lightning_skew.torchrec.strategy import TorchRecStrategy
 
-__all__ = ["HotColdStrategy", "ORIGINAL_IDS_FORMAT", "bytes_per_row", "embedding_bag_collections", "place_collections"]
+__all__ = ["HotColdStrategy", "ORIGINAL_IDS_FORMAT"]
 
 ORIGINAL_IDS_FORMAT = "original-ids-v1"
 
@@ -216,7 +213,7 @@ class HotColdStrategy(TorchRecStrategy):
                                  sample_fraction=self.sample_fraction)
         self.hot_set_source = source.describe()
         profile = source.profile_for(datamodule) if self.profile_path is None else AccessProfile.load(self.profile_path)
-        _check_profile(profile, specs)
+        check_profile(profile, specs)
         # Features of the profile that no table here looks up are never hot.
         size_of = {f: size for spec, size in zip(specs, sizes, strict=True) for f in spec.feature_names}
         empty = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
@@ -256,7 +253,7 @@ class HotColdStrategy(TorchRecStrategy):
             return False
         hot_set = batch.hot_rows
         if self._checked_hot_set[0] is not hot_set:
-            self._checked_hot_set = (hot_set, _inside(hot_set, self.placements.values()))
+            self._checked_hot_set = (hot_set, hot_set_inside(hot_set, self.placements.values()))
             if not self._checked_hot_set[1]:
                 rank_zero_warn("HotColdStrategy: the batches' hot set has rows outside the placement's hot rows, so "
                                "hot batches still run the cold collections")
@@ -282,68 +279,24 @@ class HotColdStrategy(TorchRecStrategy):
         cost and effect: seconds, rows moved, and the counted lookups' hot share before and after."""
         start = time.perf_counter()
         collections = self.collections()
-        moved, hot_before, hot_after, total = 0, 0, 0, 0
-        new_placements: dict[str, Placement] = {}
-        moves: list[tuple[str, str, Tensor, Tensor, Tensor]] = []  # path, table, slots, evicted rows, incoming rows
-        for path, collection in sorted(collections.items()):
-            counts = _all_reduced_counts(collection)
-            new_rows, offset = [], 0
-            for table in collection.placement.tables:
-                table_counts = counts[offset:offset + table.spec.num_rows].cpu()
-                offset += table.spec.num_rows
-                rows = rebalanced_rows(table_counts, table.hot_rows, table.spec.num_rows)
-                slots = torch.nonzero(rows != table.hot_rows).flatten()
-                if slots.numel():
-                    moves.append((path, table.spec.name, slots, table.hot_rows[slots], rows[slots]))
-                moved += int(slots.numel())
-                hot_before += int(table_counts[table.hot_rows].sum())
-                hot_after += int(table_counts[rows].sum())
-                total += int(table_counts.sum())
-                new_rows.append(rows)
-            new_placements[path] = collection.placement.with_hot_rows(new_rows)
-        self._move_rows(moves)
+        new_placements, moves, record = plan_rebalance(collections)
+        move_rows(self.lightning_module.state_dict(), self.fused_optimizer.state_dict(), moves)
         for path, placement in new_placements.items():
             collections[path].set_placement(placement)
         for collection in collections.values():
             collection.start_counting()
         trainer = self._trainer
         self._last_rebalance = (trainer.current_epoch, trainer.global_step) if trainer is not None else None
-        record = {"rebalance_seconds": time.perf_counter() - start, "rows_moved": float(moved),
-                  "hot_lookup_share_before": hot_before / total if total else float("nan"),
-                  "hot_lookup_share_after": hot_after / total if total else float("nan")}
+        record = {"rebalance_seconds": time.perf_counter() - start, **record}
         self.rebalances.append(record)
         if trainer is not None and self.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({f"hot_cold/{k}": v for k, v in record.items()}, step=trainer.global_step)
         rank_zero_info(f"HotColdStrategy rebalance at step {trainer.global_step if trainer else '?'}: "
-                       f"{moved} rows moved in {record['rebalance_seconds']:.3f} s; hot share of the counted "
-                       f"lookups {record['hot_lookup_share_before']:.3f} -> {record['hot_lookup_share_after']:.3f}")
+                       f"{int(record['rows_moved'])} rows moved in {record['rebalance_seconds']:.3f} s; hot share of "
+                       f"the counted lookups {record['hot_lookup_share_before']:.3f} -> "
+                       f"{record['hot_lookup_share_after']:.3f}")
         return record
-
-    def _move_rows(self, moves: list[tuple[str, str, Tensor, Tensor, Tensor]]) -> None:
-        """Swap rows between hot slots and the cold tables, weights and optimizer state: each evicted row's hot
-        copy goes back to its place in the cold table, each incoming row's cold copy into the freed slot. Cost
-        grows with the rows moved. Collective: every rank moves the same rows in the same order."""
-        if not moves:
-            return
-        state = self.lightning_module.state_dict()
-        optimizer = flatten_optimizer_state(self.fused_optimizer.state_dict()["state"])
-        shapes = _global_shapes(optimizer)  # ranks list only their own tables' optimizer state
-        for path, table, slots, evicted, incoming in moves:
-            hot_key = inner_weight_key(path, "hot", table + HOT_SUFFIX)
-            cold_key = inner_weight_key(path, "cold", table + COLD_SUFFIX)
-            pairs = [(state[hot_key], state[cold_key], tuple(state[hot_key].size()), tuple(state[cold_key].size()),
-                      state[hot_key].dtype)]
-            for key in sorted(k for k in shapes if k.startswith(hot_key + SEPARATOR)):
-                name = key.split(SEPARATOR, 1)[1]
-                cold_state = f"{cold_key}{SEPARATOR}{table}{COLD_SUFFIX}{name[len(table + HOT_SUFFIX):]}"
-                pairs.append((optimizer.get(key), optimizer.get(cold_state), shapes[key][0], shapes[cold_state][0],
-                              shapes[key][1]))
-            for hot, cold, hot_shape, cold_shape, dtype in pairs:
-                leaving = read_rows(hot, slots, hot_shape, dtype)
-                arriving = read_rows(cold, incoming, cold_shape, dtype)
-                write_rows(cold, evicted, leaving)
-                write_rows(hot, slots, arriving)
 
     # ------------------------------------------------------------------------- state in the data's ID space
 
@@ -387,7 +340,7 @@ class HotColdStrategy(TorchRecStrategy):
         if storage_options is not None:
             raise TypeError("HotColdStrategy.save_checkpoint takes no storage_options")
         optimizer = self._original_optimizer_state()  # the weights came with checkpoint["state_dict"]
-        counts = {path: _all_reduced_counts(c).cpu() for path, c in sorted(self.collections().items())
+        counts = {path: all_reduced_counts(c).cpu() for path, c in sorted(self.collections().items())
                   if c.counts is not None}
         tensors = {"state_dict": checkpoint["state_dict"],
                    "fused_optimizer": {"state": unflatten_optimizer_state(optimizer)}}
@@ -442,104 +395,3 @@ class HotColdStrategy(TorchRecStrategy):
         super().load_model_state_dict({**checkpoint, "state_dict": incoming}, strict=strict)
 
 
-def embedding_bag_collections(module: nn.Module) -> list[tuple[str, EmbeddingBagCollection]]:
-    """``(path, collection)`` of every TorchRec ``EmbeddingBagCollection`` of ``module``, with unique table names;
-    a clear error when there is none."""
-    found = [(name, m) for name, m in embedding_modules(module) if isinstance(m, EmbeddingBagCollection)]
-    if not found:
-        raise MisconfigurationException(
-            f"{type(module).__name__} holds no TorchRec EmbeddingBagCollection; there is nothing to place hot or cold")
-    names = [spec.name for _, ebc in found for spec in table_specs(ebc)]
-    if len(set(names)) != len(names):
-        raise MisconfigurationException(f"hot/cold placement needs unique table names across collections: {names}")
-    return found
-
-
-def bytes_per_row(module: nn.Module, specs: list[TableSpec], optimizer: str | None = None) -> list[int]:
-    """Fast-memory bytes of one row of each table: fp32 weights plus the state of the module's embedding
-    optimizer (``optimizer`` when the module carries none yet; plain SGD when neither is known)."""
-    names = embedding_optimizer_names(module) or ({optimizer} if optimizer else set())
-    return [max((row_bytes(spec.embedding_dim, 4, n) for n in names), default=row_bytes(spec.embedding_dim, 4, "sgd"))
-            for spec in specs]
-
-
-def place_collections(module: nn.Module, found: list[tuple[str, EmbeddingBagCollection]], hot_set: RowSet,
-                      budget_bytes: int, sizes: list[int],
-                      build: Callable[[EmbeddingBagCollection, Placement], nn.Module]) -> None:
-    """Plan one placement of all tables of ``found`` (``hot_set`` cut to ``budget_bytes``, ``sizes`` bytes per
-    row) and replace each collection in ``module`` by ``build(collection, its part of the placement)``."""
-    specs = [spec for _, ebc in found for spec in table_specs(ebc)]
-    placement = plan_placement(specs, [_table_rows(hot_set, spec) for spec in specs], budget_bytes, sizes)
-    start = 0
-    for name, ebc in found:
-        count = len(ebc.embedding_bag_configs())
-        part = Placement(placement.tables[start:start + count], placement.budget_bytes,
-                         placement.bytes_per_row[start:start + count])
-        start += count
-        _replace(module, name, build(ebc, part))
-
-
-def _replace(module: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = module.get_submodule(parent_path) if parent_path else module
-    setattr(parent, name, new)
-
-
-def _fits(feature_rows: int, spec: TableSpec) -> bool:
-    """A feature's ID range fits its table: equal, or within a table that several features share."""
-    return feature_rows == spec.num_rows or (len(spec.feature_names) > 1 and feature_rows <= spec.num_rows)
-
-
-def _check_profile(profile: AccessProfile, specs: list[TableSpec]) -> None:
-    known = dict(zip(profile.feature_names, profile.num_rows, strict=True))
-    missing = [f for spec in specs for f in spec.feature_names if f not in known]
-    if missing:
-        raise ValueError(f"the access profile describes other tables: the model's features {missing} are not in it "
-                         f"(profile features: {profile.feature_names})")
-    differ = [f"{f!r}: {known[f]} rows in the profile, {spec.num_rows} in table {spec.name!r}"
-              for spec in specs for f in spec.feature_names if not _fits(known[f], spec)]
-    if differ:
-        raise ValueError("the access profile describes other table sizes: " + "; ".join(differ))
-
-
-def _table_rows(hot_set: RowSet, spec: TableSpec) -> Tensor:
-    """The hot rows of a table: the union of its features' hot rows."""
-    rows = []
-    for feature in spec.feature_names:
-        if feature not in hot_set.feature_names:
-            raise ValueError(f"the hot set has no feature {feature!r} of table {spec.name!r} "
-                             f"(it names {hot_set.feature_names}); was it made for other tables?")
-        index = hot_set.feature_names.index(feature)
-        if not _fits(hot_set.num_rows[index], spec):
-            raise ValueError(f"the hot set gives feature {feature!r} {hot_set.num_rows[index]} rows but table "
-                             f"{spec.name!r} has {spec.num_rows}")
-        rows.append(hot_set.rows[index].long())
-    return torch.unique(torch.cat(rows)) if rows else torch.zeros(0, dtype=torch.int64)
-
-
-def _inside(hot_set: RowSet, placements: Any) -> bool:
-    """Whether every row of ``hot_set`` is hot in the placements (features they do not place are ignored)."""
-    for placement in placements:
-        for table in placement.tables:
-            for feature in table.spec.feature_names:
-                if feature in hot_set.feature_names:
-                    rows = hot_set.rows[hot_set.feature_names.index(feature)].long()
-                    if rows.numel() and not bool(table.hot[rows].all()):
-                        return False
-    return True
-
-
-def _all_reduced_counts(collection: HotColdEmbeddingBagCollection) -> Tensor:
-    size = sum(t.spec.num_rows for t in collection.placement.tables)
-    counts = collection.counts if collection.counts is not None else torch.zeros(size, dtype=torch.int64)
-    return all_reduce_sum(counts)
-
-
-def _global_shapes(tensors: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Shape and dtype of every key any rank holds (ranks hold different keys). Collective."""
-    local = {key: (tuple(value.size()), value.dtype) for key, value in tensors.items()}
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return local
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    return {key: value for part in gathered for key, value in part.items()}

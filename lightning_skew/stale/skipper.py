@@ -17,17 +17,22 @@ from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.core.batch import select_inputs
-from lightning_skew.core.distributed import all_reduce_max, all_reduce_sum, distributed
-from lightning_skew.core.lookups import count_lookups, top_rows_flat
+from lightning_skew.core.distributed import distributed
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.core.tables import WatchedTable, watched_tables
-from lightning_skew.profile.sources import HotSetSource
+from lightning_skew.profile.sources import HotSetSource, resolve_hot_rows
+from lightning_skew.stale.guard import backed_off, guard_verdict
 from lightning_skew.stale.staleness import (
-    bisect_threshold,
-    critical_thresholds,
     drop_mask,
     keep_at_least_one,
-    stale_rowset,
+)
+from lightning_skew.stale.tracker import (
+    candidates_from_rowset,
+    counted_candidates,
+    row_changes,
+    search_threshold,
+    snapshot_rows,
+    stale_rows,
 )
 
 __all__ = ["StaleEmbeddingSkipper"]
@@ -205,13 +210,8 @@ class StaleEmbeddingSkipper(pl.Callback):
             raise ValueError(f"StaleEmbeddingSkipper: {type(pl_module).__name__} holds no TorchRec "
                              "EmbeddingBagCollection whose rows it could watch")
         if self.hot_rows is not None and self._fixed_candidates is None:
-            rowset = self.hot_rows
-            if not isinstance(rowset, RowSet):
-                if not hasattr(rowset, "hot_rows"):
-                    raise TypeError(f"hot_rows must be a RowSet or have hot_rows(datamodule), got "
-                                    f"{type(rowset).__name__}")
-                rowset = rowset.hot_rows(trainer.datamodule)
-            self._fixed_candidates = _candidates_from_rowset(rowset, self._tables)
+            self._fixed_candidates = candidates_from_rowset(resolve_hot_rows(self.hot_rows, trainer.datamodule),
+                                                            self._tables)
         if self.snapshots:  # resumed: the snapshot belongs to the tables found now
             if [s.shape for s in self.snapshots] != [(c.numel(), t.dim) for c, t in
                                                      zip(self.candidates, self._tables, strict=True)]:
@@ -314,98 +314,17 @@ class StaleEmbeddingSkipper(pl.Callback):
     @torch.no_grad()
     def _evaluate(self, step: int) -> None:
         if self.snapshots:
-            changes = self._changes()
-            self.threshold, self.sample_share = self._choose_threshold(changes)
-            self.stale = self._stale_set(changes, self.threshold)
+            changes = row_changes(self._tables, self.candidates, self.snapshots, self.relative)
+            fixed = None if self.fixed_threshold is None else self.fixed_threshold * self.fixed_scale
+            self.threshold, self.sample_share = search_threshold(
+                self._tables, self.candidates, changes, list(self.sample), self.target, self.tolerance, fixed,
+                self.min_stale_lookups)
+            self.stale = stale_rows(self._tables, self.candidates, changes, self.threshold)
             self.evaluations += 1
-        self.candidates = self._next_candidates()
-        self.snapshots = self._snapshot(self.candidates)
+        self.candidates = self._fixed_candidates if self._fixed_candidates is not None else \
+            counted_candidates(self._tables, self.sample, self.max_candidate_rows)
+        self.snapshots = snapshot_rows(self._tables, self.candidates)
         self.last_evaluation_step = step
-
-    def _next_candidates(self) -> list[Tensor]:
-        if self._fixed_candidates is not None:
-            return self._fixed_candidates
-        counts = [torch.zeros(t.num_rows, dtype=torch.int64) for t in self._tables]
-        for kjt in self.sample:
-            for table, table_counts in zip(self._tables, counts, strict=True):
-                count_lookups(kjt, table.features, [table.num_rows] * len(table.features),
-                              [table_counts] * len(table.features))
-        counts = all_reduce_sum(torch.cat(counts))
-        seen = int((counts > 0).sum())
-        flat = top_rows_flat(counts, min(self.max_candidate_rows, seen))
-        masks = torch.split(flat, [t.num_rows for t in self._tables])
-        return [torch.nonzero(m).flatten() for m in masks]
-
-    def _snapshot(self, candidates: list[Tensor]) -> list[Tensor]:
-        """Full rows (all columns) of the candidates, identical on every rank: each rank fills what it holds."""
-        states: dict[int, Any] = {}
-        snapshots = [table.read_rows(rows, states) for table, rows in zip(self._tables, candidates, strict=True)]
-        if distributed() and snapshots:
-            flat = all_reduce_max(torch.cat([s.reshape(-1) for s in snapshots]))  # -inf where a rank holds nothing
-            snapshots = list(torch.split(flat, [s.numel() for s in snapshots]))
-            snapshots = [s.reshape(-1, t.dim) for s, t in zip(snapshots, self._tables, strict=True)]
-        return snapshots
-
-    def _changes(self) -> list[Tensor]:
-        """Per table, each candidate row's change since the snapshot: local max over held parts, then MAX."""
-        changes, states = [], {}
-        for table, rows, snapshot in zip(self._tables, self.candidates, self.snapshots, strict=True):
-            now = table.read_rows(rows, states)
-            held = torch.isfinite(now)
-            change = torch.where(held, (now - snapshot).abs(), torch.zeros(())).amax(dim=1) if rows.numel() \
-                else torch.zeros(0)
-            if self.relative:
-                change = change / (snapshot.abs().amax(dim=1) + 1e-12)
-            changes.append(change)
-        if distributed() and changes:
-            flat = all_reduce_max(torch.cat(changes))
-            changes = list(torch.split(flat, [c.numel() for c in changes]))
-        return changes
-
-    def _per_feature_changes(self, changes: list[Tensor]) -> dict[str, Tensor]:
-        by_feature = {}
-        for table, rows, change in zip(self._tables, self.candidates, changes, strict=True):
-            full = torch.full((table.num_rows,), float("inf"))
-            full[rows] = change
-            for feature in table.features:
-                by_feature[feature] = full
-        return by_feature
-
-    def _choose_threshold(self, changes: list[Tensor]) -> tuple[float, float]:
-        """The threshold and its drop share on the sample (all ranks together)."""
-        if not self.sample or (self.fixed_threshold is None and self.target <= 0):
-            return 0.0, 0.0
-        by_feature = self._per_feature_changes(changes)
-        critical = torch.cat([critical_thresholds(kjt, by_feature, self.min_stale_lookups) for kjt in self.sample])
-
-        def dropped_share(threshold: float) -> float:
-            counts = torch.tensor([float((critical < threshold).sum()), float(critical.numel())],
-                                  dtype=torch.float64)
-            if distributed():
-                dist.all_reduce(counts)
-            return float(counts[0] / counts[1].clamp(min=1))
-
-        if self.fixed_threshold is not None:
-            threshold = self.fixed_threshold * self.fixed_scale
-            return threshold, dropped_share(threshold)
-        finite = torch.cat(changes)
-        finite = finite[torch.isfinite(finite)]
-        if finite.numel() == 0:
-            return 0.0, 0.0
-        positive = finite[finite > 0]
-        low = float(positive.min()) / 2 if positive.numel() else 1e-12
-        high = max(float(finite.max()) * 2, low)
-        return bisect_threshold(dropped_share, self.target, self.tolerance, low, high)
-
-    def _stale_set(self, changes: list[Tensor], threshold: float) -> RowSet:
-        names, sizes, rows, chs = [], [], [], []
-        for table, cand, change in zip(self._tables, self.candidates, changes, strict=True):
-            for feature in table.features:
-                names.append(feature)
-                sizes.append(table.num_rows)
-                rows.append(cand)
-                chs.append(change)
-        return stale_rowset(names, sizes, rows, chs, threshold)
 
     # ------------------------------------------------------------------------------------------ accuracy guard
 
@@ -418,20 +337,15 @@ class StaleEmbeddingSkipper(pl.Callback):
                            f"metrics {sorted(trainer.callback_metrics)}; the accuracy guard does nothing")
             return
         value = float(value)
-        sign = 1.0 if self.guard_mode == "max" else -1.0
-        if self.best_metric is None or sign * (value - self.best_metric) > 0:
-            self.best_metric = value
-            return
-        if sign * (self.best_metric - value) <= self.guard_margin:
+        self.best_metric, back_off = guard_verdict(self.best_metric, value, self.guard_mode, self.guard_margin)
+        if not back_off:
             return
         self.backoffs += 1
         if self.fixed_threshold is not None:
             self.fixed_scale *= self.backoff_factor
             what = f"threshold now {self.fixed_threshold * self.fixed_scale:.3g}"
         else:
-            self.target *= self.backoff_factor
-            if self.target < 0.01:
-                self.target = 0.0
+            self.target = backed_off(self.target, self.backoff_factor)
             what = f"target drop fraction now {self.target:.3g}" + (" (skipping paused)" if not self.target else "")
         self.stale = None  # takes effect now, not at the next evaluation
         rank_zero_info(f"StaleEmbeddingSkipper: {self.guard_metric} {value:.4f} fell more than {self.guard_margin} "
@@ -478,21 +392,6 @@ class StaleEmbeddingSkipper(pl.Callback):
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _candidates_from_rowset(rowset: RowSet, tables: list[WatchedTable]) -> list[Tensor]:
-    candidates = []
-    for table in tables:
-        mask = torch.zeros(table.num_rows, dtype=torch.bool)
-        for feature in table.features:
-            if feature in rowset.feature_names:
-                index = rowset.feature_names.index(feature)
-                if rowset.num_rows[index] != table.num_rows:
-                    raise ValueError(f"hot_rows: feature {feature!r} has {rowset.num_rows[index]} rows in the row set "
-                                     f"but {table.num_rows} in the model's table; is the profile from another dataset?")
-                mask |= rowset.mask(feature)
-        candidates.append(torch.nonzero(mask).flatten())
-    return candidates
 
 
 def _validate(max_candidate_rows: int, every: int, threshold: float | None, target: float, tolerance: float,

@@ -1,0 +1,138 @@
+"""Tracking candidate rows over a window: counted candidates, snapshots, each row's change, the stale set.
+
+Functions of the watched tables (:func:`~lightning_skew.core.tables.watched_tables`) and tensors, the same on
+every rank (counts are summed, snapshots and changes maxed over ranks);
+:class:`~lightning_skew.stale.skipper.StaleEmbeddingSkipper` calls them at each evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from lightning_skew.core.distributed import all_reduce_max, all_reduce_sum
+from lightning_skew.core.lookups import count_lookups, top_rows_flat
+from lightning_skew.core.rowsets import RowSet
+from lightning_skew.core.tables import WatchedTable
+from lightning_skew.stale.staleness import bisect_threshold, critical_thresholds, stale_rowset
+
+__all__ = ["candidates_from_rowset", "counted_candidates", "row_changes", "search_threshold", "snapshot_rows",
+           "stale_rows"]
+
+
+def _split(flat: Tensor, parts: Sequence[Tensor]) -> list[Tensor]:
+    return [piece.reshape(part.shape) for piece, part in zip(torch.split(flat, [p.numel() for p in parts]), parts,
+                                                             strict=True)]
+
+
+def counted_candidates(tables: Sequence[WatchedTable], sample: Iterable[KeyedJaggedTensor],
+                       max_rows: int) -> list[Tensor]:
+    """Per table, the rows among the ``max_rows`` most looked up in ``sample`` (all tables and ranks together)."""
+    counts = [torch.zeros(t.num_rows, dtype=torch.int64) for t in tables]
+    for kjt in sample:
+        for table, table_counts in zip(tables, counts, strict=True):
+            count_lookups(kjt, table.features, [table.num_rows] * len(table.features),
+                          [table_counts] * len(table.features))
+    flat = all_reduce_sum(torch.cat(counts))
+    mask = top_rows_flat(flat, min(max_rows, int((flat > 0).sum())))
+    return [torch.nonzero(m).flatten() for m in torch.split(mask, [t.num_rows for t in tables])]
+
+
+def candidates_from_rowset(rowset: RowSet, tables: Sequence[WatchedTable]) -> list[Tensor]:
+    """Per table, the rows that ``rowset`` names for any of its features (a clear error on other table sizes)."""
+    candidates = []
+    for table in tables:
+        mask = torch.zeros(table.num_rows, dtype=torch.bool)
+        for feature in table.features:
+            if feature in rowset.feature_names:
+                index = rowset.feature_names.index(feature)
+                if rowset.num_rows[index] != table.num_rows:
+                    raise ValueError(f"hot_rows: feature {feature!r} has {rowset.num_rows[index]} rows in the row set "
+                                     f"but {table.num_rows} in the model's table; is the profile from another dataset?")
+                mask |= rowset.mask(feature)
+        candidates.append(torch.nonzero(mask).flatten())
+    return candidates
+
+
+def snapshot_rows(tables: Sequence[WatchedTable], candidates: Sequence[Tensor]) -> list[Tensor]:
+    """Full rows (all columns) of the candidates, identical on every rank: each rank fills what it holds."""
+    states: dict[int, Any] = {}
+    snapshots = [table.read_rows(rows, states) for table, rows in zip(tables, candidates, strict=True)]
+    if not snapshots:
+        return snapshots
+    return _split(all_reduce_max(torch.cat([s.reshape(-1) for s in snapshots])), snapshots)  # -inf: not held
+
+
+def row_changes(tables: Sequence[WatchedTable], candidates: Sequence[Tensor], snapshots: Sequence[Tensor],
+                relative: bool = False) -> list[Tensor]:
+    """Per table, each candidate row's largest element change since its snapshot (relative to the row's largest
+    absolute element with ``relative``): the maximum over the parts each rank holds, then over ranks."""
+    changes, states = [], {}
+    for table, rows, snapshot in zip(tables, candidates, snapshots, strict=True):
+        if not rows.numel():
+            changes.append(torch.zeros(0))
+            continue
+        now = table.read_rows(rows, states)
+        change = torch.where(torch.isfinite(now), (now - snapshot).abs(), torch.zeros(())).amax(dim=1)
+        if relative:
+            change = change / (snapshot.abs().amax(dim=1) + 1e-12)
+        changes.append(change)
+    if not changes:
+        return changes
+    return _split(all_reduce_max(torch.cat(changes)), changes)
+
+
+def _per_feature(tables: Sequence[WatchedTable], candidates: Sequence[Tensor],
+                 changes: Sequence[Tensor]) -> dict[str, Tensor]:
+    """Every row's change by feature (``inf`` for rows that are not candidates)."""
+    by_feature = {}
+    for table, rows, change in zip(tables, candidates, changes, strict=True):
+        full = torch.full((table.num_rows,), float("inf"))
+        full[rows] = change
+        for feature in table.features:
+            by_feature[feature] = full
+    return by_feature
+
+
+def search_threshold(tables: Sequence[WatchedTable], candidates: Sequence[Tensor], changes: Sequence[Tensor],
+                     sample: Sequence[KeyedJaggedTensor], target: float, tolerance: float,
+                     fixed: float | None = None, min_stale_lookups: int | None = None) -> tuple[float, float]:
+    """The threshold (``fixed``, else the one whose drop share on ``sample`` is ``target`` within ``tolerance``)
+    and its drop share, all ranks' samples together."""
+    if not sample or (fixed is None and target <= 0):
+        return 0.0, 0.0
+    by_feature = _per_feature(tables, candidates, changes)
+    critical = torch.cat([critical_thresholds(kjt, by_feature, min_stale_lookups) for kjt in sample])
+
+    def dropped_share(threshold: float) -> float:
+        counts = all_reduce_sum(torch.tensor([float((critical < threshold).sum()), float(critical.numel())],
+                                             dtype=torch.float64))
+        return float(counts[0] / counts[1].clamp(min=1))
+
+    if fixed is not None:
+        return fixed, dropped_share(fixed)
+    finite = torch.cat(list(changes))
+    finite = finite[torch.isfinite(finite)]
+    if finite.numel() == 0:
+        return 0.0, 0.0
+    positive = finite[finite > 0]
+    low = float(positive.min()) / 2 if positive.numel() else 1e-12
+    high = max(float(finite.max()) * 2, low)
+    return bisect_threshold(dropped_share, target, tolerance, low, high)
+
+
+def stale_rows(tables: Sequence[WatchedTable], candidates: Sequence[Tensor], changes: Sequence[Tensor],
+               threshold: float) -> RowSet:
+    """The candidate rows whose change is below ``threshold``, per feature."""
+    names, sizes, rows, chs = [], [], [], []
+    for table, cand, change in zip(tables, candidates, changes, strict=True):
+        for feature in table.features:
+            names.append(feature)
+            sizes.append(table.num_rows)
+            rows.append(cand)
+            chs.append(change)
+    return stale_rowset(names, sizes, rows, chs, threshold)
