@@ -18,6 +18,8 @@ from torch import Tensor
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_skew.core.rowsets import is_one_hot
+
 __all__ = ["Batch", "SkewBatch", "batch_size_of", "concat_batches", "select_inputs"]
 
 
@@ -96,11 +98,6 @@ def batch_size_of(batch: Any) -> int:
 
 def _exclusive_cumsum(lengths: Tensor) -> Tensor:
     return torch.cumsum(lengths, 0) - lengths
-
-
-def is_one_hot(sparse: KeyedJaggedTensor) -> bool:
-    """Whether every feature of every input has exactly one ID (Criteo's layout): a ``[features, batch]`` grid."""
-    return sparse.values().numel() == sparse.lengths().numel() and bool((sparse.lengths() == 1).all())
 
 
 def _select_kjt(sparse: KeyedJaggedTensor, index: Tensor) -> KeyedJaggedTensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-__all__ = ["RowSet", "lookups_in"]
+__all__ = ["RowSet", "is_one_hot", "lookups_in"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,14 @@ class RowSet:
         return sum(int(self.mask(name).sum()) for name in self.feature_names)
 
 
+def is_one_hot(sparse: KeyedJaggedTensor) -> bool:
+    """Whether every feature of every input has exactly one ID (Criteo's layout): a ``[features, batch]`` grid,
+    on which the batch operations, lookup checks and hot/cold routing take a path without segments."""
+    lengths = sparse.lengths()
+    return sparse.values().numel() == lengths.numel() == len(sparse.keys()) * sparse.stride() \
+        and bool((lengths == 1).all())
+
+
 def lookups_in(sparse: KeyedJaggedTensor, rowset: RowSet) -> tuple[Tensor, Tensor]:
     """Per input of the batch: how many of its lookups hit rows of ``rowset``, and how many lookups it has.
 
@@ -81,7 +89,7 @@ def lookups_in(sparse: KeyedJaggedTensor, rowset: RowSet) -> tuple[Tensor, Tenso
     batch_size = sparse.stride()
     lengths = sparse.lengths()
     joined, offsets, known = rowset.joined_masks(keys)
-    if sparse.values().numel() == lengths.numel() and bool((lengths == 1).all()):
+    if is_one_hot(sparse):
         # One ID per feature and input (one-hot features, as in Criteo): a [features, batch] grid, no segments.
         grid = sparse.values().long().view(len(keys), batch_size) + offsets[:, None]
         member = joined[grid.clamp_(max=joined.numel() - 1)]

@@ -22,6 +22,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from lightning_skew.core.rowsets import is_one_hot
 from lightning_skew.core.tables import TablePart, WatchedTable
 from lightning_skew.hotcold.placement import (
     COLD,
@@ -236,7 +237,7 @@ class HotColdEmbeddingBagCollection(nn.Module):
         (all_known, known, offsets, codes, hot_index, hot_keys, cold_index,
          cold_keys) = self._route(keys, values.device)
         batch_size = features.stride()
-        if all_known and values.numel() == lengths.numel() == len(keys) * batch_size and bool((lengths == 1).all()):
+        if all_known and is_one_hot(features):
             return self._split_one_hot(features, offsets, codes, hot_index, hot_keys, cold_index, cold_keys)
         per_key = lengths.view(len(keys), batch_size).sum(1)
         index = values.long() + torch.repeat_interleave(offsets, per_key, output_size=values.numel())

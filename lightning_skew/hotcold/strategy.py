@@ -227,17 +227,8 @@ class HotColdStrategy(TorchRecStrategy):
         rows = [[path, *row] for path, placement in self.placements.items() for row in placement.rows()]
         text = "\n".join(f"{path}:\n{placement.describe()}" for path, placement in self.placements.items())
         rank_zero_info(f"Hot/cold placement (hot set: {self.hot_set_source}):\n{text}")
-        log_dir = trainer.log_dir if trainer.loggers else None
-        if not self.is_global_zero:
-            return
-        for logger in trainer.loggers:
-            log_text = getattr(logger, "log_text", None)
-            if callable(log_text):
-                log_text(key="hot_cold_placement", columns=["collection", "table", "placement", "hot_rows",
-                                                             "cold_rows", "hot_bytes"], data=rows)
-        if log_dir:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            (Path(log_dir) / "hot_cold_placement.txt").write_text(text + "\n")
+        self.publish_plan(trainer, "hot_cold_placement", ["collection", "table", "placement", "hot_rows",
+                                                          "cold_rows", "hot_bytes"], rows, text)
 
     # ------------------------------------------------------------------------------------- training
 

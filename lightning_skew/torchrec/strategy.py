@@ -159,19 +159,24 @@ class TorchRecStrategy(DDPStrategy):
         rows = plan_rows(self.dmp.plan)
         text = "\n".join(["module | table | sharding type | compute kernel | ranks"] + [" | ".join(r) for r in rows])
         rank_zero_info(f"TorchRec sharding plan ({self.world_size} rank(s)):\n{text}")
-        # trainer.log_dir is a collective (broadcast from rank zero): every rank asks. Without a logger it is the
-        # working directory, where the plan does not belong.
+        self.publish_plan(trainer, "sharding_plan", ["module", "table", "sharding_type", "compute_kernel", "ranks"],
+                          rows, str(self.dmp.plan))
+
+    def publish_plan(self, trainer: pl.Trainer, name: str, columns: list[str], rows: list[list[str]],
+                     text: str) -> None:
+        """Log a plan as a table to every logger that takes tables, and write it to ``<log_dir>/<name>.txt``.
+        Collective (``trainer.log_dir`` is broadcast from rank zero); rank zero writes."""
+        # Without a logger the log dir is the working directory, where the plan does not belong.
         log_dir = trainer.log_dir if trainer.loggers else None
         if not self.is_global_zero:
             return
         for logger in trainer.loggers:
             log_text = getattr(logger, "log_text", None)
             if callable(log_text):
-                log_text(key="sharding_plan", columns=["module", "table", "sharding_type", "compute_kernel",
-                                                        "ranks"], data=rows)
+                log_text(key=name, columns=columns, data=rows)
         if log_dir:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            (Path(log_dir) / "sharding_plan.txt").write_text(str(self.dmp.plan) + "\n")
+            (Path(log_dir) / f"{name}.txt").write_text(text + "\n")
 
     # ------------------------------------------------------------------------------------- training
 
