@@ -5,8 +5,9 @@ from __future__ import annotations
 from abc import abstractmethod
 
 import lightning.pytorch as pl
-import torch.distributed as dist
 from torchrec.datasets.utils import Batch
+
+from lightning_skew.core.distributed import rank, world_size
 
 __all__ = ["Batch", "RecDataModule", "WrappedDataModule"]
 
@@ -51,9 +52,7 @@ class RecDataModule(pl.LightningDataModule):
         """This process's rank and the world size: the Trainer's when attached, else torch.distributed's, else 0/1."""
         if self.trainer is not None:
             return self.trainer.global_rank, self.trainer.world_size
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        return rank(), world_size()
 
 
 class WrappedDataModule(RecDataModule):

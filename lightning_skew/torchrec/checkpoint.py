@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+from lightning_skew.core.distributed import all_reduce_sum
+
 META_FILE = "meta.pt"
 
 
@@ -99,20 +101,6 @@ def load_sharded_checkpoint(path: str | os.PathLike, template: dict[str, Any]) -
                                 "interrupted save")
     dcp.load(template, checkpoint_id=str(path))
     return torch.load(path / META_FILE, map_location="cpu", weights_only=False)
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` summed over all ranks (itself on one process), on its own device. NCCL reduces CUDA tensors
-    only, so a CPU tensor travels through the GPU there. Collective."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return tensor
-    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
-        reduced = tensor.cuda()
-        dist.all_reduce(reduced)
-        return reduced.to(tensor.device)
-    reduced = tensor.clone()
-    dist.all_reduce(reduced)
-    return reduced
 
 
 def _shard_regions(tensor: ShardedTensor, rows: torch.Tensor):
