@@ -237,3 +237,14 @@ def test_a_plain_checkpoint_loads_into_a_sharded_run(runs):
                        enable_model_summary=False).validate(DLRMModule.load_from_checkpoint(export), data)[0]
     assert sharded["val_auc"] == pytest.approx(plain["val_auc"], abs=1e-6)
     assert sharded["val_logloss"] == pytest.approx(plain["val_logloss"], abs=1e-6)
+
+
+def test_the_strategies_are_registered_by_name():
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    import lightning_skew
+
+    trainer = pl.Trainer(strategy="torchrec", accelerator="cpu", devices=1, logger=False)
+    assert type(trainer.strategy) is lightning_skew.TorchRecStrategy
+    assert StrategyRegistry["hot_cold"]["strategy"] is lightning_skew.HotColdStrategy
