@@ -47,7 +47,8 @@ class SkewCLI(LightningCLI):
         metrics = self.trainer.callback_metrics
         parts = [f"{name} {float(metrics[f'{stage}_{name}']):.4f}" for name in ("auc", "logloss")
                  if f"{stage}_{name}" in metrics]
-        best = getattr(self.datamodule, "best_attainable_auc", None)
+        data = getattr(self.datamodule, "unwrapped", self.datamodule)  # the data behind any wrappers
+        best = getattr(data, "best_attainable_auc", None)
         if callable(best) and parts:
             parts.append(f"(best attainable auc {best(split=stage):.4f})")
         if parts:

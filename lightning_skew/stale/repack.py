@@ -8,6 +8,7 @@ so an epoch with a share ``d`` of its inputs dropped takes about ``1 - d`` of th
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -138,13 +139,17 @@ class RepackedLoader:
         self.loader = loader
         self.skipper = skipper
         self.min_fill = skipper.repack_min_fill if min_fill is None else min_fill
-        self.reads: list[tuple[int, int]] = []  # (inputs, loader batches) read for each batch yielded, in order
+        # (inputs, loader batches) read for each batch yielded and not yet taken by a RepackedDataModule
+        self.reads: deque[tuple[int, int]] = deque()
+        self.track_reads = False
 
     def __iter__(self) -> Iterator[Batch]:
         counted = _Counted(self.loader)
         for batch, read in repack_batches(counted, self.skipper.kept_inputs, min_fill=self.min_fill):
             self.skipper.record_read(read)
-            self.reads.append((read, counted.take()))
+            batches = counted.take()
+            if self.track_reads:
+                self.reads.append((read, batches))
             yield batch
 
 
@@ -196,12 +201,6 @@ class RepackedDataModule(WrappedDataModule):
         self.min_fill = min_fill
         self._loader: RepackedLoader | None = None
 
-    def __getattr__(self, name: str) -> Any:
-        # Everything else a DataModule offers (best_attainable_auc, hot_rows, ...) is the inner module's.
-        if name.startswith("_") or name in ("datamodule", "min_fill"):
-            raise AttributeError(name)
-        return getattr(self.datamodule, name)
-
     def _skipper(self) -> Any:
         from lightning_skew.stale.skipper import StaleEmbeddingSkipper
 
@@ -216,11 +215,12 @@ class RepackedDataModule(WrappedDataModule):
 
     def train_dataloader(self) -> RepackedLoader:
         self._loader = RepackedLoader(self.datamodule.train_dataloader(), self._skipper(), self.min_fill)
+        self._loader.track_reads = True  # on_before_batch_transfer takes them
         return self._loader
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training and self._loader is not None and self._loader.reads:
-            _, inner_batches = self._loader.reads.pop(0)
+            _, inner_batches = self._loader.reads.popleft()
             for _ in range(inner_batches):
                 self.datamodule.on_before_batch_transfer(batch, dataloader_idx)
             return batch
