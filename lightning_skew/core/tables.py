@@ -18,7 +18,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 __all__ = ["TablePart", "WatchedTable", "bag_configs", "embedding_modules", "is_embedding_module",
-           "watched_tables", "weight_pieces"]
+           "table_configs", "watched_tables", "weight_pieces"]
 
 
 def is_embedding_module(module: nn.Module) -> bool:
@@ -49,6 +49,15 @@ def bag_configs(module: nn.Module) -> list[EmbeddingBagConfig] | None:
         return list(module.embedding_bag_configs())
     configs = getattr(module, "_embedding_bag_configs", None)
     return None if configs is None else list(configs)
+
+
+def table_configs(module: nn.Module) -> list[Any]:
+    """The table configs of a plain TorchRec embedding collection (bag or sequence); ``[]`` for other modules."""
+    for getter in ("embedding_bag_configs", "embedding_configs"):
+        configs = getattr(module, getter, None)
+        if callable(configs):
+            return list(configs())
+    return []
 
 
 def weight_pieces(weight: Tensor) -> list[tuple[int, int, Tensor]]:

@@ -39,6 +39,12 @@ class RecDataModule(pl.LightningDataModule):
         """Rows of the embedding table of each sparse feature, in the order of the names."""
 
     @property
+    def missing_rows(self) -> dict[str, int]:
+        """Per feature, the row that stands for a missing value (Criteo hashes an empty field to row 0), so that
+        profiles can show missing values apart from popular rows. Empty: no feature has one."""
+        return {}
+
+    @property
     def unwrapped(self) -> RecDataModule:
         """The DataModule whose data this one delivers: itself; a wrapper (popularity batching, repacking) gives
         the module it wraps, so profiles and hot sets describe the data, not the wrappers around it."""
@@ -77,6 +83,10 @@ class WrappedDataModule(RecDataModule):
     @property
     def num_embeddings_per_feature(self) -> list[int]:
         return self.datamodule.num_embeddings_per_feature
+
+    @property
+    def missing_rows(self) -> dict[str, int]:
+        return self.datamodule.missing_rows
 
     @property
     def unwrapped(self) -> RecDataModule:

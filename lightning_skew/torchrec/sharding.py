@@ -13,6 +13,7 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import CacheParams, ShardingEnv, ShardingPlan
 
+from lightning_skew.core.tables import table_configs
 from lightning_skew.torchrec.checkpoint import copy_into_shards
 from lightning_skew.torchrec.optim import (
     CUDA_ONLY_EMBEDDING_OPTIMIZERS,
@@ -39,7 +40,7 @@ def plan_sharding(module: nn.Module, env: ShardingEnv, device: torch.device, sha
     ``fused_uvm_caching`` tables (the share of a table's rows cached). Planned on rank 0 and broadcast, so
     every rank shards alike.
     """
-    tables = [cfg.name for _, m in embedding_modules(module) for cfg in _table_configs(m)]
+    tables = [cfg.name for _, m in embedding_modules(module) for cfg in table_configs(m)]
     kernels = {name: (kernel_by_table or {}).get(name, compute_kernel) for name in tables}
     cache = CacheParams(load_factor=cache_load_factor) if cache_load_factor is not None else None
     constraints = {name: ParameterConstraints(sharding_types=sharding_types, compute_kernels=[kernels[name]],
@@ -132,14 +133,6 @@ def fbgemm_has_cuda() -> bool:
     except (RuntimeError, NotImplementedError, AttributeError):
         return False
     return True
-
-
-def _table_configs(module: nn.Module) -> list:
-    for getter in ("embedding_bag_configs", "embedding_configs"):
-        fn = getattr(module, getter, None)
-        if callable(fn):
-            return list(fn())
-    return []
 
 
 def _quiet_torchrec_logs() -> None:
