@@ -177,3 +177,16 @@ def test_hot_cold_variants_train_the_baselines_model_and_gpu_variants_need_cuda(
         for name in ("gpu_hotcold", "gpu_hotcold_plain"):
             with pytest.raises(RuntimeError, match="need CUDA"):
                 bench.VARIANTS[name].train(recipe)
+
+
+def test_the_all_variant_composes_every_technique_and_its_gpu_twin_needs_cuda():
+    argv = ["--config", "recipes/dlrm_synthetic.yaml", "--variants", "lightning,all", "--repeats", "1",
+            "--train-samples", "4096", "--warmup-steps", "2", *TINY]
+    report = bench.main(argv)
+    extras = report["variants"]["all"]["extras"]
+    assert 0.0 <= extras["drop_share"] < 1.0 and extras["cold_skipped_steps"] >= 0
+    runs = {run["variant"]: run for run in report["runs"]}
+    assert 0.0 < runs["all"]["auc"] < 1.0 and runs["all"]["steps"] <= runs["lightning"]["steps"]
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="need CUDA"):
+            bench.VARIANTS["gpu_all"].train(bench.build_recipe(["--config", "recipes/dlrm_synthetic.yaml", *TINY]))
