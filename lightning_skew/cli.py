@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -29,9 +31,33 @@ class LoggedSaveConfig(SaveConfigCallback):
 class SkewCLI(LightningCLI):
     """LightningCLI whose model takes its feature shapes from the DataModule (never written twice)."""
 
+    LINKED_FROM_DATA = ("num_embeddings_per_feature", "sparse_feature_names", "dense_in_features")
+
     def add_arguments_to_parser(self, parser: Any) -> None:
-        for name in ("num_embeddings_per_feature", "sparse_feature_names", "dense_in_features"):
+        for name in self.LINKED_FROM_DATA:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning merges a checkpoint file's hyperparameters into the model's config, link targets included,
+        # and the parser refuses those ("Option 'num_embeddings_per_feature' is not accepted";
+        # Lightning-AI/pytorch-lightning#20801, fix pending in #21116). They come from the DataModule anyway:
+        # merge the rest. Sharded checkpoints are directories, which Lightning does not parse.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = dict(torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {}))
+        for name in ("_instantiator", *self.LINKED_FROM_DATA):
+            hparams.pop(name, None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"Parsing the hyperparameters of {ckpt_path} failed\n")
+            raise
 
     def after_fit(self) -> None:
         self._print_quality("val")

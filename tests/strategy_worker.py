@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--embedding-optimizer", default="rowwise_adagrad")
+    parser.add_argument("--sharding-types", default=None, help="comma-separated TorchRec sharding types")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if os.environ.get("WORKER_TRACEBACK_AFTER"):  # debugging a hang: dump every thread's stack, then exit
@@ -63,7 +64,8 @@ def main() -> None:
     data = make_data(world_size)
     model = make_model(data, args.embedding_optimizer)
     record = RecordLosses()
-    trainer = pl.Trainer(accelerator="cpu", devices=world_size, strategy=TorchRecStrategy(),
+    trainer = pl.Trainer(accelerator="cpu", devices=world_size, strategy=TorchRecStrategy(
+                         sharding_types=args.sharding_types.split(",") if args.sharding_types else None),
                          max_epochs=args.epochs, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=str(out), callbacks=[record],
                          num_sanity_val_steps=0, deterministic=True)

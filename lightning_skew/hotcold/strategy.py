@@ -54,7 +54,7 @@ from lightning_skew.torchrec.checkpoint import (
     save_sharded_checkpoint,
 )
 from lightning_skew.torchrec.sharding import shard_module
-from lightning_skew.torchrec.strategy import TorchRecStrategy
+from lightning_skew.torchrec.strategy import TorchRecStrategy, weights_or_full
 
 __all__ = ["HotColdStrategy", "ORIGINAL_IDS_FORMAT"]
 
@@ -345,7 +345,8 @@ class HotColdStrategy(TorchRecStrategy):
     def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(checkpoint_path)
         if path.is_file():  # an unsharded file: load_model_state_dict places its tables
-            return torch.load(path, map_location="cpu", weights_only=bool(weights_only))
+            return weights_or_full(path, torch.load(path, map_location="cpu", weights_only=bool(weights_only)),
+                                   self.lightning_module.trainer.state.fn == TrainerFn.FITTING)
         collections = self._collections
         keys = inner_weight_keys(collections)
         state = {k: v for k, v in self.lightning_module.state_dict().items() if k not in keys}

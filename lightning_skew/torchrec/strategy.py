@@ -14,7 +14,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer
 
@@ -30,6 +30,18 @@ from lightning_skew.torchrec.sharding import DEFAULT_SHARDING_TYPES, plan_rows, 
 __all__ = ["TorchRecStrategy"]
 
 SHARDED_FORMAT = "sharded-v1"
+
+def weights_or_full(path: Path, checkpoint: dict[str, Any], fitting: bool = True) -> dict[str, Any]:
+    """A checkpoint file as Lightning restores it. An export (weights only, no optimizer state, as
+    :meth:`TorchRecStrategy.export_unsharded_checkpoint` writes) starts a new run from its weights: the
+    embedding and dense optimizers and the loops start fresh, which is said once."""
+    if "optimizer_states" in checkpoint:
+        return checkpoint
+    if fitting:
+        rank_zero_warn(f"{path} holds weights only (an export): the run starts from these weights at epoch 0, with "
+                       "fresh optimizer state (embedding and dense)")
+    return {**checkpoint, "optimizer_states": [], "lr_schedulers": []}
+
 
 class TorchRecStrategy(DDPStrategy):
     """Runs any LightningModule that holds TorchRec ``EmbeddingBagCollection`` s under TorchRec's
@@ -59,9 +71,9 @@ class TorchRecStrategy(DDPStrategy):
 
     .. note::
         Checkpoints are directories (``torch.distributed.checkpoint`` shards of every rank, plus ``meta.pt``);
-        resume them with the same world size. :meth:`export_unsharded_checkpoint` writes an ordinary Lightning
-        checkpoint file whose weights load into the unsharded module. Such a file (or any plain checkpoint)
-        also loads into a sharded run through ``ckpt_path``.
+        they resume at any world size and under any sharding plan (the reads are planned by chunk).
+        :meth:`export_unsharded_checkpoint` writes an ordinary Lightning checkpoint file whose weights load into
+        the unsharded module; given as ``ckpt_path`` it starts a new run from those weights (optimizers fresh).
 
     Example::
 
@@ -210,17 +222,13 @@ class TorchRecStrategy(DDPStrategy):
     def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(checkpoint_path)
         if path.is_file():  # an ordinary (unsharded) Lightning checkpoint: load_model_state_dict shards it
-            return torch.load(path, map_location="cpu", weights_only=bool(weights_only))
+            return weights_or_full(path, torch.load(path, map_location="cpu", weights_only=bool(weights_only)),
+                                   self.lightning_module.trainer.state.fn == TrainerFn.FITTING)
         template = {"state_dict": self.lightning_module.state_dict(),
                     "fused_optimizer": self.fused_optimizer.state_dict()}
+        # torch.distributed.checkpoint plans the reads by chunk: the saved shards need not match this run's (another
+        # world size, another sharding plan), each rank reads the pieces of its own shards.
         meta = load_sharded_checkpoint(path, template)
-        info = meta.get("lightning_skew", {})
-        saved_world_size = info.get("world_size", self.world_size)
-        # Checkpoints of whole tables (HotColdStrategy's) load at any world size; shards need the same one.
-        if info.get("format") == SHARDED_FORMAT and saved_world_size != self.world_size:
-            raise RuntimeError(f"{path} was saved by {saved_world_size} rank(s) but this run has {self.world_size}; "
-                               "resume with the same number of processes, or export_unsharded_checkpoint() and "
-                               "start from that file")
         self.fused_optimizer.load_state_dict(template["fused_optimizer"])
         return {**meta, "state_dict": template["state_dict"]}
 

@@ -1,0 +1,114 @@
+"""Checkpoints that survive a change: another world size and sharding plan on resume, and an unsharded export
+as the start of a new run (Python and the command line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from launch import launch  # noqa: E402
+from strategy_worker import make_data, make_model  # noqa: E402
+
+from lightning_skew import TorchRecStrategy  # noqa: E402
+
+WORKER = Path(__file__).parent / "strategy_worker.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(out: Path, world_size: int, epochs: int, resume: Path | None = None, sharding: str | None = None) -> dict:
+    args = ["--out", str(out), "--epochs", str(epochs), "--embedding-optimizer", "adagrad"]
+    args += ["--resume", str(resume)] if resume is not None else []
+    args += ["--sharding-types", sharding] if sharding else []
+    launch(WORKER, world_size, args)
+    return {"losses": json.loads((out / "losses.json").read_text()),
+            "weights": torch.load(out / "export.ckpt", weights_only=False)["state_dict"],
+            "fused": torch.load(out / "fused_state.pt"), "out": out}
+
+
+def _assert_same_run(resumed: dict, full: dict) -> None:
+    steps = len(resumed["losses"])
+    assert 0 < steps < len(full["losses"])  # only the epoch after the checkpoint ran
+    assert resumed["losses"] == pytest.approx(full["losses"][-steps:], abs=1e-5)
+    for part in ("weights", "fused"):
+        assert sorted(resumed[part]) == sorted(full[part])
+        for key, value in full[part].items():
+            torch.testing.assert_close(resumed[part][key], value, atol=1e-5, rtol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_at_another_world_size_and_under_another_sharding_plan(tmp_path):
+    # One process and two give the same run (tests/test_torchrec_strategy.py), so either is the reference.
+    full = _run(tmp_path / "full", 1, 2)
+    one_rank_table_wise = _run(tmp_path / "first1", 1, 1, sharding="table_wise")
+    two_ranks = _run(tmp_path / "first2", 2, 1)
+    checkpoint = next((one_rank_table_wise["out"] / "checkpoints").iterdir())
+    # 1 rank, table-wise -> 2 ranks, column-wise: every table's shards differ from the saved ones.
+    _assert_same_run(_run(tmp_path / "to2", 2, 2, resume=checkpoint, sharding="column_wise"), full)
+    checkpoint = next((two_ranks["out"] / "checkpoints").iterdir())
+    _assert_same_run(_run(tmp_path / "to1", 1, 2, resume=checkpoint), full)  # 2 ranks -> 1
+
+
+def _fit(tmp_path: Path, ckpt_path: str | None, record: list) -> pl.Trainer:
+    data = make_data(1)
+    model = make_model(data, "rowwise_adagrad")
+
+    class FirstWeights(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            record.append(trainer.strategy.unsharded_state_dict())
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=TorchRecStrategy(), max_epochs=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path),
+                         callbacks=[FirstWeights()])
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_an_unsharded_export_starts_a_new_run_from_its_weights(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first: list = []
+        trainer = _fit(tmp_path / "a", None, first)
+        trainer.strategy.export_unsharded_checkpoint(tmp_path / "export.ckpt")
+        exported = torch.load(tmp_path / "export.ckpt", weights_only=False)["state_dict"]
+        second: list = []
+        restarted = _fit(tmp_path / "b", str(tmp_path / "export.ckpt"), second)
+    start = second[0]
+    tables = [k for k in exported if "embedding_bags" in k]
+    assert tables
+    for key in exported:
+        torch.testing.assert_close(start[key], exported[key], msg=key)  # it started from the export's weights
+    assert any(not torch.equal(first[0][k], exported[k]) for k in tables)  # not from a fresh initialisation
+    assert restarted.current_epoch == 1 and restarted.global_step == trainer.global_step  # a whole new epoch
+    assert any("holds weights only" in str(w.message) for w in caught)
+
+
+def test_the_command_starts_a_run_from_an_export(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
+                                                             "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"}}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONWARNINGS="ignore")
+    small = ["--data.init_args.max_rows_per_table", "500", "--data.init_args.num_train_samples", "4096",
+             "--data.init_args.num_val_samples", "2048", "--data.init_args.batch_size", "1024",
+             "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
+    # A recipe run exports; a second run of the same recipe starts from that file.
+    first = subprocess.run([sys.executable, "-c", (
+        "import sys; from lightning_skew.cli import run_cli; cli = run_cli(sys.argv[1:]); "
+        "cli.trainer.strategy.export_unsharded_checkpoint('export_recipe.ckpt')"),
+        "fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic.yaml"), *small],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run([sys.executable, "-m", "lightning_skew.cli", "fit", "--config",
+                             str(ROOT / "recipes" / "dlrm_synthetic.yaml"), *small, "--ckpt_path",
+                             str(tmp_path / "export_recipe.ckpt")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    assert "val: auc" in second.stdout
