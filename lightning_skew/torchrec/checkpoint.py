@@ -2,8 +2,8 @@
 
 A sharded checkpoint is a directory: ``torch.distributed.checkpoint`` files holding every rank's shards of
 the model and of the fused embedding optimizer, plus ``meta.pt`` with everything else Lightning saves
-(loops, callbacks, dense optimizer, schedulers). ``meta.pt`` is written last, so a directory without it is
-an interrupted save, never mistaken for a checkpoint.
+(loops, callbacks, dense optimizer, schedulers), written aside and published atomically
+(:mod:`~lightning_skew.torchrec.atomic`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,21 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from lightning_skew.core.distributed import all_reduce_sum
+from lightning_skew.core.distributed import all_reduce_sum, broadcast_object
+from lightning_skew.torchrec.atomic import (
+    incomplete_reason,
+    publish,
+    reached,
+    resolve_for_loading,
+    staging_dir,
+)
 
 META_FILE = "meta.pt"
 
 
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a complete sharded checkpoint directory."""
-    return (Path(path) / META_FILE).is_file()
+    """Whether ``path`` is a complete sharded checkpoint (see :func:`~lightning_skew.torchrec.atomic.incomplete_reason`)."""
+    return Path(path).is_dir() and incomplete_reason(path) is None
 
 
 def copy_into_shards(target: dict[str, Any], source: dict[str, torch.Tensor]) -> list[str]:
@@ -79,28 +86,34 @@ def gather_unsharded(state: dict[str, Any], dst: int = 0) -> dict[str, torch.Ten
 
 def save_sharded_checkpoint(path: str | os.PathLike, tensors: dict[str, Any], meta: dict[str, Any],
                             is_global_zero: bool) -> None:
-    """Write ``tensors`` (sharded and replicated) from every rank, then ``meta`` from rank zero. Collective."""
+    """Write ``tensors`` (sharded and replicated) from every rank and ``meta`` from rank zero into a fresh
+    directory, then put it in place as ``path`` at once (see :mod:`~lightning_skew.torchrec.atomic`). Collective."""
     path = Path(path)
     if path.is_file():
         raise FileExistsError(f"{path} is a file; a sharded checkpoint is a directory")
-    path.mkdir(parents=True, exist_ok=True)
-    dcp.save(tensors, checkpoint_id=str(path))
+    directory = broadcast_object(staging_dir(path) if is_global_zero else None)
+    if is_global_zero:
+        directory.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    dcp.save(tensors, checkpoint_id=str(directory))
+    reached("tensors_written", path)
     if dist.is_initialized():
         dist.barrier()
     if is_global_zero:
-        tmp = path / (META_FILE + ".tmp")
-        torch.save(meta, tmp)
-        os.replace(tmp, path / META_FILE)
+        torch.save(meta, directory / META_FILE)
+        reached("meta_written", path)
+        publish(path, directory)
+    if dist.is_initialized():
+        dist.barrier()  # no rank goes on (and may read it) before the checkpoint is visible
 
 
 def load_sharded_checkpoint(path: str | os.PathLike, template: dict[str, Any]) -> dict[str, Any]:
-    """Load the tensors of a sharded checkpoint into ``template`` in place and return its ``meta``. Collective."""
-    path = Path(path)
-    if not is_sharded_checkpoint(path):
-        raise FileNotFoundError(f"{path} is not a complete sharded checkpoint (no {META_FILE}); it may be an "
-                                "interrupted save")
-    dcp.load(template, checkpoint_id=str(path))
-    return torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+    """Load the tensors of a complete sharded checkpoint into ``template`` in place and return its ``meta``
+    (``last`` falls back to the newest complete checkpoint beside it). Collective."""
+    directory = resolve_for_loading(path)
+    dcp.load(template, checkpoint_id=str(directory))
+    return torch.load(directory / META_FILE, map_location="cpu", weights_only=False)
 
 
 def _shard_regions(tensor: ShardedTensor, rows: torch.Tensor):

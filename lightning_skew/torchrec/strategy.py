@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer
 
+from lightning_skew.torchrec.atomic import remove
 from lightning_skew.torchrec.checkpoint import (
     copy_into_shards,
     gather_unsharded,
-    is_sharded_checkpoint,
     load_sharded_checkpoint,
     save_sharded_checkpoint,
 )
@@ -247,11 +246,7 @@ class TorchRecStrategy(DDPStrategy):
 
     def remove_checkpoint(self, filepath: str | os.PathLike) -> None:
         if self.is_global_zero:
-            path = Path(filepath)
-            if path.is_dir() and is_sharded_checkpoint(path):
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+            remove(filepath)
 
     def unsharded_state_dict(self) -> dict[str, torch.Tensor]:
         """The LightningModule's state with every table whole, on rank zero (other ranks: the rest). Collective."""
