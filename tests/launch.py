@@ -15,8 +15,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(script: str | Path, world_size: int, args: list[str], timeout: float = 300) -> list[str]:
-    """Run ``script`` as ``world_size`` ranks; return each rank's output, or fail with all of it."""
+def _start(script: str | Path, world_size: int, args: list[str]) -> list[subprocess.Popen]:
     port = str(free_port())
     procs = []
     for rank in range(world_size):
@@ -25,6 +24,27 @@ def launch(script: str | Path, world_size: int, args: list[str], timeout: float 
                "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def launch_until_killed(script: str | Path, world_size: int, args: list[str], timeout: float = 300) -> str:
+    """Run ``script`` as ``world_size`` ranks until rank zero is killed (SIGKILL, by the script itself), then end
+    the other ranks, which wait for it in a collective; fail if rank zero ends any other way. Rank zero's output."""
+    procs = _start(script, world_size, args)
+    try:
+        out, _ = procs[0].communicate(timeout=timeout)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+    assert procs[0].returncode == -9, f"rank 0 was not killed (exit {procs[0].returncode}):\n{out[-4000:]}"
+    return out
+
+
+def launch(script: str | Path, world_size: int, args: list[str], timeout: float = 300) -> list[str]:
+    """Run ``script`` as ``world_size`` ranks; return each rank's output, or fail with all of it."""
+    procs = _start(script, world_size, args)
     outputs = []
     try:
         for proc in procs:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launch import launch  # noqa: E402
+from launch import launch, launch_until_killed  # noqa: E402
 from strategy_worker import make_data, make_model  # noqa: E402
 
 from lightning_skew import TorchRecStrategy  # noqa: E402
@@ -112,3 +112,72 @@ def test_the_command_starts_a_run_from_an_export(tmp_path):
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
     assert "val: auc" in second.stdout
+
+
+# -- a kill at any moment of a save never leaves a checkpoint that resumes wrongly ---------------------------------
+
+CRASH_WORKER = Path(__file__).parent / "checkpoint_worker.py"
+EPOCHS = 2
+
+
+def _crash_run(out: Path, world_size: int, resume: str | None = None, kill: tuple[str, int] | None = None) -> dict:
+    args = ["--out", str(out), "--checkpoints", str(out / "checkpoints"), "--epochs", str(EPOCHS)]
+    args += ["--resume", resume] if resume else []
+    if kill is not None:
+        launch_until_killed(CRASH_WORKER, world_size, args + ["--kill-at", kill[0], "--kill-on", str(kill[1])])
+        return {}
+    launch(CRASH_WORKER, world_size, args)
+    return {**json.loads((out / "run.json").read_text()), "weights": torch.load(out / "weights.pt")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    return _crash_run(tmp_path_factory.mktemp("uninterrupted"), 1)
+
+
+# (stage, n-th time rank zero reaches it): each epoch end saves "epoch=E-step=S.ckpt" and then "last.ckpt".
+KILLS = [
+    ("tensors_written", 2, 1),  # during the first write of last.ckpt
+    ("sealed", 4, 1),  # rewriting last.ckpt: sealed, not yet in place
+    ("published", 3, 1),  # the second step checkpoint in place, last.ckpt not yet rewritten
+    ("meta_written", 4, 2),  # two ranks, rewriting last.ckpt
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,occurrence,world_size", KILLS, ids=[f"{s}{n}-{w}rank" for s, n, w in KILLS])
+def test_a_kill_during_a_save_leaves_checkpoints_that_resume_exactly_or_are_refused(stage, occurrence, world_size,
+                                                                                     uninterrupted, tmp_path):
+    killed = tmp_path / "killed"
+    _crash_run(killed, world_size, kill=(stage, occurrence))
+    visible = sorted((killed / "checkpoints").glob("*.ckpt"))
+    assert [p.name for p in visible if p.name.startswith("epoch=")]  # an earlier complete save is always there
+    # last.ckpt is missing only when the kill came during its very first write; otherwise it is complete.
+    assert (killed / "checkpoints" / "last.ckpt").exists() == ((stage, occurrence) != ("tensors_written", 2))
+    steps_per_epoch = len(uninterrupted["losses"]) // EPOCHS
+    for checkpoint in visible:
+        resumed = _crash_run(tmp_path / f"resumed-{checkpoint.name}", 1, resume=str(checkpoint))
+        start = resumed["start_step"]
+        assert start > 0 and start % steps_per_epoch == 0, checkpoint.name  # an epoch end, never a mixed state
+        assert resumed["losses"] == pytest.approx(uninterrupted["losses"][start:], abs=1e-5), checkpoint.name
+        for key, value in uninterrupted["weights"].items():
+            torch.testing.assert_close(resumed["weights"][key], value, atol=1e-5, rtol=0,
+                                       msg=f"{checkpoint.name}: {key}")
+
+
+def test_an_incomplete_checkpoint_is_refused_by_name_and_last_falls_back(tmp_path, uninterrupted):
+    from lightning_skew.torchrec.atomic import IncompleteCheckpointError, resolve_for_loading
+
+    run = tmp_path / "run"
+    _crash_run(run, 1)
+    checkpoints = run / "checkpoints"
+    newest = max((p for p in checkpoints.glob("epoch=*.ckpt")), key=lambda p: p.stat().st_mtime)
+    shard = next(newest.glob("*.distcp"))
+    shard.write_bytes(b"")  # a truncated shard, as a kill in an in-place rewrite left
+    with pytest.raises(IncompleteCheckpointError, match=f"{newest.name}.*__0_0.distcp has 0 bytes"):
+        resolve_for_loading(newest)
+    shard_last = next((checkpoints / "last.ckpt").glob("*.distcp"))
+    shard_last.write_bytes(b"")
+    with pytest.warns(UserWarning, match="last.ckpt is not a complete checkpoint.*resuming from the newest"):
+        chosen = resolve_for_loading(checkpoints / "last.ckpt")
+    assert chosen != newest and chosen.name.startswith("epoch=")
