@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -17,6 +18,7 @@ from lightning_skew.data.features import (
     CRITEO_SPARSE_NAMES,
     capped_cardinalities,
 )
+from lightning_skew.data.position import StreamPosition
 from lightning_skew.data.synthetic.generator import SPLITS, SyntheticClickLog
 
 
@@ -42,6 +44,7 @@ class SyntheticClickStream(IterableDataset):
         super().__init__()
         self.log, self.split, self.num_samples, self.batch_size = log, split, num_samples, batch_size
         self.keys, self.rank, self.world_size = keys, rank, world_size
+        self.skip_first = 0  # batches the first pass leaves out (a run resumed mid-epoch trained them)
 
     def __len__(self) -> int:
         return self.num_samples // (self.batch_size * self.world_size)
@@ -59,7 +62,9 @@ class SyntheticClickStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        for index in range(worker_id, len(self), num_workers):
+        # Persistent workers keep their own copy, so each copy skips on its first pass only, as the main one does.
+        skip, self.skip_first = self.skip_first, 0
+        for index in range(skip + worker_id, len(self), num_workers):
             yield self.batch_at(index)
 
 
@@ -204,6 +209,7 @@ class SyntheticDataModule(RecDataModule):
         extra_names = [f"cat_{i}" for i in range(len(CRITEO_SPARSE_NAMES), num_features)]
         self._names = CRITEO_SPARSE_NAMES[:num_features] + extra_names
         self.rank, self.world_size = 0, 1
+        self.position = StreamPosition()
 
     @property
     def dense_in_features(self) -> int:
@@ -241,7 +247,23 @@ class SyntheticDataModule(RecDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
+        loader = self._loader("train")
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        loader.dataset.skip_first = self.position.skip(epoch, len(loader.dataset))
+        return loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training:
+            self.position.taken(self.trainer.current_epoch)
+        return super().on_before_batch_transfer(batch, dataloader_idx)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position in its epoch: a run resumed mid-epoch goes on with the next batch."""
+        return {"position": self.position.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "position" in state_dict:
+            self.position.load_state_dict(state_dict["position"])
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
