@@ -413,3 +413,13 @@ def test_stale_embedding_skipper_watches_split_collections_like_the_original_tab
         decisions[name] = (skipper.evaluations, skipper.inputs_dropped, len(skipper.stale or []), skipper.threshold)
     assert decisions["hotcold"][0] > 0 and decisions["hotcold"][1] > 0  # it decided and dropped inputs
     assert decisions["hotcold"][:3] == decisions["torchrec"][:3]  # the same rows and inputs as unsplit
+
+
+def test_a_profile_of_other_data_with_the_same_tables_is_refused(tmp_path):
+    other = make_data(1)
+    other.seed = 99  # the same tables, other data
+    other.hparams["seed"] = 99
+    profile = AccessProfile.for_datamodule(other)
+    profile.save(tmp_path / "other_seed.pt")
+    with pytest.raises(ValueError, match="seed"):
+        _fit(HotColdStrategy(budget_bytes=36 * 100, profile_path=str(tmp_path / "other_seed.pt")), tmp_path)

@@ -212,7 +212,8 @@ class HotColdStrategy(TorchRecStrategy):
         source = ProfiledHotRows(self.budget_bytes, profile_path=self.profile_path,
                                  sample_fraction=self.sample_fraction)
         self.hot_set_source = source.describe()
-        profile = source.profile_for(datamodule) if self.profile_path is None else AccessProfile.load(self.profile_path)
+        # A saved profile is checked against the data it claims to describe (tables and data description).
+        profile = source.profile_for(datamodule) if datamodule is not None else AccessProfile.load(self.profile_path)
         check_profile(profile, specs)
         # Features of the profile that no table here looks up are never hot.
         size_of = {f: size for spec, size in zip(specs, sizes, strict=True) for f in spec.feature_names}
