@@ -190,3 +190,19 @@ def test_the_all_variant_composes_every_technique_and_its_gpu_twin_needs_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="need CUDA"):
             bench.VARIANTS["gpu_all"].train(bench.build_recipe(["--config", "recipes/dlrm_synthetic.yaml", *TINY]))
+
+
+def test_a_long_run_reports_its_variant_repeat_steps_and_samples_per_second_as_it_goes():
+    from lightning_skew.bench.types import StepClock, reporting_progress
+
+    lines: list[str] = []
+    with reporting_progress("repeat 2/3 stale", lines.append, every_s=0.0):
+        clock = StepClock()
+    for _ in range(3):
+        clock.tick(128)
+    assert lines and lines[-1].startswith("repeat 2/3 stale: step 3, ") and lines[-1].endswith("samples/s so far")
+    assert StepClock().progress is None  # outside a run nothing is reported
+    report: list[str] = []
+    bench.run_bench(["--config", "recipes/dlrm_synthetic.yaml", "--data.init_args.num_train_samples", "1024", *TINY],
+                    ["lightning"], repeats=1, warmup_steps=2, progress=report.append)
+    assert report[0] == "repeat 1/1 lightning: started" and report[-1].startswith("repeat 1/1 lightning: ")

@@ -7,6 +7,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,6 +36,7 @@ from lightning_skew.bench.types import (
     TrainedRun,
     Variant,
     register_variant,
+    reporting_progress,
 )
 from lightning_skew.cli import SkewCLI
 from lightning_skew.core.monitor import batch_size_of
@@ -198,7 +200,11 @@ def run_bench(recipe_args: Sequence[str], variants: Sequence[str], repeats: int 
     for repeat in range(repeats):
         for position, name in enumerate(run_order(variants, repeat)):
             gc.collect()  # free the previous run's tables before building the next
-            run = _run_once(VARIANTS[name], recipe_args, warmup_steps, repeat, position, epochs)
+            label = f"repeat {repeat + 1}/{repeats} {name}"
+            if progress is not None:
+                progress(f"{label}: started")
+            with reporting_progress(label, progress) if progress is not None else nullcontext():
+                run = _run_once(VARIANTS[name], recipe_args, warmup_steps, repeat, position, epochs)
             runs.append(run)
             if progress is not None:
                 progress(f"repeat {repeat + 1}/{repeats} {name}: {run.samples_per_s:,.0f} samples/s over "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
@@ -20,17 +22,40 @@ class Recipe:
     epochs: int = 1  # epochs every variant trains (``--epochs``)
 
 
+#: ``(label, report, every_s)`` of the run in progress: clocks made while it is set report on their progress.
+_PROGRESS: ContextVar[tuple[str, Callable[[str], None], float] | None] = ContextVar("bench_progress", default=None)
+
+
+@contextmanager
+def reporting_progress(label: str, report: Callable[[str], None], every_s: float = 30.0) -> Iterator[None]:
+    """Within it, every :class:`StepClock` reports ``label``, steps done and samples/s so far every ``every_s``
+    seconds through ``report`` (a one-epoch full-size pair runs ten minutes and more)."""
+    token = _PROGRESS.set((label, report, every_s))
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
 @dataclass
 class StepClock:
     """End time (``time.perf_counter``) and input count of every training step, in order."""
 
     ends: list[float] = field(default_factory=list)
     samples: list[int] = field(default_factory=list)
+    progress: tuple[str, Callable[[str], None], float] | None = field(default_factory=_PROGRESS.get, repr=False)
+    _last_report: float = field(default_factory=time.perf_counter, repr=False)
 
     def tick(self, samples: int) -> None:
-        """Record the end of a step that trained on ``samples`` inputs."""
-        self.ends.append(time.perf_counter())
+        """Record the end of a step that trained on ``samples`` inputs (and report progress when due)."""
+        now = time.perf_counter()
+        self.ends.append(now)
         self.samples.append(int(samples))
+        if self.progress is not None and now - self._last_report >= self.progress[2] and len(self.ends) > 1:
+            label, report, _ = self.progress
+            rate = sum(self.samples[1:]) / max(now - self.ends[0], 1e-9)
+            report(f"{label}: step {len(self.ends)}, {rate:,.0f} samples/s so far")
+            self._last_report = now
 
 
 @dataclass
