@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import CacheParams, ShardingEnv, ShardingPlan
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
 from lightning_skew.core.tables import table_configs
 from lightning_skew.torchrec.checkpoint import copy_into_shards
@@ -21,6 +23,13 @@ from lightning_skew.torchrec.optim import (
     embedding_optimizer_names,
     fuse_embedding_optimizer,
     has_fused_optimizer,
+)
+from lightning_skew.torchrec.planning import (
+    build_constraints,
+    build_planner,
+    build_topology,
+    load_plan,
+    save_plan,
 )
 
 __all__ = ["DEFAULT_SHARDING_TYPES", "fbgemm_has_cuda", "plan_rows", "plan_sharding", "shard_module"]
@@ -33,23 +42,28 @@ _DMP_ATTR = "_lightning_skew_dmp"
 
 def plan_sharding(module: nn.Module, env: ShardingEnv, device: torch.device, sharding_types: list[str],
                   compute_kernel: str, local_world_size: int, kernel_by_table: dict[str, str] | None = None,
-                  cache_load_factor: float | None = None) -> ShardingPlan:
+                  cache_load_factor: float | None = None, table_constraints: dict[str, dict[str, Any]] | None = None,
+                  topology: dict[str, Any] | None = None, planner: dict[str, Any] | None = None,
+                  plan_path: str | None = None) -> ShardingPlan:
     """TorchRec's planner restricted to ``sharding_types`` and ``compute_kernel`` for every table.
 
     ``kernel_by_table`` overrides the kernel of some tables; ``cache_load_factor`` sizes the GPU cache of
-    ``fused_uvm_caching`` tables (the share of a table's rows cached). Planned on rank 0 and broadcast, so
-    every rank shards alike.
+    ``fused_uvm_caching`` tables (the share of a table's rows cached); ``table_constraints``, ``topology`` and
+    ``planner`` are the recipe's planner settings (:mod:`~lightning_skew.torchrec.planning`). Planned on rank 0
+    and broadcast, so every rank shards alike. With ``plan_path``, a plan saved there is reused unchanged, and a
+    new plan is saved there.
     """
     tables = [cfg.name for _, m in embedding_modules(module) for cfg in table_configs(m)]
+    if plan_path is not None and Path(plan_path).is_file():
+        rank_zero_info(f"TorchRec sharding plan: reusing {plan_path}")
+        return load_plan(plan_path, tables, env.world_size)
     kernels = {name: (kernel_by_table or {}).get(name, compute_kernel) for name in tables}
-    cache = CacheParams(load_factor=cache_load_factor) if cache_load_factor is not None else None
-    constraints = {name: ParameterConstraints(sharding_types=sharding_types, compute_kernels=[kernels[name]],
-                                              cache_params=cache if kernels[name] == "fused_uvm_caching" else None)
-                   for name in tables}
-    topology = Topology(world_size=env.world_size, local_world_size=min(local_world_size, env.world_size),
-                        compute_device=device.type)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    return planner.collective_plan(module, None, env.process_group)
+    constraints = build_constraints(tables, kernels, sharding_types, cache_load_factor, table_constraints)
+    job = build_topology(env.world_size, min(local_world_size, env.world_size), device, topology)
+    plan = build_planner(planner, job, constraints).collective_plan(module, None, env.process_group)
+    if plan_path is not None and env.rank == 0:
+        save_plan(plan, plan_path, env.world_size)
+    return plan
 
 
 def plan_rows(plan: ShardingPlan) -> list[list[str]]:
@@ -65,7 +79,7 @@ def plan_rows(plan: ShardingPlan) -> list[list[str]]:
 def shard_module(module: nn.Module, device: torch.device, sharding_types: list[str] | None = None,
                  compute_kernel: str = "fused", embedding_optimizer: str | None = None, embedding_lr: float = 0.01,
                  local_world_size: int | None = None, kernel_by_table: dict[str, str] | None = None,
-                 cache_load_factor: float | None = None) -> DistributedModelParallel:
+                 cache_load_factor: float | None = None, **planner_settings: Any) -> DistributedModelParallel:
     """Wrap ``module`` in ``DistributedModelParallel`` over the default process group, sharding it in place.
 
     The module's own initial embedding weights are copied into the shards (DMP alone re-initializes them), so
@@ -82,6 +96,7 @@ def shard_module(module: nn.Module, device: torch.device, sharding_types: list[s
         local_world_size: processes per host (default: the world size).
         kernel_by_table: compute kernels of some tables, overriding ``compute_kernel``.
         cache_load_factor: share of rows that ``fused_uvm_caching`` tables cache on the GPU.
+        planner_settings: ``table_constraints``, ``topology``, ``planner``, ``plan_path`` (see :func:`plan_sharding`).
     """
     existing = getattr(module, _DMP_ATTR, None)
     if existing is not None:  # a second fit/validate/test with the same module object
@@ -117,7 +132,7 @@ def shard_module(module: nn.Module, device: torch.device, sharding_types: list[s
     # TorchRec reads the local world size from the environment (and warns when it is absent).
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(local_world_size))
     plan = plan_sharding(module, env, device, list(sharding_types or DEFAULT_SHARDING_TYPES), compute_kernel,
-                         int(os.environ["LOCAL_WORLD_SIZE"]), kernel_by_table, cache_load_factor)
+                         int(os.environ["LOCAL_WORLD_SIZE"]), kernel_by_table, cache_load_factor, **planner_settings)
     dmp = DistributedModelParallel(module, env=env, device=device, plan=plan)
     copy_into_shards(module.state_dict(), initial)
     object.__setattr__(module, _DMP_ATTR, dmp)

@@ -58,6 +58,16 @@ class TorchRecStrategy(DDPStrategy):
         embedding_optimizer: optimizer for modules whose embeddings carry none yet (see
             :func:`~lightning_skew.torchrec.optim.fuse_embedding_optimizer`); ``None`` requires the module to choose one.
         embedding_lr: learning rate for ``embedding_optimizer``.
+        table_constraints: per table name, TorchRec planner constraints overriding the defaults above:
+            ``sharding_types``, ``compute_kernels``, ``cache_load_factor``, ``cache_algorithm`` (``lru``/``lfu``),
+            ``min_partition``, ``enforce_hbm``, ``stochastic_rounding``.
+        topology: TorchRec ``Topology`` settings, e.g. ``hbm_cap`` and ``ddr_cap`` (bytes of fast and host
+            memory per device) and bandwidths; world size and device come from the Trainer.
+        planner: the planner by class path (default TorchRec's ``EmbeddingShardingPlanner``), with its stages
+            (``enumerator``, ``storage_reservation``, ``proposer``, ``partitioner``, ``performance_model``) as
+            class paths in its ``init_args``; each is built with this job's topology and constraints.
+        plan_path: a file for the sharding plan: reused unchanged when it exists (same tables and world size),
+            else written once planned.
         process_group_backend: ``gloo`` or ``nccl``; default by device.
         timeout: collective timeout.
         start_method: how Lightning starts processes (see ``DDPStrategy``).
@@ -89,6 +99,10 @@ class TorchRecStrategy(DDPStrategy):
         cache_load_factor: float | None = None,
         embedding_optimizer: str | None = None,
         embedding_lr: float = 0.01,
+        table_constraints: dict[str, dict[str, Any]] | None = None,
+        topology: dict[str, Any] | None = None,
+        planner: dict[str, Any] | None = None,
+        plan_path: str | None = None,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: Any = None,
@@ -109,6 +123,10 @@ class TorchRecStrategy(DDPStrategy):
         self.cache_load_factor = cache_load_factor
         self.embedding_optimizer = embedding_optimizer
         self.embedding_lr = embedding_lr
+        self.table_constraints = table_constraints
+        self.topology = topology
+        self.planner = planner
+        self.plan_path = plan_path
         self._embedding_base_lrs: list[float] = []
         self._lr_scale: float | None = None  # None: push the learning rate at the next step
 
@@ -164,7 +182,9 @@ class TorchRecStrategy(DDPStrategy):
         them (one place, so that subclasses pass all of them on)."""
         return {"sharding_types": self.sharding_types, "compute_kernel": self.compute_kernel,
                 "embedding_optimizer": self.embedding_optimizer, "embedding_lr": self.embedding_lr,
-                "local_world_size": self.num_processes, "cache_load_factor": self.cache_load_factor}
+                "local_world_size": self.num_processes, "cache_load_factor": self.cache_load_factor,
+                "table_constraints": self.table_constraints, "topology": self.topology, "planner": self.planner,
+                "plan_path": self.plan_path}
 
     def _log_plan(self, trainer: pl.Trainer) -> None:
         rows = plan_rows(self.dmp.plan)
