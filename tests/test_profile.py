@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
@@ -15,6 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import launch  # noqa: E402
 
+from lightning_skew.data.base import Batch, RecDataModule  # noqa: E402
 from lightning_skew.data.synthetic import SyntheticDataModule, expected_top_share  # noqa: E402
 from lightning_skew.profile import (  # noqa: E402
     AccessProfile,
@@ -197,7 +199,11 @@ def test_five_percent_sample_recovers_the_true_top_rows_exponent_and_top_share()
     assert float(torch.isin(found, true_top).float().mean()) >= 0.95
     (skew,) = profile.skew()
     assert skew.exponent == pytest.approx(exponent, abs=0.05)
-    assert skew.top1_share == pytest.approx(expected_top_share(rows, exponent, 0.01), abs=0.01)
+    # the generator's top share is of the table's rows; the profile reports the top 1% of the rows seen
+    counts = profile.counts("cat_0")[1]
+    assert top_share(counts, rows, total=skew.lookups) == pytest.approx(expected_top_share(rows, exponent, 0.01),
+                                                                       abs=0.01)
+    assert skew.top1_share == pytest.approx(top_share(counts, skew.distinct_rows, total=skew.lookups))
 
 
 def test_sketch_error_stays_within_its_stated_bound():
@@ -403,3 +409,173 @@ def test_batch_sampled_profile_skips_unsampled_batches_and_counts_the_same():
     assert fast.num_inputs_counted == slow.num_inputs_counted == 64 * len(generated)
     for name in fast.feature_names:
         assert torch.equal(fast.dense_counts(name), slow.dense_counts(name))
+
+
+# ---------------------------------------------------------------- issue 12: samples, rows seen, missing values, cost
+
+
+def test_sample_warning_says_what_was_counted_and_the_fraction_that_counts_enough():
+    def profile_of(batches: int, batch_size: int, fraction: float, seed: int) -> AccessProfile:
+        profile = AccessProfile(["a"], [10], sample_fraction=fraction, sample_by="batches", seed=seed)
+        for _ in range(batches):
+            profile.update(kjt({"a": [[1]] * batch_size}))
+        return profile
+
+    # 4 batches of 8192 at 5%: find a seed that counts exactly one batch (as the command's default did)
+    seed = next(s for s in range(1000) if int(sampled_mask(0, 4, 0.05, s).sum()) == 1)
+    single = profile_of(4, 8192, 0.05, seed)
+    assert (single.num_inputs_counted, single.num_batches_counted, single.num_batches_seen) == (8192, 1, 4)
+    # enough inputs, but all from one batch: two of four batches need a fraction of 0.5
+    assert single.sample_warning() == ("only 8192 of 32768 inputs (1 of 4 batches) were counted: a sample_fraction "
+                                       "of 0.05 is too small for stable statistics; use 0.5 or more (at least "
+                                       "4096 inputs in several batches)")
+    seed = next(s for s in range(1000) if int(sampled_mask(0, 100, 0.05, s).sum()) == 5)
+    few = profile_of(100, 64, 0.05, seed)  # 5 batches of 64: 320 inputs counted of 6400
+    assert few.sample_warning(option="--sample-fraction").startswith(
+        "only 320 of 6400 inputs (5 of 100 batches) were counted: a --sample-fraction of 0.05 is too small")
+    assert "use 0.7 or more" in few.sample_warning()  # 4096 / 6400 = 0.64, rounded up
+    assert "fewer than 4096 inputs" in profile_of(10, 64, 1.0, 0).sample_warning()  # all 640 counted: rough
+    assert profile_of(80, 64, 1.0, 0).sample_warning() is None  # 5120 inputs in 80 batches
+
+
+def test_top_share_is_over_the_rows_seen_and_a_hashed_table_costs_its_rows_seen(tmp_path):
+    # A hashed 10M-row table filled by 5,000 values: the top 1% of its rows (100,000) would hold every lookup.
+    table_rows, values = 10_000_000, 5000
+    rows = torch.arange(values) * 1_999_993 % table_rows  # distinct (1999993 is prime to 10^7), spread out
+    lookups = torch.cat([rows[:50].repeat(10), rows[50:]])  # the top 50 rows (1% of those seen) 10 times each
+    profile = AccessProfile(["c"], [table_rows], reservoir_inputs=lookups.numel())
+    profile.update(kjt({"c": [[int(r)] for r in lookups]}))
+    (skew,) = profile.skew()
+    assert skew.distinct_rows == values and skew.seen_share == pytest.approx(values / table_rows)
+    assert skew.top1_share == pytest.approx(500 / 5450)
+    assert top_share(profile.counts("c")[1], table_rows, total=5450) == 1.0  # the old definition's answer
+    # counts, hot sets, coverage and the file follow the 5,000 rows seen, not the 10M rows of the table
+    seen_rows, counts = profile.counts("c")
+    assert torch.equal(seen_rows, torch.sort(rows).values) and int(counts.sum()) == 5450
+    hot = profile.hot_rows(50 * 68)
+    assert sorted(hot.rows[0].tolist()) == sorted(rows[:50].tolist())
+    assert profile.coverage(hot) == pytest.approx(500 / 5450)
+    assert profile.all_hot_share(hot) == pytest.approx(500 / 5450)  # one lookup per input
+    path = tmp_path / "profile.pt"
+    profile.save(path)
+    assert path.stat().st_size < 400_000  # one int64 per table row would take 80 MB
+    loaded = AccessProfile.load(path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.counts("c"), profile.counts("c"), strict=True))
+
+
+class MissingValueData(RecDataModule):
+    """5,000 inputs of two features. ``c22``: 6 in 10 inputs missing (row 0), 3 in 10 row 1, 1 in 10 one of rows
+    2..101; ``c1``: row ``i % 50``, no missing row."""
+
+    def __init__(self, batch_size: int = 500) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    @property
+    def dense_in_features(self) -> int:
+        return 1
+
+    @property
+    def sparse_feature_names(self) -> list[str]:
+        return ["c1", "c22"]
+
+    @property
+    def num_embeddings_per_feature(self) -> list[int]:
+        return [50, 1000]
+
+    @property
+    def missing_rows(self) -> dict[str, int]:
+        return {"c22": 0}
+
+    def train_dataloader(self):
+        inputs = torch.arange(5000)
+        digit = inputs % 10
+        c22 = torch.where(digit < 6, 0, torch.where(digit < 9, 1, 2 + (inputs // 10) % 100))
+        batches = []
+        for start in range(0, 5000, self.batch_size):
+            part = slice(start, start + self.batch_size)
+            sparse = KeyedJaggedTensor.from_lengths_sync(
+                keys=["c1", "c22"], values=torch.cat([inputs[part] % 50, c22[part]]),
+                lengths=torch.ones(2 * self.batch_size, dtype=torch.int32))
+            batches.append(Batch(dense_features=torch.zeros(self.batch_size, 1), sparse_features=sparse,
+                                 labels=torch.zeros(self.batch_size)))
+        return batches
+
+
+def test_missing_values_are_shown_apart_and_skew_is_over_present_values():
+    profile = profile_dataloader(AccessProfile.for_datamodule(MissingValueData()), MissingValueData().train_dataloader(),
+                                 progress=False)
+    assert profile.missing_rows == {"c22": 0}
+    c1, c22 = profile.skew()
+    assert (c22.missing_row, c22.missing_lookups, c22.missing_share) == (0, 3000, 0.6)
+    assert c22.distinct_rows == 101  # present rows: 1 and 2..101
+    assert c22.top1_share == pytest.approx(1500 / 2000)  # the top row of the 101 seen over the 2,000 present
+    assert (c1.missing_row, c1.missing_share, c1.distinct_rows) == (None, 0.0, 50)
+    # Placement keeps the missing row: it is looked up most, so a one-row budget makes it the hot row.
+    hot = profile.hot_rows(68)
+    assert [rows.tolist() for rows in hot.rows] == [[], [0]]
+    assert profile.coverage(hot) == pytest.approx(3000 / 10_000)
+
+
+def test_profile_command_reports_missing_values_and_rows_seen_through_a_wrapper(tmp_path, capsys):
+    config = tmp_path / "missing.yaml"
+    config.write_text(textwrap.dedent(f"""
+        data:
+          class_path: lightning_skew.RepackedDataModule
+          init_args:
+            datamodule:
+              class_path: {__name__}.MissingValueData
+    """))
+    output = tmp_path / "out"
+    profile_main(["--config", str(config), "--sample-fraction", "1", "--output-dir", str(output), "--no-wandb",
+                  "--no-progress", "--budget", "1kB"])
+    printed = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in printed.splitlines() if line.startswith(("c1 ", "c22 "))}
+    # table, rows, seen, seen%, lookups, missing, top1%, ...
+    assert rows["c22"][:7] == ["c22", "1000", "101", "10.1%", "5000", "0.600", "0.750"]
+    assert rows["c1"][:6] == ["c1", "50", "50", "100.0%", "5000", "-"]
+    assert "missing values (their own row, hot like any other; skew is over present values): c22 0.600" in printed
+    assert "counted 5000 of 5000 inputs (100.0%; 10 of 10 batches" in printed and "warning:" not in printed
+    summary = json.loads((output / "summary.json").read_text())
+    c22 = next(table for table in summary["tables"] if table["table"] == "c22")
+    assert (c22["missing_row"], c22["missing_lookups"], c22["missing_share"], c22["top1_share"]) == (0, 3000, 0.6, 0.75)
+    profile = AccessProfile.load(output / "profile.pt")
+    assert profile.missing_rows == {"c22": 0} and profile.dataset["class"].endswith("MissingValueData")
+
+
+def test_profile_command_says_how_much_it_counted_and_warns_when_it_is_little(tmp_path, capsys):
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "dlrm_synthetic.yaml"
+    output = tmp_path / "profile"
+    # 4 batches of 2048; the default 5% sample of batches counts one of them (seed 0)
+    profile_main(["--config", str(recipe), "--data.init_args.max_rows_per_table", "2000",
+                  "--data.init_args.num_train_samples", "8192", "--output-dir", str(output), "--no-progress",
+                  "--no-wandb"])
+    printed = capsys.readouterr().out
+    assert "counted 2048 of 8192 inputs (25.0%; 1 of 4 batches, sample fraction 0.05 by batches)" in printed
+    assert ("warning: only 2048 of 8192 inputs (1 of 4 batches) were counted: a --sample-fraction of 0.05 is too "
+            "small for stable statistics; use 0.5 or more") in printed
+    summary = json.loads((output / "summary.json").read_text())
+    assert (summary["inputs_counted"], summary["inputs_seen"], summary["batches_counted"],
+            summary["batches_seen"], summary["sample_fraction"]) == (2048, 8192, 1, 4, 0.05)
+    assert summary["sample_warning"].startswith("only 2048 of 8192 inputs (1 of 4 batches) were counted")
+
+
+def test_profiles_saved_in_version_1_still_load(tmp_path):
+    # Written by lightning-skew before sparse counts (one int64 per table row); 6 of 8 batches of 1024 counted.
+    path = Path(__file__).parent / "data" / "access_profile_v1.pt"
+    raw = torch.load(path, weights_only=True)
+    assert raw["version"] == 1 and raw["exact_counts"]["cat_0"].numel() == 300
+    profile = AccessProfile.load(path)
+    dense = raw["exact_counts"]["cat_0"]
+    rows, counts = profile.counts("cat_0")
+    assert torch.equal(rows, torch.nonzero(dense).flatten()) and torch.equal(counts, dense[rows])
+    assert torch.equal(profile.dense_counts("cat_0"), dense)
+    for mine, theirs in zip(profile.counts("cat_1"), raw["sketches"]["cat_1"], strict=True):
+        assert torch.equal(mine, theirs)
+    assert (profile.num_inputs_counted, profile.num_batches_counted, profile.num_batches_seen) == (6144, 6, 8)
+    assert profile.missing_rows == {} and profile.lookups == raw["lookups"]
+    assert len(profile.hot_rows(20_000)) > 0 and 0 < profile.coverage(profile.hot_rows(20_000)) <= 1
+    profile.save(tmp_path / "v2.pt")  # saved again in the current version, the same profile
+    again = AccessProfile.load(tmp_path / "v2.pt")
+    assert torch.load(tmp_path / "v2.pt", weights_only=True)["version"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(again.counts("cat_0"), profile.counts("cat_0"), strict=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.core.distributed import rank
-from lightning_skew.core.rowsets import RowSet, lookups_in
+from lightning_skew.core.rowsets import RowSet
 from lightning_skew.profile.budget import (
     BudgetPoint,
     global_hot_order,
@@ -21,7 +22,8 @@ from lightning_skew.profile.budget import (
 )
 from lightning_skew.profile.identity import describe_datamodule
 from lightning_skew.profile.sketches import (
-    add_row_counts,
+    add_sparse_counts,
+    check_row_ids,
     merge_heavy_hitters,
     reservoir_batch,
     reservoir_inputs,
@@ -32,7 +34,12 @@ from lightning_skew.profile.sketches import (
 from lightning_skew.profile.skew import TableSkew, fit_power_law, top_share
 from lightning_skew.profile.states import ProfileState
 
-__all__ = ["AccessProfile"]
+__all__ = ["MIN_SAMPLE_INPUTS", "AccessProfile"]
+
+#: fewer counted inputs than this make :meth:`AccessProfile.sample_warning` warn
+MIN_SAMPLE_INPUTS = 4096
+# IDs an exact table buffers at least before folding them into its counts (one sort each time)
+_EXACT_BUFFER = 2**18
 
 
 class AccessProfile(ProfileState):
@@ -67,11 +74,17 @@ class AccessProfile(ProfileState):
             measure the share of inputs whose every lookup is hot. ``0`` keeps none.
         dataset: a description of the data (see :func:`describe_datamodule`), recorded in the file
             and checked by :meth:`load`.
+        missing_rows: per feature, the row that stands for a missing value (a RecDataModule's
+            ``missing_rows``; Criteo hashes an empty field to row 0). Its lookups are counted like any
+            other (a missing row looked up a lot is hot for placement) but :meth:`skew` reports them
+            apart and computes the statistics over present values. Default: none.
 
     .. note::
         Counts are of the sample, not estimates: multiply by :attr:`scale` for the whole stream.
         Rows of sketched tables that the sketch dropped count as never seen, so coverages of
-        sketched tables are lower bounds.
+        sketched tables are lower bounds. Exact counts are sparse (the rows seen, sorted, and their
+        counts): counting, statistics and files cost what the rows seen cost, not the tables' sizes.
+        A small sample gives rough statistics: :meth:`sample_warning` says when.
 
     Example::
 
@@ -95,9 +108,10 @@ class AccessProfile(ProfileState):
         sketch_counters: int = 65536,
         reservoir_inputs: int = 16384,
         dataset: dict[str, Any] | None = None,
+        missing_rows: dict[str, int] | None = None,
     ) -> None:
         _validate_arguments(feature_names, num_rows, sample_fraction, sample_by, sketch_above_rows,
-                            sketch_counters, reservoir_inputs)
+                            sketch_counters, reservoir_inputs, missing_rows or {})
         self.feature_names = list(feature_names)
         self.num_rows = [int(n) for n in num_rows]
         self.sample_fraction = float(sample_fraction)
@@ -107,17 +121,21 @@ class AccessProfile(ProfileState):
         self.sketch_counters = int(sketch_counters)
         self.reservoir_inputs = int(reservoir_inputs)
         self.dataset = dict(dataset or {"class": "unknown", "arguments": {}})
+        self.missing_rows = {name: int(row) for name, row in (missing_rows or {}).items()}
         self.sketched = [sketch_above_rows is not None and n > sketch_above_rows for n in self.num_rows]
         self._empty_states()  # the states of ProfileState.STATES
-        self._pending: dict[str, list[Tensor]] = {name: [] for name in self.sketches}
+        self._pending: dict[str, list[Tensor]] = {name: [] for name in self.feature_names}  # IDs not yet counted
+        self._pending_ids = dict.fromkeys(self.feature_names, 0)
         self._rank = rank()
         self.seconds = 0.0  # time spent in profile_dataloader, loading included
 
     @classmethod
     def for_datamodule(cls, datamodule: Any, **kwargs: Any) -> AccessProfile:
-        """An empty profile of a RecDataModule's tables, describing its data (``kwargs`` as in the class)."""
+        """An empty profile of a RecDataModule's tables, describing its data and its missing rows (``kwargs`` as in
+        the class). Pass the data behind any wrapper (:func:`~lightning_skew.profile.sources.profiled_data`)."""
         return cls(datamodule.sparse_feature_names, datamodule.num_embeddings_per_feature,
-                   dataset=describe_datamodule(datamodule), **kwargs)
+                   dataset=describe_datamodule(datamodule), missing_rows=dict(getattr(datamodule, "missing_rows", {})),
+                   **kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     # Counting
@@ -174,26 +192,33 @@ class AccessProfile(ProfileState):
         self.num_inputs_seen += batch_size
         self.num_inputs_counted += counted
         self.num_batches_seen += 1
+        self.num_batches_counted += int(counted > 0)
 
     def _count(self, key: str, rows: Tensor) -> None:
+        check_row_ids(rows, self.num_rows[self.feature_names.index(key)], key)
         self.lookups[key] += rows.numel()
-        if key in self.exact_counts:
-            add_row_counts(self.exact_counts[key], rows, key)
-            return
-        index = self.feature_names.index(key)
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_rows[index]):
-            add_row_counts(torch.zeros(self.num_rows[index], dtype=torch.int64), rows, key)  # raises
         self._pending[key].append(rows.long())
-        # Merging buffered batches at once costs the same error bound and far fewer sorts.
-        if sum(p.numel() for p in self._pending[key]) >= self.sketch_counters:
+        self._pending_ids[key] += rows.numel()
+        # Buffered IDs are folded in at once: for sketches the same error bound with far fewer sorts; for exact
+        # tables a buffer at least as large as the rows seen, so folding costs O(log) per ID, not O(rows seen).
+        if key in self.sketches:
+            limit = self.sketch_counters
+        else:
+            limit = max(_EXACT_BUFFER, self.exact_counts[key][0].numel())
+        if self._pending_ids[key] >= limit:
             self._flush(key)
 
     def _flush(self, key: str | None = None) -> None:
         for name in [key] if key is not None else list(self._pending):
             if not self._pending[name]:
                 continue
-            batch_rows, batch_counts = torch.unique(torch.cat(self._pending[name]), return_counts=True)
-            self._pending[name] = []
+            pending = torch.cat(self._pending[name])
+            self._pending[name], self._pending_ids[name] = [], 0
+            if name in self.exact_counts:
+                self.exact_counts[name] = add_sparse_counts(*self.exact_counts[name], pending, torch.ones_like(pending),
+                                                            self.num_rows[self.feature_names.index(name)])
+                continue
+            batch_rows, batch_counts = torch.unique(pending, return_counts=True)
             rows, counts = self.sketches[name]
             rows, counts, decrement = merge_heavy_hitters(rows, counts, batch_rows, batch_counts,
                                                           self.sketch_counters)
@@ -214,17 +239,33 @@ class AccessProfile(ProfileState):
     # ------------------------------------------------------------------------------------------------------
 
     def counts(self, table: str) -> tuple[Tensor, Tensor]:
-        """``(rows, counts)`` of a table: every row for an exact table, the tracked rows for a sketched one."""
-        if table in self.exact_counts:
-            counts = self.exact_counts[table]
-            return torch.arange(counts.numel()), counts
-        if table not in self.sketches:
+        """``(rows, counts)`` of a table, rows sorted by ID: the rows seen for an exact table, the tracked rows for a
+        sketched one (every count positive)."""
+        if table not in self._pending:
             raise KeyError(f"no table {table!r}; the profile has {self.feature_names}")
         self._flush(table)
-        return self.sketches[table]
+        return self.exact_counts[table] if table in self.exact_counts else self.sketches[table]
+
+    def present_counts(self, table: str) -> tuple[Tensor, Tensor]:
+        """:meth:`counts` of a table without its missing row (all of them if it has none)."""
+        rows, counts = self.counts(table)
+        if table not in self.missing_rows:
+            return rows, counts
+        present = rows != self.missing_rows[table]
+        return rows[present], counts[present]
+
+    def missing_lookups(self, table: str) -> int:
+        """Lookups of a table's missing row (0 without one; for a sketched table a lower bound, as every count)."""
+        if table not in self.missing_rows:
+            return 0
+        rows, counts = self.counts(table)
+        return int(counts[rows == self.missing_rows[table]].sum())
 
     def dense_counts(self, table: str) -> Tensor:
-        """Counts of every row of a table as one int64 tensor (0 for rows a sketch does not track)."""
+        """Counts of every row of a table as one int64 tensor (0 for rows a sketch does not track).
+
+        Takes 8 bytes per table row: for inspection and small tables; everything else here reads :meth:`counts`.
+        """
         rows, counts = self.counts(table)
         dense = torch.zeros(self.num_rows[self.feature_names.index(table)], dtype=torch.int64)
         dense[rows] = counts
@@ -276,12 +317,24 @@ class AccessProfile(ProfileState):
         return lookup_coverage(self._candidates(), rows, self.total_lookups)
 
     def all_hot_share(self, hot: RowSet) -> float:
-        """Share of the reservoir's inputs whose every lookup hits ``hot`` (``nan`` with an empty reservoir)."""
+        """Share of the reservoir's inputs whose every lookup hits ``hot`` (``nan`` with an empty reservoir).
+
+        Looks the reservoir's IDs up in ``hot``'s sorted rows, so it costs what the reservoir and the hot set
+        cost, not the tables' sizes. Features that ``hot`` does not name are never hot.
+        """
         sample = self._reservoir_sample()
         if sample is None:
             return float("nan")
-        hits, lookups = lookups_in(sample, hot)
-        return float((hits == lookups).double().mean())
+        hot_of = dict(zip(hot.feature_names, hot.rows, strict=True))
+        batch_size = sample.stride()
+        misses = torch.zeros(batch_size, dtype=torch.int64)
+        inputs = torch.arange(batch_size)
+        for key, values, lengths in zip(sample.keys(), torch.split(sample.values(), sample.length_per_key()),
+                                        torch.split(sample.lengths(), batch_size), strict=True):
+            owner = torch.repeat_interleave(inputs, lengths.long(), output_size=values.numel())
+            missed = ~torch.isin(values.long(), hot_of.get(key, torch.zeros(0, dtype=torch.int64)).long())
+            misses.index_add_(0, owner[missed], torch.ones(int(missed.sum()), dtype=torch.int64))
+        return float((misses == 0).double().mean())
 
     def _reservoir_sample(self) -> KeyedJaggedTensor | None:
         """The reservoir's batches as one KJT (cached until the reservoir changes)."""
@@ -314,25 +367,62 @@ class AccessProfile(ProfileState):
         return smallest_budget_for_coverage(self._candidates(), sizes, self.total_lookups, target_coverage)
 
     def skew(self, top_fraction: float = 0.01, min_count: int = 16) -> list[TableSkew]:
-        """Per table: lookups, distinct rows, share of the top ``top_fraction`` rows, fitted exponent."""
+        """Per table: lookups, missing values apart, and over the present values the distinct rows seen, the share
+        of lookups of the top ``top_fraction`` of those rows, and the fitted exponent (see :class:`TableSkew`).
+
+        The top share is over the rows seen, not the table's rows: a hashed 10M-row table that 5,000 values fill
+        has a top 1% of 50 rows, not of 100,000 (which would hold every lookup).
+        """
         stats = []
         for name, num_rows in zip(self.feature_names, self.num_rows, strict=True):
-            _, counts = self.counts(name)
-            lookups = self.lookups[name]
+            _, counts = self.present_counts(name)
+            missing = self.missing_lookups(name)
+            present = self.lookups[name] - missing
+            distinct = int(counts.numel())
             stats.append(TableSkew(
-                table=name, num_rows=num_rows, lookups=lookups, distinct_rows=int((counts > 0).sum()),
-                top1_share=top_share(counts, num_rows, top_fraction, total=lookups),
-                exponent=fit_power_law(counts, min_count), exact=name in self.exact_counts))
+                table=name, num_rows=num_rows, lookups=self.lookups[name], distinct_rows=distinct,
+                top1_share=top_share(counts, distinct, top_fraction, total=present),
+                exponent=fit_power_law(counts, min_count), exact=name in self.exact_counts,
+                missing_row=self.missing_rows.get(name), missing_lookups=missing))
         return stats
+
+    def sample_warning(self, min_inputs: int = MIN_SAMPLE_INPUTS, option: str = "sample_fraction") -> str | None:
+        """Why the counted sample is too small for stable statistics, or ``None`` when it is not.
+
+        Too small: fewer than ``min_inputs`` inputs counted, or a single batch counted of several seen. The
+        message says how many inputs and batches were counted of how many, and the sample fraction (named
+        ``option``, as the caller's user sets it) that would count enough.
+        """
+        counted, seen = self.num_inputs_counted, self.num_inputs_seen
+        single_batch = self.num_batches_counted <= 1 < self.num_batches_seen
+        if seen == 0 or (counted >= min_inputs and not single_batch):
+            return None
+        what = (f"only {counted} of {seen} inputs ({self.num_batches_counted} of {self.num_batches_seen} batches) "
+                f"were counted")
+        if self.sample_fraction >= 1.0:
+            return f"{what}: the data has fewer than {min_inputs} inputs, so its statistics are rough"
+        batches = self.num_batches_seen
+        needed = max(min_inputs / seen, 2 / batches if batches > 1 else 0.0)
+        suggested = _round_up(needed)
+        if suggested <= self.sample_fraction:  # an unlucky draw: the expected sample was large enough
+            suggested = min(1.0, 2 * self.sample_fraction)
+        return (f"{what}: a {option} of {self.sample_fraction:g} is too small for stable statistics; "
+                f"use {suggested:g} or more (at least {min_inputs} inputs in several batches)")
 
     def __repr__(self) -> str:
         return (f"AccessProfile({len(self.feature_names)} tables, {self.num_inputs_counted}/{self.num_inputs_seen} "
                 f"inputs counted, {self.total_lookups} lookups, sample_fraction={self.sample_fraction})")
 
 
+def _round_up(share: float) -> float:
+    """``share`` rounded up to one significant digit (0.41 -> 0.5), at most 1."""
+    exponent = math.floor(math.log10(share))
+    return min(1.0, math.ceil(round(share / 10**exponent, 9)) * 10**exponent)
+
+
 def _validate_arguments(feature_names: Sequence[str], num_rows: Sequence[int], sample_fraction: float,
                         sample_by: str, sketch_above_rows: int | None, sketch_counters: int,
-                        reservoir_inputs: int) -> None:
+                        reservoir_inputs: int, missing_rows: dict[str, int]) -> None:
     if len(feature_names) != len(num_rows) or not feature_names:
         raise ValueError(f"need one table size per feature (at least one), got {len(feature_names)} names and "
                          f"{len(num_rows)} sizes")
@@ -350,3 +440,10 @@ def _validate_arguments(feature_names: Sequence[str], num_rows: Sequence[int], s
         raise ValueError(f"sketch_counters must be at least 1, got {sketch_counters}")
     if reservoir_inputs < 0:
         raise ValueError(f"reservoir_inputs must be >= 0, got {reservoir_inputs}")
+    sizes = dict(zip(feature_names, num_rows, strict=True))
+    for name, row in missing_rows.items():
+        if name not in sizes:
+            raise ValueError(f"missing_rows names feature {name!r}, which is not among {list(feature_names)}")
+        if not 0 <= int(row) < int(sizes[name]):
+            raise ValueError(f"missing_rows: feature {name!r} has {sizes[name]} rows, so its missing row must lie in "
+                             f"[0, {sizes[name]}), got {row}")

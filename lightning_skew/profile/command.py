@@ -21,8 +21,9 @@ from lightning_skew.profile.access import AccessProfile
 from lightning_skew.profile.budget import BudgetPoint, lookup_coverage
 from lightning_skew.profile.loader import profile_dataloader
 from lightning_skew.profile.skew import TableSkew
+from lightning_skew.profile.sources import profiled_data
 
-__all__ = ["build_datamodule", "format_bytes", "format_table", "main", "parse_bytes"]
+__all__ = ["build_datamodule", "format_bytes", "format_table", "main", "parse_bytes", "sample_line"]
 
 DEFAULT_CONFIG = "recipes/dlrm_synthetic.yaml"
 PROFILE_FILE = "profile.pt"
@@ -88,17 +89,33 @@ def build_datamodule(recipe_args: list[str]) -> tuple[pl.LightningDataModule, di
 
 
 def format_table(stats: list[TableSkew], hot_per_table: list[int], coverage_per_table: list[float]) -> str:
-    """The per-table report: rows, distinct rows, lookups, top-1% share, exponent, hot rows and coverage."""
-    header = ("table", "rows", "distinct", "lookups", "top1%", "exponent", "hot rows", "coverage")
+    """The per-table report: rows, rows seen (and their share of the rows), lookups, share of missing values,
+    top-1% share and exponent (over present values and the rows seen), hot rows and coverage."""
+    header = ("table", "rows", "seen", "seen%", "lookups", "missing", "top1%", "exponent", "hot rows", "coverage")
     lines = [header]
     for stat, hot, coverage in zip(stats, hot_per_table, coverage_per_table, strict=True):
-        distinct = f"{stat.distinct_rows}" if stat.exact else f">={stat.distinct_rows}"
+        seen = f"{stat.distinct_rows}" if stat.exact else f">={stat.distinct_rows}"
         exponent = "-" if math.isnan(stat.exponent) else f"{stat.exponent:.3f}"
-        lines.append((stat.table, str(stat.num_rows), distinct, str(stat.lookups), f"{stat.top1_share:.3f}",
-                      exponent, str(hot), f"{coverage:.3f}"))
+        missing = "-" if stat.missing_row is None else f"{stat.missing_share:.3f}"
+        lines.append((stat.table, str(stat.num_rows), seen, _percent(stat.seen_share), str(stat.lookups), missing,
+                      f"{stat.top1_share:.3f}", exponent, str(hot), f"{coverage:.3f}"))
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
                                enumerate(zip(row, widths, strict=True))) for row in lines)
+
+
+def _percent(share: float) -> str:
+    """A share as a percentage with two significant digits below 10% (``0.05%``), else one decimal."""
+    percent = 100 * share
+    return f"{percent:.1f}%" if percent >= 10 or percent == 0 else f"{percent:.2g}%"
+
+
+def sample_line(profile: AccessProfile) -> str:
+    """How much of the stream was counted: inputs and batches counted of those seen, and the lookups."""
+    return (f"counted {profile.num_inputs_counted} of {profile.num_inputs_seen} inputs "
+            f"({_percent(profile.num_inputs_counted / max(profile.num_inputs_seen, 1))}; "
+            f"{profile.num_batches_counted} of {profile.num_batches_seen} batches, sample fraction "
+            f"{profile.sample_fraction:g} by {profile.sample_by}), {profile.total_lookups} lookups")
 
 
 def _per_table_coverage(profile: AccessProfile, hot_rows: list[torch.Tensor]) -> list[float]:
@@ -146,7 +163,7 @@ def plot_popularity(profile: AccessProfile, path: Path, max_points: int = 400) -
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for name in profile.feature_names:
-        _, counts = profile.counts(name)
+        _, counts = profile.present_counts(name)  # the missing row is no popular value
         ordered = torch.sort(counts[counts > 0], descending=True).values
         if ordered.numel() == 0:
             continue
@@ -168,11 +185,12 @@ def _log_to_wandb(output_dir: Path, settings: dict[str, Any], stats: list[TableS
 
     run = wandb.init(mode=os.environ.get("WANDB_MODE", "offline"), dir=str(output_dir), project="lightning-skew",
                      name="profile", job_type="profile", config=settings)
-    columns = ["table", "rows", "distinct", "lookups", "top1_share", "exponent", "hot_rows", "coverage", "exact"]
+    columns = ["table", "rows", "rows_seen", "seen_share", "lookups", "missing_share", "top1_share", "exponent",
+               "hot_rows", "coverage", "exact"]
     table = wandb.Table(columns=columns)
     for stat, hot, coverage in zip(stats, hot_per_table, coverage_per_table, strict=True):
-        table.add_data(stat.table, stat.num_rows, stat.distinct_rows, stat.lookups, stat.top1_share,
-                       stat.exponent, hot, coverage, stat.exact)
+        table.add_data(stat.table, stat.num_rows, stat.distinct_rows, stat.seen_share, stat.lookups,
+                       stat.missing_share, stat.top1_share, stat.exponent, hot, coverage, stat.exact)
     run.log({"profile/tables": table,
              "profile/coverage": wandb.Image(str(output_dir / COVERAGE_PLOT)),
              "profile/popularity": wandb.Image(str(output_dir / POPULARITY_PLOT))})
@@ -237,19 +255,22 @@ def main(argv: list[str] | None = None) -> AccessProfile:
     optimizer = args.optimizer or model_args.get("embedding_optimizer") or "rowwise_adagrad"
     row_size = {"bytes_per_element": args.bytes_per_element, "optimizer": optimizer}
 
-    datamodule.setup("fit")
-    profile = AccessProfile.for_datamodule(datamodule, sample_fraction=args.sample_fraction,
+    data = profiled_data(datamodule)  # wrappers regroup or filter batches; the profile describes the data
+    data.setup("fit")
+    profile = AccessProfile.for_datamodule(data, sample_fraction=args.sample_fraction,
                                            sample_by=args.sample_by, seed=args.seed,
                                            sketch_above_rows=args.sketch_above_rows,
                                            sketch_counters=args.sketch_counters)
-    profile_dataloader(profile, datamodule.train_dataloader(), progress=not args.no_progress,
+    profile_dataloader(profile, data.train_dataloader(), progress=not args.no_progress,
                        max_batches=args.max_batches)
     profile.all_reduce()
     if profile.total_lookups == 0:
-        raise SystemExit("no lookups were counted: the training loader is empty or the sample fraction too small")
+        raise SystemExit(f"no lookups were counted ({sample_line(profile)}): the training loader is empty or the "
+                         f"sample too small; raise --sample-fraction (1 counts every input)")
     speed = profile.num_inputs_seen / max(profile.seconds, 1e-9)
-    print(f"profiled {profile.num_inputs_seen} inputs ({profile.num_inputs_counted} counted, "
-          f"{profile.total_lookups} lookups) in {profile.seconds:.1f} s: {speed:,.0f} inputs/s", flush=True)
+    print(f"profiled {profile.num_inputs_seen} inputs in {profile.seconds:.1f} s ({speed:,.0f} inputs/s); "
+          f"{sample_line(profile)}", flush=True)
+    sample_warning = profile.sample_warning(option="--sample-fraction")
 
     sizes = profile.bytes_per_row(embedding_dim, **row_size)
     suggested = profile.suggest_budget(args.target_coverage, embedding_dim, **row_size)
@@ -274,9 +295,15 @@ def main(argv: list[str] | None = None) -> AccessProfile:
         print(f"suggested budget: {format_bytes(suggested)} ({suggested} bytes) covers "
               f"{args.target_coverage:.0%} of lookups")
 
+    missing = [f"{stat.table} {stat.missing_share:.3f}" for stat in stats if stat.missing_lookups]
+    if missing:
+        print(f"missing values (their own row, hot like any other; skew is over present values): "
+              f"{', '.join(missing)}")
+
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    largest = sum(stat.distinct_rows * size for stat, size in zip(stats, sizes, strict=True))
+    largest = sum(profile.counts(name)[0].numel() * size for name, size in zip(profile.feature_names, sizes,
+                                                                               strict=True))
     points = profile.coverage_curve(curve_budgets(min(sizes), largest, chosen, suggested), embedding_dim,
                                     mode=args.mode, **row_size)
     plot_coverage(points, chosen, suggested, output_dir / COVERAGE_PLOT)
@@ -286,13 +313,15 @@ def main(argv: list[str] | None = None) -> AccessProfile:
         "command": "lightning-skew profile " + " ".join(argv),
         "profile_file": str(output_dir / PROFILE_FILE),
         "inputs_seen": profile.num_inputs_seen, "inputs_counted": profile.num_inputs_counted,
+        "batches_seen": profile.num_batches_seen, "batches_counted": profile.num_batches_counted,
+        "sample_fraction": profile.sample_fraction, "sample_by": profile.sample_by, "sample_warning": sample_warning,
         "lookups_counted": profile.total_lookups, "seconds": profile.seconds, "inputs_per_s": speed,
         "embedding_dim": embedding_dim, "optimizer": optimizer, "bytes_per_row": sizes,
         "budget_bytes": chosen, "mode": args.mode, "hot_rows": sum(hot_per_table), "hot_bytes": hot_bytes,
         "coverage": coverage, "all_hot_inputs": all_hot, "suggested_budget_bytes": suggested,
         "target_coverage": args.target_coverage,
-        "tables": [{**asdict(s), "hot_rows": h, "coverage": c}
-                   for s, h, c in zip(stats, hot_per_table, coverage_per_table, strict=True)],
+        "tables": [{**asdict(s), "seen_share": s.seen_share, "missing_share": s.missing_share, "hot_rows": h,
+                    "coverage": c} for s, h, c in zip(stats, hot_per_table, coverage_per_table, strict=True)],
         "curve": [asdict(p) for p in points],
     }
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -301,6 +330,8 @@ def main(argv: list[str] | None = None) -> AccessProfile:
         _log_to_wandb(output_dir, settings, stats, hot_per_table, coverage_per_table, summary)
     print(f"wrote {output_dir / PROFILE_FILE}, {output_dir / COVERAGE_PLOT}, {output_dir / POPULARITY_PLOT}, "
           f"{output_dir / SUMMARY_FILE}", flush=True)
+    if sample_warning is not None:
+        print(f"\nwarning: {sample_warning}", flush=True)
     return profile
 
 

@@ -13,6 +13,8 @@ from lightning_skew.core.hashing import hash32
 __all__ = [
     "ReservoirEntry",
     "add_row_counts",
+    "add_sparse_counts",
+    "check_row_ids",
     "merge_heavy_hitters",
     "reservoir_batch",
     "reservoir_from_state",
@@ -42,21 +44,47 @@ def sampled_mask(first_position: int, count: int, fraction: float, seed: int) ->
     return hash32(positions, seed + _SAMPLE_SALT) < int(fraction * 2**32)
 
 
+def check_row_ids(rows: Tensor, num_rows: int, table: str = "table") -> None:
+    """Raise ``ValueError`` naming ``table`` when an ID of ``rows`` lies outside ``[0, num_rows)``."""
+    if rows.numel() == 0:
+        return
+    low, high = int(rows.min()), int(rows.max())
+    if low < 0 or high >= num_rows:
+        raise ValueError(f"table {table!r}: row IDs must lie in [0, {num_rows}), found "
+                         f"{low if low < 0 else high}; the DataModule's num_embeddings_per_feature and its IDs "
+                         f"disagree")
+
+
 def add_row_counts(counts: Tensor, rows: Tensor, table: str = "table") -> Tensor:
     """Add one lookup per entry of ``rows`` to ``counts`` (int64, one entry per row of the table), in place.
 
-    Costs O(len(rows)), not O(table rows), so it serves 10M-row tables batch after batch. Raises
-    ``ValueError`` naming ``table`` when an ID lies outside ``[0, len(counts))``.
+    Costs O(len(rows)), not O(table rows). Raises ``ValueError`` naming ``table`` when an ID lies outside
+    ``[0, len(counts))``. Profiles keep sparse counts instead (:func:`add_sparse_counts`).
     """
     if rows.numel() == 0:
         return counts
-    low, high = int(rows.min()), int(rows.max())
-    if low < 0 or high >= counts.numel():
-        raise ValueError(f"table {table!r}: row IDs must lie in [0, {counts.numel()}), found "
-                         f"{low if low < 0 else high}; the DataModule's num_embeddings_per_feature and its IDs "
-                         f"disagree")
+    check_row_ids(rows, counts.numel(), table)
     counts.index_put_((rows.long(),), torch.ones((), dtype=counts.dtype), accumulate=True)
     return counts
+
+
+def add_sparse_counts(rows_a: Tensor, counts_a: Tensor, rows_b: Tensor, counts_b: Tensor,
+                      num_rows: int | None = None) -> tuple[Tensor, Tensor]:
+    """The sum of two sparse counts ``(rows, counts)``: rows sorted by ID without repeats, counts of equal rows added.
+
+    Either side may repeat rows in any order (``rows_b`` a batch's raw IDs with ``counts_b`` ones, say). One sort
+    of both sides: O((a + b) log(a + b)), whatever the table's size. With ``num_rows`` (the table's size) no larger
+    than ``a + b``, one dense pass over the table instead, which costs no more and sorts nothing.
+    """
+    if num_rows is not None and num_rows <= rows_a.numel() + rows_b.numel():
+        dense = torch.zeros(num_rows, dtype=torch.int64)
+        dense.index_add_(0, torch.cat([rows_a, rows_b]).long(), torch.cat([counts_a, counts_b]).long())
+        rows = torch.nonzero(dense).flatten()
+        return rows, dense[rows]
+    rows, inverse = torch.unique(torch.cat([rows_a, rows_b]).long(), return_inverse=True)
+    counts = torch.zeros(rows.numel(), dtype=torch.int64)
+    counts.index_add_(0, inverse, torch.cat([counts_a, counts_b]).long())
+    return rows, counts
 
 
 def merge_heavy_hitters(rows_a: Tensor, counts_a: Tensor, rows_b: Tensor, counts_b: Tensor,
@@ -75,9 +103,7 @@ def merge_heavy_hitters(rows_a: Tensor, counts_a: Tensor, rows_b: Tensor, counts
     """
     if capacity < 1:
         raise ValueError(f"a heavy-hitter summary needs at least 1 counter, got capacity={capacity}")
-    rows, inverse = torch.unique(torch.cat([rows_a, rows_b]).long(), return_inverse=True)
-    counts = torch.zeros(rows.numel(), dtype=torch.int64)
-    counts.index_add_(0, inverse, torch.cat([counts_a, counts_b]).long())
+    rows, counts = add_sparse_counts(rows_a, counts_a, rows_b, counts_b)
     if rows.numel() <= capacity:
         return rows, counts, 0
     decrement = int(torch.topk(counts, capacity + 1, sorted=True).values[-1])

@@ -15,8 +15,11 @@ __all__ = ["TableSkew", "fit_power_law", "top_share"]
 class TableSkew:
     """Skew statistics of one table (see :meth:`AccessProfile.skew`).
 
-    ``distinct_rows`` is exact for counted tables and the number of tracked rows (a lower bound) for
-    sketched ones; ``exact`` tells which.
+    ``lookups`` counts every lookup; ``missing_lookups`` of them went to the table's ``missing_row`` (the row
+    that stands for a missing value; ``None``: the table has none). The rest are the present values, over which
+    ``distinct_rows`` (rows seen), ``top1_share`` (share of the present lookups taken by the top 1% of the rows
+    seen) and ``exponent`` are computed. ``distinct_rows`` is exact for counted tables and the number of tracked
+    rows (a lower bound) for sketched ones; ``exact`` tells which.
     """
 
     table: str
@@ -26,13 +29,26 @@ class TableSkew:
     top1_share: float
     exponent: float
     exact: bool
+    missing_row: int | None = None
+    missing_lookups: int = 0
+
+    @property
+    def missing_share(self) -> float:
+        """Share of the lookups that were missing values (0 without lookups)."""
+        return self.missing_lookups / self.lookups if self.lookups else 0.0
+
+    @property
+    def seen_share(self) -> float:
+        """Share of the table's rows that present values looked up."""
+        return self.distinct_rows / self.num_rows
 
 
 def top_share(counts: Tensor, num_rows: int, top_fraction: float = 0.01, total: int | None = None) -> float:
     """Share of lookups taken by the ``max(1, floor(top_fraction * num_rows))`` most counted rows.
 
-    ``counts`` may list only some rows (a sketch); ``total`` is then the number of lookups counted.
-    Same definition as :func:`lightning_skew.data.synthetic.expected_top_share`.
+    ``num_rows`` is the number of rows the share is of: a table's rows (the definition of
+    :func:`lightning_skew.data.synthetic.expected_top_share`), or the rows seen, as :meth:`AccessProfile.skew`
+    reports it. ``counts`` may list only some rows (a sketch); ``total`` is then the number of lookups counted.
     """
     total = int(counts.sum()) if total is None else total
     if total <= 0:

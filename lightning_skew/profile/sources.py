@@ -6,6 +6,8 @@ import json
 from collections import OrderedDict
 from typing import Any, Protocol, runtime_checkable
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.data.base import RecDataModule
 from lightning_skew.profile.access import AccessProfile
@@ -118,6 +120,9 @@ class ProfiledHotRows:
                                                    sample_by="batches")
             profile = profile_dataloader(profile, data.train_dataloader(), progress=False).all_reduce()
             ProfiledHotRows.profiling_passes += 1
+            warning = profile.sample_warning()
+            if warning is not None:
+                rank_zero_warn(f"ProfiledHotRows: {warning} (the hot set is cut from this sample)")
         _RESOLVED[key] = profile
         while len(_RESOLVED) > _RESOLVED_MAX:
             _RESOLVED.popitem(last=False)

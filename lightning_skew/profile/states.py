@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_skew.core.distributed import all_reduce_sum, distributed, world_size
+from lightning_skew.core.distributed import distributed, world_size
 from lightning_skew.profile.identity import (
     check_tables,
     describe_datamodule,
@@ -20,6 +20,7 @@ from lightning_skew.profile.identity import (
 )
 from lightning_skew.profile.sketches import (
     ReservoirEntry,
+    add_sparse_counts,
     merge_heavy_hitters,
     reservoir_from_state,
     reservoir_to_state,
@@ -30,23 +31,24 @@ if TYPE_CHECKING:
     from lightning_skew.profile.access import AccessProfile
 
 __all__ = ["PROFILE_FORMAT", "PROFILE_VERSION", "ROW_COUNTS", "TABLE_TOTALS", "TOTAL", "HeavyHitters",
-           "ProfileState", "Reservoir", "RowCounts", "State", "StateKind", "TableTotals"]
+           "ProfileState", "Reservoir", "RowCounts", "State", "StateKind", "TableTotals", "upgrade_state"]
 
 PROFILE_FORMAT = "lightning-skew-access-profile"
-PROFILE_VERSION = 1
+# Version 2 keeps exact counts sparse (the rows seen and their counts), the missing rows and the batches counted;
+# version 1 files (one count per table row) still load (see upgrade_state).
+PROFILE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class StateKind:
-    """How one kind of state merges, crosses ranks, saves and loads; this base kind is a scalar total (an int).
+    """How one kind of state merges, saves and loads; this base kind is a scalar total (an int).
 
     ``merge`` adds another profile's saved state to the profile's own value and returns the result;
     ``save`` gives the value as plain tensors, numbers, lists and dicts, ``load`` the value back from them
-    (given the fresh profile's value). Kinds that are ``summed`` are per-table dicts that
-    :meth:`~lightning_skew.profile.access.AccessProfile.all_reduce` sums over ranks with one
-    ``all_reduce`` each (:meth:`all_reduce`); every other kind is gathered and merged in rank order.
+    (given the fresh profile's value). Across ranks,
+    :meth:`~lightning_skew.profile.access.AccessProfile.all_reduce` gathers every rank's saved states and
+    merges them in rank order.
     """
-
-    summed = False
 
     def merge(self, profile: Any, own: Any, saved: Any) -> Any:
         return own + saved
@@ -56,9 +58,6 @@ class StateKind:
 
     def load(self, own: Any, saved: Any) -> Any:
         return saved
-
-    def all_reduce(self, value: Any) -> Any:
-        raise TypeError(f"{type(self).__name__} states are gathered, not summed, across ranks")
 
 
 class TableTotals(StateKind):
@@ -78,28 +77,34 @@ class TableTotals(StateKind):
 
 
 class RowCounts(StateKind):
-    """Exact counts: per table one int64 count per row, added, and summed over ranks with ``all_reduce``."""
+    """Exact counts: per table ``(rows, counts)``, the rows seen sorted by ID and their counts, added row by row.
 
-    summed = True
+    Sparse, so merging, saving and loading cost what the rows seen cost, not the table's size.
+    """
 
-    def merge(self, profile: Any, own: dict[str, Tensor], saved: dict[str, Tensor]) -> dict[str, Tensor]:
-        for name, counts in saved.items():
-            own[name] += counts
+    def merge(self, profile: Any, own: dict[str, tuple[Tensor, Tensor]],
+              saved: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+        for name, (rows, counts) in saved.items():
+            own[name] = add_sparse_counts(*own[name], rows, counts)
         return own
 
-    def save(self, value: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: counts.clone() for name, counts in value.items()}
+    def save(self, value: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+        # int32 where the values fit (row IDs and counts below 2^31): 8 bytes a row seen in the file, not 16
+        return {name: (_narrow(rows), _narrow(counts)) for name, (rows, counts) in value.items()}
 
-    def load(self, own: dict[str, Tensor], saved: dict[str, Tensor]) -> dict[str, Tensor]:
-        for name, counts in saved.items():
-            own[name] = counts.clone().long()
+    def load(self, own: dict[str, tuple[Tensor, Tensor]],
+             saved: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+        for name, (rows, counts) in saved.items():
+            own[name] = (rows.to(torch.int64, copy=True), counts.to(torch.int64, copy=True))
         return own
 
-    def all_reduce(self, value: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: all_reduce_sum(counts) for name, counts in value.items()}
+
+def _narrow(values: Tensor) -> Tensor:
+    """A non-negative int64 tensor as int32 when every value fits (a copy either way)."""
+    return values.int() if values.numel() == 0 or int(values.max()) < 2**31 else values.clone()
 
 
-class HeavyHitters(StateKind):
+class HeavyHitters(RowCounts):
     """Per table a Misra-Gries summary ``(rows, counts)`` of at most ``profile.<capacity>`` counters.
 
     Summaries merge with :func:`~lightning_skew.profile.sketches.merge_heavy_hitters`; what a merge
@@ -117,15 +122,6 @@ class HeavyHitters(StateKind):
             rows, counts, decrement = merge_heavy_hitters(own_rows, own_counts, rows, counts, capacity)
             own[name] = (rows, counts)
             errors[name] += decrement
-        return own
-
-    def save(self, value: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
-        return {name: (rows.clone(), counts.clone()) for name, (rows, counts) in value.items()}
-
-    def load(self, own: dict[str, tuple[Tensor, Tensor]],
-             saved: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
-        for name, (rows, counts) in saved.items():
-            own[name] = (rows.clone().long(), counts.clone().long())
         return own
 
 
@@ -150,6 +146,34 @@ TABLE_TOTALS = TableTotals()
 ROW_COUNTS = RowCounts()
 
 
+def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A saved state of any readable version as the current version (a new dict; ``state`` is left as it is).
+
+    Version 1 kept one count per table row (dense; made sparse here), recorded no missing rows (none) and no
+    batches counted: with whole batches sampled that number is the inputs counted over the mean batch size
+    (exact for equal batches); with inputs sampled every batch seen is taken as counted once any input was
+    (a share of a batch of thousands almost surely holds one).
+    """
+    if state.get("format") != PROFILE_FORMAT:
+        raise ValueError(f"not an access profile (format {state.get('format')!r}, expected {PROFILE_FORMAT!r})")
+    version = state.get("version")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"access profile version {version} is not supported (this lightning-skew reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))})")
+    state = dict(state)
+    if version == 1:
+        state["exact_counts"] = {name: (torch.nonzero(counts > 0).flatten(), counts[counts > 0].long())
+                                 for name, counts in state["exact_counts"].items()}
+        state["missing_rows"] = {}
+        seen, counted, batches = state["num_inputs_seen"], state["num_inputs_counted"], state["num_batches_seen"]
+        if state["sample_by"] == "batches":
+            state["num_batches_counted"] = round(counted * batches / seen) if seen else 0
+        else:
+            state["num_batches_counted"] = batches if counted else 0
+        state["version"] = PROFILE_VERSION
+    return state
+
+
 @dataclass(frozen=True)
 class State:
     """One state of a profile: the attribute ``name`` (also its key in the saved file) and its ``kind``."""
@@ -161,21 +185,22 @@ class State:
 class ProfileState:
     """The state of an :class:`~lightning_skew.profile.access.AccessProfile`, declared once in ``STATES``.
 
-    Merging (:meth:`merge`), summing over ranks (:meth:`all_reduce`), :meth:`state_dict` and loading
+    Merging (:meth:`merge`), combining ranks (:meth:`all_reduce`), :meth:`state_dict` and loading
     (:meth:`from_state_dict`, :meth:`load_state_dict`, :meth:`load`) walk ``STATES`` and leave each state to
     its kind, as torchmetrics' ``add_state`` does; a new state is one more entry there and its empty value
     in :meth:`_empty_states`. ``SETTINGS`` are the constructor arguments that a saved state records (under
-    their own names, before the states, in the constructor's order; ``dataset`` comes last).
+    their own names, before the states; ``dataset`` comes last).
     """
 
     SETTINGS = ("feature_names", "num_rows", "sample_fraction", "sample_by", "seed", "sketch_above_rows",
-                "sketch_counters", "reservoir_inputs")
+                "sketch_counters", "reservoir_inputs", "missing_rows")
     STATES = (
         State("num_inputs_seen", TOTAL),  # inputs in the stream so far
         State("num_inputs_counted", TOTAL),  # of them, inputs in the sample
         State("num_batches_seen", TOTAL),
+        State("num_batches_counted", TOTAL),  # batches with at least one counted input
         State("lookups", TABLE_TOTALS),  # lookups counted per table
-        State("exact_counts", ROW_COUNTS),  # per exact table, one count per row
+        State("exact_counts", ROW_COUNTS),  # per exact table, the rows seen and their counts
         State("sketches", HeavyHitters(capacity="sketch_counters", errors="sketch_errors")),  # per sketched table
         State("sketch_errors", TABLE_TOTALS),  # per sketched table, the largest undercount of a row
         State("reservoir", Reservoir(limit="reservoir_inputs")),  # kept batches, lowest priority first
@@ -193,19 +218,19 @@ class ProfileState:
         self.num_inputs_seen = 0
         self.num_inputs_counted = 0
         self.num_batches_seen = 0
+        self.num_batches_counted = 0
         self.lookups: dict[str, int] = {name: 0 for name in self.feature_names}
-        self.exact_counts: dict[str, Tensor] = {
-            name: torch.zeros(n, dtype=torch.int64)
-            for name, n, sketched in zip(self.feature_names, self.num_rows, self.sketched, strict=True)
-            if not sketched}
+        empty = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+        self.exact_counts: dict[str, tuple[Tensor, Tensor]] = {
+            name: empty for name, sketched in zip(self.feature_names, self.sketched, strict=True) if not sketched}
         self.sketches: dict[str, tuple[Tensor, Tensor]] = {
-            name: (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
-            for name, sketched in zip(self.feature_names, self.sketched, strict=True) if sketched}
+            name: empty for name, sketched in zip(self.feature_names, self.sketched, strict=True) if sketched}
         self.sketch_errors: dict[str, int] = {name: 0 for name in self.sketches}
         self.reservoir: list[ReservoirEntry] = []
 
     def _flush(self, key: str | None = None) -> None:
-        """Bring lookups buffered for the sketches into ``sketches`` (the profile's counting defines it)."""
+        """Bring lookups buffered for counting into ``exact_counts`` and ``sketches`` (the profile's counting
+        defines it)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------------
@@ -219,7 +244,7 @@ class ProfileState:
         return merged
 
     def _add(self, state: dict[str, Any]) -> None:
-        """Add another profile's state (its summed states may be empty: :meth:`all_reduce` sums them apart)."""
+        """Add another profile's state (of this version)."""
         self._check_compatible(state, "merge")
         self._flush()
         for entry in self.STATES:
@@ -228,38 +253,29 @@ class ProfileState:
     def all_reduce(self) -> AccessProfile:
         """Make every ``torch.distributed`` rank's profile the merge of all ranks' (no-op when not initialized).
 
-        Exact counts are summed with ``all_reduce``; sketches, totals and reservoirs are gathered and
-        merged in rank order, so every rank ends with the same profile. Returns ``self``.
+        Every rank's state is gathered (its size follows the rows seen, not the tables' sizes) and merged in
+        rank order, so every rank ends with the same profile. Returns ``self``.
         """
         if not distributed():
             return self
-        self._flush()
         gathered: list[Any] = [None] * world_size()
-        dist.all_gather_object(gathered, self.state_dict(include_exact=False))
-        summed = {entry.name: entry.kind.all_reduce(getattr(self, entry.name))
-                  for entry in self.STATES if entry.kind.summed}
-        apart = {name: {} for name in summed}
-        fresh = type(self).from_state_dict({**gathered[0], **apart})
+        dist.all_gather_object(gathered, self.state_dict())
+        merged = type(self).from_state_dict(gathered[0])
         for state in gathered[1:]:
-            fresh._add({**state, **apart})
-        self.__dict__.update(fresh.__dict__)
-        for name, value in summed.items():
-            setattr(self, name, value)
+            merged._add(state)
+        for entry in self.STATES:  # the settings are the same on every rank (merging checks them)
+            setattr(self, entry.name, getattr(merged, entry.name))
         return self
 
     # ------------------------------------------------------------------------------------------------------
     # State, files
     # ------------------------------------------------------------------------------------------------------
 
-    def state_dict(self, include_exact: bool = True) -> dict[str, Any]:
-        """Everything the profile knows, as plain tensors, numbers, strings, lists and dicts.
-
-        ``include_exact=False`` leaves the exact counts (every state summed across ranks) empty.
-        """
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the profile knows, as plain tensors, numbers, strings, lists and dicts."""
         self._flush()
         settings = {name: getattr(self, name) for name in self.SETTINGS}
-        states = {entry.name: entry.kind.save(getattr(self, entry.name)) if include_exact or not entry.kind.summed
-                  else {} for entry in self.STATES}
+        states = {entry.name: entry.kind.save(getattr(self, entry.name)) for entry in self.STATES}
         return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "dataset": self.dataset,
                 "dataset_fingerprint": fingerprint(self.dataset),
                 **{name: list(value) if isinstance(value, list) else value for name, value in settings.items()},
@@ -267,13 +283,9 @@ class ProfileState:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> AccessProfile:
-        """Rebuild a profile from :meth:`state_dict`."""
-        if state.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"not an access profile (format {state.get('format')!r}, expected {PROFILE_FORMAT!r})")
-        if state.get("version") != PROFILE_VERSION:
-            raise ValueError(f"access profile version {state.get('version')} is not supported "
-                             f"(this lightning-skew reads version {PROFILE_VERSION})")
-        profile = cls(*(state[name] for name in cls.SETTINGS), state["dataset"])
+        """Rebuild a profile from :meth:`state_dict` (of this version or an older one, see :func:`upgrade_state`)."""
+        state = upgrade_state(state)
+        profile = cls(**{name: state[name] for name in cls.SETTINGS}, dataset=state["dataset"])
         for entry in cls.STATES:
             setattr(profile, entry.name, entry.kind.load(getattr(profile, entry.name), state[entry.name]))
         return profile
@@ -327,7 +339,7 @@ class ProfileState:
         if state["dataset_fingerprint"] != fingerprint(self.dataset):
             raise ValueError(f"cannot {what} profiles of different data: "
                              f"{description_difference(state['dataset'], self.dataset)}")
-        for key in ("sample_fraction", "sample_by", "sketch_above_rows", "sketch_counters"):
+        for key in ("sample_fraction", "sample_by", "sketch_above_rows", "sketch_counters", "missing_rows"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"cannot {what} profiles with different {key}: {getattr(self, key)!r} and "
                                  f"{state[key]!r}")
