@@ -579,3 +579,18 @@ def test_profiles_saved_in_version_1_still_load(tmp_path):
     again = AccessProfile.load(tmp_path / "v2.pt")
     assert torch.load(tmp_path / "v2.pt", weights_only=True)["version"] == 2
     assert all(torch.equal(a, b) for a, b in zip(again.counts("cat_0"), profile.counts("cat_0"), strict=True))
+
+
+def test_an_unreadable_profile_file_is_a_clear_error_naming_it(tmp_path):
+    profile = AccessProfile(["a"], [10])
+    profile.update(KeyedJaggedTensor.from_lengths_sync(["a"], torch.tensor([1, 2]), torch.tensor([1, 1])))
+    profile.save(tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x04 not a profile at all")
+    for name in ("truncated.pt", "garbage.pt"):
+        with pytest.raises(ValueError, match=f"access profile .*{name} cannot be read.*profile the data again"):
+            AccessProfile.load(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
+        AccessProfile.load(tmp_path / "missing.pt")
+    assert AccessProfile.load(tmp_path / "good.pt").total_lookups == 2

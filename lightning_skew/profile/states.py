@@ -315,8 +315,15 @@ class ProfileState:
         Raises:
             ValueError: naming the file and what differs (a feature, a table size, a dataset argument).
         """
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        profile = cls.from_state_dict(state)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"access profile {path} does not exist; write one with `lightning-skew profile`")
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            profile = cls.from_state_dict(state)
+        except Exception as error:  # noqa: BLE001 - truncated, garbage or foreign files: one clear message
+            raise ValueError(f"access profile {path} cannot be read ({type(error).__name__}: {str(error)[:200]}); it "
+                             "is truncated or not a profile written by lightning-skew: profile the data again with "
+                             "`lightning-skew profile`") from None
         if datamodule is not None:
             feature_names = feature_names or datamodule.sparse_feature_names
             num_rows = num_rows or datamodule.num_embeddings_per_feature
