@@ -118,13 +118,17 @@ def criteo_vocabulary_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command. ``argv`` ``None`` reads the command line (``sys.argv``); a list runs it from Python."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in EXTRA_COMMANDS:
         module_name, func = EXTRA_COMMANDS[argv[0]].split(":")
         module = __import__(module_name, fromlist=[func])
         getattr(module, func)(argv[1:])
         return
-    run_cli(argv)
+    # From the command line LightningCLI reads sys.argv itself: handing it the same arguments as ``args`` as
+    # well makes it warn that both were given.
+    run_cli(None if from_command_line else argv)
 
 
 if __name__ == "__main__":

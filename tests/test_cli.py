@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import subprocess
 import sys
@@ -18,12 +19,14 @@ SMALL = ["--data.init_args.max_rows_per_table", "500", "--data.init_args.num_tra
          "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path, show_warnings: bool = False) -> subprocess.CompletedProcess:
     # In-process fits earlier in the session leave Lightning's rendezvous variables (MASTER_PORT, with the port
     # still bound by this process) in os.environ; a command must pick its own, as it would from a shell.
     rendezvous = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"}
-    env = {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "WANDB_MODE": "offline",
-           "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"}
+    env = {**{k: v for k, v in os.environ.items() if k not in rendezvous | {"PYTHONWARNINGS"}},
+           "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    if not show_warnings:
+        env["PYTHONWARNINGS"] = "ignore"
     result = subprocess.run([sys.executable, "-m", "lightning_skew.cli", *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -120,3 +123,37 @@ def test_all_techniques_recipe_trains_with_one_hot_set_for_all_parts(tmp_path):
     shared = config["data"]["init_args"]["datamodule"]["init_args"]["hot_rows"]
     assert skipper["init_args"]["hot_rows"]["class_path"] == shared["class_path"] == "lightning_skew.ProfiledHotRows"
     assert {**skipper["init_args"]["hot_rows"]["init_args"], "budget_bytes": 20000} == shared["init_args"]
+
+
+def _criteo_tsv(path: Path, count: int, seed: int) -> str:
+    """Lines in Criteo's format: label, 13 integers (some negative), 26 hexadecimal hashes, some fields empty."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        dense = ["" if rng.random() < 0.2 else str(rng.randint(-2, 5000)) for _ in range(13)]
+        cats = ["" if rng.random() < 0.1 else f"{rng.getrandbits(32):08x}" for _ in range(26)]
+        lines.append("\t".join([str(rng.randint(0, 1)), *dense, *cats]) + "\n")
+    path.write_text("".join(lines))
+    return str(path)
+
+
+@pytest.mark.parametrize("recipe", ["dlrm_criteo_kaggle", "dlrm_criteo_terabyte"])
+def test_criteo_recipe_fits_on_every_input_as_shipped(recipe, tmp_path):
+    train = _criteo_tsv(tmp_path / "day_0", 300, seed=0)
+    val = _criteo_tsv(tmp_path / "day_1", 100, seed=1)
+    small = ["--data.init_args.train_paths", f"[{train}]", "--data.init_args.val_paths", f"[{val}]",
+             "--data.init_args.max_rows_per_table", "100", "--data.init_args.batch_size", "64",
+             "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false"]
+    # Warnings shown: the command must not trigger LightningCLI's "args parameter" warning.
+    run = _cli("fit", "--config", str(ROOT / "recipes" / f"{recipe}.yaml"), *small, cwd=tmp_path, show_warnings=True)
+    assert "LightningCLI's args parameter" not in run.stdout + run.stderr
+    run_dir = tmp_path / "runs" / recipe
+    # 300 lines in batches of 64: four full batches and a last one of 44, all trained.
+    (checkpoint,) = (run_dir / "checkpoints").iterdir()
+    assert "step=5" in checkpoint.name, checkpoint.name
+    plan = (run_dir / "sharding_plan.txt").read_text()
+    assert "t_C1" in plan and "t_C26" in plan and "cat_" not in plan  # the data set's own column names
+    if recipe == "dlrm_criteo_kaggle":  # the saved config and checkpoint validate on every validation line
+        validated = _cli("validate", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(checkpoint),
+                         cwd=tmp_path)
+        assert re.search(r"val: auc 0\.\d+, logloss \d\.\d+", validated.stdout), validated.stdout[-2000:]

@@ -19,12 +19,13 @@ from lightning_skew.data.criteo import (
     CriteoNpyDataset,
     CriteoTsvDataset,
     CriteoVocabulary,
+    GlobalBatchSharding,
     build_vocabulary,
     hash_categorical,
     parse_tsv_lines,
     transform_dense,
 )
-from lightning_skew.data.features import CRITEO_SPARSE_NAMES
+from lightning_skew.data.features import CRITEO_CATEGORICAL_COLUMNS
 
 SIZES = [97, 1000, 13, 7] + [50] * 22
 
@@ -131,7 +132,7 @@ def test_gzip_file_gives_the_same_batches_as_the_plain_file(tmp_path):
     packed = write_tsv(tmp_path / "day_0.gz", lines, compress=True)
     no_suffix = write_tsv(tmp_path / "day_0_gzip_without_suffix", lines, compress=True)
     reference = batches_as_arrays(CriteoTsvDataset(plain, batch_size=8, num_embeddings_per_feature=SIZES))
-    assert len(reference) == 6  # 50 lines -> 6 complete batches of 8
+    assert [len(labels) for _, _, labels in reference] == [8] * 6 + [2]  # 50 lines: the last 2 are a batch too
     for path in (packed, no_suffix):
         assert_same_batches(
             reference, batches_as_arrays(CriteoTsvDataset(path, batch_size=8, num_embeddings_per_feature=SIZES))
@@ -184,12 +185,13 @@ def test_ranks_of_a_world_concatenate_to_the_single_rank_stream(tmp_path):
         )
         for rank in range(world_size)
     ]
-    assert len(single) == 4  # 47 lines -> only the 4 complete global batches of 10
-    assert [len(batches) for batches in per_rank] == [4, 4]
+    # 47 lines: 4 global batches of 10, then the last 7 split over the two ranks (3 + 4): every line once.
+    assert [len(labels) for _, _, labels in single] == [10] * 4 + [7]
+    assert [[len(labels) for _, _, labels in batches] for batches in per_rank] == [[5] * 4 + [3], [5] * 4 + [4]]
     for step, (dense, sparse, labels) in enumerate(single):
         np.testing.assert_array_equal(dense, np.concatenate([per_rank[r][step][0] for r in range(2)]))
         np.testing.assert_array_equal(labels, np.concatenate([per_rank[r][step][2] for r in range(2)]))
-        for key in CRITEO_SPARSE_NAMES:
+        for key in CRITEO_CATEGORICAL_COLUMNS:
             np.testing.assert_array_equal(sparse[key], np.concatenate([per_rank[r][step][1][key] for r in range(2)]))
 
 
@@ -198,7 +200,7 @@ def test_dataloader_workers_keep_the_batch_order(tmp_path):
     dataset = CriteoTsvDataset(path, batch_size=4, num_embeddings_per_feature=SIZES, rank=1, world_size=2)
     in_process = batches_as_arrays(DataLoader(dataset, batch_size=None, num_workers=0))
     with_workers = batches_as_arrays(DataLoader(dataset, batch_size=None, num_workers=2))
-    assert len(in_process) == 8  # 70 // (2 * 4)
+    assert [len(labels) for _, _, labels in in_process] == [4] * 8 + [3]  # 70 = 8 x (2 x 4) + 6, 3 per rank
     assert_same_batches(in_process, with_workers)
 
 
@@ -240,7 +242,7 @@ def test_datamodule_takes_table_sizes_from_the_vocabulary(tmp_path):
     assert all(size > 1 for size in sizes)
     datamodule.setup("fit")
     for batch in datamodule.train_dataloader():
-        for key, size in zip(CRITEO_SPARSE_NAMES, sizes, strict=True):
+        for key, size in zip(CRITEO_CATEGORICAL_COLUMNS, sizes, strict=True):
             assert int(batch.sparse_features[key].values().max()) < size
     capped = CriteoDataModule(train_paths=[train], vocabulary_path=vocab, max_rows_per_table=3, batch_size=16)
     assert max(capped.num_embeddings_per_feature) == 3
@@ -260,13 +262,13 @@ def test_npy_reader_matches_torchrec_layout_written_by_torchrec(tmp_path):
 
     npy = batches_as_arrays(CriteoNpyDataset(prefix, batch_size=7, num_embeddings_per_feature=SIZES))
     tsv_batches = batches_as_arrays(CriteoTsvDataset(tsv, batch_size=7, num_embeddings_per_feature=SIZES))
-    assert len(npy) == len(tsv_batches) == 4
+    assert [len(labels) for _, _, labels in npy] == [len(labels) for _, _, labels in tsv_batches] == [7] * 4 + [2]
     stored_dense = np.load(f"{prefix}_dense.npy")
     for step, ((dense, sparse, labels), (_, tsv_sparse, tsv_labels)) in enumerate(zip(npy, tsv_batches, strict=True)):
         np.testing.assert_array_equal(labels, tsv_labels)
         # TorchRec already log-transformed the dense features: they are used as stored.
         np.testing.assert_array_equal(dense, stored_dense[step * 7 : (step + 1) * 7])
-        for key in CRITEO_SPARSE_NAMES:
+        for key in CRITEO_CATEGORICAL_COLUMNS:
             np.testing.assert_array_equal(sparse[key], tsv_sparse[key])
 
 
@@ -281,12 +283,14 @@ def test_npy_reader_shards_days_and_transforms_integer_dense(tmp_path):
     sparse = np.concatenate([np.load(tmp_path / f"day_{d}_sparse.npy") for d in range(2)])
 
     datasets = [CriteoNpyDataset(str(tmp_path), 3, SIZES, rank=r, world_size=2) for r in range(2)]
-    assert [len(d) for d in datasets] == [2, 2]  # 15 rows -> 2 complete global batches of 6
+    assert [len(d) for d in datasets] == [3, 3]  # 15 rows: 2 global batches of 6, then 3 rows split 1 + 2
     rank1 = batches_as_arrays(DataLoader(datasets[1], batch_size=None, num_workers=0))
+    assert [len(labels) for _, _, labels in rank1] == [3, 3, 2]
+    np.testing.assert_allclose(rank1[2][0], transform_dense(dense[13:15]))
     # Rank 1's second batch is rows 9..11: the first three rows of day 1.
     np.testing.assert_allclose(rank1[1][0], transform_dense(dense[9:12]))
     expected_ids = hash_categorical(sparse[9:12].view(np.uint32).astype(np.uint64), SIZES)
-    for i, key in enumerate(CRITEO_SPARSE_NAMES):
+    for i, key in enumerate(CRITEO_CATEGORICAL_COLUMNS):
         np.testing.assert_array_equal(rank1[1][1][key], expected_ids[:, i])
 
 
@@ -303,7 +307,8 @@ def test_datamodule_end_to_end_yields_batches_with_criteo_keys_and_ids_in_range(
         train_paths=[str(train_dir)], val_paths=[val], max_rows_per_table=100, batch_size=16
     )
     assert datamodule.dense_in_features == 13
-    assert datamodule.sparse_feature_names == CRITEO_SPARSE_NAMES
+    assert datamodule.sparse_feature_names == [f"C{i}" for i in range(1, 27)]
+    assert datamodule.dense_feature_names == [f"I{i}" for i in range(1, 14)]
     assert max(datamodule.num_embeddings_per_feature) == 100
     datamodule.setup("fit")
     batches = list(datamodule.train_dataloader())
@@ -312,11 +317,11 @@ def test_datamodule_end_to_end_yields_batches_with_criteo_keys_and_ids_in_range(
         assert isinstance(batch, Batch)
         assert batch.dense_features.shape == (16, 13) and batch.dense_features.dtype == torch.float32
         assert batch.labels.shape == (16,)
-        assert batch.sparse_features.keys() == CRITEO_SPARSE_NAMES
-        for key, size in zip(CRITEO_SPARSE_NAMES, datamodule.num_embeddings_per_feature, strict=True):
+        assert batch.sparse_features.keys() == CRITEO_CATEGORICAL_COLUMNS
+        for key, size in zip(CRITEO_CATEGORICAL_COLUMNS, datamodule.num_embeddings_per_feature, strict=True):
             values = batch.sparse_features[key].values()
             assert len(values) == 16 and int(values.min()) >= 0 and int(values.max()) < size
-    assert len(list(datamodule.val_dataloader())) == 1
+    assert [len(batch.labels) for batch in datamodule.val_dataloader()] == [16, 4]  # every validation line
     assert datamodule.test_dataloader() == []
 
 
@@ -355,3 +360,170 @@ def test_vocabulary_command_writes_a_file_the_datamodule_reads(tmp_path):
     assert "26 tables, 52 rows" in result.stdout  # per table: row 0 (rare/missing) + the one frequent value
     data = CriteoDataModule(train_paths=[str(path)], vocabulary_path=str(out), batch_size=4)
     assert data.num_embeddings_per_feature == [2] * 26
+
+
+# ---------------------------------------------------------------- every input read: partial batches, ranks
+
+
+def numbered_lines(count: int, seed: int = 0) -> list[str]:
+    """Random lines whose C1 field is the line's index (so the hashed ID of C1 is the index below 1000)."""
+    numbered = []
+    for i, line in enumerate(random_lines(count, seed)):
+        fields = line.split("\t")
+        fields[14] = f"{i:08x}"
+        numbered.append("\t".join(fields))
+    return numbered
+
+
+def c1_ids(batches) -> list[int]:
+    return [int(x) for batch in batches for x in batch.sparse_features["C1"].values()]
+
+
+@pytest.mark.parametrize(
+    ("num_rows", "world_size", "batch_size", "expected"),
+    [
+        (24, 2, 4, [8, 8, 8]),  # full global batches only
+        (23, 2, 4, [8, 8, 7]),  # a last partial global batch, split 3 + 4
+        (25, 2, 4, [8, 8, 9]),  # a remainder (1) smaller than the ranks rides with the batch before it
+        (5, 3, 4, [5]),  # shorter than one global batch: one batch of 1 + 2 + 2
+        (1999, 1, 2048, [1999]),  # a validation file shorter than the batch size
+    ],
+)
+def test_the_sharding_plan_covers_every_row_once_and_gives_every_rank_as_many_batches(
+    num_rows, world_size, batch_size, expected
+):
+    shardings = [GlobalBatchSharding(batch_size, rank, world_size) for rank in range(world_size)]
+    assert shardings[0].plan(num_rows) == expected
+    covered = []
+    for rows, first in zip(expected, np.cumsum([0] + expected[:-1]), strict=True):
+        shares = [sharding.rank_rows(rows) for sharding in shardings]
+        assert all(stop > start for start, stop in shares)  # no rank gets an empty batch
+        assert max(stop - start for start, stop in shares) - min(stop - start for start, stop in shares) <= 1
+        covered += [first + row for start, stop in shares for row in range(start, stop)]
+    assert covered == list(range(num_rows))
+    dropping = GlobalBatchSharding(batch_size, 0, world_size, drop_last=True)
+    assert dropping.plan(num_rows) == [world_size * batch_size] * (num_rows // (world_size * batch_size))
+
+
+def test_fewer_rows_than_ranks_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="2 inputs cannot be split over 3 ranks"):
+        GlobalBatchSharding(4, 0, 3).plan(2)
+    path = write_tsv(tmp_path / "val.txt", random_lines(2))
+    with pytest.raises(ValueError, match=r"val_paths \(.*val.txt\): 2 inputs cannot be split over 3 ranks"):
+        list(CriteoTsvDataset(path, 4, SIZES, rank=1, world_size=3, what="val_paths"))
+
+
+def test_a_file_shorter_than_the_batch_size_is_one_smaller_batch(tmp_path):
+    val = write_tsv(tmp_path / "val.txt", numbered_lines(1999))
+    datamodule = CriteoDataModule(train_paths=[val], val_paths=[val], num_embeddings_per_feature=[2000] * 26,
+                                  batch_size=2048)
+    datamodule.setup("fit")
+    batches = list(datamodule.val_dataloader())
+    assert [len(batch.labels) for batch in batches] == [1999]
+    assert c1_ids(batches) == list(range(1999))
+
+
+def test_a_malformed_line_in_the_last_partial_batch_is_read_and_reported(tmp_path):
+    lines = random_lines(10)
+    lines[9] = lines[9].replace("\t", "\tx", 1)  # label field fine, I1 becomes 'x...'
+    path = write_tsv(tmp_path / "day_0", lines)
+    with pytest.raises(ValueError, match=r"day_0, line 10: malformed Criteo line: integer feature I1"):
+        list(CriteoTsvDataset(path, batch_size=4, num_embeddings_per_feature=SIZES))
+    # With two ranks the last global batch (lines 9 and 10) is split: line 10 is rank 1's, found where it lies.
+    list(CriteoTsvDataset(path, 2, SIZES, rank=0, world_size=2))
+    with pytest.raises(ValueError, match=r"day_0, line 10: "):
+        list(CriteoTsvDataset(path, 2, SIZES, rank=1, world_size=2))
+    skipping = CriteoTsvDataset(path, batch_size=4, num_embeddings_per_feature=SIZES, skip_malformed=True)
+    assert [len(batch.labels) for batch in skipping] == [4, 4, 1] and skipping.num_malformed_lines == 1
+
+
+def test_an_empty_file_is_a_clear_error_naming_it(tmp_path):
+    good = write_tsv(tmp_path / "day_0", random_lines(5))
+    empty = write_tsv(tmp_path / "day_1", [])
+    empty_gzip = write_tsv(tmp_path / "day_2.gz", [], compress=True)
+    for path in (empty, empty_gzip):
+        datamodule = CriteoDataModule(train_paths=[good, path], batch_size=4)
+        with pytest.raises(ValueError, match=rf"train_paths: Criteo file '{path}' holds no lines"):
+            datamodule.setup("fit")
+    np.save(tmp_path / "day_5_dense.npy", np.zeros((0, 13), dtype=np.float32))
+    np.save(tmp_path / "day_5_sparse.npy", np.zeros((0, 26), dtype=np.int32))
+    np.save(tmp_path / "day_5_labels.npy", np.zeros((0, 1), dtype=np.int32))
+    with pytest.raises(ValueError, match=r"val_paths: TorchRec npy day '.*day_5_dense.npy' holds no rows"):
+        CriteoDataModule(train_paths=[str(tmp_path / "day_5")], val_paths=[str(tmp_path / "day_5")],
+                         format="npy").setup("validate")
+
+
+def test_drop_last_drops_only_the_training_tail_and_counts_it(tmp_path, caplog):
+    path = write_tsv(tmp_path / "day_0", random_lines(50))
+    datamodule = CriteoDataModule(train_paths=[path], val_paths=[path], batch_size=8, drop_last=True,
+                                  num_embeddings_per_feature=SIZES)
+    datamodule.setup("fit")
+    assert [len(batch.labels) for batch in datamodule.train_dataloader()] == [8] * 6
+    assert datamodule.datasets["train"].num_dropped_lines == 2 and datamodule.datasets["train"].num_lines == 50
+    assert "drop_last dropped the last 2 inputs" in caplog.text
+    assert [len(batch.labels) for batch in datamodule.val_dataloader()] == [8] * 6 + [2]  # never dropped
+    default = CriteoDataModule(train_paths=[path], batch_size=8, num_embeddings_per_feature=SIZES)
+    default.setup("fit")
+    assert [len(batch.labels) for batch in default.train_dataloader()] == [8] * 6 + [2]  # the default trains all
+    short = CriteoDataModule(train_paths=[path], batch_size=64, drop_last=True, num_embeddings_per_feature=SIZES)
+    short.setup("fit")
+    with pytest.raises(ValueError, match=r"train_paths \(.*day_0\): 50 inputs make no complete global batch of 64"):
+        list(short.train_dataloader())
+
+
+def test_the_datamodule_reads_the_lines_build_vocabulary_counts(tmp_path):
+    lines = random_lines(37) + random_lines(37)  # every value twice
+    lines[35] = "1\t2\n"  # malformed, inside the last partial batch of rank 1
+    path = write_tsv(tmp_path / "day_0", lines)
+    vocabulary = build_vocabulary(path, min_frequency=2, output_path=str(tmp_path / "vocab.npz"), skip_malformed=True,
+                                  progress=False)
+    assert vocabulary.metadata["num_lines"] == 74 and vocabulary.metadata["num_malformed_lines"] == 1
+    datamodule = CriteoDataModule(train_paths=[path], vocabulary_path=vocabulary.path, batch_size=16,
+                                  skip_malformed=True)
+    datamodule.setup("fit")
+    dataset = datamodule.datasets["train"]
+    assert sum(len(batch.labels) for batch in datamodule.train_dataloader()) == 73
+    assert dataset.num_lines == 74 and dataset.num_malformed_lines == 1
+    # Two ranks (the datasets the DataModule builds on each) read the same lines between them.
+    read, malformed = 0, 0
+    for rank in range(2):
+        dataset = CriteoTsvDataset(path, 16, vocabulary.num_embeddings_per_feature, vocabulary, rank, 2,
+                                   skip_malformed=True)
+        read += sum(len(batch.labels) for batch in dataset)
+        malformed += dataset.num_malformed_lines
+    assert read + malformed == vocabulary.metadata["num_lines"]
+
+
+def test_missing_values_land_on_the_rows_missing_rows_names(tmp_path):
+    empty = criteo_line("1", [""] * 13, [""] * 26)
+    lines = [empty] + random_lines(9)
+    path = write_tsv(tmp_path / "day_0", lines)
+    vocab = build_vocabulary(path, min_frequency=1, output_path=str(tmp_path / "vocab.npz"), progress=False)
+    for kwargs in ({"num_embeddings_per_feature": SIZES}, {"vocabulary_path": vocab.path}):
+        datamodule = CriteoDataModule(train_paths=[path], batch_size=10, **kwargs)
+        assert datamodule.missing_rows == {name: 0 for name in CRITEO_CATEGORICAL_COLUMNS}
+        datamodule.setup("fit")
+        (batch,) = datamodule.train_dataloader()
+        for name, row in datamodule.missing_rows.items():
+            assert int(batch.sparse_features[name].values()[0]) == row
+    # With a vocabulary row 0 is shared with values it does not keep: an unseen value lands there too.
+    assert vocab.lookup(np.full((1, 26), 0xDEADBEEF12345, dtype=np.uint64)).tolist() == [[0] * 26]
+
+
+def test_two_ranks_step_together_on_partial_last_batches_and_validate_every_line(tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from launch import launch
+
+    train = write_tsv(tmp_path / "train.txt", numbered_lines(53, seed=4))  # 3 global batches of 16, then 5
+    val = write_tsv(tmp_path / "val.txt", numbered_lines(33, seed=5))  # 2 global batches of 16, then 1
+    launch(Path(__file__).parent / "criteo_worker.py", 2,
+           ["--train", train, "--val", val, "--batch-size", "8", "--out", str(tmp_path)])
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["train"] for r in ranks] == [[8, 8, 8, 2], [8, 8, 8, 3]]
+    assert [r["val"] for r in ranks] == [[8, 8], [8, 9]]  # the single last line rides with rank 1's last batch
+    assert sorted(ranks[0]["val_ids"] + ranks[1]["val_ids"]) == list(range(33))
+    for name in ("val_auc", "val_logloss"):  # scored over both ranks' inputs: the same on each
+        assert 0 < ranks[0]["metrics"][name] == ranks[1]["metrics"][name]

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from abc import abstractmethod
+from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.core.distributed import rank, world_size
+from lightning_skew.data.id_ranges import (
+    check_policy,
+    clamp_out_of_range,
+    find_out_of_range,
+    out_of_range_error,
+)
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Batch", "RecDataModule", "WrappedDataModule"]
 
@@ -21,7 +34,37 @@ class RecDataModule(pl.LightningDataModule):
 
     Models read the feature shapes from these properties (LightningCLI links them), so that table
     sizes are written once, in the data's configuration.
+
+    **IDs out of range.** Under a Trainer every batch's sparse IDs are checked against
+    :attr:`num_embeddings_per_feature` after it reaches its device (``on_after_batch_transfer``: one min/max
+    per feature, about 0.1 ms for a 2048 x 26 batch on one CPU core; on a GPU the bounds travel to the host,
+    a synchronisation per batch). By default (``out_of_range_ids="error"``) a batch with an ID below 0 or at or past its table's
+    size raises a ``ValueError`` naming the feature, the table size and the ID, whatever the strategy:
+    FBGEMM's kernels would instead map the ID to row 0 and train on, and plain embedding bags would fail
+    without naming the feature. ``out_of_range_ids="clamp"`` maps such IDs to row 0 instead, counts them per
+    feature (:attr:`clamped_ids`), logs a warning the first time a feature has one and a summary at
+    ``teardown``.
+
+    Args:
+        out_of_range_ids: ``"error"`` or ``"clamp"``; ``None`` keeps the class default (``"error"``).
+            Subclasses that expose it to YAML take the argument and pass it on
+            (``super().__init__(out_of_range_ids=out_of_range_ids)``); from Python it is also an attribute.
+
+    .. note::
+        Only ``trainer.datamodule`` receives Lightning's hooks, so the check runs once per batch on whichever
+        module that is: a :class:`WrappedDataModule` checks with its inner module's sizes and setting.
+        Subclasses that override ``on_after_batch_transfer`` call ``super()``; a LightningModule's own
+        ``on_after_batch_transfer`` still runs, after the check (Lightning warns that the DataModule's hook
+        is used: it calls the module's).
     """
+
+    _out_of_range_ids: str = "error"
+
+    def __init__(self, out_of_range_ids: str | None = None) -> None:
+        super().__init__()
+        if out_of_range_ids is not None:
+            self.out_of_range_ids = out_of_range_ids
+        self.clamped_ids: dict[str, int] = {}
 
     @property
     @abstractmethod
@@ -54,6 +97,54 @@ class RecDataModule(pl.LightningDataModule):
         """Predictions are made for the test split (``lightning-skew predict`` scores it)."""
         return self.test_dataloader()
 
+    @property
+    def out_of_range_ids(self) -> str:
+        """What a batch with IDs outside their tables does: ``"error"`` or ``"clamp"`` (see the class notes)."""
+        return self._out_of_range_ids
+
+    @out_of_range_ids.setter
+    def out_of_range_ids(self, policy: str) -> None:
+        self._out_of_range_ids = check_policy(policy)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        batch = self.check_ids(batch)
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if model is not None and is_overridden("on_after_batch_transfer", model):
+            batch = model.on_after_batch_transfer(batch, dataloader_idx)
+        return batch
+
+    def check_ids(self, batch: Any) -> Any:
+        """``batch`` when all its sparse IDs lie in their tables; else an error, or (``"clamp"``) the batch with
+        those IDs on row 0. Batches without a ``KeyedJaggedTensor`` of ``sparse_features`` pass unchecked."""
+        sparse = getattr(batch, "sparse_features", None)
+        if not isinstance(sparse, KeyedJaggedTensor):
+            return batch
+        sizes = dict(zip(self.sparse_feature_names, self.num_embeddings_per_feature, strict=True))
+        found = find_out_of_range(sparse, sizes)
+        if not found:
+            return batch
+        if self.out_of_range_ids == "error":
+            stage = self.trainer.state.stage if self.trainer is not None else None
+            where = type(self).__name__ + (f" around {type(self.unwrapped).__name__}" if self.unwrapped is not self
+                                           else "") + (f" ({stage.value} batch)" if stage is not None else "")
+            raise out_of_range_error(found, where)
+        clamped = self.clamped_ids
+        for bad in found:
+            if bad.feature not in clamped:
+                log.warning("%s (rank %d): clamping to row 0: %s; further ones are counted in clamped_ids",
+                            type(self).__name__, self.rank_and_world_size()[0], bad.describe())
+            clamped[bad.feature] = clamped.get(bad.feature, 0) + bad.count
+        return dataclasses.replace(batch, sparse_features=clamp_out_of_range(sparse, found))
+
+    def _report_clamped_ids(self) -> None:
+        clamped = self.clamped_ids
+        if clamped:
+            log.warning("%s (rank %d): clamped %d out-of-range IDs to row 0 so far: %s", type(self).__name__,
+                        self.rank_and_world_size()[0], sum(clamped.values()), clamped)
+
+    def teardown(self, stage: str | None = None) -> None:
+        self._report_clamped_ids()
+
     def rank_and_world_size(self) -> tuple[int, int]:
         """This process's rank and the world size: the Trainer's when attached, else torch.distributed's, else 0/1."""
         if self.trainer is not None:
@@ -66,6 +157,8 @@ class WrappedDataModule(RecDataModule):
 
     Feature shapes, preparation, validation, test and predict loaders are the inner module's; subclasses
     (popularity batching, repacking) override :meth:`train_dataloader`. :attr:`unwrapped` is the innermost data.
+    So is :attr:`out_of_range_ids` (the data's setting, read and set through the wrapper): as
+    ``trainer.datamodule`` the wrapper checks every batch once, with the inner module's sizes.
     """
 
     def __init__(self, datamodule: RecDataModule) -> None:
@@ -89,6 +182,14 @@ class WrappedDataModule(RecDataModule):
         return self.datamodule.missing_rows
 
     @property
+    def out_of_range_ids(self) -> str:
+        return self.datamodule.out_of_range_ids
+
+    @out_of_range_ids.setter
+    def out_of_range_ids(self, policy: str) -> None:
+        self.datamodule.out_of_range_ids = policy
+
+    @property
     def unwrapped(self) -> RecDataModule:
         return self.datamodule.unwrapped
 
@@ -101,6 +202,7 @@ class WrappedDataModule(RecDataModule):
 
     def teardown(self, stage: str | None = None) -> None:
         self.datamodule.teardown(stage)
+        self._report_clamped_ids()
 
     def val_dataloader(self):
         return self.datamodule.val_dataloader()

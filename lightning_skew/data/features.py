@@ -5,6 +5,12 @@ from __future__ import annotations
 CRITEO_NUM_DENSE = 13
 CRITEO_NUM_SPARSE = 26
 
+# The Criteo data set's own column names (its README): integer features I1..I13, categorical features C1..C26.
+# CriteoDataModule names its features, tables, profiles and errors with them.
+CRITEO_INTEGER_COLUMNS: list[str] = [f"I{i + 1}" for i in range(CRITEO_NUM_DENSE)]
+CRITEO_CATEGORICAL_COLUMNS: list[str] = [f"C{i + 1}" for i in range(CRITEO_NUM_SPARSE)]
+
+# Generic names of Criteo-shaped features, which the synthetic generator gives its own (cat_0, cat_1, ...).
 CRITEO_DENSE_NAMES: list[str] = [f"int_{i}" for i in range(CRITEO_NUM_DENSE)]
 CRITEO_SPARSE_NAMES: list[str] = [f"cat_{i}" for i in range(CRITEO_NUM_SPARSE)]
 

@@ -23,9 +23,14 @@ Feature transforms (pure functions, tested on their own):
 
 Streaming and sharding (both readers, :class:`GlobalBatchSharding`): the rows of all files, in order,
 are cut into global batches of ``world_size * batch_size`` rows; rank ``r`` reads rows
-``[r * B, (r + 1) * B)`` of each global batch, and DataLoader worker ``w`` of ``n`` yields the global
-batches ``j`` with ``j % n == w``, so the DataLoader's round-robin keeps the order. Only complete
-global batches are emitted, so every rank yields the same number of batches.
+``[r * n // W, (r + 1) * n // W)`` of a global batch of ``n`` rows (``[r * B, (r + 1) * B)`` of a full one),
+and DataLoader worker ``w`` of ``k`` yields the global batches ``j`` with ``j % k == w``, so the
+DataLoader's round-robin keeps the order. Every row is read: the last global batch may be partial and is
+split over the ranks (a remainder smaller than the number of ranks rides with the batch before it), so
+every rank yields the same number of batches, none of them empty; ``drop_last`` (training) drops the
+partial batch instead, counted.
+
+Features are named as the data set names its columns: ``C1`` .. ``C26`` (sparse), ``I1`` .. ``I13`` (dense).
 """
 
 from lightning_skew.data.criteo.datamodule import CriteoDataModule

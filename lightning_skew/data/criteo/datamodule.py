@@ -12,9 +12,10 @@ from lightning_skew.data.criteo.datasets import CriteoNpyDataset, CriteoTsvDatas
 from lightning_skew.data.criteo.files import resolve_npy_days, resolve_tsv_paths
 from lightning_skew.data.criteo.vocabulary import CriteoVocabulary
 from lightning_skew.data.features import (
+    CRITEO_CATEGORICAL_COLUMNS,
+    CRITEO_INTEGER_COLUMNS,
     CRITEO_KAGGLE_CARDINALITIES,
     CRITEO_NUM_DENSE,
-    CRITEO_SPARSE_NAMES,
     capped_cardinalities,
 )
 
@@ -29,8 +30,27 @@ class CriteoDataModule(RecDataModule):
     :class:`CriteoTsvDataset` or :class:`CriteoNpyDataset` per split; each loader is a
     ``DataLoader(dataset, batch_size=None)``. Every rank yields the same number of batches.
 
+    Features carry the data set's own column names: sparse ``C1`` .. ``C26`` (the batches' keys, so the
+    model's tables, the sharding plan and profiles say ``C3``), dense ``I1`` .. ``I13``
+    (:attr:`dense_feature_names`), as Criteo's README and the parse errors do.
+
     .. note::
         ``batch_size`` is per rank: a global batch has ``world_size * batch_size`` examples.
+
+    .. note::
+        **Every input is read.** Validation and test read every line: the last global batch may be
+        partial, and is then split over the ranks (shares differ by at most one input; a remainder smaller
+        than the number of ranks rides with the full batch before it, so no rank gets an empty batch).
+        Training does the same by default, so that one epoch trains on every input once; ``drop_last=True``
+        drops the partial last global batch of each training epoch instead (counted and logged). A file
+        without any line is an error naming it. The lines read are the lines :func:`build_vocabulary`
+        counts.
+
+    .. note::
+        **Missing values** (empty categorical fields) land on row 0 of every table (:attr:`missing_rows`):
+        hashing treats them as the value 0, as the DLRM reference does, so row 0 also holds the present
+        values that hash to it; with a vocabulary row 0 is shared with every value the vocabulary does not
+        keep (rare, unseen, or past ``max_rows_per_table``).
 
     Args:
         train_paths: Training files: TSV files, directories or globs; for ``npy``, day prefixes
@@ -47,6 +67,11 @@ class CriteoDataModule(RecDataModule):
         num_workers: DataLoader workers per rank (each scans the whole stream, parses its share).
         skip_malformed: Skip and count malformed TSV lines instead of raising ``ValueError``.
         pin_memory: Pin batches in the DataLoader (for GPU training).
+        drop_last: Drop the partial last global batch of the training data (default ``False``: train on
+            every input). Validation and test never drop.
+        out_of_range_ids: What a batch with an ID outside its table does under a Trainer: ``"error"``
+            (default) or ``"clamp"`` (to row 0); see :class:`~lightning_skew.data.base.RecDataModule`. This
+            reader's IDs are in range by construction (hashing modulo, or capped vocabulary rows).
 
     Example::
 
@@ -69,8 +94,10 @@ class CriteoDataModule(RecDataModule):
         num_workers: int = 0,
         skip_malformed: bool = False,
         pin_memory: bool = False,
+        drop_last: bool = False,
+        out_of_range_ids: str = "error",
     ) -> None:
-        super().__init__()
+        super().__init__(out_of_range_ids=out_of_range_ids)
         if format not in _FORMATS:
             raise ValueError(f"format must be one of {_FORMATS}, got {format!r}")
         if batch_size < 1:
@@ -83,6 +110,7 @@ class CriteoDataModule(RecDataModule):
         self.num_workers = num_workers
         self.skip_malformed = skip_malformed
         self.pin_memory = pin_memory
+        self.drop_last = drop_last
         self.vocabulary: CriteoVocabulary | None = None
         if vocabulary_path is not None:
             if num_embeddings_per_feature is not None:
@@ -105,24 +133,37 @@ class CriteoDataModule(RecDataModule):
         return CRITEO_NUM_DENSE
 
     @property
+    def dense_feature_names(self) -> list[str]:
+        """Names of the dense features, in column order: Criteo's ``I1`` .. ``I13``."""
+        return list(CRITEO_INTEGER_COLUMNS)
+
+    @property
     def sparse_feature_names(self) -> list[str]:
-        return list(CRITEO_SPARSE_NAMES)
+        """Criteo's ``C1`` .. ``C26``."""
+        return list(CRITEO_CATEGORICAL_COLUMNS)
 
     @property
     def num_embeddings_per_feature(self) -> list[int]:
         return list(self._num_embeddings)
 
+    @property
+    def missing_rows(self) -> dict[str, int]:
+        """Row 0 for every feature, with a vocabulary or without (see the class notes for what else lands there)."""
+        return {name: 0 for name in CRITEO_CATEGORICAL_COLUMNS}
+
     def _make_dataset(self, split: str) -> IterableDataset:
         paths = self.paths[split]
         assert paths is not None
+        what = f"{split}_paths"
+        drop_last = self.drop_last and split == "train"
         if self.format == "npy":
             return CriteoNpyDataset(
-                resolve_npy_days(paths, f"{split}_paths"), self.batch_size, self._num_embeddings,
-                self.vocabulary, self.rank, self.world_size,
+                resolve_npy_days(paths, what), self.batch_size, self._num_embeddings,
+                self.vocabulary, self.rank, self.world_size, drop_last=drop_last, what=what,
             )
         return CriteoTsvDataset(
-            resolve_tsv_paths(paths, f"{split}_paths"), self.batch_size, self._num_embeddings,
-            self.vocabulary, self.rank, self.world_size, self.skip_malformed,
+            resolve_tsv_paths(paths, what), self.batch_size, self._num_embeddings,
+            self.vocabulary, self.rank, self.world_size, self.skip_malformed, drop_last=drop_last, what=what,
         )
 
     def setup(self, stage: str) -> None:

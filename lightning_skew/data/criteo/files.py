@@ -94,14 +94,32 @@ def resolve_npy_days(paths: Sequence[str] | str, what: str = "paths") -> list[tu
     return days
 
 
+def check_has_lines(files: Sequence[str], what: str = "paths") -> None:
+    """Raise a clear error for a file that holds no line (an empty or truncated download): reading nothing from
+    it would train zero steps or validate on nothing without a word. Reads one line of each file."""
+    for file in files:
+        with open_criteo_file(file) as handle:
+            if not handle.readline():
+                raise ValueError(
+                    f"{what}: Criteo file {file!r} holds no lines (an empty or truncated download?); "
+                    f"replace it or leave it out of {what}"
+                )
+
+
 class _LineStream:
-    """Lines of several files read in order, knowing the file and 1-based line number of each."""
+    """Lines of several files read in order, knowing the file and 1-based line number of each.
+
+    Lines can be looked at before they are taken (:meth:`peek`), so a reader learns where the stream ends
+    before it decides how to cut the lines it holds into batches.
+    """
 
     def __init__(self, files: Sequence[str]) -> None:
         self.files = list(files)
         self._file_index = -1
         self._handle: IO[bytes] | None = None
         self._line_number = 0  # lines read so far from the current file
+        self._buffer: list[bytes] = []  # lines read from the files, not yet taken or skipped
+        self._origins: list[tuple[str, int, int]] = []  # (file, first line number, count) covering the buffer
         # (file, first line number, count) of the lines returned by the last take().
         self._segments: list[tuple[str, int, int]] = []
 
@@ -109,39 +127,57 @@ class _LineStream:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
-        self._file_index += 1
-        if self._file_index >= len(self.files):
+        if self._file_index + 1 >= len(self.files):
+            self._file_index = len(self.files)
             return False
+        self._file_index += 1
         self._handle = open_criteo_file(self.files[self._file_index])
         self._line_number = 0
         return True
 
-    def _read(self, count: int, keep: bool) -> tuple[list[bytes], int]:
-        lines: list[bytes] = []
-        done = 0
-        if keep:
-            self._segments = []
-        while done < count:
+    def _fill(self, count: int) -> None:
+        """Read from the files until the buffer holds ``count`` lines or the last file ends."""
+        while len(self._buffer) < count:
             if self._handle is None and not self._next_file():
-                break
+                return
             assert self._handle is not None
-            chunk = list(islice(self._handle, count - done))
-            if keep and chunk:
-                self._segments.append((self.files[self._file_index], self._line_number + 1, len(chunk)))
-                lines.extend(chunk)
-            self._line_number += len(chunk)
-            done += len(chunk)
-            if done < count and not self._next_file():
-                break
-        return lines, done
+            chunk = list(islice(self._handle, count - len(self._buffer)))
+            if chunk:
+                self._origins.append((self.files[self._file_index], self._line_number + 1, len(chunk)))
+                self._buffer.extend(chunk)
+                self._line_number += len(chunk)
+            if len(self._buffer) < count and not self._next_file():
+                return
+
+    def _pop(self, count: int) -> tuple[list[bytes], list[tuple[str, int, int]]]:
+        self._fill(count)
+        lines = self._buffer[:count]
+        del self._buffer[:count]
+        segments, left = [], len(lines)
+        while left:
+            file, first, size = self._origins[0]
+            if size <= left:
+                segments.append(self._origins.pop(0))
+                left -= size
+            else:
+                segments.append((file, first, left))
+                self._origins[0] = (file, first + left, size - left)
+                left = 0
+        return lines, segments
+
+    def peek(self, count: int) -> int:
+        """How many lines are left, counting at most ``count`` (they stay to be taken or skipped)."""
+        self._fill(count)
+        return min(count, len(self._buffer))
 
     def take(self, count: int) -> list[bytes]:
         """The next ``count`` lines (fewer at the end of the last file)."""
-        return self._read(count, keep=True)[0]
+        lines, self._segments = self._pop(count)
+        return lines
 
     def skip(self, count: int) -> int:
         """Pass over ``count`` lines without keeping them; returns how many there were."""
-        return self._read(count, keep=False)[1]
+        return len(self._pop(count)[0])
 
     def locate(self, index: int) -> tuple[str, int]:
         """File and 1-based line number of line ``index`` of the last :meth:`take`."""

@@ -11,13 +11,16 @@ from numpy.lib.stride_tricks import sliding_window_view
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.data.base import Batch
-from lightning_skew.data.features import CRITEO_NUM_DENSE, CRITEO_NUM_SPARSE, CRITEO_SPARSE_NAMES
+from lightning_skew.data.features import (
+    CRITEO_CATEGORICAL_COLUMNS,
+    CRITEO_INTEGER_COLUMNS,
+    CRITEO_NUM_DENSE,
+    CRITEO_NUM_SPARSE,
+)
 
 TSV_NUM_FIELDS = 1 + CRITEO_NUM_DENSE + CRITEO_NUM_SPARSE
-# Criteo's own column names, used in error messages so that they match the dataset's README.
-TSV_FIELD_NAMES: list[str] = (
-    ["label"] + [f"I{i + 1}" for i in range(CRITEO_NUM_DENSE)] + [f"C{i + 1}" for i in range(CRITEO_NUM_SPARSE)]
-)
+# Criteo's own column names: the errors, the batches' feature keys and the tables speak the dataset's README.
+TSV_FIELD_NAMES: list[str] = ["label"] + CRITEO_INTEGER_COLUMNS + CRITEO_CATEGORICAL_COLUMNS
 # 16 hex digits fill a uint64; 16 decimal characters ('-' and 15 digits) fit an int64.
 MAX_FIELD_BYTES = 16
 
@@ -216,7 +219,7 @@ def hash_categorical(raw: np.ndarray, num_embeddings_per_feature: Sequence[int])
 
 
 def make_batch(
-    dense: np.ndarray, ids: np.ndarray, labels: np.ndarray, keys: Sequence[str] = CRITEO_SPARSE_NAMES
+    dense: np.ndarray, ids: np.ndarray, labels: np.ndarray, keys: Sequence[str] = CRITEO_CATEGORICAL_COLUMNS
 ) -> Batch:
     """A torchrec :class:`Batch` with one ID per example and feature (``ids`` is ``[n, len(keys)]``)."""
     num_rows = ids.shape[0]
