@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_skew import DLRMModule, TorchRecStrategy
+from lightning_skew import DLRMModule, HotColdStrategy, PlainHotColdPlacement, RowSet, TorchRecStrategy
 from lightning_skew.core.batch import SkewBatch
 from lightning_skew.data.base import RecDataModule, WrappedDataModule
 from lightning_skew.data.id_ranges import clamp_out_of_range, find_out_of_range
@@ -53,9 +53,11 @@ class PassThrough(WrappedDataModule):
         return self.datamodule.train_dataloader()
 
 
-def fit(datamodule: RecDataModule, strategy: str | pl.strategies.Strategy) -> pl.Trainer:
+def fit(datamodule: RecDataModule, strategy: str | pl.strategies.Strategy | tuple) -> pl.Trainer:
     model = DLRMModule(SIZES, NAMES, 3, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    strategy, callbacks = strategy if isinstance(strategy, tuple) else (strategy, [])
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, logger=False,
+                         callbacks=callbacks,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          num_sanity_val_steps=0, limit_val_batches=0)
     with warnings.catch_warnings():
@@ -64,7 +66,15 @@ def fit(datamodule: RecDataModule, strategy: str | pl.strategies.Strategy) -> pl
     return trainer
 
 
-STRATEGIES = {"torchrec": TorchRecStrategy, "default": lambda: "auto"}
+def _hot_rows() -> RowSet:  # a given hot set (as from a saved profile): rows 0 and 1 of each table
+    return RowSet(NAMES, SIZES, [torch.tensor([0, 1])] * 2)
+
+
+# Every path that trains embeddings: TorchRec's sharding, the hot/cold strategy with a given hot set, the plain
+# placement and an unsharded module.
+STRATEGIES = {"torchrec": TorchRecStrategy, "default": lambda: "auto",
+              "hotcold": lambda: HotColdStrategy(budget_bytes=4 * 5 * 4, hot_rows=_hot_rows()),
+              "plain_placement": lambda: ("auto", [PlainHotColdPlacement(budget_bytes=4 * 5 * 4, hot_rows=_hot_rows())])}
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
