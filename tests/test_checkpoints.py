@@ -138,10 +138,11 @@ def uninterrupted(tmp_path_factory) -> dict:
 # (stage, n-th time rank zero reaches it): each epoch end saves "epoch=E-step=S.ckpt" and then "last.ckpt".
 KILLS = [
     ("tensors_written", 2, 1),  # during the first write of last.ckpt
-    ("sealed", 4, 1),  # rewriting last.ckpt: sealed, not yet in place
-    ("published", 3, 1),  # the second step checkpoint in place, last.ckpt not yet rewritten
     ("meta_written", 4, 2),  # two ranks, rewriting last.ckpt
 ]
+if os.environ.get("LIGHTNING_SKEW_FULL_TESTS"):  # the other moments (about a minute more)
+    KILLS += [("sealed", 4, 1),  # rewriting last.ckpt: sealed, not yet in place
+              ("published", 3, 1)]  # the second step checkpoint in place, last.ckpt not yet rewritten
 
 
 @pytest.mark.slow

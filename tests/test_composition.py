@@ -31,7 +31,8 @@ def covering_cells() -> list[tuple[str, str | None, str | None]]:
             for b, batching in enumerate(BATCHING) for k, skipper in enumerate(SKIPPER)]
 
 
-CELLS = list(itertools.product(STRATEGIES, BATCHING, SKIPPER)) if os.environ.get("LIGHTNING_SKEW_FULL_MATRIX") \
+CELLS = list(itertools.product(STRATEGIES, BATCHING, SKIPPER)) \
+    if os.environ.get("LIGHTNING_SKEW_FULL_MATRIX") or os.environ.get("LIGHTNING_SKEW_FULL_TESTS") \
     else covering_cells()
 
 
