@@ -22,6 +22,7 @@ from lightning_skew.data.columnar import (
     SparseFeature,
     TimeCounts,
     hash_strings,
+    resolve_paths,
     time_boundaries,
 )
 
@@ -386,3 +387,19 @@ def test_two_processes_train_as_many_steps_and_validate_every_input_even_with_an
     assert ranks[0]["train"] == ranks[1]["train"] == [64] * (1000 // 128)
     assert [r["val"] for r in ranks] == [[64, 64, 0], [64, 64, 1]]
     assert ranks[0]["metrics"] == ranks[1]["metrics"] and 0 < ranks[0]["metrics"]["val_auc"] < 1
+
+
+def test_a_folder_or_a_glob_names_its_files_in_natural_order_and_their_rows_follow_in_it(tmp_path):
+    folder = tmp_path / "days"
+    folder.mkdir()
+    for day in (10, 2, 1):
+        ratings_file(folder / f"day_{day}.inter", [(day, 10, 5, day)])
+    (folder / ".hidden").write_text("not data")
+    expected = [str(folder / f"day_{day}.inter") for day in (1, 2, 10)]
+    assert resolve_paths(str(folder)) == resolve_paths(str(folder / "day_*.inter")) == expected
+    module = ratings_module("days", root=str(tmp_path), batch_size=1)
+    module.setup("fit")
+    users = module.vocabulary("user_id")
+    assert [users.value_of(ids(b, "user_id")[0]) for b in batches(module)] == ["1", "2", "10"]
+    with pytest.raises(FileNotFoundError, match=r"train_paths: .*day_\*.csv' matches no file"):
+        ratings_module(str(folder / "day_*.csv")).setup("fit")

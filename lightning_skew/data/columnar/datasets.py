@@ -1,5 +1,4 @@
-"""The columnar dataset of one split: decoded rows cut into global batches, each rank and DataLoader worker
-encoding only its own share into torchrec Batches."""
+"""One split of columnar files as torchrec Batches, sharded by rank and DataLoader worker."""
 
 from __future__ import annotations
 

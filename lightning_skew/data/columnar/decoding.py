@@ -1,5 +1,4 @@
-"""Raw chunks of columns to typed rows: side tables joined, labels, dense features and times read as numbers,
-malformed rows raised (with file and line) or skipped and counted."""
+"""Raw chunks to typed rows: joins; labels, dense values and times read; malformed rows raised or counted."""
 
 from __future__ import annotations
 
@@ -165,15 +164,11 @@ class RowDecoder:
         malformed: list[MalformedRow] | None = [] if self.skip_malformed else None
         for first_row, table in file.chunks(self.file_columns, malformed, use_threads, self.dictionary_columns):
             if malformed:
-                for row in malformed:
-                    counts.note(f"{file.path}, line {row.line}: expected {row.expected_columns} fields, found "
-                                f"{row.actual_columns}")
+                _note_malformed(file, malformed, counts)
                 malformed.clear()
             yield self.decode(table, file, first_row, counts)
         if malformed:
-            for row in malformed:
-                counts.note(f"{file.path}, line {row.line}: expected {row.expected_columns} fields, found "
-                            f"{row.actual_columns}")
+            _note_malformed(file, malformed, counts)
 
     def decode(self, table: pa.Table, file: ColumnarFile, first_row: int, counts: PassCounts) -> Rows:
         keep = np.ones(table.num_rows, dtype=bool)
@@ -241,6 +236,12 @@ class RowDecoder:
             where = file.where(first_row + int(row)) if counts.wants_example else f"row {first_row + int(row) + 1}"
             counts.note(describe(int(row), where))
         keep &= ~bad
+
+
+def _note_malformed(file: ColumnarFile, rows: Sequence[MalformedRow], counts: PassCounts) -> None:
+    for row in rows:
+        where = f"line {row.line}" if row.line is not None else "a line"
+        counts.note(f"{file.path}, {where}: expected {row.expected_columns} fields, found {row.actual_columns}")
 
 
 def _empty_mask(column: pa.ChunkedArray) -> np.ndarray:

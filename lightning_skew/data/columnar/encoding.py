@@ -1,5 +1,4 @@
-"""Categorical values to embedding rows: a vocabulary counted over the training rows (a frequency threshold, an
-out-of-vocabulary row) or hashing; single IDs and multi-hot lists alike."""
+"""Categorical values to embedding rows: a frequency-thresholded vocabulary or hashing, one ID or many."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The preparation pass: rows per split, the time boundaries of a time-ordered split and the vocabularies, read
-from the files before training (once per process; deterministic, so every rank finds the same)."""
+"""The pass before training: rows per split, time boundaries and vocabularies, read from the files."""
 
 from __future__ import annotations
 

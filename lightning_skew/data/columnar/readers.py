@@ -1,5 +1,4 @@
-"""Columnar files: resolving the paths given, and reading Parquet (pyarrow) or CSV/TSV (plain or compressed) in
-chunks of the columns asked for, in bounded memory, knowing the line of every row."""
+"""Columnar files: resolving paths, reading Parquet and CSV/TSV (plain or compressed) in chunks, by line."""
 
 from __future__ import annotations
 
@@ -24,6 +23,8 @@ _PARQUET_MAGIC = b"PAR1"
 # CSV is parsed in blocks of this many bytes (pyarrow's streaming reader keeps a few in memory).
 CSV_BLOCK_BYTES = 1 << 22
 PARQUET_BATCH_ROWS = 1 << 16
+# Skipped malformed lines numbered for the log (numbering them costs a second read of the file).
+_NUMBERED_EXAMPLES = 3
 
 
 def resolve_paths(paths: Sequence[str] | str, what: str = "paths", root: str | None = None) -> list[str]:
@@ -228,8 +229,9 @@ class ColumnarFile:
 
     def _report_malformed(self, found: list[MalformedRow], start: int, malformed: list[MalformedRow] | None) -> None:
         new = found[start:]
-        if any(row.line is None for row in new):
-            # The threaded reader neither numbers rows nor reports them in order: read again, by one thread.
+        if any(row.line is None for row in new) and start < _NUMBERED_EXAMPLES:
+            # The threaded reader neither numbers rows nor reports them in order: read again, by one thread
+            # (for the error, or the first few skipped lines the log shows; the others are only counted).
             new = self._malformed_rows(len(found))[start:]
         if malformed is None:
             row = new[0]
