@@ -2,7 +2,7 @@
 
 from lightning_skew.core.monitor import SamplesPerSecond
 from lightning_skew.core.rowsets import RowSet
-from lightning_skew.data import CriteoDataModule, RecDataModule, SyntheticDataModule
+from lightning_skew.data import ColumnarDataModule, CriteoDataModule, RecDataModule, SyntheticDataModule
 from lightning_skew.hotcold import HotColdStrategy, PlainHotColdPlacement, place_hot_cold
 from lightning_skew.models import DLRMModule
 from lightning_skew.popularity import PopularityBatch, PopularityDataModule
@@ -26,6 +26,7 @@ _register_strategies()
 
 __all__ = [
     "AccessProfile",
+    "ColumnarDataModule",
     "CriteoDataModule",
     "DLRMModule",
     "HotColdStrategy",

@@ -13,7 +13,16 @@ venv=${VENV:-$here/.venv}
 cuda=${LIGHTNING_SKEW_CUDA:-0}
 stamp="$venv/.lightning-skew-env"
 want="torch=2.13.0 fbgemm=1.8.0 torchrec=1.8.0 cuda=$cuda reqs=$(cat "$here/requirements.txt" "$here/pyproject.toml" | sha1sum | cut -c1-12)"
+# MovieLens-100k for the tests and recipes/dlrm_movielens.yaml, from inside the recbole wheel (never installed);
+# once: skipped when the files are there, and a failed download (no network) is reported, not fatal.
+fetch_movielens() {
+  [ -f "$here/.data/ml-100k/ml-100k.inter" ] && [ -f "$here/.data/ml-100k/ml-100k.item" ] \
+    && [ -f "$here/.data/ml-100k/ml-100k.user" ] && return 0
+  "$venv/bin/python" "$here/scripts/fetch_movielens.py" "$here/.data/ml-100k" \
+    || echo "scripts/env.sh: fetching MovieLens-100k failed; the tests that need it will skip" >&2
+}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  fetch_movielens
   exit 0
 fi
 echo "scripts/env.sh: setting up $venv (a few minutes, once)" >&2
@@ -34,3 +43,4 @@ pip install --no-deps -e "$here"
 "$venv/bin/python" -c "import torch, torchrec, fbgemm_gpu, lightning, lightning_skew" \
   || { echo "scripts/env.sh: the environment does not import; see the errors above" >&2; exit 1; }
 echo "$want" > "$stamp"
+fetch_movielens

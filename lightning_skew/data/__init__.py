@@ -1,7 +1,9 @@
-"""DataModules that yield torchrec Batches: the shared contract, synthetic click logs, the Criteo files."""
+"""DataModules that yield torchrec Batches: the shared contract, synthetic click logs, the Criteo files, columnar
+data of any shape."""
 
 from lightning_skew.data.base import Batch, RecDataModule
+from lightning_skew.data.columnar import ColumnarDataModule
 from lightning_skew.data.criteo import CriteoDataModule
 from lightning_skew.data.synthetic import SyntheticDataModule
 
-__all__ = ["Batch", "CriteoDataModule", "RecDataModule", "SyntheticDataModule"]
+__all__ = ["Batch", "ColumnarDataModule", "CriteoDataModule", "RecDataModule", "SyntheticDataModule"]

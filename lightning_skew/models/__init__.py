@@ -1,5 +1,6 @@
 """Recommendation models as LightningModules."""
 
 from lightning_skew.models.dlrm import DLRMModule
+from lightning_skew.models.sparse_dlrm import SparseDLRM
 
-__all__ = ["DLRMModule"]
+__all__ = ["DLRMModule", "SparseDLRM"]

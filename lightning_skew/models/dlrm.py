@@ -13,6 +13,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
+from lightning_skew.models.sparse_dlrm import SparseDLRM
 from lightning_skew.torchrec.optim import dense_parameters, fuse_embedding_optimizer
 
 __all__ = ["DLRMModule"]
@@ -32,10 +33,14 @@ class DLRMModule(pl.LightningModule):
     recipes link ``dense_in_features``, ``sparse_feature_names`` and ``num_embeddings_per_feature`` from the
     DataModule, so table sizes are written once, in the data's configuration.
 
+    With ``dense_in_features=0`` (data whose every feature is categorical, e.g. MovieLens) there is no dense arch:
+    the embeddings interact alone and feed the top MLP (:class:`~lightning_skew.models.sparse_dlrm.SparseDLRM`);
+    ``dense_arch_layer_sizes`` is then unused.
+
     Args:
         num_embeddings_per_feature: rows of each feature's table.
         sparse_feature_names: KeyedJaggedTensor keys, one per table (default ``cat_0``, ``cat_1``, ...).
-        dense_in_features: number of dense features.
+        dense_in_features: number of dense features; ``0`` for data without any.
         embedding_dim: width of every embedding row.
         dense_arch_layer_sizes: bottom MLP; its last size must equal ``embedding_dim``.
         over_arch_layer_sizes: top MLP; its last size must be 1 (the click logit).
@@ -86,7 +91,9 @@ class DLRMModule(pl.LightningModule):
         ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
         common = dict(embedding_bag_collection=ebc, dense_in_features=dense_in_features,
                       dense_arch_layer_sizes=dense_arch_layer_sizes, over_arch_layer_sizes=over_arch_layer_sizes)
-        if interaction == "dot":
+        if dense_in_features == 0:
+            self.model = SparseDLRM(ebc, over_arch_layer_sizes, interaction, dcn_num_layers, dcn_low_rank_dim)
+        elif interaction == "dot":
             self.model = DLRM(**common)
         else:
             self.model = DLRM_DCN(**common, dcn_num_layers=dcn_num_layers, dcn_low_rank_dim=dcn_low_rank_dim)
@@ -144,10 +151,10 @@ def _validate(rows: list[int], names: list[str], dense_in_features: int, embeddi
     bad = [(n, r) for n, r in zip(names, rows, strict=True) if r < 1]
     if bad:
         raise ValueError(f"every table needs at least one row; got {bad}")
-    if dense_in_features < 1 or embedding_dim < 1:
-        raise ValueError(f"dense_in_features and embedding_dim must be positive, got {dense_in_features}, "
+    if dense_in_features < 0 or embedding_dim < 1:
+        raise ValueError(f"dense_in_features must be at least 0 and embedding_dim positive, got {dense_in_features}, "
                          f"{embedding_dim}")
-    if dense_sizes[-1] != embedding_dim:
+    if dense_in_features > 0 and dense_sizes[-1] != embedding_dim:
         raise ValueError(f"the last dense_arch_layer_sizes entry ({dense_sizes[-1]}) must equal embedding_dim "
                          f"({embedding_dim}): DLRM projects dense features into the embedding space")
     if over_sizes[-1] != 1:
