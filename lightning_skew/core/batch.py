@@ -3,7 +3,8 @@
 A :class:`SkewBatch` is a torchrec ``Batch`` (dense features, a ``KeyedJaggedTensor`` of sparse features,
 labels) that also says what a step may do with it: whether every input on every rank looks up only hot rows
 (``is_hot``, with the hot set it refers to), and where a stitched batch splits into its hot and cold
-micro-batches (``num_hot``). Parts decide on the batch and read from the batch; no part sets flags on
+micro-batches (``num_hot``), how much each input's loss counts (``weights``), and which lookups are served
+without gradient (``frozen_sparse``). Parts decide on the batch and read from the batch; no part sets flags on
 another's modules. :func:`select_inputs` and :func:`concat_batches` keep the decisions that still hold.
 """
 
@@ -20,7 +21,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.core.rowsets import is_one_hot
 
-__all__ = ["Batch", "SkewBatch", "batch_size_of", "concat_batches", "select_inputs"]
+__all__ = ["Batch", "SkewBatch", "batch_size_of", "concat_batches", "frozen_lookups", "input_weights",
+           "select_inputs", "set_decisions", "split_lookups"]
 
 
 @dataclass
@@ -38,6 +40,12 @@ class SkewBatch(Batch):
         num_hot: Leading inputs known to be hot (the split point of a stitched batch; 0 for cold batches).
         hot_rows: The hot set (a :class:`~lightning_skew.core.rowsets.RowSet`) that ``is_hot`` and
             ``num_hot`` refer to; a consumer that keeps other rows in fast memory checks it against its own.
+        weights: Per-input loss weights ``[batch_size]`` (``None``: all 1). A model that honours them trains
+            as if input ``i`` were in the batch ``weights[i]`` times (a weighted mean of the losses).
+        frozen_sparse: Lookups served without gradient (``None``: none): a KeyedJaggedTensor with the keys and
+            batch size of ``sparse_features`` whose pooled embeddings a model that honours it adds to those of
+            ``sparse_features``, under ``torch.no_grad()``, so the embedding backward and optimizer never see
+            those lookups while the rest of the model trains on the whole input.
 
     Example::
 
@@ -52,24 +60,33 @@ class SkewBatch(Batch):
     is_hot: bool = False
     num_hot: int = 0
     hot_rows: Any = None
+    weights: Tensor | None = None
+    frozen_sparse: KeyedJaggedTensor | None = None
 
     @classmethod
-    def of(cls, batch: Batch, is_hot: bool, num_hot: int, hot_rows: Any = None) -> SkewBatch:
+    def of(cls, batch: Batch, is_hot: bool, num_hot: int, hot_rows: Any = None, weights: Tensor | None = None,
+           frozen_sparse: KeyedJaggedTensor | None = None) -> SkewBatch:
         return cls(batch.dense_features, batch.sparse_features, batch.labels, is_hot=is_hot, num_hot=num_hot,
-                   hot_rows=hot_rows)
+                   hot_rows=hot_rows, weights=weights, frozen_sparse=frozen_sparse)
 
-    def _with_tensors(self, batch: Batch) -> SkewBatch:
-        return SkewBatch.of(batch, self.is_hot, self.num_hot, self.hot_rows)
+    def _with_tensors(self, batch: Batch, weights: Tensor | None,
+                      frozen_sparse: KeyedJaggedTensor | None) -> SkewBatch:
+        return SkewBatch.of(batch, self.is_hot, self.num_hot, self.hot_rows, weights, frozen_sparse)
 
     @property
     def batch_size(self) -> int:
         return int(self.labels.shape[0])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SkewBatch:
-        return self._with_tensors(super().to(device, non_blocking))
+        return self._with_tensors(
+            super().to(device, non_blocking),
+            None if self.weights is None else self.weights.to(device, non_blocking=non_blocking),
+            None if self.frozen_sparse is None else self.frozen_sparse.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> SkewBatch:
-        return self._with_tensors(super().pin_memory())
+        return self._with_tensors(super().pin_memory(),
+                                  None if self.weights is None else self.weights.pin_memory(),
+                                  None if self.frozen_sparse is None else self.frozen_sparse.pin())
 
     def hot_part(self) -> Batch:
         """The hot micro-batch: inputs ``[0, num_hot)``."""
@@ -140,10 +157,15 @@ def select_inputs(batch: Batch, index: Tensor | Sequence[int]) -> Batch:
     index = index.long().reshape(-1)
     picked = Batch(dense_features=batch.dense_features[index],
                    sparse_features=_select_kjt(batch.sparse_features, index), labels=batch.labels[index])
-    if not isinstance(batch, SkewBatch):
+    weights, frozen = input_weights(batch), frozen_lookups(batch)
+    if not isinstance(batch, SkewBatch) and weights is None and frozen is None:
         return picked
+    weights = None if weights is None else weights[index.to(weights.device)]
+    frozen = None if frozen is None else _select_kjt(frozen, index)
+    if not isinstance(batch, SkewBatch):
+        return SkewBatch.of(picked, False, 0, None, weights, frozen)
     num_hot = index.numel() if batch.is_hot else _leading_hot(index.cpu() < batch.num_hot)
-    return SkewBatch.of(picked, batch.is_hot, num_hot, batch.hot_rows)
+    return SkewBatch.of(picked, batch.is_hot, num_hot, batch.hot_rows, weights, frozen)
 
 
 def concat_batches(batches: Sequence[Batch]) -> Batch:
@@ -156,12 +178,37 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
         raise ValueError("concat_batches needs at least one batch")
     if len(batches) == 1:
         only = batches[0]
-        return only if isinstance(only, SkewBatch) else Batch(only.dense_features, only.sparse_features, only.labels)
+        if isinstance(only, SkewBatch):
+            return only
+        if input_weights(only) is not None or frozen_lookups(only) is not None:
+            return SkewBatch.of(only, False, 0, None, input_weights(only), frozen_lookups(only))
+        return Batch(only.dense_features, only.sparse_features, only.labels)
     keys = batches[0].sparse_features.keys()
     for batch in batches[1:]:
         if batch.sparse_features.keys() != keys:
             raise ValueError(f"concat_batches: feature keys differ: {keys} vs {batch.sparse_features.keys()}")
-    sparse = [batch.sparse_features for batch in batches]
+    joined = Batch(dense_features=torch.cat([batch.dense_features for batch in batches]),
+                   sparse_features=_concat_kjts([batch.sparse_features for batch in batches]),
+                   labels=torch.cat([batch.labels for batch in batches]))
+    weighted = [input_weights(batch) for batch in batches]
+    frozen = [frozen_lookups(batch) for batch in batches]
+    if not any(isinstance(batch, SkewBatch) for batch in batches) and all(w is None for w in weighted) \
+            and all(f is None for f in frozen):
+        return joined
+    weights = None
+    if any(w is not None for w in weighted):
+        weights = torch.cat([torch.ones(batch_size_of(b), device=b.labels.device) if w is None else w
+                             for b, w in zip(batches, weighted, strict=True)])
+    frozen_sparse = None
+    if any(f is not None for f in frozen):
+        frozen_sparse = _concat_kjts([_no_lookups(b.sparse_features) if f is None else f
+                                      for b, f in zip(batches, frozen, strict=True)])
+    return SkewBatch.of(joined, *joined_decisions(batches), weights, frozen_sparse)
+
+
+def _concat_kjts(sparse: Sequence[KeyedJaggedTensor]) -> KeyedJaggedTensor:
+    """The inputs of KeyedJaggedTensors with the same keys, one after the other."""
+    keys = sparse[0].keys()
     for kjt in sparse:
         if kjt.variable_stride_per_key():
             raise ValueError("concat_batches: variable batch sizes per feature are not supported")
@@ -172,12 +219,55 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
     if all(kjt.weights_or_none() is not None for kjt in sparse):
         split = [torch.split(kjt.weights(), kjt.length_per_key()) for kjt in sparse]
         weights = torch.cat([part[f] for f in range(len(keys)) for part in split])
-    joined = Batch(dense_features=torch.cat([batch.dense_features for batch in batches]),
-                   sparse_features=KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights),
-                   labels=torch.cat([batch.labels for batch in batches]))
-    if not any(isinstance(batch, SkewBatch) for batch in batches):
-        return joined
-    return SkewBatch.of(joined, *joined_decisions(batches))
+    return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
+
+
+def _no_lookups(sparse: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """A KeyedJaggedTensor with the keys and batch size of ``sparse`` and no lookup at all."""
+    return KeyedJaggedTensor(keys=sparse.keys(), values=sparse.values()[:0],
+                             lengths=torch.zeros_like(sparse.lengths()))
+
+
+def input_weights(batch: Any) -> Tensor | None:
+    """The per-input loss weights a batch carries (``None``: every input counts once)."""
+    return getattr(batch, "weights", None)
+
+
+def frozen_lookups(batch: Any) -> KeyedJaggedTensor | None:
+    """The lookups a batch serves without gradient (``None``: none)."""
+    return getattr(batch, "frozen_sparse", None)
+
+
+def set_decisions(batch: Batch, *, weights: Tensor | None = None,
+                  frozen_sparse: KeyedJaggedTensor | None = None) -> None:
+    """Record per-input weights and frozen lookups on ``batch`` in place (a torchrec ``Batch`` or a
+    :class:`SkewBatch`; a callback's ``on_train_batch_start`` sees the very object ``training_step`` gets)."""
+    batch.weights = weights
+    batch.frozen_sparse = frozen_sparse
+
+
+def split_lookups(sparse: KeyedJaggedTensor, member: Tensor) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
+    """``sparse`` cut in two by a per-lookup mask: the lookups outside ``member`` and those inside, each a
+    KeyedJaggedTensor with all keys and the whole batch (an input's bag holds the lookups of its side).
+
+    Sum pooling of the two equals sum pooling of ``sparse``, so a model may look up one side without gradient.
+    """
+    if sparse.variable_stride_per_key():
+        raise ValueError("split_lookups: KeyedJaggedTensors with a variable batch size per feature are not supported")
+    member = member.to(sparse.values().device)
+    lengths = sparse.lengths()
+    weights = sparse.weights_or_none()
+    if is_one_hot(sparse):
+        inside = member.to(lengths.dtype)
+    else:
+        owner = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths.long())
+        inside = torch.zeros_like(lengths).index_add_(0, owner, member.to(lengths.dtype))
+    keep = ~member
+    out = KeyedJaggedTensor(keys=sparse.keys(), values=sparse.values()[keep], lengths=lengths - inside,
+                            weights=None if weights is None else weights[keep])
+    frozen = KeyedJaggedTensor(keys=sparse.keys(), values=sparse.values()[member], lengths=inside,
+                               weights=None if weights is None else weights[member])
+    return out, frozen
 
 
 def joined_decisions(batches: Sequence[Batch]) -> tuple[bool, int, Any]:

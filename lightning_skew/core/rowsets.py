@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-__all__ = ["RowSet", "is_one_hot", "lookups_in"]
+__all__ = ["RowSet", "is_one_hot", "lookup_members", "lookups_in"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,21 @@ def is_one_hot(sparse: KeyedJaggedTensor) -> bool:
     lengths = sparse.lengths()
     return sparse.values().numel() == lengths.numel() == len(sparse.keys()) * sparse.stride() \
         and bool((lengths == 1).all())
+
+
+def lookup_members(sparse: KeyedJaggedTensor, rowset: RowSet) -> Tensor:
+    """Per lookup of ``sparse`` (in the order of its values): whether it hits a row of ``rowset``.
+
+    Features that ``rowset`` does not name hit nothing. One gather over all features' masks joined end to end.
+    """
+    keys = tuple(sparse.keys())
+    joined, offsets, known = rowset.joined_masks(keys)
+    counts = torch.tensor(sparse.length_per_key(), dtype=torch.int64)
+    index = (sparse.values().long().cpu() + torch.repeat_interleave(offsets, counts)).clamp_(max=joined.numel() - 1)
+    member = joined[index]
+    if not bool(known.all()):
+        member &= torch.repeat_interleave(known, counts)
+    return member
 
 
 def lookups_in(sparse: KeyedJaggedTensor, rowset: RowSet) -> tuple[Tensor, Tensor]:

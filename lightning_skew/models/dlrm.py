@@ -13,6 +13,8 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
+from lightning_skew.core.batch import frozen_lookups, input_weights
+from lightning_skew.models.decisions import serve_frozen, serving_frozen, weighted_bce
 from lightning_skew.models.sparse_dlrm import SparseDLRM
 from lightning_skew.torchrec.optim import dense_parameters, fuse_embedding_optimizer
 
@@ -53,12 +55,18 @@ class DLRMModule(pl.LightningModule):
         optimizer: builds the dense optimizer from the dense parameters (default Adam, lr 1e-3).
         lr_scheduler: builds an LR scheduler (stepped every optimizer step) from the dense optimizer.
 
+    It honours the decisions a :class:`~lightning_skew.core.batch.SkewBatch` carries (``honoured_batch_decisions``):
+    per-input loss ``weights`` (the training loss is their weighted mean) and ``frozen_sparse`` lookups, whose
+    pooled embeddings are added without gradient (so those rows and their optimizer state stay as they are).
+
     Example::
 
         data = SyntheticDataModule(max_rows_per_table=10_000)
         model = DLRMModule(data.num_embeddings_per_feature, data.sparse_feature_names, data.dense_in_features)
         pl.Trainer(strategy=TorchRecStrategy(), max_epochs=1).fit(model, data)
     """
+
+    honoured_batch_decisions = frozenset({"weights", "frozen_sparse"})
 
     def __init__(
         self,
@@ -97,6 +105,7 @@ class DLRMModule(pl.LightningModule):
             self.model = DLRM(**common)
         else:
             self.model = DLRM_DCN(**common, dcn_num_layers=dcn_num_layers, dcn_low_rank_dim=dcn_low_rank_dim)
+        serve_frozen(self.model.sparse_arch)
         fuse_embedding_optimizer(self.model, embedding_optimizer, embedding_lr)
         self.dense_optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -104,11 +113,12 @@ class DLRMModule(pl.LightningModule):
         self.val_logloss, self.test_logloss = MeanMetric(), MeanMetric()
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Click logits, shape ``[B]``."""
-        return self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
+        """Click logits, shape ``[B]`` (the batch's frozen lookups, if any, pooled in without gradient)."""
+        with serving_frozen(frozen_lookups(batch)):
+            return self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = F.binary_cross_entropy_with_logits(self(batch), batch.labels.float())
+        loss = weighted_bce(self(batch), batch.labels.float(), input_weights(batch))
         # self.log costs about 3% of a CPU step here; log as often as the Trainer writes logs.
         trainer = self._trainer
         if trainer is None or self.global_step % max(trainer.log_every_n_steps, 1) == 0:

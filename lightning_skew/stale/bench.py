@@ -29,29 +29,38 @@ class _ReadInputs(pl.Callback):
         self.sizes.append(batch_size_of(batch))
 
 
-def fit_with_stale_skipping(recipe: Recipe, target_drop_fraction: float, profiled: bool = False,
-                            min_stale_lookups: int | None = None, repack: bool = False) -> TrainedRun:
-    """Lightning with :class:`StaleEmbeddingSkipper`; samples/s counts the inputs read (dropped ones included),
-    extras report the measured drop share, the stale rows and threshold at the end, and the callback's time.
-    ``profiled`` takes the candidates from a 5% :class:`AccessProfile` (the popularity variants' hot set);
-    ``repack`` drops in the data pipeline and trains full batches (each step then counts the inputs read for it)."""
+def fit_with_skipper(recipe: Recipe, skipper: StaleEmbeddingSkipper) -> TrainedRun:
+    """Lightning with ``skipper``; samples/s counts the inputs read (dropped ones included), extras report the
+    measured drop share, the share of lookups served without gradient, the stale rows and threshold at the end,
+    and the callback's time. With ``skipper.repack`` the DataModule's training batches go through it
+    (:class:`RepackedDataModule`) and each step counts the inputs read for it."""
     read = _ReadInputs()
-    hot_rows = profiled_hot_rows(recipe) if profiled else None
-    skipper = StaleEmbeddingSkipper(hot_rows=hot_rows, evaluate_every_n_steps=STALE_EVALUATE_EVERY_N_STEPS,
-                                    target_drop_fraction=target_drop_fraction, min_stale_lookups=min_stale_lookups,
-                                    repack=repack)
-    if repack:  # the data pipeline drops: the DataModule's training batches go through the skipper
+    if skipper.repack:
         recipe = Recipe(recipe.model, RepackedDataModule(recipe.datamodule), recipe.epochs)
     run = fit_with_lightning(recipe, callbacks=[read, skipper])
-    sizes = skipper.pulled_per_batch if repack else read.sizes
+    sizes = skipper.pulled_per_batch if skipper.repack else read.sizes
     if len(sizes) == len(run.clock.samples):
         run.clock.samples = sizes
     epoch_s = epoch_seconds(run.clock.ends)
     run.extras = {"drop_share": skipper.inputs_dropped / max(skipper.inputs_seen, 1),
+                  "frozen_share": skipper.lookups_frozen / max(skipper.lookups_seen, 1),
                   "stale_rows": float(len(skipper.stale)) if skipper.stale is not None else 0.0,
                   "threshold": skipper.threshold, "skipper_share_of_run": skipper.seconds / epoch_s}
     return run
 
+
+def fit_with_stale_skipping(recipe: Recipe, target_drop_fraction: float, profiled: bool = False,
+                            min_stale_lookups: int | None = None, repack: bool = False, **options: Any) -> TrainedRun:
+    """:func:`fit_with_skipper` with a skipper of the bench's window and the given target; ``profiled`` takes the
+    candidates from a 5% :class:`AccessProfile` (the popularity variants' hot set); ``options`` go to the skipper."""
+    hot_rows = profiled_hot_rows(recipe) if profiled else None
+    return fit_with_skipper(recipe, StaleEmbeddingSkipper(
+        hot_rows=hot_rows, evaluate_every_n_steps=STALE_EVALUATE_EVERY_N_STEPS,
+        target_drop_fraction=target_drop_fraction, min_stale_lookups=min_stale_lookups, repack=repack, **options))
+
+
+register_variant("stale", "Lightning with StaleEmbeddingSkipper() exactly as its defaults (the setting a user gets)")(
+    lambda recipe: fit_with_skipper(recipe, StaleEmbeddingSkipper()))
 
 for _percent in (10, 30, 50):
     register_variant(f"stale{_percent}", f"Lightning, inputs on stale rows dropped, target {_percent}% (Slipstream)")(
@@ -68,3 +77,26 @@ for _percent in (10, 30, 50):
         lambda recipe, fraction=_percent / 100: fit_with_stale_skipping(
             recipe, fraction, profiled=True, min_stale_lookups=len(recipe.datamodule.sparse_feature_names) // 2,
             repack=True))
+
+# Quality-keeping settings (issue 13): keep one droppable input in k at weight k, freeze the stale lookups.
+for _percent in (30, 50, 70):
+    for _k in (2, 4, 8):
+        register_variant(f"stale{_percent}_k{_k}", f"as stale{_percent}, one droppable input in {_k} kept at weight "
+                         f"{_k}")(lambda recipe, fraction=_percent / 100, k=_k: fit_with_stale_skipping(
+                             recipe, fraction, keep_one_in=k))
+        register_variant(f"stale{_percent}_k{_k}_freeze", f"as stale{_percent}_k{_k}, stale lookups of the other "
+                         "inputs served without gradient")(lambda recipe, fraction=_percent / 100, k=_k:
+                                                           fit_with_stale_skipping(recipe, fraction, keep_one_in=k,
+                                                                                   freeze_stale_lookups=True))
+        register_variant(f"stale{_percent}_k{_k}_repack", f"as stale{_percent}_k{_k}, dropped in the data pipeline")(
+            lambda recipe, fraction=_percent / 100, k=_k: fit_with_stale_skipping(recipe, fraction, keep_one_in=k,
+                                                                                  repack=True))
+    register_variant(f"stale{_percent}_freeze", f"as stale{_percent}, stale lookups of the kept inputs served "
+                     "without gradient")(lambda recipe, fraction=_percent / 100: fit_with_stale_skipping(
+                         recipe, fraction, freeze_stale_lookups=True))
+    for _k in (2, 4):
+        register_variant(f"stale{_percent}_half_k{_k}_repack", f"as stale{_percent}_k{_k}_repack, an input droppable "
+                         "when half its lookups are stale")(
+            lambda recipe, fraction=_percent / 100, k=_k: fit_with_stale_skipping(
+                recipe, fraction, min_stale_lookups=len(recipe.datamodule.sparse_feature_names) // 2,
+                keep_one_in=k, repack=True))

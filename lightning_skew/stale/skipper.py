@@ -16,15 +16,17 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_skew.core.batch import select_inputs
+from lightning_skew.core.batch import input_weights, select_inputs, set_decisions, split_lookups
 from lightning_skew.core.distributed import distributed
-from lightning_skew.core.rowsets import RowSet
+from lightning_skew.core.rowsets import RowSet, lookup_members
 from lightning_skew.core.tables import WatchedTable, watched_tables
+from lightning_skew.models.decisions import require_decisions
 from lightning_skew.profile.sources import HotSetSource, resolve_hot_rows
 from lightning_skew.stale.guard import backed_off, guard_verdict
 from lightning_skew.stale.staleness import (
     drop_mask,
     keep_at_least_one,
+    sampled_inputs,
 )
 from lightning_skew.stale.tracker import (
     candidates_from_rowset,
@@ -70,7 +72,8 @@ class StaleEmbeddingSkipper(pl.Callback):
 
     Logs (progress bar and logger, every ``log_every_n_steps``): ``stale/drop_share`` (inputs dropped since the
     last log), ``stale/rows``, ``stale/threshold``, ``stale/overhead`` (the callback's own time as a share of
-    the wall time of the steps) and ``stale/backoffs``.
+    the wall time of the steps), ``stale/backoffs`` and ``stale/reactivated`` (rows that left the stale set
+    because they moved again, since the start).
 
     Args:
         hot_rows: candidate rows (a ``RowSet`` or a source with ``hot_rows(datamodule)``, asked once at the
@@ -99,6 +102,16 @@ class StaleEmbeddingSkipper(pl.Callback):
         repack_min_fill: with ``repack``, a batch goes on as soon as it holds this share of the batch size
             (see :func:`~lightning_skew.stale.repack.repack_batches`): a batch that lost only a few inputs is
             trained as it is instead of being joined with the next one, which costs time at every step.
+        keep_one_in: of the inputs the stale set would drop, keep a deterministic one in ``keep_one_in`` (drawn
+            from ``seed``, the rank and the input's place in the stream, so a resumed run draws the same) and
+            weight its loss by ``keep_one_in``: the dense gradient stays an unbiased estimate of the full
+            batch's, and the stale rows still see (scaled) updates, so they can wake up. ``1`` drops them all.
+            Needs a model that honours per-input ``weights`` (refused at setup otherwise).
+        freeze_stale_lookups: the lookups on stale rows of the inputs trained with weight 1 are served without
+            gradient (the batch's ``frozen_sparse``): the input still trains the dense part and its other rows,
+            while the fused embedding backward and optimizer skip the stale rows (Slipstream's skipped updates).
+            Needs a model that honours ``frozen_sparse`` (refused at setup otherwise).
+        seed: seed of the ``keep_one_in`` draws.
 
     .. note::
         A batch is never emptied: when every input would be dropped, its first input is kept. Inputs are
@@ -136,7 +149,12 @@ class StaleEmbeddingSkipper(pl.Callback):
         log_every_n_steps: int | None = None,
         repack: bool = False,
         repack_min_fill: float = 0.9,
+        keep_one_in: int = 1,
+        freeze_stale_lookups: bool = False,
+        seed: int = 0,
     ) -> None:
+        if keep_one_in < 1:
+            raise ValueError(f"keep_one_in must be at least 1 (1: drop every droppable input), got {keep_one_in}")
         if not 0.0 < repack_min_fill <= 1.0:
             raise ValueError(f"repack_min_fill must lie in (0, 1], got {repack_min_fill}")
         _validate(max_candidate_rows, evaluate_every_n_steps, threshold, target_drop_fraction, tolerance,
@@ -157,6 +175,11 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.log_every_n_steps = log_every_n_steps
         self.repack = repack
         self.repack_min_fill = repack_min_fill
+        self.keep_one_in = keep_one_in
+        self.freeze_stale_lookups = freeze_stale_lookups
+        self.seed = seed
+        self.lookups_frozen = 0  # lookups served without gradient (this process, not saved)
+        self.lookups_seen = 0
         self.pulled_per_batch: list[int] = []  # repack: inputs read from the loader for each batch trained
         self._fed = False  # repack: a RepackedLoader handed on a batch
 
@@ -175,6 +198,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.best_metric: float | None = None
         self.inputs_seen = 0
         self.inputs_dropped = 0
+        self.reactivated = 0  # rows that left the stale set at an evaluation (they moved again), all evaluations
         self.sample_share = 0.0  # drop share of the stale set in force on the sample, all ranks
         # Per-rank state (saved for every rank): recent batches' KJTs.
         self.sample: deque[KeyedJaggedTensor] = deque(maxlen=sample_batches)
@@ -193,13 +217,18 @@ class StaleEmbeddingSkipper(pl.Callback):
             max_candidate_rows=self.max_candidate_rows, evaluate_every_n_steps=self.evaluate_every_n_steps,
             threshold=self.fixed_threshold, target_drop_fraction=self.target_drop_fraction,
             tolerance=self.tolerance, relative=self.relative, min_stale_lookups=self.min_stale_lookups,
-            guard_metric=self.guard_metric, repack=self.repack)
+            guard_metric=self.guard_metric, repack=self.repack, keep_one_in=self.keep_one_in,
+            freeze_stale_lookups=self.freeze_stale_lookups)
 
     # ------------------------------------------------------------------------------------------ set-up
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        decisions = (["weights"] if self.keep_one_in > 1 else []) + (["frozen_sparse"] if self.freeze_stale_lookups
+                                                                     else [])
+        require_decisions(pl_module, decisions, f"StaleEmbeddingSkipper(keep_one_in={self.keep_one_in}, "
+                          f"freeze_stale_lookups={self.freeze_stale_lookups})")
         if trainer.accumulate_grad_batches > 1:
             rank_zero_warn("StaleEmbeddingSkipper with accumulate_grad_batches > 1: dropped inputs change the "
                            "weight of the accumulated micro-batches")
@@ -241,6 +270,9 @@ class StaleEmbeddingSkipper(pl.Callback):
                     kept = select_inputs(batch, kept.to(batch.labels.device))
                     batch.dense_features, batch.sparse_features, batch.labels = (kept.dense_features,
                                                                                  kept.sparse_features, kept.labels)
+                    set_decisions(batch, weights=input_weights(kept))
+            if self.freeze_stale_lookups:
+                self._freeze(batch)
         self._log(trainer, pl_module, step)
 
     def record_read(self, inputs: int) -> None:
@@ -277,12 +309,20 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.sample.append(sparse.to(torch.device("cpu")))
 
     def _kept(self, batch: Any) -> Tensor | None:
-        """Positions of the inputs of the last recorded batch to keep (``None``: all), counted."""
+        """Positions of the inputs of the last recorded batch to keep (``None``: all), counted; with
+        ``keep_one_in`` the kept share of the droppable ones is weighted on ``batch`` (its ``weights``)."""
         size = batch.sparse_features.stride()
         kept = None
         dropped = 0
         if self.stale is not None and self.sample_share > 0:
-            drop = keep_at_least_one(drop_mask(self.sample[-1], self.stale, self.min_stale_lookups))
+            droppable = drop_mask(self.sample[-1], self.stale, self.min_stale_lookups)
+            drop = droppable
+            if self.keep_one_in > 1:
+                sampled = sampled_inputs(size, self.keep_one_in, self.seed, _rank(), self.inputs_seen)
+                drop = droppable & ~sampled
+                weights = torch.where(droppable & sampled, float(self.keep_one_in), 1.0)
+                set_decisions(batch, weights=weights.to(batch.labels.device))
+            drop = keep_at_least_one(drop)
             dropped = int(drop.sum())
             if dropped:
                 kept = torch.nonzero(~drop).flatten()
@@ -291,6 +331,26 @@ class StaleEmbeddingSkipper(pl.Callback):
         self._log_seen += size
         self._log_dropped += dropped
         return kept
+
+    def _freeze(self, batch: Any) -> None:
+        """Serve the stale lookups of the inputs of weight 1 without gradient (``batch.frozen_sparse``). Once a
+        stale set is in force every rank freezes (an empty set of lookups, if it has none): a sharded model then
+        runs its extra lookup on every rank alike."""
+        sparse = batch.sparse_features
+        if self.stale is None or self.sample_share <= 0:
+            set_decisions(batch, weights=input_weights(batch), frozen_sparse=None)
+            return
+        member = lookup_members(sparse, self.stale)
+        weights = input_weights(batch)
+        if weights is not None and bool((weights != 1).any()):  # weighted inputs train all their rows
+            owner = torch.repeat_interleave(torch.arange(sparse.stride()).repeat(len(sparse.keys())),
+                                            sparse.lengths().long().cpu())
+            member &= (weights.cpu() == 1)[owner]
+        fresh, frozen = split_lookups(sparse, member)
+        batch.sparse_features = fresh
+        set_decisions(batch, weights=weights, frozen_sparse=frozen)
+        self.lookups_frozen += int(member.sum())
+        self.lookups_seen += member.numel()
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         every = self.log_every_n_steps or max(trainer.log_every_n_steps, 1)
@@ -301,7 +361,8 @@ class StaleEmbeddingSkipper(pl.Callback):
         stale_rows = len(self.stale) if self.stale is not None else 0
         figures = {"stale/drop_share": self._log_dropped / self._log_seen, "stale/rows": float(stale_rows),
                    "stale/threshold": 0.0 if self.threshold != self.threshold else self.threshold,
-                   "stale/overhead": self._own_s / wall, "stale/backoffs": float(self.backoffs)}
+                   "stale/overhead": self._own_s / wall, "stale/backoffs": float(self.backoffs),
+                   "stale/reactivated": float(self.reactivated)}
         for name, value in figures.items():
             pl_module.log(name, value, prog_bar=name in ("stale/drop_share", "stale/rows"), on_step=True,
                           on_epoch=False, batch_size=1)
@@ -319,7 +380,9 @@ class StaleEmbeddingSkipper(pl.Callback):
             self.threshold, self.sample_share = search_threshold(
                 self._tables, self.candidates, changes, list(self.sample), self.target, self.tolerance, fixed,
                 self.min_stale_lookups)
+            previous = self.stale
             self.stale = stale_rows(self._tables, self.candidates, changes, self.threshold)
+            self.reactivated += _left(previous, self.stale)
             self.evaluations += 1
         self.candidates = self._fixed_candidates if self._fixed_candidates is not None else \
             counted_candidates(self._tables, self.sample, self.max_candidate_rows)
@@ -366,7 +429,7 @@ class StaleEmbeddingSkipper(pl.Callback):
             "threshold": self.threshold, "target": self.target, "fixed_scale": self.fixed_scale,
             "last_evaluation_step": self.last_evaluation_step, "evaluations": self.evaluations,
             "backoffs": self.backoffs, "best_metric": self.best_metric, "inputs_seen": self.inputs_seen,
-            "inputs_dropped": self.inputs_dropped, "sample_share": self.sample_share,
+            "inputs_dropped": self.inputs_dropped, "sample_share": self.sample_share, "reactivated": self.reactivated,
             "fixed_candidates": self._fixed_candidates, "per_rank": per_rank,
         }
 
@@ -378,6 +441,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         for name in ("threshold", "target", "fixed_scale", "last_evaluation_step", "evaluations", "backoffs",
                      "best_metric", "inputs_seen", "inputs_dropped", "sample_share"):
             setattr(self, name, state_dict[name])
+        self.reactivated = state_dict.get("reactivated", 0)  # absent from checkpoints of earlier versions
         self._fixed_candidates = state_dict["fixed_candidates"]
         per_rank = state_dict["per_rank"]
         rank = dist.get_rank() if distributed() else 0
@@ -392,6 +456,18 @@ class StaleEmbeddingSkipper(pl.Callback):
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _left(before: RowSet | None, after: RowSet) -> int:
+    """Rows of ``before`` that are not in ``after`` (over all features of ``before``)."""
+    if before is None:
+        return 0
+    return sum(int((before.mask(name) & ~after.mask(name)).sum()) for name in before.feature_names
+               if name in after.feature_names)
+
+
+def _rank() -> int:
+    return dist.get_rank() if distributed() else 0
 
 
 def _validate(max_candidate_rows: int, every: int, threshold: float | None, target: float, tolerance: float,

@@ -19,6 +19,7 @@ __all__ = [
     "drop_mask",
     "keep_at_least_one",
     "row_change",
+    "sampled_inputs",
     "stale_rowset",
 ]
 
@@ -55,6 +56,14 @@ def drop_mask(sparse: KeyedJaggedTensor, stale: RowSet, min_stale_lookups: int |
     hits, lookups = lookups_in(sparse, stale)
     needed = lookups if min_stale_lookups is None else lookups.clamp(max=min_stale_lookups)
     return (hits >= needed) & (lookups > 0)
+
+
+def sampled_inputs(batch_size: int, one_in: int, seed: int, rank: int, position: int) -> Tensor:
+    """A deterministic draw of about one input in ``one_in`` of a batch: the same for the same ``seed``, ``rank``
+    and ``position`` (the batch's first input's place in the rank's stream), so a resumed run, or any process
+    repeating the run, draws alike."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + rank * 7_919 + position) % (2 ** 63))
+    return torch.randint(one_in, (batch_size,), generator=generator) == 0
 
 
 def keep_at_least_one(drop: Tensor) -> Tensor:
