@@ -200,6 +200,14 @@ class StaleEmbeddingSkipper(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        pipeline = getattr(trainer.strategy, "pipeline", None)
+        if pipeline is not None and not self.repack:
+            raise MisconfigurationException(
+                f"StaleEmbeddingSkipper(repack=False) drops inputs from each batch in on_train_batch_start, but "
+                f"{type(trainer.strategy).__name__}(pipeline={pipeline!r}) has taken that batch from the loader and "
+                "distributed its sparse features a step or two earlier, so the change cannot reach the step. Use "
+                "StaleEmbeddingSkipper(repack=True) with lightning_skew.RepackedDataModule (inputs dropped in the data "
+                "pipeline, before the pipeline reads them), or pipeline=None.")
         if trainer.accumulate_grad_batches > 1:
             rank_zero_warn("StaleEmbeddingSkipper with accumulate_grad_batches > 1: dropped inputs change the "
                            "weight of the accumulated micro-batches")
