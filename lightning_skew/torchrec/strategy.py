@@ -332,9 +332,9 @@ class TorchRecStrategy(DDPStrategy):
 
     def process_dataloader(self, dataloader: object) -> object:
         dataloader = super().process_dataloader(dataloader)
-        if self.pipeline is None:
-            return dataloader
         trainer = self.lightning_module.trainer
+        if self.pipeline is None or not trainer.training:  # only the training loader feeds the pipeline
+            return dataloader
         return PipelinedLoader(dataloader, self._start_epoch, lambda: trainer.training)
 
     def _start_epoch(self, stream: StepStream) -> None:
