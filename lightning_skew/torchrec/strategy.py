@@ -45,6 +45,7 @@ SHARDED_FORMAT = "sharded-v1"
 # module or callback that overrides one of these would silently lose it.
 _STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
 
+
 def weights_or_full(path: Path, checkpoint: dict[str, Any], fitting: bool = True) -> dict[str, Any]:
     """A checkpoint file as Lightning restores it. An export (weights only, no optimizer state, as
     :meth:`TorchRecStrategy.export_unsharded_checkpoint` writes) starts a new run from its weights: the
@@ -285,8 +286,13 @@ class TorchRecStrategy(DDPStrategy):
         check_same_batch(batch, self._stream.trained_next())
         self._step_args = (args[1:], kwargs)
         pipeline = self._pipeline_for_step()
+        first = not pipeline._pipelined_modules
         output = pipeline.progress(self._stream.for_pipeline)
         self._stream.step_done()
+        if first and not pipeline._pipelined_modules:
+            rank_zero_warn(f"TorchRecStrategy(pipeline={self.pipeline!r}): no sharded module of "
+                           f"{type(self.lightning_module).__name__} takes its input straight from the batch (e.g. "
+                           "batch.sparse_features) in its forward, so none is pipelined and the steps run unpipelined")
         return output
 
     def _pipelining(self) -> bool:
