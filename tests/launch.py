@@ -15,13 +15,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start(script: str | Path, world_size: int, args: list[str]) -> list[subprocess.Popen]:
+def _start(script: str | Path, world_size: int, args: list[str], nodes: int = 1) -> list[subprocess.Popen]:
     port = str(free_port())
     procs = []
+    per_node = world_size // nodes
     for rank in range(world_size):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(world_size),
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0", "LOCAL_WORLD_SIZE": str(world_size),
-               "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+               "RANK": str(rank), "LOCAL_RANK": str(rank % per_node), "NODE_RANK": str(rank // per_node),
+               "LOCAL_WORLD_SIZE": str(per_node), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        if nodes > 1:  # as torchrun starts each node's processes (Lightning's TorchElasticEnvironment)
+            env.update({"GROUP_RANK": str(rank // per_node), "TORCHELASTIC_RUN_ID": port})
         procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     return procs
@@ -42,9 +45,10 @@ def launch_until_killed(script: str | Path, world_size: int, args: list[str], ti
     return out
 
 
-def launch(script: str | Path, world_size: int, args: list[str], timeout: float = 300) -> list[str]:
-    """Run ``script`` as ``world_size`` ranks; return each rank's output, or fail with all of it."""
-    procs = _start(script, world_size, args)
+def launch(script: str | Path, world_size: int, args: list[str], timeout: float = 300, nodes: int = 1) -> list[str]:
+    """Run ``script`` as ``world_size`` ranks (on ``nodes`` simulated nodes of ``world_size // nodes`` processes
+    each, all on this host); return each rank's output, or fail with all of it."""
+    procs = _start(script, world_size, args, nodes)
     outputs = []
     try:
         for proc in procs:

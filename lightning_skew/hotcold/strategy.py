@@ -93,7 +93,8 @@ class HotColdStrategy(TorchRecStrategy):
         cold_compute_kernel: TorchRec kernel of cold shards (default ``fused_uvm`` on CUDA: host memory read by
             the GPU; ``fused`` on CPU).
         **kwargs: every argument of :class:`TorchRecStrategy` (``sharding_types``, ``embedding_optimizer``,
-            ``embedding_lr``, ``cache_load_factor``, ``process_group_backend``, ...), passed through.
+            ``embedding_lr``, ``cache_load_factor``, ``process_group_backend``, ...), passed through; all but
+            ``pipeline``, which HotColdStrategy refuses.
 
     .. note::
         A batch that says it is hot on every rank (a :class:`~lightning_skew.core.batch.SkewBatch` from a
@@ -124,6 +125,12 @@ class HotColdStrategy(TorchRecStrategy):
         cold_compute_kernel: str | None = None,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("pipeline") is not None:
+            raise ValueError(
+                f"HotColdStrategy does not take pipeline={kwargs['pipeline']!r}: its collections re-index IDs and "
+                "choose hot or cold per batch before the sharded tables, so TorchRec's pipeline cannot distribute a "
+                "batch's inputs steps ahead. Use TorchRecStrategy(pipeline=...) without the hot/cold placement, or "
+                "HotColdStrategy without a pipeline.")
         super().__init__(**kwargs)
         check_source_arguments(budget_bytes, sample_fraction)
         for name, value in (("rebalance_every_n_steps", rebalance_every_n_steps),

@@ -225,6 +225,20 @@ class StaleEmbeddingSkipper(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        pipeline = getattr(trainer.strategy, "pipeline", None)
+        if pipeline is not None and not self.repack:
+            raise MisconfigurationException(
+                f"StaleEmbeddingSkipper(repack=False) drops inputs from each batch in on_train_batch_start, but "
+                f"{type(trainer.strategy).__name__}(pipeline={pipeline!r}) has taken that batch from the loader and "
+                "distributed its sparse features a step or two earlier, so the change cannot reach the step. Use "
+                "StaleEmbeddingSkipper(repack=True) with lightning_skew.RepackedDataModule (inputs dropped in the data "
+                "pipeline, before the pipeline reads them), or pipeline=None.")
+        if pipeline is not None and self.freeze_stale_lookups:
+            raise MisconfigurationException(
+                f"StaleEmbeddingSkipper(freeze_stale_lookups=True) moves the stale lookups of each batch into its "
+                f"frozen_sparse in on_train_batch_start and looks them up in a second pass, but "
+                f"{type(trainer.strategy).__name__}(pipeline={pipeline!r}) has distributed that batch's sparse "
+                "features already and runs one lookup per step. Use freeze_stale_lookups=False, or pipeline=None.")
         decisions = (["weights"] if self.keep_one_in > 1 else []) + (["frozen_sparse"] if self.freeze_stale_lookups
                                                                      else [])
         require_decisions(pl_module, decisions, f"StaleEmbeddingSkipper(keep_one_in={self.keep_one_in}, "

@@ -1,13 +1,57 @@
-"""``lightning-skew bench`` variants of TorchRecStrategy on one GPU: tables in GPU memory, host memory, a UVM cache."""
+"""``lightning-skew bench`` variants of TorchRecStrategy: TorchRec's train pipeline with and without Lightning (CPU),
+and on one GPU tables in GPU memory, host memory, a UVM cache."""
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.train_pipeline.train_pipelines import TrainPipelineSparseDist
+
 from lightning_skew.bench.helpers import HOT_COLD_BUDGET_BYTES, embedding_dim_of, gpu_peak, reset_gpu_peak
-from lightning_skew.bench.runner import fit_with_lightning
-from lightning_skew.bench.types import Recipe, TrainedRun, register_variant
+from lightning_skew.bench.runner import _dense_optimizer, ensure_process_group, fit_with_lightning
+from lightning_skew.bench.types import Recipe, StepClock, TrainedRun, register_variant
+from lightning_skew.torchrec.sharding import shard_module
 from lightning_skew.torchrec.strategy import TorchRecStrategy
 
 # The CPU baselines (handwritten, lightning) are the runner's own: lightning_skew.bench.runner.
+
+
+@register_variant("handwritten_pipeline", "TorchRec DMP driven by TorchRec's TrainPipelineSparseDist, no Lightning")
+def train_pipeline_by_hand(recipe: Recipe) -> TrainedRun:
+    """TorchRec's own pipelined loop: the module sharded as TorchRecStrategy shards it, then
+    ``TrainPipelineSparseDist.progress`` until the loader runs out (it copies and distributes the next batch's
+    inputs while the current one trains, and runs forward, BCE loss, backward and the dense optimizer step)."""
+    ensure_process_group()
+    module, datamodule = recipe.model, recipe.datamodule
+    device = torch.device("cpu")
+    dmp = shard_module(module, device)
+    dmp.train()
+    optimizer = _dense_optimizer(module.configure_optimizers())
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+
+    def forward(batch: Batch) -> tuple[Tensor, Tensor]:
+        logits = dmp(batch)
+        return F.binary_cross_entropy_with_logits(logits, batch.labels.float()), logits
+
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, device, custom_model_fwd=forward)
+    clock = StepClock()
+    for _ in range(recipe.epochs):
+        batches = iter(datamodule.train_dataloader())
+        while True:
+            try:
+                logits = pipeline.progress(batches)
+            except StopIteration:
+                break
+            clock.tick(logits.shape[0])
+    pipeline.detach()  # the sharded modules' own forwards back, for the evaluation
+    return TrainedRun(model=dmp, clock=clock)
+
+
+register_variant("lightning_pipeline", "Lightning Trainer with TorchRecStrategy(pipeline='sparse_dist')")(
+    lambda recipe: fit_with_lightning(recipe, strategy=TorchRecStrategy(pipeline="sparse_dist")))
 
 
 def fit_on_gpu(recipe: Recipe, compute_kernel: str, cache_load_factor: float | None = None) -> TrainedRun:

@@ -13,8 +13,11 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.train_pipeline.train_pipelines import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer
 
 from lightning_skew.torchrec.atomic import remove
@@ -24,11 +27,24 @@ from lightning_skew.torchrec.checkpoint import (
     load_sharded_checkpoint,
     save_sharded_checkpoint,
 )
+from lightning_skew.torchrec.pipeline import (
+    PipelinedLoader,
+    StepStream,
+    build_pipeline,
+    check_pipeline,
+    check_pipeline_name,
+    check_same_batch,
+)
 from lightning_skew.torchrec.sharding import DEFAULT_SHARDING_TYPES, plan_rows, shard_module
 
 __all__ = ["TorchRecStrategy"]
 
 SHARDED_FORMAT = "sharded-v1"
+
+# Hooks Lightning calls around its own backward and optimizer step; under a pipeline TorchRec runs both, so a
+# module or callback that overrides one of these would silently lose it.
+_STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
 
 def weights_or_full(path: Path, checkpoint: dict[str, Any], fitting: bool = True) -> dict[str, Any]:
     """A checkpoint file as Lightning restores it. An export (weights only, no optimizer state, as
@@ -68,6 +84,11 @@ class TorchRecStrategy(DDPStrategy):
             class paths in its ``init_args``; each is built with this job's topology and constraints.
         plan_path: a file for the sharding plan: reused unchanged when it exists (same tables and world size),
             else written once planned.
+        pipeline: train through one of TorchRec's train pipelines: ``"sparse_dist"`` (``TrainPipelineSparseDist``:
+            the next batch's sparse inputs are distributed while the current one trains; CPU and CUDA),
+            ``"semi_sync"`` (``TrainPipelineSemiSync``: embeddings looked up one step early; CUDA only) or
+            ``"prefetch"`` (``PrefetchTrainPipelineSparseDist``: UVM cache rows prefetched; CUDA and
+            ``fused_uvm_caching`` tables). ``None`` (default): Lightning's plain step. See the note below.
         process_group_backend: ``gloo`` or ``nccl``; default by device.
         timeout: collective timeout.
         start_method: how Lightning starts processes (see ``DDPStrategy``).
@@ -77,6 +98,16 @@ class TorchRecStrategy(DDPStrategy):
         accumulation and gradient clipping cannot apply to them: both raise an error at setup. Dense LR
         schedules reach the embedding optimizer: its learning rate is scaled by the ratio of the first dense
         param group's current to initial learning rate, before every training step.
+
+    .. note::
+        With ``pipeline``, each training step is one ``progress`` of TorchRec's pipeline: it reads the loader up to
+        two batches ahead, distributes their sparse features early, and runs the forward (your ``training_step``,
+        which must return the loss), the backward and the dense optimizer's step itself. Lightning keeps its
+        loop, callbacks, logging, LR schedulers, validation and checkpoints; ``on_train_batch_start`` and
+        ``on_train_batch_end`` see the batch of their step, which they may read but not change. Not supported,
+        with an error at setup: manual optimization, more than one optimizer, loss scaling (``16-mixed``), and
+        overrides of ``optimizer_step``, ``on_before_backward``, ``on_after_backward`` or
+        ``on_before_optimizer_step`` (TorchRec's pipeline runs the backward and the step without them).
 
     .. note::
         Checkpoints are directories (``torch.distributed.checkpoint`` shards of every rank, plus ``meta.pt``);
@@ -103,6 +134,7 @@ class TorchRecStrategy(DDPStrategy):
         topology: dict[str, Any] | None = None,
         planner: dict[str, Any] | None = None,
         plan_path: str | None = None,
+        pipeline: str | None = None,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: Any = None,
@@ -127,6 +159,11 @@ class TorchRecStrategy(DDPStrategy):
         self.topology = topology
         self.planner = planner
         self.plan_path = plan_path
+        check_pipeline_name(pipeline)
+        self.pipeline = pipeline
+        self._train_pipeline: TrainPipelineSparseDist | None = None
+        self._stream: StepStream | None = None
+        self._step_args: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
         self._embedding_base_lrs: list[float] = []
         self._lr_scale: float | None = None  # None: push the learning rate at the next step
 
@@ -160,6 +197,8 @@ class TorchRecStrategy(DDPStrategy):
             self.setup_optimizers(trainer)
             self._embedding_base_lrs = [group["lr"] for group in self.fused_optimizer.param_groups]
             self._lr_scale = None
+            if self.pipeline is not None:
+                self._check_pipeline_step(trainer)
         self.setup_precision_plugin()
         self._log_plan(trainer)
 
@@ -173,6 +212,33 @@ class TorchRecStrategy(DDPStrategy):
                 "TorchRecStrategy does not support gradient clipping: embedding gradients never materialize (the "
                 "fused optimizer consumes them in backward), so a global norm cannot be formed. Remove "
                 "gradient_clip_val, or clip dense gradients in your LightningModule's configure_gradient_clipping.")
+
+    def _check_pipeline_step(self, trainer: pl.Trainer) -> None:
+        """Fail unless TorchRec's pipeline can run this fit's training step: the device and kernels it needs, and
+        no part that expects Lightning's own backward and optimizer step."""
+        check_pipeline(self.pipeline, self.root_device, [row[3] for row in plan_rows(self.dmp.plan)])
+        module = self.lightning_module
+        what = f"TorchRecStrategy(pipeline={self.pipeline!r})"
+        if not module.automatic_optimization:
+            raise MisconfigurationException(
+                f"{what} runs the backward and the optimizer step itself, so {type(module).__name__} cannot use "
+                "manual optimization; set automatic_optimization = True, or train without the pipeline.")
+        if len(self.optimizers) != 1:
+            raise MisconfigurationException(
+                f"{what} steps one dense optimizer; {type(module).__name__}.configure_optimizers gave "
+                f"{len(self.optimizers)}.")
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise MisconfigurationException(
+                f"{what} runs the backward itself, without the loss scaling of precision='16-mixed'; use "
+                "precision='bf16-mixed' or '32-true', or train without the pipeline.")
+        overridden = [f"{type(module).__name__}.{hook}" for hook in ("optimizer_step", *_STEP_HOOKS)
+                      if is_overridden(hook, module)]
+        overridden += [f"{type(callback).__name__}.{hook}" for callback in trainer.callbacks for hook in _STEP_HOOKS
+                       if is_overridden(hook, callback, parent=pl.Callback)]
+        if overridden:
+            raise MisconfigurationException(
+                f"{what} runs the backward and the dense optimizer's step inside TorchRec's pipeline, where "
+                f"Lightning does not call {', '.join(overridden)}. Remove them, or train without the pipeline.")
 
     def _shard(self, module: pl.LightningModule) -> DistributedModelParallel:
         return shard_module(module, self.root_device, **self._shard_options())
@@ -213,7 +279,103 @@ class TorchRecStrategy(DDPStrategy):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._follow_dense_lr_schedule()
-        return super().training_step(*args, **kwargs)
+        if not self._pipelining():
+            return super().training_step(*args, **kwargs)
+        assert self._stream is not None
+        batch = args[0] if args else kwargs.pop("batch")
+        check_same_batch(batch, self._stream.trained_next())
+        self._step_args = (args[1:], kwargs)
+        pipeline = self._pipeline_for_step()
+        first = not pipeline._pipelined_modules
+        output = pipeline.progress(self._stream.for_pipeline)
+        self._stream.step_done()
+        if first and not pipeline._pipelined_modules:
+            rank_zero_warn(f"TorchRecStrategy(pipeline={self.pipeline!r}): no sharded module of "
+                           f"{type(self.lightning_module).__name__} takes its input straight from the batch (e.g. "
+                           "batch.sparse_features) in its forward, so none is pipelined and the steps run unpipelined")
+        return output
+
+    def _pipelining(self) -> bool:
+        """Whether this training step runs through the pipeline (a fit with ``pipeline``, in its training loop)."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        return self.pipeline is not None and trainer is not None and trainer.training and self._stream is not None
+
+    def _pipeline_for_step(self) -> TrainPipelineSparseDist:
+        if self._train_pipeline is None:
+            self._train_pipeline = build_pipeline(self.pipeline, self.dmp, self.optimizers[0], self.root_device,
+                                                  self._pipelined_training_step)
+        elif not self._train_pipeline._model_attached:
+            # Re-install the pipelined forwards (taken off for validation) without distributing the batch in hand
+            # again: its inputs were distributed before.
+            self._train_pipeline.attach(self.dmp, sparse_dist=False)
+        # The pipeline trains only when its model (the DMP wrapper) is in training mode. Lightning's validation
+        # puts the wrapper in eval mode and restores only the LightningModule's modes, so set the wrapper's own
+        # flag (not its children's: their modes are Lightning's).
+        self.dmp.training = True
+        return self._train_pipeline
+
+    def _pipelined_training_step(self, batch: Any) -> tuple[Tensor, Any]:
+        """The pipeline's forward: the LightningModule's ``training_step`` through DMP (so DDP's hooks fire), as
+        ``(loss, output)``."""
+        args, kwargs = self._step_args
+        output = super().training_step(batch, *args, **kwargs)
+        loss = output if isinstance(output, Tensor) else output.get("loss") if isinstance(output, dict) else None
+        if loss is None:
+            raise MisconfigurationException(
+                f"TorchRecStrategy(pipeline={self.pipeline!r}): {type(self.lightning_module).__name__}.training_step "
+                "must return the loss (a tensor, or a dict with 'loss'): TorchRec's pipeline runs its backward.")
+        return loss, output
+
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        if self._pipelining():
+            return closure_loss  # the pipeline ran it inside training_step
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        if self._pipelining():
+            return closure()  # training_step: the pipeline's forward, backward and dense optimizer step
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)
+        trainer = self.lightning_module.trainer
+        if self.pipeline is None or not trainer.training:  # only the training loader feeds the pipeline
+            return dataloader
+        return PipelinedLoader(dataloader, self._start_epoch, lambda: trainer.training)
+
+    def _start_epoch(self, stream: StepStream) -> None:
+        self._stream = stream
+        if self._train_pipeline is not None and self._train_pipeline.batches:
+            self._train_pipeline.reset()  # batches read ahead in an epoch cut short (limit_train_batches)
+
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        if self._pipelining():
+            # The pipeline copies the batch itself; the hooks (and the batch Lightning shows) stay on the host.
+            device = torch.device("cpu")
+        return super().batch_to_device(batch, device, dataloader_idx)
+
+    def _detach_pipeline(self) -> None:
+        """Give the sharded modules their own forwards back (validation, testing, after the fit)."""
+        if self._train_pipeline is not None and self._train_pipeline._model_attached:
+            self._train_pipeline.detach()
+
+    def on_validation_start(self) -> None:
+        self._detach_pipeline()
+        super().on_validation_start()
+
+    def on_test_start(self) -> None:
+        self._detach_pipeline()
+        super().on_test_start()
+
+    def on_predict_start(self) -> None:
+        self._detach_pipeline()
+        super().on_predict_start()
+
+    def on_train_end(self) -> None:
+        self._detach_pipeline()
+        self._train_pipeline = None
+        self._stream = None
+        super().on_train_end()
 
     def _follow_dense_lr_schedule(self) -> None:
         if not self.optimizers or not self._embedding_base_lrs:
