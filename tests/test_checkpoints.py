@@ -185,28 +185,6 @@ def test_an_incomplete_checkpoint_is_refused_by_name_and_last_falls_back(tmp_pat
 
 
 def test_a_synthetic_run_resumed_mid_epoch_goes_on_as_the_uninterrupted_run(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from strategy_worker import RecordLosses
+    from resume_fit import assert_resumes_mid_epoch
 
-    def fit(root: Path, ckpt_path: str | None = None, max_steps: int = -1) -> tuple[list[float], dict]:
-        data = make_data(1)
-        model = make_model(data, "rowwise_adagrad")
-        record = RecordLosses()
-        saver = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=3, save_top_k=-1)
-        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=TorchRecStrategy(), max_epochs=2,
-                             max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(root),
-                             callbacks=[saver, record], deterministic=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer.fit(model, data, ckpt_path=ckpt_path)
-        return record.losses, trainer.strategy.unsharded_state_dict()
-
-    straight, straight_weights = fit(tmp_path / "straight")
-    assert len(straight) == 16  # 8 steps an epoch
-    fit(tmp_path / "first", max_steps=3)  # stops after step 3 of epoch 0: a mid-epoch checkpoint
-    (checkpoint,) = (tmp_path / "first" / "checkpoints").glob("*step=3.ckpt")
-    resumed, resumed_weights = fit(tmp_path / "resumed", ckpt_path=str(checkpoint))
-    assert resumed == pytest.approx(straight[3:], abs=1e-6)  # the next batch, not the epoch's first again
-    for key, value in straight_weights.items():
-        torch.testing.assert_close(resumed_weights[key], value, atol=1e-6, rtol=0, msg=key)
+    assert_resumes_mid_epoch(lambda: make_data(1), tmp_path, steps_per_epoch=8, stop_at=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import math
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -527,3 +528,17 @@ def test_two_ranks_step_together_on_partial_last_batches_and_validate_every_line
     assert sorted(ranks[0]["val_ids"] + ranks[1]["val_ids"]) == list(range(33))
     for name in ("val_auc", "val_logloss"):  # scored over both ranks' inputs: the same on each
         assert 0 < ranks[0]["metrics"][name] == ranks[1]["metrics"][name]
+
+
+def test_a_tsv_fit_resumed_mid_epoch_with_workers_goes_on_as_the_uninterrupted_run(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from resume_fit import assert_resumes_mid_epoch
+
+    train = write_tsv(tmp_path / "train.txt", random_lines(43, seed=6))  # 5 batches of 8, then 3
+
+    def make_data(num_workers: int = 0) -> CriteoDataModule:
+        return CriteoDataModule(train_paths=[train], num_embeddings_per_feature=SIZES, batch_size=8,
+                                num_workers=num_workers)
+
+    # Stopped after step 3 under 2 workers: worker 0 must go on with batch 3, worker 1 with batch 4.
+    assert_resumes_mid_epoch(make_data, tmp_path, steps_per_epoch=6, stop_at=3, num_workers=2)

@@ -22,13 +22,14 @@ from lightning_skew.data.columnar.spec import (
     SparseFeature,
 )
 from lightning_skew.data.columnar.splits import SPLITS
+from lightning_skew.data.position import ResumableTrainStream, StreamPosition
 
 __all__ = ["ColumnarDataModule"]
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
-class ColumnarDataModule(RecDataModule):
+class ColumnarDataModule(ResumableTrainStream, RecDataModule):
     """Recommendation data in Parquet or CSV/TSV files (plain or gzip/bz2/zstd), mapped to a label, dense and
     sparse features by column name, streamed as torchrec Batches and sharded across ranks and workers.
 
@@ -143,6 +144,7 @@ class ColumnarDataModule(RecDataModule):
         self._decoder: RowDecoder | None = None
         self._preparation: Preparation | None = None
         self.datasets: dict[str, ColumnarDataset] = {}
+        self.position = StreamPosition()
 
     # -- the contract -----------------------------------------------------------------------------------------
 
@@ -241,11 +243,17 @@ class ColumnarDataModule(RecDataModule):
             if self.paths[split] is None and not getattr(self, f"{split}_fraction", 0):
                 return []
             raise RuntimeError(f"ColumnarDataModule: call setup() before the {split} dataloader")
+        # Training workers persist so that a resumed epoch's skip (in each worker's copy) applies to it alone.
+        persistent = split == "train" and self.num_workers > 0
         return DataLoader(self.datasets[split], batch_size=None, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory)
+                          pin_memory=self.pin_memory, persistent_workers=persistent)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train")  # type: ignore[return-value]
+        loader = self._loader("train")
+        assert isinstance(loader, DataLoader)
+        dataset = self.datasets["train"]
+        dataset.skip_first = self.batches_to_skip(len(dataset), self.batch_size * self.world_size)
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val")

@@ -18,11 +18,12 @@ from lightning_skew.data.features import (
     CRITEO_NUM_DENSE,
     capped_cardinalities,
 )
+from lightning_skew.data.position import ResumableTrainStream, StreamPosition
 
 _FORMATS = ("tsv", "npy")
 
 
-class CriteoDataModule(RecDataModule):
+class CriteoDataModule(ResumableTrainStream, RecDataModule):
     """Criteo Kaggle / Terabyte data (TSV or TorchRec npy) as torchrec Batches, sharded across ranks.
 
     A thin wrapper: :meth:`setup` reads the rank and world size (from the trainer when attached, else
@@ -127,6 +128,7 @@ class CriteoDataModule(RecDataModule):
         self._num_embeddings = capped_cardinalities(_check_table_sizes(sizes), max_rows_per_table)
         self.datasets: dict[str, IterableDataset] = {}
         self.rank, self.world_size = 0, 1
+        self.position = StreamPosition()
 
     @property
     def dense_in_features(self) -> int:
@@ -189,12 +191,18 @@ class CriteoDataModule(RecDataModule):
             if self.paths[split] is None:
                 return []
             raise RuntimeError(f"CriteoDataModule: call setup() before the {split} dataloader")
-        return DataLoader(
-            self.datasets[split], batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
-        )
+        # Training workers persist so that a resumed epoch's skip (in each worker's copy) applies to it alone.
+        persistent = split == "train" and self.num_workers > 0
+        return DataLoader(self.datasets[split], batch_size=None, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=persistent)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train")  # type: ignore[return-value]
+        loader = self._loader("train")
+        assert isinstance(loader, DataLoader)
+        dataset = loader.dataset
+        length = len(dataset) if isinstance(dataset, CriteoNpyDataset) else None  # a TSV's is known once read
+        dataset.skip_first = self.batches_to_skip(length, self.batch_size * self.world_size)  # type: ignore[attr-defined]
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val")
