@@ -243,6 +243,9 @@ class CriteoTsvDataset(IterableDataset):
                 try:
                     rows = sharding.next_global_batch(remaining)
                 except ValueError as error:
+                    if skip:  # too few lines for the ranks, left by the skip: not the stream the checkpoint read
+                        self.num_lines += remaining
+                        raise self._shorter_than_checkpoint(skip, sharding) from None
                     raise ValueError(f"{self.what} ({', '.join(self.files)}): {error}") from None
                 if rows == 0:
                     self.num_dropped_lines = stream.skip(remaining)
