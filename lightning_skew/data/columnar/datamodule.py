@@ -78,6 +78,13 @@ class ColumnarDataModule(ResumableTrainStream, RecDataModule):
         ``batch_size`` is per rank: a global batch has ``world_size * batch_size`` rows. Nothing is shuffled:
         rows arrive in file order (click logs are in time order; shuffle the files beforehand if yours are not).
 
+    .. note::
+        **Resume mid-epoch.** A checkpoint holds the training stream's position
+        (:class:`~lightning_skew.data.position.StreamPosition`): a run resumed from a step checkpoint goes on with
+        the next global batch, on every rank and DataLoader worker, and trains as the uninterrupted run. The rows
+        of the batches it skips are read and decoded (which rows count depends on it) but not encoded. The
+        training loader keeps its workers between epochs (``persistent_workers``) when ``num_workers > 0``.
+
     Example::
 
         data = ColumnarDataModule(

@@ -48,6 +48,13 @@ class CriteoDataModule(ResumableTrainStream, RecDataModule):
         counts.
 
     .. note::
+        **Resume mid-epoch.** A checkpoint holds the training stream's position
+        (:class:`~lightning_skew.data.position.StreamPosition`): a run resumed from a step checkpoint goes on with
+        the next global batch, on every rank and DataLoader worker, and trains as the uninterrupted run. TSV
+        lines already trained are skipped unparsed; a file shorter than the checkpoint says is an error. The
+        training loader keeps its workers between epochs (``persistent_workers``) when ``num_workers > 0``.
+
+    .. note::
         **Missing values** (empty categorical fields) land on row 0 of every table (:attr:`missing_rows`):
         hashing treats them as the value 0, as the DLRM reference does, so row 0 also holds the present
         values that hash to it; with a vocabulary row 0 is shared with every value the vocabulary does not

@@ -181,6 +181,10 @@ class CriteoTsvDataset(IterableDataset):
         Under DataLoader workers the counts live in the worker processes: read them from their log
         lines; the attributes are exact only with ``num_workers=0``.
 
+    .. note::
+        Set :attr:`skip_first` to ``s`` and the next pass (in every worker) starts at global batch ``s``: a run
+        resumed mid-epoch trained the batches before it. Their lines are read but not parsed.
+
     Args:
         paths: TSV files, directories or globs, read in this order. A file without any line is an error.
         batch_size: Examples per batch on this rank.
