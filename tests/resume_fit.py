@@ -35,17 +35,27 @@ def fit(make_data: Callable[[], RecDataModule], root: Path, ckpt_path: str | Non
 
 
 def assert_resumes_mid_epoch(make_data: Callable[..., RecDataModule], tmp_path: Path, steps_per_epoch: int,
-                             stop_at: int = 3, **resumed_data: object) -> None:
+                             stop_at: int = 3, from_epoch_end: bool = False, **resumed_data: object) -> None:
     """A fit stopped after step ``stop_at`` (mid-epoch) and resumed from its checkpoint trains the steps after it
     (the next batch, not the epoch's first again; the next epoch from its start) and ends with the uninterrupted
-    fit's weights. ``resumed_data`` are DataModule arguments of the stopped and resumed fits (workers)."""
-    assert 0 < stop_at < steps_per_epoch
-    straight, straight_weights = fit(make_data, tmp_path / "straight")
+    fit's weights, bit for bit. ``resumed_data`` are DataModule arguments of the resumed fits (workers).
+
+    ``from_epoch_end``: instead of a stopped fit, the uninterrupted one checkpoints every ``stop_at`` steps, and the
+    fit resumed from the step checkpoint on epoch 0's last batch must also go on with epoch 1, whole.
+    """
+    assert 0 < stop_at < steps_per_epoch and (not from_epoch_end or steps_per_epoch % stop_at == 0)
+    straight, straight_weights = fit(make_data, tmp_path / "straight",
+                                     every_n_steps=stop_at if from_epoch_end else None)
     assert len(straight) == 2 * steps_per_epoch
-    fit(lambda: make_data(**resumed_data), tmp_path / "first", max_steps=stop_at, every_n_steps=stop_at)
-    (checkpoint,) = (tmp_path / "first" / "checkpoints").glob(f"*step={stop_at}.ckpt")
-    resumed, resumed_weights = fit(lambda: make_data(**resumed_data), tmp_path / "resumed", ckpt_path=str(checkpoint))
-    assert resumed == straight[stop_at:]  # bit for bit: the same batches in the same order, the same state
-    assert sorted(resumed_weights) == sorted(straight_weights)
-    for key, value in straight_weights.items():
-        assert torch.equal(resumed_weights[key], value), key
+    saved = tmp_path / "straight"
+    if not from_epoch_end:
+        saved = tmp_path / "first"
+        fit(lambda: make_data(**resumed_data), saved, max_steps=stop_at, every_n_steps=stop_at)
+    for step in (stop_at, steps_per_epoch) if from_epoch_end else (stop_at,):
+        (checkpoint,) = (saved / "checkpoints").glob(f"*step={step}.ckpt")
+        resumed, resumed_weights = fit(lambda: make_data(**resumed_data), tmp_path / f"resumed{step}",
+                                       ckpt_path=str(checkpoint))
+        assert resumed == straight[step:], step  # bit for bit: the same batches in the same order, the same state
+        assert sorted(resumed_weights) == sorted(straight_weights)
+        for key, value in straight_weights.items():
+            assert torch.equal(resumed_weights[key], value), (step, key)

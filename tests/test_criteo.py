@@ -554,6 +554,19 @@ def test_a_resumed_pass_leaves_out_the_trained_global_batches_on_every_rank_and_
     assert lines_of_batches(npy, 1, num_workers=2) == [[9, 10, 11], [13, 14]]
 
 
+def test_a_restored_position_skips_in_the_training_loader_only_and_not_after_a_finished_epoch(tmp_path):
+    data = CriteoDataModule(train_paths=[write_tsv(tmp_path / "train.txt", numbered_lines(20))],
+                            num_embeddings_per_feature=SIZES, batch_size=4)
+    data.setup("fit")
+    every_batch = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [16, 17, 18, 19]]
+    data.load_state_dict({"position": {"epoch": 0, "position": 2, "global_batch_size": 4, "epoch_length": None}})
+    assert [c1_ids([b]) for b in data.train_dataloader().whole_stream()] == every_batch  # a profile sees them all
+    assert [c1_ids([b]) for b in data.train_dataloader()] == every_batch[2:]
+    assert data.state_dict()["position"]["epoch_length"] == 5  # the pass ran out: its length is known now
+    data.load_state_dict({"position": {"epoch": 0, "position": 5, "global_batch_size": 4, "epoch_length": 5}})
+    assert [c1_ids([b]) for b in data.train_dataloader()] == every_batch  # saved on the epoch's last batch
+
+
 def test_a_tsv_fit_resumed_mid_epoch_with_workers_goes_on_as_the_uninterrupted_run(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from resume_fit import assert_resumes_mid_epoch
@@ -564,5 +577,7 @@ def test_a_tsv_fit_resumed_mid_epoch_with_workers_goes_on_as_the_uninterrupted_r
         return CriteoDataModule(train_paths=[train], num_embeddings_per_feature=SIZES, batch_size=8,
                                 num_workers=num_workers)
 
-    # Stopped after step 3 under 2 workers: worker 0 must go on with batch 3, worker 1 with batch 4.
-    assert_resumes_mid_epoch(make_data, tmp_path, steps_per_epoch=6, stop_at=3, num_workers=2)
+    # Checkpoints of a fit in one process, resumed under 2 workers: after step 3 worker 0 must go on with batch 3,
+    # worker 1 with batch 4. The TSV's length is unknown before it is read: after step 6 (the epoch's last batch)
+    # epoch 1 must start whole.
+    assert_resumes_mid_epoch(make_data, tmp_path, steps_per_epoch=6, stop_at=3, from_epoch_end=True, num_workers=2)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["ResumableTrainStream", "StreamPosition"]
+from torch.utils.data import DataLoader
+
+__all__ = ["ResumableTrainStream", "ResumingLoader", "StreamPosition"]
 
 
 class StreamPosition:
@@ -12,18 +15,22 @@ class StreamPosition:
 
     The DataModule counts each batch the loop takes (:meth:`taken`, from ``on_before_batch_transfer`` while
     training: a batch fetched ahead is not counted), saves :meth:`state_dict` in checkpoints, and asks
-    :meth:`skip`, when it builds its training stream, how many batches of that epoch a resumed run has already
-    trained. A checkpoint taken at the end of an epoch skips nothing.
+    :meth:`skip`, as each pass over its training stream begins, how many batches of that epoch a resumed run has
+    already trained. A checkpoint taken at the end of an epoch skips nothing.
 
     The inputs per global batch (``batch_size * world_size``) given to :meth:`skip` are saved as well, so that a
     run resumed with another global batch size skips the same inputs (when its batches end where the saved
-    position does; else :meth:`skip` refuses, since no batch boundary of the new run matches).
+    position does; else :meth:`skip` refuses, since no batch boundary of the new run matches). So is the length of
+    the pass being trained once its stream has ended (:meth:`pass_ended`; Lightning fetches a batch ahead, so
+    that is known when its last batch is taken): a stream whose length is not known before it is read (a text
+    file) then knows that a checkpoint taken on its last batch ended the epoch.
     """
 
     def __init__(self) -> None:
         self.epoch = -1
         self.position = 0
         self.global_batch_size: int | None = None
+        self.pass_length: int | None = None  # global batches of the pass being trained, once its stream ended
         self._resume: tuple[int, int, int | None] | None = None
 
     def taken(self, epoch: int) -> None:
@@ -32,6 +39,14 @@ class StreamPosition:
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
         self.position += 1
+
+    def pass_started(self) -> None:
+        """A pass over the training stream begins (its length is not known yet)."""
+        self.pass_length = None
+
+    def pass_ended(self, length: int) -> None:
+        """The pass's stream ended after ``length`` global batches (those a resumed pass skipped included)."""
+        self.pass_length = length
 
     def skip(self, epoch: int, epoch_length: int | None = None, global_batch_size: int | None = None) -> int:
         """Batches of ``epoch`` to leave out because a resumed run trained them before its checkpoint (until the
@@ -67,31 +82,78 @@ class StreamPosition:
         return position
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "global_batch_size": self.global_batch_size}
+        return {"epoch": self.epoch, "position": self.position, "global_batch_size": self.global_batch_size,
+                "epoch_length": self.pass_length}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        saved_size = state.get("global_batch_size")  # absent from checkpoints written before it was saved
-        self._resume = (self.epoch, self.position, saved_size) if self.epoch >= 0 and self.position > 0 else None
+        # Both absent from checkpoints written before they were saved.
+        saved_size, length = state.get("global_batch_size"), state.get("epoch_length")
+        finished = length is not None and self.position >= length
+        resumes = self.epoch >= 0 and self.position > 0 and not finished
+        self._resume = (self.epoch, self.position, saved_size) if resumes else None
+
+
+class ResumingLoader(DataLoader):
+    """A training ``DataLoader`` that, as each pass begins, tells its dataset how many global batches a resumed run
+    already trained, and tells the :class:`StreamPosition` where the pass's stream ends.
+
+    The count is asked when the pass begins, not when the loader is built, and the dataset reads ``skip_first``
+    once per pass (in every worker: workers start with the count of their pass) and resets it. The end is noted in
+    this process as the last batch is fetched, which Lightning does before that batch's step.
+    """
+
+    position: StreamPosition | None = None
+    current_epoch: Callable[[], int] | None = None  # the trainer's epoch; None: 0
+    epoch_length: int | None = None
+    global_batch_size: int | None = None
+
+    def __iter__(self) -> Any:
+        if self.position is None:
+            # Under workers an earlier pass's count stays in this process's copy of the dataset.
+            self.dataset.skip_first = 0  # type: ignore[attr-defined]
+            return super().__iter__()
+        epoch = self.current_epoch() if self.current_epoch is not None else 0
+        skip = self.position.skip(epoch, self.epoch_length, self.global_batch_size)
+        self.dataset.skip_first = skip  # type: ignore[attr-defined]
+        return self._pass(super().__iter__(), skip)
+
+    def whole_stream(self) -> ResumingLoader:
+        """This loader, made to read every batch of every pass and to leave the position alone: for a pass that is
+        not training (a profile counted at the start of a resumed fit must see what the uninterrupted one saw)."""
+        self.position = None
+        return self
+
+    def _pass(self, batches: Iterator[Any], skip: int) -> Iterator[Any]:
+        assert self.position is not None
+        self.position.pass_started()
+        length = skip
+        for batch in batches:
+            length += 1
+            yield batch
+        self.position.pass_ended(length)
 
 
 class ResumableTrainStream:
     """Mid-epoch resume for a :class:`~lightning_skew.data.base.RecDataModule` whose training batches are one
     stream of global batches: mixed in before the DataModule's base class.
 
-    The DataModule sets ``self.position = StreamPosition()`` in ``__init__`` and, when it builds its training
-    dataset, gives it :meth:`batches_to_skip` (the dataset leaves that many global batches out of its first
-    pass, in every DataLoader worker). This mixin counts the batches the training loop takes, and saves and
-    restores the position with the checkpoint.
+    The DataModule sets ``self.position = StreamPosition()`` in ``__init__`` and builds its training loader with
+    :meth:`resuming_loader` around a dataset that leaves ``skip_first`` global batches out of its next pass. This
+    mixin counts the batches the training loop takes, and saves and restores the position with the checkpoint.
     """
 
     position: StreamPosition
     trainer: Any
 
-    def batches_to_skip(self, epoch_length: int | None, global_batch_size: int) -> int:
-        """Global batches of the epoch about to start that a resumed run already trained (0 unless resumed)."""
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return self.position.skip(epoch, epoch_length, global_batch_size)
+    def resuming_loader(self, dataset: Any, epoch_length: int | None, global_batch_size: int,
+                        **loader_arguments: Any) -> ResumingLoader:
+        """``DataLoader(dataset, batch_size=None, **loader_arguments)`` whose passes leave out the global batches a
+        resumed run already trained (``epoch_length``: global batches per epoch, ``None`` when not known)."""
+        loader = ResumingLoader(dataset, batch_size=None, **loader_arguments)
+        loader.position, loader.epoch_length, loader.global_batch_size = self.position, epoch_length, global_batch_size
+        loader.current_epoch = lambda: self.trainer.current_epoch if self.trainer is not None else 0
+        return loader
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training:

@@ -82,8 +82,7 @@ class ColumnarDataModule(ResumableTrainStream, RecDataModule):
         **Resume mid-epoch.** A checkpoint holds the training stream's position
         (:class:`~lightning_skew.data.position.StreamPosition`): a run resumed from a step checkpoint goes on with
         the next global batch, on every rank and DataLoader worker, and trains as the uninterrupted run. The rows
-        of the batches it skips are read and decoded (which rows count depends on it) but not encoded. The
-        training loader keeps its workers between epochs (``persistent_workers``) when ``num_workers > 0``.
+        of the batches it skips are read and decoded (which rows count depends on it) but not encoded.
 
     Example::
 
@@ -250,17 +249,14 @@ class ColumnarDataModule(ResumableTrainStream, RecDataModule):
             if self.paths[split] is None and not getattr(self, f"{split}_fraction", 0):
                 return []
             raise RuntimeError(f"ColumnarDataModule: call setup() before the {split} dataloader")
-        # Training workers persist so that a resumed epoch's skip (in each worker's copy) applies to it alone.
-        persistent = split == "train" and self.num_workers > 0
-        return DataLoader(self.datasets[split], batch_size=None, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=persistent)
+        dataset = self.datasets[split]
+        if split != "train":
+            return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return self.resuming_loader(dataset, len(dataset), self.batch_size * self.world_size,
+                                    num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader("train")
-        assert isinstance(loader, DataLoader)
-        dataset = self.datasets["train"]
-        dataset.skip_first = self.batches_to_skip(len(dataset), self.batch_size * self.world_size)
-        return loader
+        return self._loader("train")  # type: ignore[return-value]
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val")

@@ -51,8 +51,7 @@ class CriteoDataModule(ResumableTrainStream, RecDataModule):
         **Resume mid-epoch.** A checkpoint holds the training stream's position
         (:class:`~lightning_skew.data.position.StreamPosition`): a run resumed from a step checkpoint goes on with
         the next global batch, on every rank and DataLoader worker, and trains as the uninterrupted run. TSV
-        lines already trained are skipped unparsed; a file shorter than the checkpoint says is an error. The
-        training loader keeps its workers between epochs (``persistent_workers``) when ``num_workers > 0``.
+        lines already trained are skipped unparsed; a file shorter than the checkpoint says is an error.
 
     .. note::
         **Missing values** (empty categorical fields) land on row 0 of every table (:attr:`missing_rows`):
@@ -198,18 +197,15 @@ class CriteoDataModule(ResumableTrainStream, RecDataModule):
             if self.paths[split] is None:
                 return []
             raise RuntimeError(f"CriteoDataModule: call setup() before the {split} dataloader")
-        # Training workers persist so that a resumed epoch's skip (in each worker's copy) applies to it alone.
-        persistent = split == "train" and self.num_workers > 0
-        return DataLoader(self.datasets[split], batch_size=None, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=persistent)
+        dataset = self.datasets[split]
+        if split != "train":
+            return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        length = len(dataset) if isinstance(dataset, CriteoNpyDataset) else None  # a TSV's is known once read
+        return self.resuming_loader(dataset, length, self.batch_size * self.world_size,
+                                    num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader("train")
-        assert isinstance(loader, DataLoader)
-        dataset = loader.dataset
-        length = len(dataset) if isinstance(dataset, CriteoNpyDataset) else None  # a TSV's is known once read
-        dataset.skip_first = self.batches_to_skip(length, self.batch_size * self.world_size)  # type: ignore[attr-defined]
-        return loader
+        return self._loader("train")  # type: ignore[return-value]
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val")

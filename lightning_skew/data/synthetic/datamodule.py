@@ -247,10 +247,9 @@ class SyntheticDataModule(ResumableTrainStream, RecDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader("train")
-        stream = loader.dataset
-        stream.skip_first = self.batches_to_skip(len(stream), stream.batch_size * stream.world_size)
-        return loader
+        stream = self.stream("train")
+        return self.resuming_loader(stream, len(stream), self.batch_size * self.world_size,
+                                    num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
