@@ -10,8 +10,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from lightning_skew.torchrec.atomic import resolve_last
 
 EXTRA_COMMANDS = {
     "bench": "lightning_skew.bench:main",
@@ -58,6 +61,17 @@ class SkewCLI(LightningCLI):
         except SystemExit:
             sys.stderr.write(f"Parsing the hyperparameters of {ckpt_path} failed\n")
             raise
+
+    def before_fit(self) -> None:
+        # Lightning's ckpt_path="last" finds only last*.ckpt and starts afresh without one (a kill during the first
+        # save of last.ckpt, or save_last off): resume from the newest complete checkpoint instead, with a warning.
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            folders = [c.dirpath for c in self.trainer.checkpoint_callbacks
+                       if isinstance(c, ModelCheckpoint) and c.dirpath is not None]
+            chosen = resolve_last(folders)
+            if chosen is not None:
+                config["ckpt_path"] = str(chosen)
 
     def after_fit(self) -> None:
         self._print_quality("val")

@@ -19,6 +19,7 @@ from launch import launch, launch_until_killed  # noqa: E402
 from strategy_worker import make_data, make_model  # noqa: E402
 
 from lightning_skew import TorchRecStrategy  # noqa: E402
+from lightning_skew.torchrec.atomic import resolve_last  # noqa: E402
 
 WORKER = Path(__file__).parent / "strategy_worker.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +155,11 @@ def test_a_kill_during_a_save_leaves_checkpoints_that_resume_exactly_or_are_refu
     visible = sorted((killed / "checkpoints").glob("*.ckpt"))
     assert [p.name for p in visible if p.name.startswith("epoch=")]  # an earlier complete save is always there
     # last.ckpt is missing only when the kill came during its very first write; otherwise it is complete.
-    assert (killed / "checkpoints" / "last.ckpt").exists() == ((stage, occurrence) != ("tensors_written", 2))
+    first_last_write = (stage, occurrence) == ("tensors_written", 2)
+    assert (killed / "checkpoints" / "last.ckpt").exists() != first_last_write
+    if first_last_write:  # ckpt_path="last" (the command) takes the newest complete checkpoint, saying why
+        with pytest.warns(UserWarning, match=r"no last.ckpt .*left only \.last\.ckpt\..*resuming from the newest"):
+            assert resolve_last([killed / "checkpoints"]) == max(visible, key=lambda p: p.stat().st_mtime)
     steps_per_epoch = len(uninterrupted["losses"]) // EPOCHS
     for checkpoint in visible:
         resumed = _crash_run(tmp_path / f"resumed-{checkpoint.name}", 1, resume=str(checkpoint))
@@ -184,29 +189,55 @@ def test_an_incomplete_checkpoint_is_refused_by_name_and_last_falls_back(tmp_pat
     assert chosen != newest and chosen.name.startswith("epoch=")
 
 
-def test_a_synthetic_run_resumed_mid_epoch_goes_on_as_the_uninterrupted_run(tmp_path):
+def test_the_command_resumes_last_from_the_newest_complete_checkpoint_when_no_last_was_completed(tmp_path):
+    from types import SimpleNamespace
+
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from strategy_worker import RecordLosses
 
-    def fit(root: Path, ckpt_path: str | None = None, max_steps: int = -1) -> tuple[list[float], dict]:
-        data = make_data(1)
-        model = make_model(data, "rowwise_adagrad")
-        record = RecordLosses()
-        saver = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=3, save_top_k=-1)
-        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=TorchRecStrategy(), max_epochs=2,
-                             max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(root),
-                             callbacks=[saver, record], deterministic=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer.fit(model, data, ckpt_path=ckpt_path)
-        return record.losses, trainer.strategy.unsharded_state_dict()
+    from lightning_skew.cli import SkewCLI
+    from lightning_skew.torchrec.atomic import seal
 
-    straight, straight_weights = fit(tmp_path / "straight")
-    assert len(straight) == 16  # 8 steps an epoch
-    fit(tmp_path / "first", max_steps=3)  # stops after step 3 of epoch 0: a mid-epoch checkpoint
-    (checkpoint,) = (tmp_path / "first" / "checkpoints").glob("*step=3.ckpt")
-    resumed, resumed_weights = fit(tmp_path / "resumed", ckpt_path=str(checkpoint))
-    assert resumed == pytest.approx(straight[3:], abs=1e-6)  # the next batch, not the epoch's first again
-    for key, value in straight_weights.items():
-        torch.testing.assert_close(resumed_weights[key], value, atol=1e-6, rtol=0, msg=key)
+    folder = tmp_path / "checkpoints"
+    for name in ("epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt", ".last.ckpt.0123456789ab"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "__0_0.distcp").write_bytes(b"shards")
+        if not name.startswith("."):  # the staging folder of last.ckpt's first save, killed before its seal
+            seal(folder / name)
+    (folder / "epoch=1-step=8.ckpt" / "__0_0.distcp").write_bytes(b"")  # truncated since its seal
+    trainer = pl.Trainer(logger=False, callbacks=[ModelCheckpoint(dirpath=folder)])
+    command = SimpleNamespace(subcommand="fit", trainer=trainer, config_init={"fit": {"ckpt_path": "last"}})
+    with pytest.warns(UserWarning) as caught:
+        SkewCLI.before_fit(command)  # type: ignore[arg-type]
+    assert command.config_init["fit"]["ckpt_path"] == str(folder / "epoch=0-step=4.ckpt")
+    message = str(caught[0].message)
+    assert ".last.ckpt.0123456789ab" in message and "epoch=1-step=8.ckpt (its file __0_0.distcp has 0 bytes" in message
+    (folder / "last.ckpt").mkdir()  # a last.ckpt, complete or not, is Lightning's to find (and to fall back from)
+    assert resolve_last([folder]) is None
+
+
+def test_a_stream_position_resumes_at_another_global_batch_size_only_where_its_batches_end():
+    from lightning_skew.data.position import StreamPosition
+
+    saved = StreamPosition()
+    assert saved.skip(0, 10, global_batch_size=64) == 0  # a fresh run skips nothing
+    for _ in range(3):
+        saved.taken(0)
+    state = saved.state_dict()  # 3 global batches of 64 inputs: 192 inputs of epoch 0 trained
+
+    def resumed(epoch: int, epoch_length: int | None, global_batch_size: int) -> int:
+        position = StreamPosition()
+        position.load_state_dict(state)
+        return position.skip(epoch, epoch_length, global_batch_size)
+
+    assert resumed(0, None, 64) == 3
+    assert resumed(0, 20, 32) == 6  # twice the ranks (or half the batch): the same 192 inputs
+    assert resumed(0, 6, 32) == 0  # the checkpoint ended the epoch
+    assert resumed(1, None, 64) == 0  # a loader for another epoch
+    with pytest.raises(ValueError, match="after 3 global batches of 64 inputs in epoch 0 .192 inputs.*128 inputs"):
+        resumed(0, None, 128)
+
+
+def test_a_synthetic_run_resumed_mid_epoch_goes_on_as_the_uninterrupted_run(tmp_path):
+    from resume_fit import assert_resumes_mid_epoch
+
+    assert_resumes_mid_epoch(lambda: make_data(1), tmp_path, steps_per_epoch=8, stop_at=3)

@@ -403,3 +403,20 @@ def test_a_folder_or_a_glob_names_its_files_in_natural_order_and_their_rows_foll
     assert [users.value_of(ids(b, "user_id")[0]) for b in batches(module)] == ["1", "2", "10"]
     with pytest.raises(FileNotFoundError, match=r"train_paths: .*day_\*.csv' matches no file"):
         ratings_module(str(folder / "day_*.csv")).setup("fit")
+
+
+# -- resume ------------------------------------------------------------------------------------------------------
+
+
+def test_a_csv_fit_resumed_mid_epoch_with_workers_goes_on_as_the_uninterrupted_run(tmp_path):
+    from resume_fit import assert_resumes_mid_epoch
+
+    path = write_avazu(tmp_path / "train.csv", avazu_rows(52))  # 6 global batches of 8 (training drops the 4 left)
+
+    def make_data(num_workers: int = 0) -> ColumnarDataModule:
+        return ColumnarDataModule(train_paths=str(path), label="click", sparse_features=AVAZU_CATEGORICAL[:6],
+                                  dense_features=["C15", "C16"], encoding="hash", num_embeddings=200, batch_size=8,
+                                  num_workers=num_workers)
+
+    # Stopped after step 3 under 2 workers: worker 0 must go on with batch 3, worker 1 with batch 4.
+    assert_resumes_mid_epoch(make_data, tmp_path, steps_per_epoch=6, stop_at=3, num_workers=2)

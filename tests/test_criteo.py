@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import math
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -527,3 +528,56 @@ def test_two_ranks_step_together_on_partial_last_batches_and_validate_every_line
     assert sorted(ranks[0]["val_ids"] + ranks[1]["val_ids"]) == list(range(33))
     for name in ("val_auc", "val_logloss"):  # scored over both ranks' inputs: the same on each
         assert 0 < ranks[0]["metrics"][name] == ranks[1]["metrics"][name]
+
+
+def test_a_resumed_pass_leaves_out_the_trained_global_batches_on_every_rank_and_worker(tmp_path):
+    path = write_tsv(tmp_path / "day_0", numbered_lines(25))  # 2 ranks x 4: lines [0, 8), [8, 16), [16, 25)
+
+    def lines_of_batches(dataset, skip: int, num_workers: int = 0) -> list[list[int]]:
+        dataset.skip_first = skip
+        return [c1_ids([batch]) for batch in DataLoader(dataset, batch_size=None, num_workers=num_workers)]
+
+    rank1 = CriteoTsvDataset(path, 4, SIZES, rank=1, world_size=2)
+    assert lines_of_batches(rank1, 1, num_workers=2) == [[12, 13, 14, 15], [20, 21, 22, 23, 24]]
+    assert lines_of_batches(rank1, 2) == [[20, 21, 22, 23, 24]]  # the last, with the line riding on it
+    assert lines_of_batches(rank1, 3) == []  # the whole epoch trained
+    assert lines_of_batches(rank1, 0) == [[4, 5, 6, 7], [12, 13, 14, 15], [20, 21, 22, 23, 24]]  # once only
+    assert lines_of_batches(CriteoTsvDataset(path, 4, SIZES, world_size=2), 2) == [[16, 17, 18, 19]]
+    with pytest.raises(ValueError, match="after 4 global batches of 8 lines in this epoch.*only 25 lines"):
+        lines_of_batches(rank1, 4)
+
+    rng = np.random.default_rng(0)  # the npy reader: rows 0..14 of one day, the sparse value of C1 its row
+    np.save(tmp_path / "day_0_dense.npy", rng.random((15, 13), dtype=np.float32))
+    np.save(tmp_path / "day_0_sparse.npy", np.repeat(np.arange(15, dtype=np.int32)[:, None], 26, axis=1))
+    np.save(tmp_path / "day_0_labels.npy", rng.integers(0, 2, 15).astype(np.int32))
+    npy = CriteoNpyDataset(str(tmp_path / "day_0"), 3, SIZES, rank=1, world_size=2)  # 6, 6, then 3 split 1 + 2
+    assert lines_of_batches(npy, 1, num_workers=2) == [[9, 10, 11], [13, 14]]
+
+
+def test_a_restored_position_skips_in_the_training_loader_only_and_not_after_a_finished_epoch(tmp_path):
+    data = CriteoDataModule(train_paths=[write_tsv(tmp_path / "train.txt", numbered_lines(20))],
+                            num_embeddings_per_feature=SIZES, batch_size=4)
+    data.setup("fit")
+    every_batch = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [16, 17, 18, 19]]
+    data.load_state_dict({"position": {"epoch": 0, "position": 2, "global_batch_size": 4, "epoch_length": None}})
+    assert [c1_ids([b]) for b in data.train_dataloader().whole_stream()] == every_batch  # a profile sees them all
+    assert [c1_ids([b]) for b in data.train_dataloader()] == every_batch[2:]
+    assert data.state_dict()["position"]["epoch_length"] == 5  # the pass ran out: its length is known now
+    data.load_state_dict({"position": {"epoch": 0, "position": 5, "global_batch_size": 4, "epoch_length": 5}})
+    assert [c1_ids([b]) for b in data.train_dataloader()] == every_batch  # saved on the epoch's last batch
+
+
+def test_a_tsv_fit_resumed_mid_epoch_with_workers_goes_on_as_the_uninterrupted_run(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from resume_fit import assert_resumes_mid_epoch
+
+    train = write_tsv(tmp_path / "train.txt", random_lines(43, seed=6))  # 5 batches of 8, then 3
+
+    def make_data(num_workers: int = 0) -> CriteoDataModule:
+        return CriteoDataModule(train_paths=[train], num_embeddings_per_feature=SIZES, batch_size=8,
+                                num_workers=num_workers)
+
+    # Checkpoints of a fit in one process, resumed under 2 workers: after step 3 worker 0 must go on with batch 3,
+    # worker 1 with batch 4. The TSV's length is unknown before it is read: after step 6 (the epoch's last batch)
+    # epoch 1 must start whole.
+    assert_resumes_mid_epoch(make_data, tmp_path, steps_per_epoch=6, stop_at=3, from_epoch_end=True, num_workers=2)

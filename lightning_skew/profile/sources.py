@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.data.base import RecDataModule
+from lightning_skew.data.position import ResumingLoader
 from lightning_skew.profile.access import AccessProfile
 from lightning_skew.profile.loader import profile_dataloader
 
@@ -118,7 +119,10 @@ class ProfiledHotRows:
         else:
             profile = AccessProfile.for_datamodule(data, sample_fraction=self.sample_fraction, seed=self.seed,
                                                    sample_by="batches")
-            profile = profile_dataloader(profile, data.train_dataloader(), progress=False).all_reduce()
+            loader = data.train_dataloader()
+            if isinstance(loader, ResumingLoader):
+                loader = loader.whole_stream()  # a resumed fit profiles what the uninterrupted one did
+            profile = profile_dataloader(profile, loader, progress=False).all_reduce()
             ProfiledHotRows.profiling_passes += 1
             warning = profile.sample_warning()
             if warning is not None:

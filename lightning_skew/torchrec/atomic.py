@@ -6,8 +6,9 @@ place: a rename when ``<name>`` is new, an atomic exchange of the two directorie
 ``RENAME_EXCHANGE``) when it replaces an earlier version, which is deleted after. A reader sees the previous
 complete checkpoint or the new complete one, never a mix, and ``<name>`` never disappears. A checkpoint whose
 record is missing or whose files differ from it is refused; ``last`` falls back to the newest complete
-checkpoint beside it, naming what it skipped. Hidden directories that an interrupted save left are removed by
-the next save of the same name.
+checkpoint beside it, naming what it skipped, and so does ``ckpt_path="last"`` where no ``last.ckpt`` was ever
+completed (:func:`resolve_last`). Hidden directories that an interrupted save left are removed by the next save of
+the same name.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 __all__ = ["COMPLETE_FILE", "SAVE_HOOKS", "IncompleteCheckpointError", "complete_checkpoints", "incomplete_reason",
-           "publish", "remove", "resolve_for_loading", "staging_dir"]
+           "publish", "remove", "resolve_for_loading", "resolve_last", "staging_dir"]
 
 COMPLETE_FILE = "complete.json"
 _LAST = re.compile(r"^last(-v?\d+)?\.ckpt$")
@@ -147,6 +148,37 @@ def resolve_for_loading(path: str | os.PathLike) -> Path:
     listed = ", ".join(str(p) for p in others[:5]) or "none"
     raise IncompleteCheckpointError(f"{path} is not a complete checkpoint: {reason}. Complete checkpoints beside "
                                     f"it: {listed}")
+
+
+def resolve_last(directories: Iterable[str | os.PathLike]) -> Path | None:
+    """What ``ckpt_path="last"`` should load from these checkpoint folders when Lightning would find nothing.
+
+    Lightning's ``"last"`` looks only for ``last*.ckpt`` and, finding none, warns and starts afresh: after a kill
+    during the very first save of ``last.ckpt`` (which leaves only its hidden staging folder), or with
+    ``save_last`` off, a resumed run would silently train again from step 0. This gives the newest complete
+    checkpoint in ``directories`` instead (by step, then time: sealed checkpoint folders, and checkpoint files,
+    which Lightning writes atomically), with a warning naming what it skipped.
+
+    Returns ``None`` when a ``last*.ckpt`` is there (Lightning takes it, and an incomplete one falls back when it
+    is loaded, see :func:`resolve_for_loading`) or when there is no complete checkpoint at all.
+    """
+    folders = [Path(d) for d in directories if Path(d).is_dir()]
+    if any(_LAST.match(p.name) for folder in folders for p in folder.glob("*.ckpt")):
+        return None
+    found, incomplete = [], []
+    for path in (p for folder in folders for p in folder.glob("*.ckpt") if not p.name.startswith(".")):
+        reason = None if path.is_file() else incomplete_reason(path)
+        (found if reason is None else incomplete).append(path if reason is None else f"{path.name} ({reason})")
+    if not found:
+        return None
+    chosen = max(found, key=_step)
+    left = sorted(p.name for folder in folders for p in folder.glob(".last*.ckpt.*"))
+    skipped = (f"the interrupted first save of last.ckpt left only {', '.join(left)}" if left
+               else "none was saved: is save_last off?")
+    skipped += f"; skipped as incomplete: {', '.join(incomplete)}" if incomplete else ""
+    rank_zero_warn(f'ckpt_path="last": no last.ckpt in {", ".join(str(f) for f in folders)} ({skipped}); resuming '
+                   f"from the newest complete checkpoint, {chosen}, instead")
+    return chosen
 
 
 def remove(path: str | os.PathLike) -> None:

@@ -22,13 +22,14 @@ from lightning_skew.data.columnar.spec import (
     SparseFeature,
 )
 from lightning_skew.data.columnar.splits import SPLITS
+from lightning_skew.data.position import ResumableTrainStream, StreamPosition
 
 __all__ = ["ColumnarDataModule"]
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
-class ColumnarDataModule(RecDataModule):
+class ColumnarDataModule(ResumableTrainStream, RecDataModule):
     """Recommendation data in Parquet or CSV/TSV files (plain or gzip/bz2/zstd), mapped to a label, dense and
     sparse features by column name, streamed as torchrec Batches and sharded across ranks and workers.
 
@@ -76,6 +77,12 @@ class ColumnarDataModule(RecDataModule):
     .. note::
         ``batch_size`` is per rank: a global batch has ``world_size * batch_size`` rows. Nothing is shuffled:
         rows arrive in file order (click logs are in time order; shuffle the files beforehand if yours are not).
+
+    .. note::
+        **Resume mid-epoch.** A checkpoint holds the training stream's position
+        (:class:`~lightning_skew.data.position.StreamPosition`): a run resumed from a step checkpoint goes on with
+        the next global batch, on every rank and DataLoader worker, and trains as the uninterrupted run. The rows
+        of the batches it skips are read and decoded (which rows count depends on it) but not encoded.
 
     Example::
 
@@ -143,6 +150,7 @@ class ColumnarDataModule(RecDataModule):
         self._decoder: RowDecoder | None = None
         self._preparation: Preparation | None = None
         self.datasets: dict[str, ColumnarDataset] = {}
+        self.position = StreamPosition()
 
     # -- the contract -----------------------------------------------------------------------------------------
 
@@ -241,8 +249,11 @@ class ColumnarDataModule(RecDataModule):
             if self.paths[split] is None and not getattr(self, f"{split}_fraction", 0):
                 return []
             raise RuntimeError(f"ColumnarDataModule: call setup() before the {split} dataloader")
-        return DataLoader(self.datasets[split], batch_size=None, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory)
+        dataset = self.datasets[split]
+        if split != "train":
+            return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return self.resuming_loader(dataset, len(dataset), self.batch_size * self.world_size,
+                                    num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")  # type: ignore[return-value]

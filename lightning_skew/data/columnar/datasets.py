@@ -154,6 +154,7 @@ class ColumnarDataset(IterableDataset):
         self.split, self.num_rows, self.boundaries, self.keep_last = split, num_rows, boundaries, keep_last
         self.sharding = GlobalBatchSharding(batch_size, rank, world_size)
         self.last_pass_counts = PassCounts()
+        self.skip_first = 0  # global batches the first pass leaves out (a run resumed mid-epoch trained them)
 
     @property
     def batch_size(self) -> int:
@@ -173,10 +174,11 @@ class ColumnarDataset(IterableDataset):
                 if len(rows):
                     yield rows
 
-    def owned_batches(self, positions: np.ndarray) -> np.ndarray:
+    def owned_batches(self, positions: np.ndarray, first_batch: int = 0) -> np.ndarray:
         """For rows at ``positions`` of the split's stream: the global batch each belongs to on this rank and
-        worker, or ``-1`` for another rank's or worker's row (or one past the last batch)."""
-        sharding = self.sharding.with_current_worker()
+        worker, or ``-1`` for another rank's or worker's row, one before ``first_batch`` (a resumed pass starts
+        there) or one past the last batch."""
+        sharding = self.sharding.with_current_worker(first_batch)
         size, rank, batch_size = sharding.global_batch_size, sharding.rank, sharding.batch_size
         batch, place = positions // size, positions % size
         last, remainder = divmod(self.num_rows, size)  # the incomplete last global batch, and its rows
@@ -184,7 +186,7 @@ class ColumnarDataset(IterableDataset):
         if self.keep_last and remainder:
             low, high = self._last_share(rank, sharding.world_size)
             mine |= (batch == last) & (place >= low) & (place < high)
-        mine &= batch % sharding.num_workers == sharding.worker_id
+        mine &= sharding.owns(batch)
         return np.where(mine, batch, -1)
 
     def _last_share(self, rank: int, world_size: int) -> tuple[int, int]:
@@ -199,15 +201,19 @@ class ColumnarDataset(IterableDataset):
         return high - low
 
     def __iter__(self) -> Iterator[Batch]:
-        sharding = self.sharding.with_current_worker()
+        # Persistent workers keep their own copy, so each copy skips on its first pass only, as the main one does.
+        skip, self.skip_first = self.skip_first, 0
+        sharding = self.sharding.with_current_worker(skip)
         counts = self.last_pass_counts = PassCounts()
         position = 0
         pending: EncodedRows | None = None  # this rank's rows of the batch being gathered
         pending_batch = -1
         yielded = 0
-        owned = len(range(sharding.worker_id, len(self), sharding.num_workers))  # batches this worker yields
+        owned = sharding.batches_owned(len(self))  # batches this worker yields
+        # The rows before a resumed pass's first batch are decoded all the same (a time split and skipped malformed
+        # rows decide which rows count), but not encoded.
         for rows in self._split_rows(counts):
-            batches = self.owned_batches(np.arange(position, position + len(rows)))
+            batches = self.owned_batches(np.arange(position, position + len(rows)), skip)
             position += len(rows)
             mine = batches >= 0
             if not mine.any():

@@ -18,11 +18,12 @@ from lightning_skew.data.features import (
     CRITEO_NUM_DENSE,
     capped_cardinalities,
 )
+from lightning_skew.data.position import ResumableTrainStream, StreamPosition
 
 _FORMATS = ("tsv", "npy")
 
 
-class CriteoDataModule(RecDataModule):
+class CriteoDataModule(ResumableTrainStream, RecDataModule):
     """Criteo Kaggle / Terabyte data (TSV or TorchRec npy) as torchrec Batches, sharded across ranks.
 
     A thin wrapper: :meth:`setup` reads the rank and world size (from the trainer when attached, else
@@ -45,6 +46,12 @@ class CriteoDataModule(RecDataModule):
         drops the partial last global batch of each training epoch instead (counted and logged). A file
         without any line is an error naming it. The lines read are the lines :func:`build_vocabulary`
         counts.
+
+    .. note::
+        **Resume mid-epoch.** A checkpoint holds the training stream's position
+        (:class:`~lightning_skew.data.position.StreamPosition`): a run resumed from a step checkpoint goes on with
+        the next global batch, on every rank and DataLoader worker, and trains as the uninterrupted run. TSV
+        lines already trained are skipped unparsed; a file shorter than the checkpoint says is an error.
 
     .. note::
         **Missing values** (empty categorical fields) land on row 0 of every table (:attr:`missing_rows`):
@@ -127,6 +134,7 @@ class CriteoDataModule(RecDataModule):
         self._num_embeddings = capped_cardinalities(_check_table_sizes(sizes), max_rows_per_table)
         self.datasets: dict[str, IterableDataset] = {}
         self.rank, self.world_size = 0, 1
+        self.position = StreamPosition()
 
     @property
     def dense_in_features(self) -> int:
@@ -189,9 +197,12 @@ class CriteoDataModule(RecDataModule):
             if self.paths[split] is None:
                 return []
             raise RuntimeError(f"CriteoDataModule: call setup() before the {split} dataloader")
-        return DataLoader(
-            self.datasets[split], batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
-        )
+        dataset = self.datasets[split]
+        if split != "train":
+            return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        length = len(dataset) if isinstance(dataset, CriteoNpyDataset) else None  # a TSV's is known once read
+        return self.resuming_loader(dataset, length, self.batch_size * self.world_size,
+                                    num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")  # type: ignore[return-value]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -36,6 +37,10 @@ class GlobalBatchSharding:
     ranks rides with the full batch before it (whose shares become ``B`` or ``B + 1``), so that no rank gets an
     empty batch. With ``drop_last`` the partial rows are dropped instead (the readers count them).
 
+    A pass resumed mid-epoch starts at global batch ``s`` (``first_batch``): batches before it are passed over,
+    and worker ``w`` yields the batches ``j >= s`` with ``(j - s) % k == w``, so that the DataLoader's round robin
+    (worker 0 first) still hands them on in order.
+
     Attributes:
         batch_size: Rows per rank and batch (``B``).
         rank: This process's rank (``r``).
@@ -43,6 +48,7 @@ class GlobalBatchSharding:
         worker_id: This DataLoader worker (0 without workers).
         num_workers: Number of DataLoader workers (1 without workers).
         drop_last: Drop the rows past the last full global batch instead of reading them.
+        first_batch: The first global batch yielded (``s``); the ones before it were trained before a resume.
     """
 
     batch_size: int
@@ -51,6 +57,7 @@ class GlobalBatchSharding:
     worker_id: int = 0
     num_workers: int = 1
     drop_last: bool = False
+    first_batch: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -59,6 +66,8 @@ class GlobalBatchSharding:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
         if not 0 <= self.worker_id < self.num_workers:
             raise ValueError(f"worker_id must be in [0, {self.num_workers}), got {self.worker_id}")
+        if self.first_batch < 0:
+            raise ValueError(f"first_batch must be at least 0, got {self.first_batch}")
 
     @property
     def global_batch_size(self) -> int:
@@ -69,9 +78,14 @@ class GlobalBatchSharding:
         """Rows a reader must see ahead (or learn that the stream ends) to size the next global batch."""
         return self.global_batch_size + self.world_size
 
-    def owns(self, global_batch: int) -> bool:
-        """Whether this worker yields global batch ``global_batch``."""
-        return global_batch % self.num_workers == self.worker_id
+    def owns(self, global_batch: Any) -> Any:
+        """Whether this worker yields global batch ``global_batch`` (an int, or elementwise for an array)."""
+        first = self.first_batch
+        return (global_batch >= first) & ((global_batch - first) % self.num_workers == self.worker_id)
+
+    def batches_owned(self, num_batches: int) -> int:
+        """Global batches this worker yields out of the pass's first ``num_batches``."""
+        return len(range(self.first_batch + self.worker_id, num_batches, self.num_workers))
 
     def next_global_batch(self, remaining: int) -> int:
         """Rows of the next global batch when ``remaining`` rows are left (counting at most :attr:`lookahead`);
@@ -104,12 +118,13 @@ class GlobalBatchSharding:
         """``[start, stop)`` of this rank's share of a global batch of ``rows`` rows."""
         return self.rank * rows // self.world_size, (self.rank + 1) * rows // self.world_size
 
-    def with_current_worker(self) -> GlobalBatchSharding:
-        """This sharding for the DataLoader worker the caller runs in (unchanged outside workers)."""
+    def with_current_worker(self, first_batch: int = 0) -> GlobalBatchSharding:
+        """This sharding for the DataLoader worker the caller runs in (unchanged outside workers), for a pass that
+        starts at global batch ``first_batch``."""
         info = get_worker_info()
         if info is None:
-            return self
-        return replace(self, worker_id=info.id, num_workers=info.num_workers)
+            return replace(self, first_batch=first_batch)
+        return replace(self, worker_id=info.id, num_workers=info.num_workers, first_batch=first_batch)
 
 
 def _no_batch_error(what: str, num_rows: int, sharding: GlobalBatchSharding) -> ValueError:
@@ -166,6 +181,10 @@ class CriteoTsvDataset(IterableDataset):
         Under DataLoader workers the counts live in the worker processes: read them from their log
         lines; the attributes are exact only with ``num_workers=0``.
 
+    .. note::
+        Set :attr:`skip_first` to ``s`` and the next pass (in every worker) starts at global batch ``s``: a run
+        resumed mid-epoch trained the batches before it. Their lines are read but not parsed.
+
     Args:
         paths: TSV files, directories or globs, read in this order. A file without any line is an error.
         batch_size: Examples per batch on this rank.
@@ -206,18 +225,31 @@ class CriteoTsvDataset(IterableDataset):
         self.num_malformed_lines = 0
         self.num_lines = 0
         self.num_dropped_lines = 0
+        self.skip_first = 0  # global batches the first pass leaves out (a run resumed mid-epoch trained them)
 
     def __iter__(self) -> Iterator[Batch]:
-        sharding = self.sharding.with_current_worker()
+        # Persistent workers keep their own copy, so each copy skips on its first pass only, as the main one does.
+        skip, self.skip_first = self.skip_first, 0
+        sharding = self.sharding.with_current_worker(skip)
         stream = _LineStream(self.files)
         self.num_malformed_lines = self.num_lines = self.num_dropped_lines = 0
         global_batch = 0
         try:
+            if skip:
+                # Every global batch before the last is full: all but the last skipped batch go at once, in bounded
+                # memory and unparsed; the loop passes over that one (which may be the last, partial one).
+                global_batch = skip - 1
+                self.num_lines = stream.skip(global_batch * sharding.global_batch_size)
+                if self.num_lines < global_batch * sharding.global_batch_size:
+                    raise self._shorter_than_checkpoint(skip, sharding)
             while True:
                 remaining = stream.peek(sharding.lookahead)
                 try:
                     rows = sharding.next_global_batch(remaining)
                 except ValueError as error:
+                    if skip:  # too few lines for the ranks, left by the skip: not the stream the checkpoint read
+                        self.num_lines += remaining
+                        raise self._shorter_than_checkpoint(skip, sharding) from None
                     raise ValueError(f"{self.what} ({', '.join(self.files)}): {error}") from None
                 if rows == 0:
                     self.num_dropped_lines = stream.skip(remaining)
@@ -237,11 +269,19 @@ class CriteoTsvDataset(IterableDataset):
                 ids = self.encode(parsed.categorical, parsed.categorical_missing)
                 yield make_batch(transform_dense(parsed.dense), ids, parsed.labels)
                 global_batch += 1
+            if global_batch < skip:
+                raise self._shorter_than_checkpoint(skip, sharding)
             if global_batch == 0:
                 raise _no_batch_error(f"{self.what} ({', '.join(self.files)})", self.num_lines, sharding)
         finally:
             stream.close()
             _log_pass("Criteo TSV", sharding, self.num_malformed_lines, self.num_dropped_lines)
+
+    def _shorter_than_checkpoint(self, skip: int, sharding: GlobalBatchSharding) -> ValueError:
+        return ValueError(
+            f"{self.what} ({', '.join(self.files)}): the checkpoint was taken after {skip} global batches of "
+            f"{sharding.global_batch_size} lines in this epoch, but the files hold only {self.num_lines} lines: did "
+            "they change since? Resume from a checkpoint taken at the end of an epoch, or start afresh")
 
 
 def _log_pass(reader: str, sharding: GlobalBatchSharding, malformed: int, dropped: int) -> None:
@@ -321,6 +361,7 @@ class CriteoNpyDataset(IterableDataset):
         if not self.global_batch_rows:
             raise _no_batch_error(f"{what} ({len(self.days)} npy days)", num_rows, self.sharding)
         self.num_dropped_rows = num_rows - sum(self.global_batch_rows)
+        self.skip_first = 0  # global batches the first pass leaves out (a run resumed mid-epoch trained them)
 
     def __len__(self) -> int:
         """Batches this rank yields in one pass (over all workers together)."""
@@ -336,7 +377,8 @@ class CriteoNpyDataset(IterableDataset):
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def __iter__(self) -> Iterator[Batch]:
-        sharding = self.sharding.with_current_worker()
+        skip, self.skip_first = self.skip_first, 0  # as CriteoTsvDataset's
+        sharding = self.sharding.with_current_worker(skip)
         dense_arrays, sparse_arrays, labels_arrays = (
             [np.load(day[k], mmap_mode="r") for day in self.days] for k in range(3)
         )

@@ -176,8 +176,19 @@ class _LineStream:
         return lines
 
     def skip(self, count: int) -> int:
-        """Pass over ``count`` lines without keeping them; returns how many there were."""
-        return len(self._pop(count)[0])
+        """Pass over ``count`` lines without keeping or parsing them, in bounded memory (a resumed pass may skip
+        millions); returns how many there were."""
+        skipped = len(self._pop(min(count, len(self._buffer)))[0])
+        while skipped < count:
+            if self._handle is None and not self._next_file():
+                break
+            assert self._handle is not None
+            read = sum(1 for _ in islice(self._handle, count - skipped))
+            self._line_number += read
+            skipped += read
+            if skipped < count and not self._next_file():
+                break
+        return skipped
 
     def locate(self, index: int) -> tuple[str, int]:
         """File and 1-based line number of line ``index`` of the last :meth:`take`."""

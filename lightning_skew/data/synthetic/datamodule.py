@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -18,7 +17,7 @@ from lightning_skew.data.features import (
     CRITEO_SPARSE_NAMES,
     capped_cardinalities,
 )
-from lightning_skew.data.position import StreamPosition
+from lightning_skew.data.position import ResumableTrainStream, StreamPosition
 from lightning_skew.data.synthetic.generator import SPLITS, SyntheticClickLog
 
 
@@ -87,7 +86,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class SyntheticDataModule(RecDataModule):
+class SyntheticDataModule(ResumableTrainStream, RecDataModule):
     """Synthetic Criteo-Kaggle-shaped click logs with skewed (power-law) ID popularity.
 
     Each split (train, val, test) is a fixed stream: sample ``i`` depends only on ``seed``, so runs are
@@ -132,8 +131,9 @@ class SyntheticDataModule(RecDataModule):
         The most popular 256 ranks of each table get their exact probabilities; the rest follow a
         continuous approximation of the power law (see :class:`PowerLawTables`), and
         :func:`expected_top_share` is exact for what is sampled. The ``multi_hot`` IDs of one input are
-        drawn independently, so they may repeat. Nothing is saved for a mid-epoch restart: a resumed
-        run starts its epoch from the beginning of the stream.
+        drawn independently, so they may repeat. A checkpoint holds the training stream's position
+        (:class:`~lightning_skew.data.position.StreamPosition`): a run resumed mid-epoch goes on with the next
+        batch.
 
     Example::
 
@@ -247,23 +247,9 @@ class SyntheticDataModule(RecDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader("train")
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        loader.dataset.skip_first = self.position.skip(epoch, len(loader.dataset))
-        return loader
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training:
-            self.position.taken(self.trainer.current_epoch)
-        return super().on_before_batch_transfer(batch, dataloader_idx)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The training stream's position in its epoch: a run resumed mid-epoch goes on with the next batch."""
-        return {"position": self.position.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "position" in state_dict:
-            self.position.load_state_dict(state_dict["position"])
+        stream = self.stream("train")
+        return self.resuming_loader(stream, len(stream), self.batch_size * self.world_size,
+                                    num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
