@@ -58,8 +58,9 @@ def _add_frozen(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | No
 @contextmanager
 def serving_frozen(frozen: KeyedJaggedTensor | None) -> Iterator[None]:
     """Within, a model's :func:`serve_frozen` sparse arch adds the pooled embeddings of ``frozen`` (``None``:
-    nothing) to each forward."""
-    token = _FROZEN.set(frozen)
+    nothing) to each forward. Anything but a KeyedJaggedTensor counts as nothing (a symbolic tracer, such as
+    TorchRec's train pipeline tracing the model, hands attribute proxies)."""
+    token = _FROZEN.set(frozen if isinstance(frozen, KeyedJaggedTensor) else None)
     try:
         yield
     finally:
