@@ -47,8 +47,8 @@ def top_rows_flat(counts: Tensor, budget_rows: int) -> Tensor:
     if budget_rows < 0:
         raise ValueError(f"budget_rows must be >= 0, got {budget_rows}")
     counts = counts.long()
-    order = torch.sort(counts, descending=True, stable=True).indices[:budget_rows]
-    order = order[counts[order] > 0]
+    seen = torch.nonzero(counts > 0).flatten()  # sort only the rows looked up: the cost follows the rows seen
+    order = seen[torch.sort(counts[seen], descending=True, stable=True).indices[:budget_rows]]
     mask = torch.zeros(counts.numel(), dtype=torch.bool)
     mask[order] = True
     return mask

@@ -45,6 +45,7 @@ def fit_with_skipper(recipe: Recipe, skipper: StaleEmbeddingSkipper) -> TrainedR
     run.extras = {"drop_share": skipper.inputs_dropped / max(skipper.inputs_seen, 1),
                   "frozen_share": skipper.lookups_frozen / max(skipper.lookups_seen, 1),
                   "stale_rows": float(len(skipper.stale)) if skipper.stale is not None else 0.0,
+                  "reactivated": float(skipper.reactivated),
                   "threshold": skipper.threshold, "skipper_share_of_run": skipper.seconds / epoch_s}
     return run
 
