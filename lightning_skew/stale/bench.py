@@ -101,3 +101,11 @@ for _percent in (30, 50, 70):
             lambda recipe, fraction=_percent / 100, k=_k: fit_with_stale_skipping(
                 recipe, fraction, min_stale_lookups=len(recipe.datamodule.sparse_feature_names) // 2,
                 keep_one_in=k, repack=True))
+
+# Skipping updates at a fixed, low threshold (rows that moved less than t per element over the window): the
+# stale set no longer follows a drop target, so only rows that really settled are frozen.
+for _name, _threshold in (("0001", 0.001), ("0003", 0.003), ("001", 0.01)):
+    register_variant(f"freeze_t{_name}", f"stale lookups (change below {_threshold} per window) served without "
+                     "gradient; inputs whose lookups are all stale dropped")(
+        lambda recipe, t=_threshold: fit_with_skipper(recipe, StaleEmbeddingSkipper(
+            evaluate_every_n_steps=STALE_EVALUATE_EVERY_N_STEPS, threshold=t, freeze_stale_lookups=True)))

@@ -351,7 +351,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         stale set is in force every rank freezes (an empty set of lookups, if it has none): a sharded model then
         runs its extra lookup on every rank alike."""
         sparse = batch.sparse_features
-        if self.stale is None or self.sample_share <= 0:
+        if self.stale is None:  # (a stale set that drops no input still freezes lookups)
             set_decisions(batch, weights=input_weights(batch), frozen_sparse=None)
             return
         member = lookup_members(sparse, self.stale)
