@@ -15,7 +15,7 @@ from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.core.distributed import all_reduce_max, all_reduce_sum
-from lightning_skew.core.lookups import count_lookups, top_rows_flat
+from lightning_skew.core.lookups import check_ids, top_rows_flat
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.core.tables import WatchedTable
 from lightning_skew.stale.staleness import bisect_threshold, critical_thresholds, stale_rowset
@@ -32,11 +32,13 @@ def _split(flat: Tensor, parts: Sequence[Tensor]) -> list[Tensor]:
 def counted_candidates(tables: Sequence[WatchedTable], sample: Iterable[KeyedJaggedTensor],
                        max_rows: int) -> list[Tensor]:
     """Per table, the rows among the ``max_rows`` most looked up in ``sample`` (all tables and ranks together)."""
-    counts = [torch.zeros(t.num_rows, dtype=torch.int64) for t in tables]
-    for kjt in sample:
-        for table, table_counts in zip(tables, counts, strict=True):
-            count_lookups(kjt, table.features, [table.num_rows] * len(table.features),
-                          [table_counts] * len(table.features))
+    by_key = [kjt.to_dict() for kjt in sample]
+    counts = []
+    for table in tables:
+        ids = [jagged[name].values().long().cpu() for jagged in by_key for name in table.features if name in jagged]
+        joined = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64)
+        check_ids(",".join(table.features), joined, table.num_rows)
+        counts.append(torch.bincount(joined, minlength=table.num_rows))  # one pass per table, not per batch
     flat = all_reduce_sum(torch.cat(counts))
     mask = top_rows_flat(flat, min(max_rows, int((flat > 0).sum())))
     return [torch.nonzero(m).flatten() for m in torch.split(mask, [t.num_rows for t in tables])]
