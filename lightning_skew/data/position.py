@@ -7,7 +7,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-__all__ = ["ResumableTrainStream", "ResumingLoader", "StreamPosition"]
+__all__ = ["FileSplitLoaders", "ResumableTrainStream", "ResumingLoader", "StreamPosition"]
 
 
 class StreamPosition:
@@ -167,3 +167,42 @@ class ResumableTrainStream:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "position" in state_dict:
             self.position.load_state_dict(state_dict["position"])
+
+
+class FileSplitLoaders(ResumableTrainStream):
+    """The loaders of a file-backed DataModule with one dataset per split in ``self.datasets``: validation and test
+    read their dataset once per pass, training resumes mid-epoch (:class:`ResumableTrainStream`).
+
+    The DataModule gives :meth:`dataset_of` (the split's dataset, ``None`` for a split it does not have) and
+    :meth:`train_length` (global batches per training epoch, ``None`` until known), and sets ``num_workers``,
+    ``pin_memory``, ``batch_size`` and ``world_size``.
+    """
+
+    num_workers: int
+    pin_memory: bool
+    batch_size: int
+    world_size: int
+
+    def dataset_of(self, split: str) -> Any:
+        raise NotImplementedError
+
+    def train_length(self, dataset: Any) -> int | None:
+        return len(dataset)
+
+    def _loader(self, split: str) -> Any:
+        dataset = self.dataset_of(split)
+        if dataset is None:
+            return []
+        if split != "train":
+            return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return self.resuming_loader(dataset, self.train_length(dataset), self.batch_size * self.world_size,
+                                    num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def train_dataloader(self) -> Any:
+        return self._loader("train")
+
+    def val_dataloader(self) -> Any:
+        return self._loader("val")
+
+    def test_dataloader(self) -> Any:
+        return self._loader("test")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
 
 from lightning_skew.data.base import RecDataModule
 from lightning_skew.data.columnar.datasets import ColumnarDataset
@@ -22,14 +21,14 @@ from lightning_skew.data.columnar.spec import (
     SparseFeature,
 )
 from lightning_skew.data.columnar.splits import SPLITS
-from lightning_skew.data.position import ResumableTrainStream, StreamPosition
+from lightning_skew.data.position import FileSplitLoaders, StreamPosition
 
 __all__ = ["ColumnarDataModule"]
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
-class ColumnarDataModule(ResumableTrainStream, RecDataModule):
+class ColumnarDataModule(FileSplitLoaders, RecDataModule):
     """Recommendation data in Parquet or CSV/TSV files (plain or gzip/bz2/zstd), mapped to a label, dense and
     sparse features by column name, streamed as torchrec Batches and sharded across ranks and workers.
 
@@ -244,25 +243,12 @@ class ColumnarDataModule(ResumableTrainStream, RecDataModule):
             rank_zero_warn(f"the training split has {preparation.num_rows['train']} rows, less than one global batch "
                            f"({self.batch_size} x {self.world_size} ranks): the train loader is empty")
 
-    def _loader(self, split: str) -> DataLoader | list:
+    def dataset_of(self, split: str) -> Any:
         if split not in self.datasets:
             if self.paths[split] is None and not getattr(self, f"{split}_fraction", 0):
-                return []
+                return None
             raise RuntimeError(f"ColumnarDataModule: call setup() before the {split} dataloader")
-        dataset = self.datasets[split]
-        if split != "train":
-            return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
-        return self.resuming_loader(dataset, len(dataset), self.batch_size * self.world_size,
-                                    num_workers=self.num_workers, pin_memory=self.pin_memory)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")  # type: ignore[return-value]
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader | list:
-        return self._loader("test")
+        return self.datasets[split]
 
     def describe(self) -> dict[str, Any]:
         """Rows per split and table sizes, for a look at what the mapping made of the data."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from lightning_skew.data.base import RecDataModule
 from lightning_skew.data.criteo.datasets import CriteoNpyDataset, CriteoTsvDataset, _check_table_sizes
@@ -18,12 +19,12 @@ from lightning_skew.data.features import (
     CRITEO_NUM_DENSE,
     capped_cardinalities,
 )
-from lightning_skew.data.position import ResumableTrainStream, StreamPosition
+from lightning_skew.data.position import FileSplitLoaders, StreamPosition
 
 _FORMATS = ("tsv", "npy")
 
 
-class CriteoDataModule(ResumableTrainStream, RecDataModule):
+class CriteoDataModule(FileSplitLoaders, RecDataModule):
     """Criteo Kaggle / Terabyte data (TSV or TorchRec npy) as torchrec Batches, sharded across ranks.
 
     A thin wrapper: :meth:`setup` reads the rank and world size (from the trainer when attached, else
@@ -192,23 +193,12 @@ class CriteoDataModule(ResumableTrainStream, RecDataModule):
                     f"not from the training files {train_files}"
                 )
 
-    def _loader(self, split: str) -> DataLoader | list:
+    def dataset_of(self, split: str) -> Any:
         if split not in self.datasets:
             if self.paths[split] is None:
-                return []
+                return None
             raise RuntimeError(f"CriteoDataModule: call setup() before the {split} dataloader")
-        dataset = self.datasets[split]
-        if split != "train":
-            return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
-        length = len(dataset) if isinstance(dataset, CriteoNpyDataset) else None  # a TSV's is known once read
-        return self.resuming_loader(dataset, length, self.batch_size * self.world_size,
-                                    num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return self.datasets[split]
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")  # type: ignore[return-value]
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader | list:
-        return self._loader("test")
+    def train_length(self, dataset: Any) -> int | None:
+        return len(dataset) if isinstance(dataset, CriteoNpyDataset) else None  # a TSV's is known once read
