@@ -112,13 +112,8 @@ def lookups_in(sparse: KeyedJaggedTensor, rowset: RowSet) -> tuple[Tensor, Tenso
             member &= known[:, None]
         return member.sum(0), torch.full((batch_size,), len(keys), dtype=torch.int64)
     lengths = lengths.long()
-    per_key = lengths.view(len(keys), batch_size)
-    lookups = per_key.sum(0)
-    counts = per_key.sum(1)
-    index = (sparse.values().long() + torch.repeat_interleave(offsets, counts)).clamp_(max=joined.numel() - 1)
-    member = joined[index]
-    if not bool(known.all()):
-        member &= torch.repeat_interleave(known.to(torch.uint8), counts).bool()
+    lookups = lengths.view(len(keys), batch_size).sum(0)
+    member = lookup_members(sparse, rowset)
     # Per (feature, input) segment sums of ``member`` from its running sum, then summed over features.
     ends = torch.cumsum(lengths, 0)
     running = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(member, 0, dtype=torch.int64)])

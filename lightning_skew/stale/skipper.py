@@ -26,7 +26,10 @@ from lightning_skew.stale.guard import backed_off, guard_verdict
 from lightning_skew.stale.staleness import (
     drop_mask,
     keep_at_least_one,
+    rows_left,
     sampled_inputs,
+    unweighted_lookups,
+    weighted_drop,
 )
 from lightning_skew.stale.tracker import (
     candidates_from_rowset,
@@ -333,8 +336,7 @@ class StaleEmbeddingSkipper(pl.Callback):
             drop = droppable
             if self.keep_one_in > 1:
                 sampled = sampled_inputs(size, self.keep_one_in, self.seed, _rank(), self.inputs_seen)
-                drop = droppable & ~sampled
-                weights = torch.where(droppable & sampled, float(self.keep_one_in), 1.0)
+                drop, weights = weighted_drop(droppable, sampled, self.keep_one_in)
                 set_decisions(batch, weights=weights.to(batch.labels.device))
             drop = keep_at_least_one(drop)
             dropped = int(drop.sum())
@@ -354,12 +356,8 @@ class StaleEmbeddingSkipper(pl.Callback):
         if self.stale is None:  # (a stale set that drops no input still freezes lookups)
             set_decisions(batch, weights=input_weights(batch), frozen_sparse=None)
             return
-        member = lookup_members(sparse, self.stale)
         weights = input_weights(batch)
-        if weights is not None and bool((weights != 1).any()):  # weighted inputs train all their rows
-            owner = torch.repeat_interleave(torch.arange(sparse.stride()).repeat(len(sparse.keys())),
-                                            sparse.lengths().long().cpu())
-            member &= (weights.cpu() == 1)[owner]
+        member = lookup_members(sparse, self.stale) & unweighted_lookups(sparse, weights)  # weighted: all rows train
         fresh, frozen = split_lookups(sparse, member)
         batch.sparse_features = fresh
         set_decisions(batch, weights=weights, frozen_sparse=frozen)
@@ -396,7 +394,7 @@ class StaleEmbeddingSkipper(pl.Callback):
                 self.min_stale_lookups)
             previous = self.stale
             self.stale = stale_rows(self._tables, self.candidates, changes, self.threshold)
-            self.reactivated += _left(previous, self.stale)
+            self.reactivated += rows_left(previous, self.stale)
             self.evaluations += 1
         self.candidates = self._fixed_candidates if self._fixed_candidates is not None else \
             counted_candidates(self._tables, self.sample, self.max_candidate_rows)
@@ -470,14 +468,6 @@ class StaleEmbeddingSkipper(pl.Callback):
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _left(before: RowSet | None, after: RowSet) -> int:
-    """Rows of ``before`` that are not in ``after`` (over all features of ``before``)."""
-    if before is None:
-        return 0
-    return sum(int((before.mask(name) & ~after.mask(name)).sum()) for name in before.feature_names
-               if name in after.feature_names)
 
 
 def _rank() -> int:

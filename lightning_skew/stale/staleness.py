@@ -19,7 +19,10 @@ __all__ = [
     "drop_mask",
     "keep_at_least_one",
     "row_change",
+    "rows_left",
     "sampled_inputs",
+    "unweighted_lookups",
+    "weighted_drop",
     "stale_rowset",
 ]
 
@@ -64,6 +67,29 @@ def sampled_inputs(batch_size: int, one_in: int, seed: int, rank: int, position:
     repeating the run, draws alike."""
     generator = torch.Generator().manual_seed((seed * 1_000_003 + rank * 7_919 + position) % (2 ** 63))
     return torch.randint(one_in, (batch_size,), generator=generator) == 0
+
+
+def weighted_drop(droppable: Tensor, sampled: Tensor, keep_one_in: int) -> tuple[Tensor, Tensor]:
+    """``(drop, weights)``: the droppable inputs not ``sampled`` are dropped; the sampled droppable ones are kept
+    at weight ``keep_one_in`` (so the kept share stands for all of them), every other input at weight 1."""
+    return droppable & ~sampled, torch.where(droppable & sampled, float(keep_one_in), 1.0)
+
+
+def unweighted_lookups(sparse: KeyedJaggedTensor, weights: Tensor | None) -> Tensor:
+    """Per lookup of ``sparse``: whether its input has weight 1 (all, when ``weights`` is ``None`` or all 1)."""
+    if weights is None or not bool((weights != 1).any()):
+        return torch.ones(sparse.values().numel(), dtype=torch.bool)
+    owner = torch.repeat_interleave(torch.arange(sparse.stride()).repeat(len(sparse.keys())),
+                                    sparse.lengths().long().cpu())
+    return (weights.cpu() == 1)[owner]
+
+
+def rows_left(before: RowSet | None, after: RowSet) -> int:
+    """Rows of ``before`` that are not in ``after`` (over the features both name)."""
+    if before is None:
+        return 0
+    return sum(int((before.mask(name) & ~after.mask(name)).sum()) for name in before.feature_names
+               if name in after.feature_names)
 
 
 def keep_at_least_one(drop: Tensor) -> Tensor:
