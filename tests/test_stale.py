@@ -263,9 +263,51 @@ def test_resume_from_a_checkpoint_continues_as_the_uninterrupted_run(tmp_path):
         assert torch.allclose(resumed_model.state_dict()[key], value, atol=1e-6), key
 
 
-def test_accuracy_guard_backs_off_when_the_metric_falls_more_than_the_margin_below_its_best():
-    skipper = StaleEmbeddingSkipper(target_drop_fraction=0.3, guard_metric="val_auc", guard_margin=0.002)
+class RecordEvaluations(pl.Callback):
+    """After the skipper: the steps at which it evaluated."""
+
+    def __init__(self, skipper: StaleEmbeddingSkipper) -> None:
+        self.skipper, self.steps = skipper, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.skipper.last_evaluation_step == trainer.global_step:
+            self.steps.append(trainer.global_step)
+
+
+def test_evaluations_space_out_while_nothing_can_be_skipped_and_resume_on_the_same_schedule(tmp_path):
+    # Candidates only among feature a's rows: no input has all its lookups on candidates, so no threshold could
+    # drop anything (the uniform-ID case) and each evaluation doubles the wait, up to max_idle_windows windows.
+    idle = RowSet(FEATURES, [ROWS, ROWS], [torch.arange(10), torch.zeros(0, dtype=torch.long)])
+    batches = make_batches(24, [range(0, ROWS)], batch=64)
+    args = dict(hot_rows=idle, evaluate_every_n_steps=2, max_idle_windows=4)
+    straight = StaleEmbeddingSkipper(**args)
+    record = RecordEvaluations(straight)
+    fit(make_model(), batches, [straight, record], epochs=2)
+    assert record.steps == [0, 2, 6, 14, 22, 30, 38, 46]  # windows 2, 4, 8, then 8 (= 4 windows) at most
+    assert straight.inputs_dropped == 0
+
+    first = StaleEmbeddingSkipper(**args)
+    trainer = fit(make_model(), batches, [first], epochs=1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = StaleEmbeddingSkipper(**args)
+    record_resumed = RecordEvaluations(resumed)
+    fit(make_model(), batches, [resumed, record_resumed], epochs=2, ckpt_path=str(tmp_path / "epoch1.ckpt"))
+    assert record_resumed.steps == [s for s in record.steps if s >= 24]
+
+    # Candidates that cover the inputs: the window stays as configured.
+    busy = StaleEmbeddingSkipper(hot_rows=all_rows(), evaluate_every_n_steps=2, max_idle_windows=4)
+    record_busy = RecordEvaluations(busy)
+    fit(make_model(), batches[:12], [busy, record_busy])
+    assert record_busy.steps == list(range(0, 12, 2))
+
+
+def test_accuracy_guard_is_on_by_default_and_backs_off_when_the_metric_falls_more_than_the_margin():
+    skipper = StaleEmbeddingSkipper()  # the default: guard on val_auc, margin 0.002, target 0.3
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    with pytest.warns(UserWarning, match="guard_metric 'val_auc' is not among the logged metrics") as caught:
+        skipper.on_validation_end(trainer, None)
+        skipper.on_validation_end(trainer, None)
+    assert len([w for w in caught if "guard_metric" in str(w.message)]) == 1  # warned once, not per validation
     for auc, target in ((0.80, 0.3), (0.799, 0.3), (0.81, 0.3), (0.805, 0.15), (0.80, 0.075), (0.70, 0.0375),
                         (0.70, 0.01875), (0.70, 0.0)):
         trainer.callback_metrics["val_auc"] = torch.tensor(auc)
@@ -285,6 +327,8 @@ def test_bad_arguments_fail_early_with_the_value_found():
         StaleEmbeddingSkipper(min_stale_lookups=0)
     with pytest.raises(ValueError, match="repack_min_fill.*1.5"):
         StaleEmbeddingSkipper(repack=True, repack_min_fill=1.5)
+    with pytest.raises(ValueError, match="max_idle_windows.*0"):
+        StaleEmbeddingSkipper(max_idle_windows=0)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -24,8 +24,10 @@ from lightning_skew.models.decisions import require_decisions
 from lightning_skew.profile.sources import HotSetSource, resolve_hot_rows
 from lightning_skew.stale.guard import backed_off, guard_verdict
 from lightning_skew.stale.staleness import (
+    IDLE_CEILING,
     drop_mask,
     keep_at_least_one,
+    next_window,
     rows_left,
     sampled_inputs,
     unweighted_lookups,
@@ -67,7 +69,10 @@ class StaleEmbeddingSkipper(pl.Callback):
     the first snapshot is then taken at step ``evaluate_every_n_steps`` and the first stale set decided at
     twice that (with ``hot_rows``: snapshot at step 0, first decision at ``evaluate_every_n_steps``). A stale
     set that drops no input of the sample (all ranks together) is not applied until the next evaluation, so a
-    run where nothing is stale pays only for the evaluations.
+    run where nothing is stale pays only for the evaluations; and when even marking every candidate stale would
+    drop under 1% of the sample (uniform IDs: no input has all its lookups on candidate rows), the next
+    evaluation waits twice as long, up to ``max_idle_windows`` windows, and the window returns to
+    ``evaluate_every_n_steps`` as soon as there is something to skip again.
 
     The threshold is ``threshold`` when given; else, at every evaluation, a bisection finds the threshold at
     which the share of inputs dropped on the recent batches (up to ``sample_batches`` kept, all ranks together)
@@ -90,8 +95,9 @@ class StaleEmbeddingSkipper(pl.Callback):
         min_stale_lookups: an input is dropped when at least this many of its lookups hit stale rows;
             ``None`` (default) requires all of them.
         sample_batches: recent batches kept as the sample for the threshold search.
-        guard_metric: a metric of ``trainer.callback_metrics`` watched after each validation (e.g.
-            ``"val_auc"``); ``None`` disables the accuracy guard.
+        guard_metric: a metric of ``trainer.callback_metrics`` watched after each validation (default
+            ``"val_auc"``, what :class:`~lightning_skew.models.DLRMModule` logs; a run that does not log it is
+            warned once and trains unguarded); ``None`` disables the accuracy guard.
         guard_mode: ``"max"`` when larger is better (AUC), ``"min"`` when smaller is (log-loss).
         guard_margin: a back-off happens when the metric is worse than its best by more than this.
         backoff_factor: each back-off multiplies the target drop fraction (or the fixed threshold) by this;
@@ -115,6 +121,9 @@ class StaleEmbeddingSkipper(pl.Callback):
             while the fused embedding backward and optimizer skip the stale rows (Slipstream's skipped updates).
             Needs a model that honours ``frozen_sparse`` (refused at setup otherwise).
         seed: seed of the ``keep_one_in`` draws.
+        max_idle_windows: while evaluations find nothing to skip, the window doubles up to this many times
+            ``evaluate_every_n_steps`` (``1``: a fixed window). Not with ``freeze_stale_lookups``, which freezes
+            lookups even where it drops no input.
 
     .. note::
         A batch is never emptied: when every input would be dropped, its first input is kept. Inputs are
@@ -145,7 +154,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         relative: bool = False,
         min_stale_lookups: int | None = None,
         sample_batches: int = 8,
-        guard_metric: str | None = None,
+        guard_metric: str | None = "val_auc",
         guard_mode: str = "max",
         guard_margin: float = 0.002,
         backoff_factor: float = 0.5,
@@ -155,9 +164,12 @@ class StaleEmbeddingSkipper(pl.Callback):
         keep_one_in: int = 1,
         freeze_stale_lookups: bool = False,
         seed: int = 0,
+        max_idle_windows: int = 16,
     ) -> None:
         if keep_one_in < 1:
             raise ValueError(f"keep_one_in must be at least 1 (1: drop every droppable input), got {keep_one_in}")
+        if max_idle_windows < 1:
+            raise ValueError(f"max_idle_windows must be at least 1 (1: a fixed window), got {max_idle_windows}")
         if not 0.0 < repack_min_fill <= 1.0:
             raise ValueError(f"repack_min_fill must lie in (0, 1], got {repack_min_fill}")
         _validate(max_candidate_rows, evaluate_every_n_steps, threshold, target_drop_fraction, tolerance,
@@ -181,10 +193,12 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.keep_one_in = keep_one_in
         self.freeze_stale_lookups = freeze_stale_lookups
         self.seed = seed
+        self.max_idle_windows = max_idle_windows
         self.lookups_frozen = 0  # lookups served without gradient (this process, not saved)
         self.lookups_seen = 0
         self.pulled_per_batch: list[int] = []  # repack: inputs read from the loader for each batch trained
         self._fed = False  # repack: a RepackedLoader handed on a batch
+        self._guard_warned = False
 
         self._tables: list[WatchedTable] = []
         self._fixed_candidates: list[Tensor] | None = None
@@ -196,6 +210,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.target: float = target_drop_fraction
         self.fixed_scale: float = 1.0
         self.last_evaluation_step: int = -1
+        self.window: int = evaluate_every_n_steps  # steps to the next evaluation (longer while nothing is skippable)
         self.evaluations = 0
         self.backoffs = 0
         self.best_metric: float | None = None
@@ -277,9 +292,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         with self._timed():
             if not self.repack:
                 self._record(batch)
-            # Counted candidates need a window of recent batches before the first snapshot.
-            warming_up = self._fixed_candidates is None and step == 0 and not self.snapshots
-            if step % self.evaluate_every_n_steps == 0 and step != self.last_evaluation_step and not warming_up:
+            if self._due(step):
                 self._evaluate(step)
             if not self.repack:
                 kept = self._kept(batch)
@@ -290,7 +303,15 @@ class StaleEmbeddingSkipper(pl.Callback):
                     set_decisions(batch, weights=input_weights(kept))
             if self.freeze_stale_lookups:
                 self._freeze(batch)
-        self._log(trainer, pl_module, step)
+            self._log(trainer, pl_module, step)
+
+    def _due(self, step: int) -> bool:
+        """Whether ``step`` evaluates: the first at a multiple of the window (counted candidates need a window of
+        recent batches first, so not at step 0), then ``window`` steps after the last."""
+        if self.last_evaluation_step < 0:
+            warming_up = self._fixed_candidates is None and step == 0 and not self.snapshots
+            return step % self.evaluate_every_n_steps == 0 and not warming_up
+        return step - self.last_evaluation_step >= self.window
 
     def record_read(self, inputs: int) -> None:
         """The data pipeline read ``inputs`` inputs for the batch it hands on next (repack mode)."""
@@ -389,9 +410,11 @@ class StaleEmbeddingSkipper(pl.Callback):
         if self.snapshots:
             changes = row_changes(self._tables, self.candidates, self.snapshots, self.relative)
             fixed = None if self.fixed_threshold is None else self.fixed_threshold * self.fixed_scale
-            self.threshold, self.sample_share = search_threshold(
+            self.threshold, self.sample_share, ceiling = search_threshold(
                 self._tables, self.candidates, changes, list(self.sample), self.target, self.tolerance, fixed,
                 self.min_stale_lookups)
+            self.window = next_window(self.window, self.evaluate_every_n_steps, self.max_idle_windows,
+                                      idle=ceiling < IDLE_CEILING and not self.freeze_stale_lookups)
             previous = self.stale
             self.stale = stale_rows(self._tables, self.candidates, changes, self.threshold)
             self.reactivated += rows_left(previous, self.stale)
@@ -408,8 +431,11 @@ class StaleEmbeddingSkipper(pl.Callback):
             return
         value = trainer.callback_metrics.get(self.guard_metric)
         if value is None:
-            rank_zero_warn(f"StaleEmbeddingSkipper: guard_metric {self.guard_metric!r} is not among the logged "
-                           f"metrics {sorted(trainer.callback_metrics)}; the accuracy guard does nothing")
+            if not self._guard_warned:
+                rank_zero_warn(f"StaleEmbeddingSkipper: guard_metric {self.guard_metric!r} is not among the logged "
+                               f"metrics {sorted(trainer.callback_metrics)}; the accuracy guard does nothing (name "
+                               "the validation metric to watch, or pass guard_metric=None)")
+                self._guard_warned = True
             return
         value = float(value)
         self.best_metric, back_off = guard_verdict(self.best_metric, value, self.guard_mode, self.guard_margin)
@@ -439,7 +465,7 @@ class StaleEmbeddingSkipper(pl.Callback):
             "candidates": self.candidates, "snapshots": self.snapshots,
             "stale": None if self.stale is None else (self.stale.feature_names, self.stale.num_rows, self.stale.rows),
             "threshold": self.threshold, "target": self.target, "fixed_scale": self.fixed_scale,
-            "last_evaluation_step": self.last_evaluation_step, "evaluations": self.evaluations,
+            "last_evaluation_step": self.last_evaluation_step, "window": self.window, "evaluations": self.evaluations,
             "backoffs": self.backoffs, "best_metric": self.best_metric, "inputs_seen": self.inputs_seen,
             "inputs_dropped": self.inputs_dropped, "sample_share": self.sample_share, "reactivated": self.reactivated,
             "fixed_candidates": self._fixed_candidates, "per_rank": per_rank,
@@ -454,6 +480,7 @@ class StaleEmbeddingSkipper(pl.Callback):
                      "best_metric", "inputs_seen", "inputs_dropped", "sample_share"):
             setattr(self, name, state_dict[name])
         self.reactivated = state_dict.get("reactivated", 0)  # absent from checkpoints of earlier versions
+        self.window = state_dict.get("window", self.evaluate_every_n_steps)
         self._fixed_candidates = state_dict["fixed_candidates"]
         per_rank = state_dict["per_rank"]
         rank = dist.get_rank() if distributed() else 0

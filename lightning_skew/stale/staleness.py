@@ -17,7 +17,9 @@ __all__ = [
     "bisect_threshold",
     "critical_thresholds",
     "drop_mask",
+    "IDLE_CEILING",
     "keep_at_least_one",
+    "next_window",
     "row_change",
     "rows_left",
     "sampled_inputs",
@@ -90,6 +92,17 @@ def rows_left(before: RowSet | None, after: RowSet) -> int:
         return 0
     return sum(int((before.mask(name) & ~after.mask(name)).sum()) for name in before.feature_names
                if name in after.feature_names)
+
+
+# An evaluation whose ceiling (the share of the sample that marking every candidate stale would drop) is below
+# this finds nothing to skip: uniform IDs, or candidates that miss most lookups.
+IDLE_CEILING = 0.01
+
+
+def next_window(window: int, every: int, max_idle_windows: int, idle: bool) -> int:
+    """Steps to the next evaluation: doubled after an idle one (nothing to skip), up to ``max_idle_windows``
+    windows of ``every`` steps; back to ``every`` as soon as an evaluation finds something."""
+    return min(window * 2, every * max_idle_windows) if idle else every
 
 
 def keep_at_least_one(drop: Tensor) -> Tensor:

@@ -102,11 +102,14 @@ def _per_feature(tables: Sequence[WatchedTable], candidates: Sequence[Tensor],
 
 def search_threshold(tables: Sequence[WatchedTable], candidates: Sequence[Tensor], changes: Sequence[Tensor],
                      sample: Sequence[KeyedJaggedTensor], target: float, tolerance: float,
-                     fixed: float | None = None, min_stale_lookups: int | None = None) -> tuple[float, float]:
-    """The threshold (``fixed``, else the one whose drop share on ``sample`` is ``target`` within ``tolerance``)
-    and its drop share, all ranks' samples together."""
+                     fixed: float | None = None, min_stale_lookups: int | None = None
+                     ) -> tuple[float, float, float]:
+    """The threshold (``fixed``, else the one whose drop share on ``sample`` is ``target`` within ``tolerance``),
+    its drop share, and the *ceiling*: the share any threshold could drop (every candidate stale), all ranks'
+    samples together. A ceiling near 0 says there is nothing to skip (uniform IDs, candidates that miss most
+    lookups); it is 1.0 when not measured (no sample, or skipping paused)."""
     if not sample or (fixed is None and target <= 0):
-        return 0.0, 0.0
+        return 0.0, 0.0, 1.0
     by_feature = _per_feature(tables, candidates, changes)
     critical = torch.cat([critical_thresholds(kjt, by_feature, min_stale_lookups) for kjt in sample])
 
@@ -115,16 +118,17 @@ def search_threshold(tables: Sequence[WatchedTable], candidates: Sequence[Tensor
                                              dtype=torch.float64))
         return float(counts[0] / counts[1].clamp(min=1))
 
+    ceiling = dropped_share(float("inf"))
     if fixed is not None:
-        return fixed, dropped_share(fixed)
+        return fixed, dropped_share(fixed), ceiling
     finite = torch.cat(list(changes))
     finite = finite[torch.isfinite(finite)]
     if finite.numel() == 0:
-        return 0.0, 0.0
+        return 0.0, 0.0, ceiling
     positive = finite[finite > 0]
     low = float(positive.min()) / 2 if positive.numel() else 1e-12
     high = max(float(finite.max()) * 2, low)
-    return bisect_threshold(dropped_share, target, tolerance, low, high)
+    return (*bisect_threshold(dropped_share, target, tolerance, low, high), ceiling)
 
 
 def stale_rows(tables: Sequence[WatchedTable], candidates: Sequence[Tensor], changes: Sequence[Tensor],
