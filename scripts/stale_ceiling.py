@@ -44,8 +44,11 @@ def main() -> None:
         by_key = stream.batch_at(index).sparse_features.to_dict()
         return torch.stack([by_key[name].values().long() + offsets[i] for i, name in enumerate(names)], dim=1)
 
-    spread = torch.linspace(0, len(stream) - 1, args.rank_batches + args.measure_batches).long().tolist()
-    ranked, measured = spread[0::2][:args.rank_batches], spread[1::2][:args.measure_batches]
+    points = torch.linspace(0, len(stream) - 1, args.rank_batches + args.measure_batches).long().tolist()
+    every = len(points) // args.measure_batches  # every `every`-th point measures, the others rank
+    measuring = {i for i in range(0, len(points), every)[:args.measure_batches]}
+    measured = [p for i, p in enumerate(points) if i in measuring]
+    ranked = [p for i, p in enumerate(points) if i not in measuring]
     counts = torch.zeros(int(offsets[-1]), dtype=torch.long)
     for index in ranked:
         counts += torch.bincount(global_ids(index).flatten(), minlength=counts.numel())
@@ -53,7 +56,7 @@ def main() -> None:
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel())
     ids = torch.cat([global_ids(index) for index in measured])
-    per_epoch = datamodule.num_train_samples / (len(ranked) * datamodule.batch_size)
+    per_epoch = stream.num_samples / (len(ranked) * stream.batch_size)
     print(f"{args.config}: {counts.numel():,} rows, {len(names)} features; ranked on {len(ranked)} batches, "
           f"measured on {ids.shape[0]:,} inputs")
     most, half = len(names) - 2, len(names) // 2

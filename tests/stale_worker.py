@@ -29,9 +29,12 @@ class SizedDLRM(DLRMModule):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.seen_sizes: list[int] = []
+        self.weighted = 0  # inputs trained at a weight above 1
 
     def training_step(self, batch, batch_idx):
         self.seen_sizes.append(int(batch.labels.numel()))
+        weights = getattr(batch, "weights", None)
+        self.weighted += 0 if weights is None else int((weights > 1).sum())
         return super().training_step(batch, batch_idx)
 
 
@@ -62,6 +65,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", action="store_true", help="save <out>/epoch<N> at the end")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--repack", action="store_true", help="drop in the data pipeline (full batches)")
+    parser.add_argument("--keep-one-in", type=int, default=1, help="keep one droppable input in k at weight k")
+    parser.add_argument("--freeze", action="store_true", help="serve stale lookups without gradient")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -73,7 +78,8 @@ def main() -> None:
                       embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
                       embedding_optimizer="rowwise_adagrad", embedding_lr=0.05)
     skipper = StaleEmbeddingSkipper(evaluate_every_n_steps=3, target_drop_fraction=0.3, tolerance=0.05,
-                                    sample_batches=3, repack=args.repack)
+                                    sample_batches=3, repack=args.repack, keep_one_in=args.keep_one_in,
+                                    freeze_stale_lookups=args.freeze)
     record, losses = RecordDecisions(skipper), RecordLosses()
     trainer = pl.Trainer(accelerator="cpu", devices=world_size, strategy=TorchRecStrategy(), max_epochs=args.epochs,
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -83,7 +89,8 @@ def main() -> None:
     if args.checkpoint:
         trainer.save_checkpoint(Path(args.out) / f"epoch{args.epochs}")
     out = {"evaluations": skipper.evaluations, "decisions": record.decisions, "seen_sizes": model.seen_sizes,
-           "losses": losses.losses, "dropped": skipper.inputs_dropped}
+           "losses": losses.losses, "dropped": skipper.inputs_dropped, "frozen": skipper.lookups_frozen,
+           "weighted": model.weighted}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"stale_rank{trainer.global_rank}.json").write_text(json.dumps(out))
 

@@ -174,7 +174,8 @@ def test_hot_cold_variants_train_the_baselines_model_and_gpu_variants_need_cuda(
     assert report["variants"]["hotcold"]["extras"]["hot_mb"] <= bench.HOT_COLD_BUDGET_BYTES / 1e6
     if not torch.cuda.is_available():
         recipe = bench.build_recipe(["--config", "recipes/dlrm_synthetic.yaml", *TINY])
-        for name in ("gpu_hotcold", "gpu_hotcold_plain", "gpu_handwritten_pipeline", "gpu_lightning_pipeline"):
+        for name in ("gpu_hotcold", "gpu_hotcold_plain", "gpu_handwritten_pipeline", "gpu_lightning_pipeline",
+                     "gpu_host_stale", "gpu_hbm_freeze_t001"):
             with pytest.raises(RuntimeError, match="need CUDA"):
                 bench.VARIANTS[name].train(recipe)
 

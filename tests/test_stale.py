@@ -313,7 +313,7 @@ def test_accuracy_guard_is_on_by_default_and_backs_off_when_the_metric_falls_mor
         trainer.callback_metrics["val_auc"] = torch.tensor(auc)
         skipper.on_validation_end(trainer, None)
         assert skipper.target == pytest.approx(target), auc
-    assert skipper.backoffs == 5 and skipper.best_metric == pytest.approx(0.81)
+    assert skipper.guard.backoffs == 5 and skipper.guard.best == pytest.approx(0.81)
 
 
 def test_state_key_tells_instances_with_other_arguments_apart():
@@ -430,13 +430,17 @@ def test_repack_resumes_from_an_epoch_end_checkpoint_as_the_uninterrupted_run(tm
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_two_ranks_mark_the_same_rows_stale_with_the_same_threshold(tmp_path):
-    launch(Path(__file__).with_name("stale_worker.py"), 2, ["--out", str(tmp_path)], timeout=120)
+def test_two_ranks_mark_the_same_rows_stale_with_the_same_threshold_weighting_and_freezing(tmp_path):
+    # With the quality-keeping options on: one droppable input in 2 kept at weight 2, the stale lookups of the
+    # others served without gradient (a second, frozen lookup through the sharded model on both ranks).
+    launch(Path(__file__).with_name("stale_worker.py"), 2, ["--out", str(tmp_path), "--keep-one-in", "2",
+                                                            "--freeze"], timeout=120)
     ranks = [json.loads((tmp_path / f"stale_rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["evaluations"] == ranks[1]["evaluations"] and ranks[0]["evaluations"]
     assert ranks[0]["decisions"] == ranks[1]["decisions"]
     assert any(d["stale_rows"] > 0 for d in ranks[0]["decisions"])
     assert all(min(r["seen_sizes"]) < max(r["seen_sizes"]) for r in ranks)  # sharded model trained on fewer
+    assert all(r["weighted"] > 0 and r["frozen"] > 0 for r in ranks)  # each rank weighted and froze its own
 
 
 def test_two_ranks_repacking_step_in_lockstep_with_the_same_stale_rows(tmp_path):

@@ -6,12 +6,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_skew.bench.helpers import epoch_seconds, profiled_hot_rows
+from lightning_skew.bench.helpers import epoch_seconds, gpu_peak, profiled_hot_rows, reset_gpu_peak
 from lightning_skew.bench.runner import fit_with_lightning
 from lightning_skew.bench.types import Recipe, TrainedRun, register_variant
 from lightning_skew.core.monitor import batch_size_of
 from lightning_skew.stale.repack import RepackedDataModule
 from lightning_skew.stale.skipper import StaleEmbeddingSkipper
+from lightning_skew.torchrec.strategy import TorchRecStrategy
 
 # Candidates are the most looked-up rows of each window, the threshold is searched for the target share of
 # dropped inputs. Run on uniform IDs with --data.init_args.uniform true.
@@ -29,20 +30,21 @@ class _ReadInputs(pl.Callback):
         self.sizes.append(batch_size_of(batch))
 
 
-def fit_with_skipper(recipe: Recipe, skipper: StaleEmbeddingSkipper) -> TrainedRun:
+def fit_with_skipper(recipe: Recipe, skipper: StaleEmbeddingSkipper, **fit_options: Any) -> TrainedRun:
     """Lightning with ``skipper``; samples/s counts the inputs read (dropped ones included), extras report the
     measured drop share, the share of lookups served without gradient, the stale rows and threshold at the end,
     and the callback's time. With ``skipper.repack`` the DataModule's training batches go through it
-    (:class:`RepackedDataModule`) and each step counts the inputs read for it."""
+    (:class:`RepackedDataModule`) and each step counts the inputs read for it. ``fit_options`` (``strategy``,
+    ``accelerator``) go to :func:`fit_with_lightning`."""
     read = _ReadInputs()
     if skipper.repack:
         recipe = Recipe(recipe.model, RepackedDataModule(recipe.datamodule), recipe.epochs)
-    run = fit_with_lightning(recipe, callbacks=[read, skipper])
+    run = fit_with_lightning(recipe, callbacks=[read, skipper], **fit_options)
     sizes = skipper.pulled_per_batch if skipper.repack else read.sizes
     if len(sizes) == len(run.clock.samples):
         run.clock.samples = sizes
     epoch_s = epoch_seconds(run.clock.ends)
-    run.extras = {"drop_share": skipper.inputs_dropped / max(skipper.inputs_seen, 1),
+    run.extras = {**run.extras, "drop_share": skipper.inputs_dropped / max(skipper.inputs_seen, 1),
                   "frozen_share": skipper.lookups_frozen / max(skipper.lookups_seen, 1),
                   "stale_rows": float(len(skipper.stale)) if skipper.stale is not None else 0.0,
                   "reactivated": float(skipper.reactivated),
@@ -63,7 +65,7 @@ def fit_with_stale_skipping(recipe: Recipe, target_drop_fraction: float, profile
 register_variant("stale", "Lightning with StaleEmbeddingSkipper() exactly as its defaults (the setting a user gets)")(
     lambda recipe: fit_with_skipper(recipe, StaleEmbeddingSkipper()))
 
-for _percent in (10, 30, 50):
+for _percent in (10, 20, 30, 50):
     register_variant(f"stale{_percent}", f"Lightning, inputs on stale rows dropped, target {_percent}% (Slipstream)")(
         lambda recipe, fraction=_percent / 100: fit_with_stale_skipping(recipe, fraction))
     register_variant(f"stale{_percent}p", f"as stale{_percent}, candidates from an access profile's hot rows")(
@@ -109,3 +111,23 @@ for _name, _threshold in (("0001", 0.001), ("0003", 0.003), ("001", 0.01)):
                      "gradient; inputs whose lookups are all stale dropped")(
         lambda recipe, t=_threshold: fit_with_skipper(recipe, StaleEmbeddingSkipper(
             evaluate_every_n_steps=STALE_EVALUATE_EVERY_N_STEPS, threshold=t, freeze_stale_lookups=True)))
+
+
+def fit_on_gpu_with_skipper(recipe: Recipe, compute_kernel: str, skipper: StaleEmbeddingSkipper) -> TrainedRun:
+    """:func:`fit_with_skipper` on one GPU, every table with ``compute_kernel`` (the twins of ``gpu_hbm`` and
+    ``gpu_host``): where the embedding update is most of a step, skipping updates may pay where on a CPU it
+    does not."""
+    reset_gpu_peak("gpu")  # first: a machine without CUDA fails before anything runs
+    run = fit_with_skipper(recipe, skipper, strategy=TorchRecStrategy(compute_kernel=compute_kernel),
+                           accelerator="gpu")
+    run.extras.update(gpu_peak("gpu"))
+    return run
+
+
+for _kernel, _twin in (("fused", "gpu_hbm"), ("fused_uvm", "gpu_host")):
+    register_variant(f"{_twin}_stale", f"as {_twin}, with StaleEmbeddingSkipper() at its defaults")(
+        lambda recipe, kernel=_kernel: fit_on_gpu_with_skipper(recipe, kernel, StaleEmbeddingSkipper()))
+    register_variant(f"{_twin}_freeze_t001", f"as {_twin}, with freeze_t001's skipper (stale lookups served "
+                     "without gradient)")(
+        lambda recipe, kernel=_kernel: fit_on_gpu_with_skipper(recipe, kernel, StaleEmbeddingSkipper(
+            evaluate_every_n_steps=STALE_EVALUATE_EVERY_N_STEPS, threshold=0.01, freeze_stale_lookups=True)))

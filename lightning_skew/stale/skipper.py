@@ -22,7 +22,7 @@ from lightning_skew.core.rowsets import RowSet, lookup_members
 from lightning_skew.core.tables import WatchedTable, watched_tables
 from lightning_skew.models.decisions import require_decisions
 from lightning_skew.profile.sources import HotSetSource, resolve_hot_rows
-from lightning_skew.stale.guard import backed_off, guard_verdict
+from lightning_skew.stale.guard import AccuracyGuard, backed_off
 from lightning_skew.stale.staleness import (
     IDLE_CEILING,
     drop_mask,
@@ -60,19 +60,11 @@ class StaleEmbeddingSkipper(pl.Callback):
 
     Candidate rows are the rows of ``hot_rows`` (a :class:`~lightning_skew.core.rowsets.RowSet` or a source with
     ``hot_rows(datamodule)``, such as :class:`~lightning_skew.profile.ProfiledHotRows`), or, when it is
-    ``None``, the ``max_candidate_rows`` rows looked up most often in the recent batches (the last
-    ``sample_batches`` batches' IDs, kept in ``on_train_batch_start`` and counted at each evaluation, summed over
-    ranks; counting every batch cost about 5% of a CPU step). Unlike TorchRec's ``ModelDeltaTracker``, which
-    hooks the sharded modules to record the IDs (and optionally embeddings) that each rank's shards served, for
-    delta checkpoints and model publishing, this counts the input KJT on the host before the step, works for
-    plain unsharded collections as well, and keeps only counts. Counted candidates need recent batches first:
-    the first snapshot is then taken at step ``evaluate_every_n_steps`` and the first stale set decided at
-    twice that (with ``hot_rows``: snapshot at step 0, first decision at ``evaluate_every_n_steps``). A stale
-    set that drops no input of the sample (all ranks together) is not applied until the next evaluation, so a
-    run where nothing is stale pays only for the evaluations; and when even marking every candidate stale would
-    drop under 1% of the sample (uniform IDs: no input has all its lookups on candidate rows), the next
-    evaluation waits twice as long, up to ``max_idle_windows`` windows, and the window returns to
-    ``evaluate_every_n_steps`` as soon as there is something to skip again.
+    ``None``, the ``max_candidate_rows`` rows looked up most often in the last ``sample_batches`` batches (all
+    ranks): the first snapshot is then taken at step ``evaluate_every_n_steps``, the first decision at twice
+    that. A stale set that drops no input of the sample is not applied; while not even every candidate stale
+    would drop 1% of the sample (uniform IDs), the wait to the next evaluation doubles, up to
+    ``max_idle_windows`` windows. docs/stale.md says more, and why TorchRec's ``ModelDeltaTracker`` is not used.
 
     The threshold is ``threshold`` when given; else, at every evaluation, a bisection finds the threshold at
     which the share of inputs dropped on the recent batches (up to ``sample_batches`` kept, all ranks together)
@@ -173,7 +165,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         if not 0.0 < repack_min_fill <= 1.0:
             raise ValueError(f"repack_min_fill must lie in (0, 1], got {repack_min_fill}")
         _validate(max_candidate_rows, evaluate_every_n_steps, threshold, target_drop_fraction, tolerance,
-                  min_stale_lookups, sample_batches, guard_mode, backoff_factor)
+                  min_stale_lookups, sample_batches, backoff_factor)
         self.hot_rows = hot_rows
         self.max_candidate_rows = max_candidate_rows
         self.evaluate_every_n_steps = evaluate_every_n_steps
@@ -184,8 +176,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.min_stale_lookups = min_stale_lookups
         self.sample_batches = sample_batches
         self.guard_metric = guard_metric
-        self.guard_mode = guard_mode
-        self.guard_margin = guard_margin
+        self.guard = AccuracyGuard(guard_metric, guard_mode, guard_margin, owner="StaleEmbeddingSkipper")
         self.backoff_factor = backoff_factor
         self.log_every_n_steps = log_every_n_steps
         self.repack = repack
@@ -198,7 +189,6 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.lookups_seen = 0
         self.pulled_per_batch: list[int] = []  # repack: inputs read from the loader for each batch trained
         self._fed = False  # repack: a RepackedLoader handed on a batch
-        self._guard_warned = False
 
         self._tables: list[WatchedTable] = []
         self._fixed_candidates: list[Tensor] | None = None
@@ -212,8 +202,6 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.last_evaluation_step: int = -1
         self.window: int = evaluate_every_n_steps  # steps to the next evaluation (longer while nothing is skippable)
         self.evaluations = 0
-        self.backoffs = 0
-        self.best_metric: float | None = None
         self.inputs_seen = 0
         self.inputs_dropped = 0
         self.reactivated = 0  # rows that left the stale set at an evaluation (they moved again), all evaluations
@@ -394,7 +382,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         stale_rows = len(self.stale) if self.stale is not None else 0
         figures = {"stale/drop_share": self._log_dropped / self._log_seen, "stale/rows": float(stale_rows),
                    "stale/threshold": 0.0 if self.threshold != self.threshold else self.threshold,
-                   "stale/overhead": self._own_s / wall, "stale/backoffs": float(self.backoffs),
+                   "stale/overhead": self._own_s / wall, "stale/backoffs": float(self.guard.backoffs),
                    "stale/reactivated": float(self.reactivated)}
         for name, value in figures.items():
             pl_module.log(name, value, prog_bar=name in ("stale/drop_share", "stale/rows"), on_step=True,
@@ -427,21 +415,9 @@ class StaleEmbeddingSkipper(pl.Callback):
     # ------------------------------------------------------------------------------------------ accuracy guard
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.guard_metric is None or trainer.sanity_checking:
-            return
-        value = trainer.callback_metrics.get(self.guard_metric)
+        value = None if trainer.sanity_checking else self.guard.fell(trainer.callback_metrics)
         if value is None:
-            if not self._guard_warned:
-                rank_zero_warn(f"StaleEmbeddingSkipper: guard_metric {self.guard_metric!r} is not among the logged "
-                               f"metrics {sorted(trainer.callback_metrics)}; the accuracy guard does nothing (name "
-                               "the validation metric to watch, or pass guard_metric=None)")
-                self._guard_warned = True
             return
-        value = float(value)
-        self.best_metric, back_off = guard_verdict(self.best_metric, value, self.guard_mode, self.guard_margin)
-        if not back_off:
-            return
-        self.backoffs += 1
         if self.fixed_threshold is not None:
             self.fixed_scale *= self.backoff_factor
             what = f"threshold now {self.fixed_threshold * self.fixed_scale:.3g}"
@@ -449,8 +425,8 @@ class StaleEmbeddingSkipper(pl.Callback):
             self.target = backed_off(self.target, self.backoff_factor)
             what = f"target drop fraction now {self.target:.3g}" + (" (skipping paused)" if not self.target else "")
         self.stale = None  # takes effect now, not at the next evaluation
-        rank_zero_info(f"StaleEmbeddingSkipper: {self.guard_metric} {value:.4f} fell more than {self.guard_margin} "
-                       f"below its best {self.best_metric:.4f}; backing off ({what})")
+        rank_zero_info(f"StaleEmbeddingSkipper: {self.guard_metric} {value:.4f} fell more than {self.guard.margin} "
+                       f"below its best {self.guard.best:.4f}; backing off ({what})")
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
@@ -466,7 +442,7 @@ class StaleEmbeddingSkipper(pl.Callback):
             "stale": None if self.stale is None else (self.stale.feature_names, self.stale.num_rows, self.stale.rows),
             "threshold": self.threshold, "target": self.target, "fixed_scale": self.fixed_scale,
             "last_evaluation_step": self.last_evaluation_step, "window": self.window, "evaluations": self.evaluations,
-            "backoffs": self.backoffs, "best_metric": self.best_metric, "inputs_seen": self.inputs_seen,
+            "backoffs": self.guard.backoffs, "best_metric": self.guard.best, "inputs_seen": self.inputs_seen,
             "inputs_dropped": self.inputs_dropped, "sample_share": self.sample_share, "reactivated": self.reactivated,
             "fixed_candidates": self._fixed_candidates, "per_rank": per_rank,
         }
@@ -476,9 +452,10 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.snapshots = list(state_dict["snapshots"])
         stale = state_dict["stale"]
         self.stale = None if stale is None else RowSet(*stale)
-        for name in ("threshold", "target", "fixed_scale", "last_evaluation_step", "evaluations", "backoffs",
-                     "best_metric", "inputs_seen", "inputs_dropped", "sample_share"):
+        for name in ("threshold", "target", "fixed_scale", "last_evaluation_step", "evaluations", "inputs_seen",
+                     "inputs_dropped", "sample_share"):
             setattr(self, name, state_dict[name])
+        self.guard.backoffs, self.guard.best = state_dict["backoffs"], state_dict["best_metric"]
         self.reactivated = state_dict.get("reactivated", 0)  # absent from checkpoints of earlier versions
         self.window = state_dict.get("window", self.evaluate_every_n_steps)
         self._fixed_candidates = state_dict["fixed_candidates"]
@@ -502,7 +479,7 @@ def _rank() -> int:
 
 
 def _validate(max_candidate_rows: int, every: int, threshold: float | None, target: float, tolerance: float,
-              min_stale_lookups: int | None, sample_batches: int, guard_mode: str, backoff_factor: float) -> None:
+              min_stale_lookups: int | None, sample_batches: int, backoff_factor: float) -> None:
     if max_candidate_rows < 1 or every < 1 or sample_batches < 1:
         raise ValueError(f"max_candidate_rows, evaluate_every_n_steps and sample_batches must be positive, got "
                          f"{max_candidate_rows}, {every}, {sample_batches}")
@@ -512,7 +489,5 @@ def _validate(max_candidate_rows: int, every: int, threshold: float | None, targ
         raise ValueError(f"target_drop_fraction and tolerance must lie in [0, 1), got {target}, {tolerance}")
     if min_stale_lookups is not None and min_stale_lookups < 1:
         raise ValueError(f"min_stale_lookups must be >= 1 or None (all lookups), got {min_stale_lookups}")
-    if guard_mode not in ("max", "min"):
-        raise ValueError(f"guard_mode must be 'max' or 'min', got {guard_mode!r}")
     if not 0.0 < backoff_factor < 1.0:
         raise ValueError(f"backoff_factor must lie in (0, 1), got {backoff_factor}")
