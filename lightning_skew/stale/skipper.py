@@ -131,7 +131,7 @@ class StaleEmbeddingSkipper(pl.Callback):
 
         trainer = pl.Trainer(strategy=TorchRecStrategy(),
                              callbacks=[StaleEmbeddingSkipper(target_drop_fraction=0.3,
-                                                              guard_metric="val_auc")])
+                                                              guard_margin=0.002)])
         trainer.fit(DLRMModule(...), SyntheticDataModule())
     """
 
@@ -175,7 +175,6 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.relative = relative
         self.min_stale_lookups = min_stale_lookups
         self.sample_batches = sample_batches
-        self.guard_metric = guard_metric
         self.guard = AccuracyGuard(guard_metric, guard_mode, guard_margin, owner="StaleEmbeddingSkipper")
         self.backoff_factor = backoff_factor
         self.log_every_n_steps = log_every_n_steps
@@ -223,7 +222,7 @@ class StaleEmbeddingSkipper(pl.Callback):
             max_candidate_rows=self.max_candidate_rows, evaluate_every_n_steps=self.evaluate_every_n_steps,
             threshold=self.fixed_threshold, target_drop_fraction=self.target_drop_fraction,
             tolerance=self.tolerance, relative=self.relative, min_stale_lookups=self.min_stale_lookups,
-            guard_metric=self.guard_metric, repack=self.repack, keep_one_in=self.keep_one_in,
+            guard_metric=self.guard.metric, repack=self.repack, keep_one_in=self.keep_one_in,
             freeze_stale_lookups=self.freeze_stale_lookups)
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -425,7 +424,7 @@ class StaleEmbeddingSkipper(pl.Callback):
             self.target = backed_off(self.target, self.backoff_factor)
             what = f"target drop fraction now {self.target:.3g}" + (" (skipping paused)" if not self.target else "")
         self.stale = None  # takes effect now, not at the next evaluation
-        rank_zero_info(f"StaleEmbeddingSkipper: {self.guard_metric} {value:.4f} fell more than {self.guard.margin} "
+        rank_zero_info(f"StaleEmbeddingSkipper: {self.guard.metric} {value:.4f} fell more than {self.guard.margin} "
                        f"below its best {self.guard.best:.4f}; backing off ({what})")
 
     # ------------------------------------------------------------------------------------------ checkpoints
