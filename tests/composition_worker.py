@@ -33,13 +33,13 @@ BUDGET = 150 * ROW_BYTES
 
 
 def fit_cell(cell: tuple, root: Path, epochs: int, ckpt_path: str | None = None, save: Path | None = None,
-             world_size: int = 1) -> dict:
+             world_size: int = 1, first_callbacks: tuple[pl.Callback, ...] = ()) -> dict:
     strategy_name, batching, skipping = cell
     hot_rows = ProfiledHotRows(budget_bytes=BUDGET, embedding_dim=8, sample_fraction=0.5)
     data = make_data(world_size)
     if batching is not None:
         data = PopularityDataModule(data, schedule=batching, hot_rows=hot_rows, window_batches=4, shuffle=False)
-    callbacks: list[pl.Callback] = []
+    callbacks: list[pl.Callback] = list(first_callbacks)
     skipper = None
     if skipping is not None:
         skipper = StaleEmbeddingSkipper(evaluate_every_n_steps=2, target_drop_fraction=0.3, tolerance=0.05,

@@ -22,7 +22,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from lightning_skew.core.rowsets import is_one_hot
 
 __all__ = ["Batch", "SkewBatch", "batch_size_of", "concat_batches", "frozen_lookups", "input_weights",
-           "select_inputs", "set_decisions", "split_lookups"]
+           "select_inputs", "set_decisions", "slice_inputs", "split_lookups"]
 
 
 @dataclass
@@ -46,6 +46,10 @@ class SkewBatch(Batch):
             batch size of ``sparse_features`` whose pooled embeddings a model that honours it adds to those of
             ``sparse_features``, under ``torch.no_grad()``, so the embedding backward and optimizer never see
             those lookups while the rest of the model trains on the whole input.
+        routed_sparse: ``sparse_features`` already routed in the data pipeline for the placement that serves it
+            (``None``: not routed), by the collection it is for; each value has a ``to(device, non_blocking)``.
+            It describes this very ``sparse_features``: any operation that changes the inputs drops it, and a
+            consumer uses it only while ``sparse_features`` is the object it came with.
 
     Example::
 
@@ -62,6 +66,7 @@ class SkewBatch(Batch):
     hot_rows: Any = None
     weights: Tensor | None = None
     frozen_sparse: KeyedJaggedTensor | None = None
+    routed_sparse: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, batch: Batch, is_hot: bool, num_hot: int, hot_rows: Any = None, weights: Tensor | None = None,
@@ -69,9 +74,11 @@ class SkewBatch(Batch):
         return cls(batch.dense_features, batch.sparse_features, batch.labels, is_hot=is_hot, num_hot=num_hot,
                    hot_rows=hot_rows, weights=weights, frozen_sparse=frozen_sparse)
 
-    def _with_tensors(self, batch: Batch, weights: Tensor | None,
-                      frozen_sparse: KeyedJaggedTensor | None) -> SkewBatch:
-        return SkewBatch.of(batch, self.is_hot, self.num_hot, self.hot_rows, weights, frozen_sparse)
+    def _with_tensors(self, batch: Batch, weights: Tensor | None, frozen_sparse: KeyedJaggedTensor | None,
+                      routed_sparse: dict[str, Any] | None = None) -> SkewBatch:
+        out = SkewBatch.of(batch, self.is_hot, self.num_hot, self.hot_rows, weights, frozen_sparse)
+        out.routed_sparse = routed_sparse
+        return out
 
     @property
     def batch_size(self) -> int:
@@ -81,12 +88,16 @@ class SkewBatch(Batch):
         return self._with_tensors(
             super().to(device, non_blocking),
             None if self.weights is None else self.weights.to(device, non_blocking=non_blocking),
-            None if self.frozen_sparse is None else self.frozen_sparse.to(device, non_blocking=non_blocking))
+            None if self.frozen_sparse is None else self.frozen_sparse.to(device, non_blocking=non_blocking),
+            None if self.routed_sparse is None else
+            {key: routed.to(device, non_blocking) for key, routed in self.routed_sparse.items()})
 
     def pin_memory(self) -> SkewBatch:
         return self._with_tensors(super().pin_memory(),
                                   None if self.weights is None else self.weights.pin_memory(),
-                                  None if self.frozen_sparse is None else self.frozen_sparse.pin())
+                                  None if self.frozen_sparse is None else self.frozen_sparse.pin(),
+                                  None if self.routed_sparse is None else
+                                  {key: routed.pin_memory() for key, routed in self.routed_sparse.items()})
 
     def hot_part(self) -> Batch:
         """The hot micro-batch: inputs ``[0, num_hot)``."""
@@ -168,6 +179,44 @@ def select_inputs(batch: Batch, index: Tensor | Sequence[int]) -> Batch:
     return SkewBatch.of(picked, batch.is_hot, num_hot, batch.hot_rows, weights, frozen)
 
 
+def _slice_kjt(sparse: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedTensor:
+    """Inputs ``[start, stop)`` of every feature: one contiguous run of values per feature, gathered at once."""
+    if sparse.variable_stride_per_key():
+        raise ValueError("slice_inputs: KeyedJaggedTensors with a variable batch size per feature are not supported")
+    keys, stride = sparse.keys(), sparse.stride()
+    lengths = sparse.lengths().view(len(keys), stride)[:, start:stop]
+    offsets = sparse.offsets().view(-1)
+    first = torch.arange(len(keys), device=offsets.device) * stride
+    begins, ends = offsets[first + start].long(), offsets[first + stop].long()
+    counts = ends - begins
+    total = int(counts.sum())
+    # Position i of the result lies in feature f's run: begins[f] + (i - where f's run starts in the result).
+    shift = torch.repeat_interleave(begins - _exclusive_cumsum(counts), counts, output_size=total)
+    positions = shift + torch.arange(total, device=shift.device)
+    weights = sparse.weights_or_none()
+    return KeyedJaggedTensor(keys=keys, values=sparse.values()[positions], lengths=lengths.reshape(-1),
+                             weights=None if weights is None else weights[positions])
+
+
+def slice_inputs(batch: Batch, start: int, stop: int) -> Batch:
+    """The inputs ``[start, stop)`` of ``batch``, as :func:`select_inputs` would give them for
+    ``torch.arange(start, stop)``, without looking at the other inputs (cheap on a large joined batch)."""
+    size = batch_size_of(batch)
+    if not 0 <= start <= stop <= size:
+        raise ValueError(f"slice_inputs: [{start}, {stop}) is not a range of the batch's {size} inputs")
+    picked = Batch(dense_features=batch.dense_features[start:stop],
+                   sparse_features=_slice_kjt(batch.sparse_features, start, stop), labels=batch.labels[start:stop])
+    weights, frozen = input_weights(batch), frozen_lookups(batch)
+    if not isinstance(batch, SkewBatch) and weights is None and frozen is None:
+        return picked
+    weights = None if weights is None else weights[start:stop]
+    frozen = None if frozen is None else _slice_kjt(frozen, start, stop)
+    if not isinstance(batch, SkewBatch):
+        return SkewBatch.of(picked, False, 0, None, weights, frozen)
+    num_hot = stop - start if batch.is_hot else max(0, min(batch.num_hot, stop) - start)
+    return SkewBatch.of(picked, batch.is_hot, num_hot, batch.hot_rows, weights, frozen)
+
+
 def concat_batches(batches: Sequence[Batch]) -> Batch:
     """One batch holding the inputs of ``batches`` in order (all must have the same feature keys).
 
@@ -213,6 +262,13 @@ def _concat_kjts(sparse: Sequence[KeyedJaggedTensor]) -> KeyedJaggedTensor:
         if kjt.variable_stride_per_key():
             raise ValueError("concat_batches: variable batch sizes per feature are not supported")
     lengths = torch.cat([kjt.lengths().view(len(keys), kjt.stride()) for kjt in sparse], dim=1).reshape(-1)
+    if all(kjt.values().numel() == kjt.lengths().numel() for kjt in sparse) and bool((lengths == 1).all()):
+        # One ID per feature and input everywhere: [features, inputs] grids joined side by side, no per-key split.
+        values = torch.cat([kjt.values().view(len(keys), kjt.stride()) for kjt in sparse], dim=1).reshape(-1)
+        weights = None
+        if all(kjt.weights_or_none() is not None for kjt in sparse):
+            weights = torch.cat([kjt.weights().view(len(keys), kjt.stride()) for kjt in sparse], dim=1).reshape(-1)
+        return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
     per_key = [torch.split(kjt.values(), kjt.length_per_key()) for kjt in sparse]
     values = torch.cat([part[f] for f in range(len(keys)) for part in per_key])
     weights = None

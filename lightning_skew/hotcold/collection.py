@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +35,8 @@ from lightning_skew.hotcold.placement import (
     split_rows,
 )
 
-__all__ = ["HOT_SUFFIX", "COLD_SUFFIX", "HotColdEmbeddingBagCollection", "hot_only_step", "table_specs"]
+__all__ = ["HOT_SUFFIX", "COLD_SUFFIX", "HotColdEmbeddingBagCollection", "RoutedLookups", "hot_only_step",
+           "routed_step", "table_specs"]
 
 HOT_SUFFIX, COLD_SUFFIX = "__hot", "__cold"
 
@@ -52,6 +54,40 @@ def hot_only_step(hot_only: bool = True) -> Iterator[None]:
         yield
     finally:
         _HOT_ONLY.reset(token)
+
+
+@dataclass(frozen=True)
+class RoutedLookups:
+    """A batch's lookups split for one collection's placement ahead of the step (in the data pipeline, on the
+    host): the ``hot`` and ``cold`` KeyedJaggedTensors of shard slots, and the placement ``version`` they follow."""
+
+    hot: KeyedJaggedTensor
+    cold: KeyedJaggedTensor
+    version: int
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> RoutedLookups:
+        return RoutedLookups(self.hot.to(device, non_blocking=non_blocking),
+                             self.cold.to(device, non_blocking=non_blocking), self.version)
+
+    def pin_memory(self) -> RoutedLookups:
+        return RoutedLookups(self.hot.pin(), self.cold.pin(), self.version)
+
+
+# The lookups of the step in progress already routed per collection (by id), with the KeyedJaggedTensor they
+# route: a collection called with exactly that object takes its routed lookups instead of splitting them itself.
+_ROUTED: ContextVar[tuple[KeyedJaggedTensor, dict[int, RoutedLookups]] | None] = ContextVar(
+    "lightning_skew_routed_step", default=None)
+
+
+@contextmanager
+def routed_step(features: KeyedJaggedTensor, routed: dict[int, RoutedLookups]) -> Iterator[None]:
+    """Within it, the collection with ``id(collection)`` in ``routed``, called with ``features`` (that very object),
+    uses the routed lookups when they follow its current placement, so the step splits nothing."""
+    token = _ROUTED.set((features, routed))
+    try:
+        yield
+    finally:
+        _ROUTED.reset(token)
 
 
 def table_specs(ebc: EmbeddingBagCollection) -> list[TableSpec]:
@@ -134,6 +170,8 @@ class HotColdEmbeddingBagCollection(nn.Module):
                     if part is not None and cfg.name + suffix in part.embedding_bags:
                         part.embedding_bags[cfg.name + suffix].weight.copy_(rows)
         self._carry_optimizer(ebc)
+        self.placement_version = 0  # bumped by every set_placement: lookups routed before it are stale
+        self.routed_forwards = 0  # forwards that took lookups routed ahead of the step
         self.skipped_cold = 0  # forwards that left the cold collection out
         self.counts: Tensor | None = None
         self._counting = False
@@ -188,6 +226,7 @@ class HotColdEmbeddingBagCollection(nn.Module):
                 tensor[evicted.to(tensor.device)] = -1
                 tensor[incoming.to(tensor.device)] = slots.to(tensor.device)
         self.placement = placement
+        self.placement_version += 1
 
     def start_counting(self) -> None:
         """Count lookups per row in training forwards from now on (drops earlier counts)."""
@@ -317,8 +356,26 @@ class HotColdEmbeddingBagCollection(nn.Module):
         """One part's pooled embeddings of its lookups (the part's own collection, sharded or not)."""
         return part(features)
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+    def route(self, features: KeyedJaggedTensor) -> RoutedLookups:
+        """``features`` split ahead of the step for the placement as it stands (:meth:`split_features`, in the
+        data pipeline): a forward inside :func:`routed_step` takes it without splitting (a GPU step then holds
+        none of the split's host syncs)."""
+        if self._counting:
+            raise RuntimeError("lookups cannot be routed ahead while the collection counts them for rebalancing")
         hot, cold = self.split_features(features)
+        return RoutedLookups(hot, cold, self.placement_version)
+
+    def _lookups(self, features: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
+        step = _ROUTED.get()
+        if step is not None and step[0] is features:
+            routed = step[1].get(id(self))
+            if routed is not None and routed.version == self.placement_version:
+                self.routed_forwards += 1
+                return routed.hot, routed.cold
+        return self.split_features(features)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        hot, cold = self._lookups(features)
         pooled = []
         if self.hot is not None:
             pooled.append(self._pool(self.hot, hot))

@@ -14,12 +14,15 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchrec.distributed import DistributedModelParallel
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_skew.core.batch import SkewBatch
+from lightning_skew.core.batch import Batch, SkewBatch
+from lightning_skew.core.loaders import MappedLoader
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.hotcold.collection import (
     HotColdEmbeddingBagCollection,
     hot_only_step,
+    routed_step,
     table_specs,
 )
 from lightning_skew.hotcold.placement import Placement, TableSpec
@@ -240,9 +243,35 @@ class HotColdStrategy(TorchRecStrategy):
 
     # ------------------------------------------------------------------------------------- training
 
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)
+        trainer = self.lightning_module.trainer
+        if not trainer.training:
+            return dataloader
+        # The hot/cold split of each training batch happens as the batch is read, on the host, so the step
+        # itself splits nothing (on a GPU the split's data-dependent sizes would stall the device every step).
+        return MappedLoader(dataloader, self._route_batch)
+
+    def _route_batch(self, batch: Any) -> Any:
+        """``batch`` with its lookups routed for every collection's current placement (unchanged while
+        rebalancing counts lookups: those are counted, and split, in the step)."""
+        sparse = getattr(batch, "sparse_features", None)
+        collections = self.collections()
+        if not isinstance(sparse, KeyedJaggedTensor) or not isinstance(batch, Batch) or not collections \
+                or any(c.counting for c in collections.values()):
+            return batch
+        routed = batch if isinstance(batch, SkewBatch) else SkewBatch.of(batch, False, 0)
+        routed.routed_sparse = {path: c.route(sparse) for path, c in collections.items()}
+        if routed.is_hot and routed.hot_rows is not None:
+            self._hot_set_placed(routed.hot_rows)  # checked here, on the host, not in the step
+        return routed
+
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else kwargs.get("batch")
-        with hot_only_step(self._hot_only(batch)):
+        routed = getattr(batch, "routed_sparse", None)
+        with hot_only_step(self._hot_only(batch)), routed_step(
+                batch.sparse_features if routed else None,
+                {id(c): routed[path] for path, c in self.collections().items() if path in routed} if routed else {}):
             return super().training_step(*args, **kwargs)
 
     def _hot_only(self, batch: Any) -> bool:
@@ -250,7 +279,10 @@ class HotColdStrategy(TorchRecStrategy):
         hot set it refers to lies inside the placement's hot rows (checked once per hot set)."""
         if not (isinstance(batch, SkewBatch) and batch.is_hot and batch.hot_rows is not None):
             return False
-        hot_set = batch.hot_rows
+        return self._hot_set_placed(batch.hot_rows)
+
+    def _hot_set_placed(self, hot_set: RowSet) -> bool:
+        """Whether ``hot_set`` lies inside the placement's hot rows (checked once per hot set, warned if not)."""
         if self._checked_hot_set[0] is not hot_set:
             self._checked_hot_set = (hot_set, hot_set_inside(hot_set, self.placements.values()))
             if not self._checked_hot_set[1]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lightning_skew.core.batch import concat_batches, select_inputs
+from lightning_skew.core.batch import Batch, concat_batches, select_inputs, slice_inputs
 from lightning_skew.core.distributed import all_gather_ints, all_reduce_sum
 from lightning_skew.core.lookups import hot_input_mask
 from lightning_skew.core.rowsets import RowSet
@@ -49,6 +49,22 @@ class Lookahead:
             self._next = next(self._items, self._END)
         return taken
 
+
+
+class _Arranged:
+    """A window's inputs reordered by ``order``, built on first use (a resumed epoch skips whole windows unbuilt)."""
+
+    def __init__(self, joined: Batch, order: torch.Tensor) -> None:
+        self._joined: Batch | None = joined
+        self._order = order
+        self._batch: Batch | None = None
+
+    def inputs(self, start: int, stop: int) -> Batch:
+        if self._batch is None:
+            assert self._joined is not None
+            self._batch = select_inputs(self._joined, self._order)
+            self._joined = None  # the reordered copy replaces it
+        return slice_inputs(self._batch, start, stop)
 
 
 def plan_stitched(inner: Lookahead, hot_rows: RowSet,
@@ -108,13 +124,17 @@ def plan_regrouped(inner: Lookahead, hot_rows: RowSet, stats: EpochStats, epoch:
         if shuffle:
             pool = pool[torch.randperm(pool.numel(), generator=generator)]
         pool = pool[: kept - num_hot * batch_size]
+        # The window's inputs in delivery order (hot batches' inputs, then the cold batches'), gathered once when
+        # its first batch is made; every batch is then a contiguous slice of it (a gather per batch would read
+        # the whole window's layout each time).
+        arranged = _Arranged(joined, torch.cat([hot_index[: num_hot * batch_size], pool]))
         taken = {True: 0, False: 0}
         for step, is_hot in enumerate(order.tolist()):
-            source = hot_index if is_hot else pool
-            index = source[taken[is_hot] * batch_size:(taken[is_hot] + 1) * batch_size]
+            start = (0 if is_hot else num_hot * batch_size) + taken[is_hot] * batch_size
+            stop = min(start + batch_size, num_hot * batch_size if is_hot else kept)
             taken[is_hot] += 1
-            yield (lambda joined=joined, index=index, is_hot=is_hot: PopularityBatch.of(
-                select_inputs(joined, index), is_hot=is_hot, num_hot=index.numel() if is_hot else 0,
+            yield (lambda start=start, stop=stop, is_hot=is_hot, arranged=arranged: PopularityBatch.of(
+                arranged.inputs(start, stop), is_hot=is_hot, num_hot=stop - start if is_hot else 0,
                 hot_rows=hot_rows)), \
                 not more and step == len(order) - 1
         window_index += 1

@@ -17,6 +17,8 @@ from torchrec.distributed.train_pipeline.train_pipelines import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_skew.core.loaders import LoaderView
+
 __all__ = ["PIPELINES", "PipelinedLoader", "StepStream", "build_pipeline", "check_pipeline", "check_pipeline_name",
            "check_same_batch"]
 
@@ -125,14 +127,14 @@ class _Reader(Iterator[Any]):
         return self._stream._next(self._reader)
 
 
-class PipelinedLoader:
+class PipelinedLoader(LoaderView):
     """The training loader as Lightning's loop reads it when the strategy trains through a pipeline: each epoch a
     fresh :class:`StepStream` handed to ``on_epoch(stream)``, Lightning reading its side. Length, sampler and
     every other attribute are the inner loader's; outside training (``is_training()`` false) it is the inner
     loader unchanged."""
 
     def __init__(self, loader: Any, on_epoch: Callable[[StepStream], None], is_training: Callable[[], bool]) -> None:
-        self.__dict__["loader"] = loader
+        super().__init__(loader)
         self.__dict__["_on_epoch"] = on_epoch
         self.__dict__["_is_training"] = is_training
 
@@ -148,15 +150,6 @@ class PipelinedLoader:
             except StopIteration:
                 return
             yield batch
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["loader"], name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.loader, name, value)  # e.g. Lightning's worker_init_fn belongs to the inner loader
 
 
 def _parts(batch: Any) -> dict[str, Any]:
