@@ -23,6 +23,7 @@ from lightning_skew.bench.stats import (
     foreign_cpu_share,
     foreign_note,
     median_step_throughput,
+    outside_model_ms,
     run_order,
     throughput,
     usable_cores,
@@ -111,6 +112,7 @@ def train_by_hand(recipe: Recipe) -> TrainedRun:
     clock = StepClock()
     for _ in range(recipe.epochs):
         for batch in datamodule.train_dataloader():
+            clock.begin_model()
             loss = F.binary_cross_entropy_with_logits(dmp(batch), batch.labels.float())
             loss.backward()
             optimizer.step()
@@ -120,12 +122,25 @@ def train_by_hand(recipe: Recipe) -> TrainedRun:
 
 
 class _ClockCallback(pl.Callback):
+    """Ticks the clock as a step ends (first of the callbacks, so the others' end-of-step work is not the model's)."""
+
     def __init__(self, clock: StepClock) -> None:
         self.clock = clock
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.clock.tick(batch_size_of(batch))
+
+
+class _ModelClockCallback(pl.Callback):
+    """Marks the start of the model's work (last of the callbacks: the others' per-step work is the loop's)."""
+
+    def __init__(self, clock: StepClock) -> None:
+        self.clock = clock
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.clock.begin_model()
 
 
 def fit_with_lightning(recipe: Recipe, callbacks: Sequence[pl.Callback] = (),
@@ -138,7 +153,8 @@ def fit_with_lightning(recipe: Recipe, callbacks: Sequence[pl.Callback] = (),
                              max_epochs=recipe.epochs,
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                             default_root_dir=root_dir, callbacks=[_ClockCallback(clock), *callbacks])
+                             default_root_dir=root_dir,
+                       callbacks=[_ClockCallback(clock), *callbacks, _ModelClockCallback(clock)])
         trainer.fit(recipe.model, datamodule=recipe.datamodule)
     return TrainedRun(model=trainer.strategy.model, clock=clock, device=str(trainer.strategy.root_device))
 
@@ -182,7 +198,8 @@ def _run_once(variant: Variant, recipe_args: Sequence[str], warmup_steps: int, r
                      median_step_samples_per_s=median_step_throughput(clock.ends, clock.samples, warmup_steps),
                      steps=len(clock.ends),
                      setup_s=clock.ends[warmup_steps - 1] - began, auc=quality.auc, logloss=quality.logloss,
-                     foreign_cpu_share=foreign, extras=dict(trained.extras))
+                     foreign_cpu_share=foreign, extras=dict(trained.extras),
+                     outside_model_ms=outside_model_ms(clock.ends, clock.model_s, warmup_steps))
 
 
 def run_bench(recipe_args: Sequence[str], variants: Sequence[str], repeats: int = 3, warmup_steps: int = 10,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -53,6 +54,14 @@ def median_step_throughput(ends: Sequence[float], samples: Sequence[int], warmup
     throughput(ends, samples, warmup_steps)  # the same validation
     rates = [samples[i] / (ends[i] - ends[i - 1]) for i in range(warmup_steps, len(ends)) if ends[i] > ends[i - 1]]
     return median(rates)
+
+
+def outside_model_ms(ends: Sequence[float], model_s: Sequence[float], warmup_steps: int) -> float:
+    """Milliseconds of the median timed step spent outside the model's forward, backward and optimizer step:
+    reading and preparing the batch, moving it, callbacks (NaN when the loop did not time the model's work)."""
+    outside = [(ends[i] - ends[i - 1] - model_s[i]) * 1e3 for i in range(warmup_steps, len(ends))
+               if i < len(model_s) and not math.isnan(model_s[i])]
+    return median(outside) if outside else math.nan
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,8 @@ def summarize(runs: Sequence[RunResult], baseline: str) -> dict[str, VariantSumm
             median_step_samples_per_s=median(r.median_step_samples_per_s for r in own),
             median_step_ratio=median(step_ratios[variant]), auc=median(r.auc for r in own),
             logloss=median(r.logloss for r in own),
+            outside_model_ms=median(timed) if (timed := [r.outside_model_ms for r in own
+                                                         if not math.isnan(r.outside_model_ms)]) else math.nan,
             extras={key: median(r.extras[key] for r in own if key in r.extras)
                     for key in dict.fromkeys(k for r in own for k in r.extras)})
     return summaries

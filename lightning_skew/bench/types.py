@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,14 +44,25 @@ class StepClock:
 
     ends: list[float] = field(default_factory=list)
     samples: list[int] = field(default_factory=list)
+    #: Seconds of each step spent in the model's forward, backward and optimizer step (NaN where the loop does
+    #: not say when that work begins; see :meth:`begin_model`). The rest of the step is the loop's own work.
+    model_s: list[float] = field(default_factory=list)
+    _model_began: float | None = field(default=None, repr=False)
     progress: tuple[str, Callable[[str], None], float] | None = field(default_factory=_PROGRESS.get, repr=False)
     _last_report: float = field(default_factory=time.perf_counter, repr=False)
+
+    def begin_model(self) -> None:
+        """Mark the start of this step's model work (forward, backward, optimizer step): everything after it up
+        to :meth:`tick` counts as the model's."""
+        self._model_began = time.perf_counter()
 
     def tick(self, samples: int) -> None:
         """Record the end of a step that trained on ``samples`` inputs (and report progress when due)."""
         now = time.perf_counter()
         self.ends.append(now)
         self.samples.append(int(samples))
+        self.model_s.append(now - self._model_began if self._model_began is not None else math.nan)
+        self._model_began = None
         if self.progress is not None and now - self._last_report >= self.progress[2] and len(self.ends) > 1:
             label, report, _ = self.progress
             rate = sum(self.samples[1:]) / max(now - self.ends[0], 1e-9)
@@ -133,6 +145,7 @@ class RunResult:
     logloss: float
     foreign_cpu_share: float | None = None  # CPU time of other processes over the run, a share of all cores
     extras: dict[str, float] = field(default_factory=dict)
+    outside_model_ms: float = math.nan  # median timed step's time outside forward/backward/optimizer (see StepClock)
 
 
 @dataclass(frozen=True)
@@ -152,3 +165,4 @@ class VariantSummary:
     auc: float  # median over repeats
     logloss: float
     extras: dict[str, float] = field(default_factory=dict)  # median over repeats of each of the runs' extras
+    outside_model_ms: float = math.nan  # median over repeats of RunResult.outside_model_ms

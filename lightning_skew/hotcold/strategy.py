@@ -63,6 +63,9 @@ __all__ = ["HotColdStrategy", "ORIGINAL_IDS_FORMAT"]
 
 ORIGINAL_IDS_FORMAT = "original-ids-v1"
 
+#: What the split costs where both parts share one memory: `hotcold` against `lightning` in docs/benchmarks.md.
+CPU_SPLIT_RATIO = "about 0.9x"
+
 
 class HotColdStrategy(TorchRecStrategy):
     """:class:`TorchRecStrategy` with every table placed by popularity: hot rows in fast memory, cold rows in
@@ -170,6 +173,14 @@ class HotColdStrategy(TorchRecStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         self._trainer = trainer
         super().setup(trainer)
+        kernels = self._kernels()
+        if self.root_device.type != "cuda" or kernels["hot"] == kernels["cold"]:
+            rank_zero_warn(
+                f"HotColdStrategy: the hot and the cold rows live in the same memory here ({self.root_device.type}, "
+                f"kernels {kernels['hot']!r} and {kernels['cold']!r}), so the split cannot pay, it only costs (on 2 "
+                f"CPU cores the default recipe trains at {CPU_SPLIT_RATIO} of TorchRecStrategy's speed; "
+                "docs/benchmarks.md). It pays where the cold rows are in slower memory (CUDA with the cold kernel "
+                "'fused_uvm'); here, TorchRecStrategy trains the same model exactly.")
         if trainer.state.fn == TrainerFn.FITTING and self._rebalancing:
             for collection in self.collections().values():
                 collection.start_counting()

@@ -248,6 +248,11 @@ class StaleEmbeddingSkipper(pl.Callback):
                                                                      else [])
         require_decisions(pl_module, decisions, f"StaleEmbeddingSkipper(keep_one_in={self.keep_one_in}, "
                           f"freeze_stale_lookups={self.freeze_stale_lookups})")
+        if trainer.strategy.root_device.type == "cuda" and (not self.repack or self.freeze_stale_lookups):
+            rank_zero_warn("StaleEmbeddingSkipper decides in the training step here (repack=False or "
+                           "freeze_stale_lookups=True): each step copies its lookups to the host and waits for the "
+                           "decision, which stalls the GPU. repack=True with lightning_skew.RepackedDataModule decides "
+                           "in the data pipeline instead, before the batch is moved.")
         if trainer.accumulate_grad_batches > 1:
             rank_zero_warn("StaleEmbeddingSkipper with accumulate_grad_batches > 1: dropped inputs change the "
                            "weight of the accumulated micro-batches")
