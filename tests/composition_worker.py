@@ -72,7 +72,8 @@ def fit_cell(cell: tuple, root: Path, epochs: int, ckpt_path: str | None = None,
     return {"weights": {k: v.detach().cpu().clone() for k, v in weights.items() if isinstance(v, torch.Tensor)},
             "losses": record.losses, "val": metrics,
             "dropped": None if skipper is None else skipper.inputs_dropped,
-            "skipped_cold": [c.skipped_cold for c in getattr(trainer.strategy, "collections", dict)().values()]}
+            "skipped_cold": [c.skipped_cold for c in getattr(trainer.strategy, "collections", dict)().values()],
+            "routed_forwards": [c.routed_forwards for c in getattr(trainer.strategy, "collections", dict)().values()]}
 
 
 

@@ -21,7 +21,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.core.rowsets import is_one_hot
 
-__all__ = ["Batch", "SkewBatch", "batch_size_of", "concat_batches", "frozen_lookups", "input_weights",
+__all__ = ["Batch", "RoutedSparse", "SkewBatch", "batch_size_of", "concat_batches", "frozen_lookups", "input_weights",
            "select_inputs", "set_decisions", "slice_inputs", "split_lookups"]
 
 
@@ -47,9 +47,8 @@ class SkewBatch(Batch):
             ``sparse_features``, under ``torch.no_grad()``, so the embedding backward and optimizer never see
             those lookups while the rest of the model trains on the whole input.
         routed_sparse: ``sparse_features`` already routed in the data pipeline for the placement that serves it
-            (``None``: not routed), by the collection it is for; each value has a ``to(device, non_blocking)``.
-            It describes this very ``sparse_features``: any operation that changes the inputs drops it, and a
-            consumer uses it only while ``sparse_features`` is the object it came with.
+            (``None``: not routed): a :class:`RoutedSparse`, valid only while ``sparse_features`` is the very object
+            it was routed from (an operation that changes the inputs, or replaces ``sparse_features``, voids it).
 
     Example::
 
@@ -66,7 +65,7 @@ class SkewBatch(Batch):
     hot_rows: Any = None
     weights: Tensor | None = None
     frozen_sparse: KeyedJaggedTensor | None = None
-    routed_sparse: dict[str, Any] | None = None
+    routed_sparse: RoutedSparse | None = None
 
     @classmethod
     def of(cls, batch: Batch, is_hot: bool, num_hot: int, hot_rows: Any = None, weights: Tensor | None = None,
@@ -75,9 +74,11 @@ class SkewBatch(Batch):
                    hot_rows=hot_rows, weights=weights, frozen_sparse=frozen_sparse)
 
     def _with_tensors(self, batch: Batch, weights: Tensor | None, frozen_sparse: KeyedJaggedTensor | None,
-                      routed_sparse: dict[str, Any] | None = None) -> SkewBatch:
+                      move_routed: Any = None) -> SkewBatch:
         out = SkewBatch.of(batch, self.is_hot, self.num_hot, self.hot_rows, weights, frozen_sparse)
-        out.routed_sparse = routed_sparse
+        if move_routed is not None and self.routed_sparse is not None \
+                and self.routed_sparse.source is self.sparse_features:
+            out.routed_sparse = move_routed(self.routed_sparse, out.sparse_features)
         return out
 
     @property
@@ -89,15 +90,13 @@ class SkewBatch(Batch):
             super().to(device, non_blocking),
             None if self.weights is None else self.weights.to(device, non_blocking=non_blocking),
             None if self.frozen_sparse is None else self.frozen_sparse.to(device, non_blocking=non_blocking),
-            None if self.routed_sparse is None else
-            {key: routed.to(device, non_blocking) for key, routed in self.routed_sparse.items()})
+            lambda routed, source: routed.to(device, non_blocking, source))
 
     def pin_memory(self) -> SkewBatch:
         return self._with_tensors(super().pin_memory(),
                                   None if self.weights is None else self.weights.pin_memory(),
                                   None if self.frozen_sparse is None else self.frozen_sparse.pin(),
-                                  None if self.routed_sparse is None else
-                                  {key: routed.pin_memory() for key, routed in self.routed_sparse.items()})
+                                  lambda routed, source: routed.pin_memory(source))
 
     def hot_part(self) -> Batch:
         """The hot micro-batch: inputs ``[0, num_hot)``."""
@@ -106,6 +105,26 @@ class SkewBatch(Batch):
     def cold_part(self) -> Batch:
         """The cold micro-batch: inputs ``[num_hot, batch_size)``."""
         return select_inputs(self, torch.arange(self.num_hot, self.batch_size))
+
+
+@dataclass(frozen=True)
+class RoutedSparse:
+    """A batch's lookups routed ahead of the step (on the host) by a placement, for the KeyedJaggedTensor
+    ``source`` only: ``parts`` by the name of the collection they are for, each with ``to(device, non_blocking)``
+    and ``pin_memory()``."""
+
+    source: KeyedJaggedTensor
+    parts: dict[str, Any]
+
+    def valid_for(self, sparse: Any) -> bool:
+        """Whether these lookups describe ``sparse`` (the very object they were routed from)."""
+        return sparse is self.source
+
+    def to(self, device: torch.device | str, non_blocking: bool, source: KeyedJaggedTensor) -> RoutedSparse:
+        return RoutedSparse(source, {name: part.to(device, non_blocking) for name, part in self.parts.items()})
+
+    def pin_memory(self, source: KeyedJaggedTensor) -> RoutedSparse:
+        return RoutedSparse(source, {name: part.pin_memory() for name, part in self.parts.items()})
 
 
 def batch_size_of(batch: Any) -> int:

@@ -80,7 +80,7 @@ _ROUTED: ContextVar[tuple[KeyedJaggedTensor, dict[int, RoutedLookups]] | None] =
 
 
 @contextmanager
-def routed_step(features: KeyedJaggedTensor, routed: dict[int, RoutedLookups]) -> Iterator[None]:
+def routed_step(features: KeyedJaggedTensor | None, routed: dict[int, RoutedLookups]) -> Iterator[None]:
     """Within it, the collection with ``id(collection)`` in ``routed``, called with ``features`` (that very object),
     uses the routed lookups when they follow its current placement, so the step splits nothing."""
     token = _ROUTED.set((features, routed))

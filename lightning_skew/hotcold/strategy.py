@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_skew.core.batch import Batch, SkewBatch
+from lightning_skew.core.batch import Batch, RoutedSparse, SkewBatch
 from lightning_skew.core.loaders import MappedLoader
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.hotcold.collection import (
@@ -272,7 +272,7 @@ class HotColdStrategy(TorchRecStrategy):
                 or any(c.counting for c in collections.values()):
             return batch
         routed = batch if isinstance(batch, SkewBatch) else SkewBatch.of(batch, False, 0)
-        routed.routed_sparse = {path: c.route(sparse) for path, c in collections.items()}
+        routed.routed_sparse = RoutedSparse(sparse, {path: c.route(sparse) for path, c in collections.items()})
         if routed.is_hot and routed.hot_rows is not None:
             self._hot_set_placed(routed.hot_rows)  # checked here, on the host, not in the step
         return routed
@@ -280,9 +280,11 @@ class HotColdStrategy(TorchRecStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else kwargs.get("batch")
         routed = getattr(batch, "routed_sparse", None)
-        with hot_only_step(self._hot_only(batch)), routed_step(
-                batch.sparse_features if routed else None,
-                {id(c): routed[path] for path, c in self.collections().items() if path in routed} if routed else {}):
+        if routed is not None and not routed.valid_for(batch.sparse_features):
+            routed = None  # a callback changed the inputs after routing: the collections route them again
+        parts = {} if routed is None else {id(c): routed.parts[path] for path, c in self.collections().items()
+                                           if path in routed.parts}
+        with hot_only_step(self._hot_only(batch)), routed_step(None if routed is None else routed.source, parts):
             return super().training_step(*args, **kwargs)
 
     def _hot_only(self, batch: Any) -> bool:
