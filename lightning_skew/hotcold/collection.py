@@ -205,7 +205,7 @@ class HotColdEmbeddingBagCollection(nn.Module):
         # Per row of every table end to end: its hot slot, or -1 (cold: the cold table holds it at its own ID).
         self._codes = torch.cat([hot_slots(t.hot_rows, t.spec.num_rows) for t in tables])
         self._routes: dict[tuple, tuple] = {}
-        self._columns: dict[tuple, Tensor | None] = {}
+        self._columns: dict[tuple, tuple[int, Tensor] | None] = {}
 
     def set_placement(self, placement: Placement) -> None:
         """Route lookups by ``placement`` from now on. It must keep every table's hot row count (the shards'
@@ -337,19 +337,24 @@ class HotColdEmbeddingBagCollection(nn.Module):
             self.counts = self.counts.to(index.device)
         self.counts.index_add_(0, index, torch.ones_like(index))
 
-    def _output_columns(self, pooled: KeyedTensor) -> Tensor | None:
-        """The output columns of a part's pooled values; ``None`` when they are all columns in order (a part
-        that holds every feature)."""
+    def _output_columns(self, pooled: KeyedTensor) -> tuple[int, Tensor] | None:
+        """Where a part's pooled values go in the output: ``None`` when they are all its columns in order (a part
+        that holds every feature), else ``(width, index)``: the output seen as blocks of ``width`` columns, and the
+        block of each of the part's blocks (whole features when every feature has one width; an index over
+        blocks of several columns adds much faster than one over single columns)."""
         keys = tuple(pooled.keys())
         cache_key = (keys, pooled.values().device)
         if cache_key not in self._columns:
-            columns = []
-            for key, width in zip(keys, pooled.length_per_key(), strict=True):
-                start = self._column_offsets[self._original_name[key]]
-                columns.append(torch.arange(start, start + width))
-            columns = torch.cat(columns)
-            identity = columns.numel() == self._total_dim and bool((columns == torch.arange(self._total_dim)).all())
-            self._columns[cache_key] = None if identity else columns.to(pooled.values().device)
+            starts = [self._column_offsets[self._original_name[key]] for key in keys]
+            widths = pooled.length_per_key()
+            if len(set(widths)) == 1 and all(start % widths[0] == 0 for start in starts) \
+                    and self._total_dim % widths[0] == 0:
+                width, index = widths[0], torch.tensor([start // widths[0] for start in starts])
+            else:
+                width = 1
+                index = torch.cat([torch.arange(start, start + w) for start, w in zip(starts, widths, strict=True)])
+            identity = index.numel() * width == self._total_dim and bool((index == torch.arange(index.numel())).all())
+            self._columns[cache_key] = None if identity else (width, index.to(pooled.values().device))
         return self._columns[cache_key]
 
     def _pool(self, part: nn.Module, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -388,13 +393,16 @@ class HotColdEmbeddingBagCollection(nn.Module):
             pooled.append(self._pool(self.cold, cold))
         values = None
         for part in pooled:
-            part_values, columns = part.values(), self._output_columns(part)
-            if columns is None:  # the part covers every output column in order: add it whole
+            part_values, placed = part.values(), self._output_columns(part)
+            if placed is None:  # the part covers every output column in order: add it whole
                 values = part_values if values is None else values + part_values
                 continue
             if values is None:
                 values = part_values.new_zeros((features.stride(), self._total_dim))
-            values = values.index_add(1, columns, part_values)
+            width, index = placed
+            batch_size = features.stride()
+            values = values.view(batch_size, -1, width).index_add(
+                1, index, part_values.view(batch_size, -1, width)).view(batch_size, self._total_dim)
         if values is None:  # every table cold and the cold part skipped
             values = torch.zeros((features.stride(), self._total_dim), device=features.values().device)
         return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_embedding, values=values)
