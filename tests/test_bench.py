@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from lightning_skew.bench import (
     foreign_cpu_share,
     median,
     median_step_throughput,
+    outside_model_ms,
     per_repeat_ratios,
     register_variant,
     run_order,
@@ -38,6 +40,13 @@ def test_throughput_times_only_the_steps_after_warmup():
     assert (timed_samples, timed_s) == (90, 4.0)
     assert rate == pytest.approx(22.5)
     assert throughput(ends, samples, warmup_steps=2)[0] == pytest.approx(70 / 3.0)
+
+
+def test_time_outside_the_model_is_each_steps_rest_averaged_over_the_timed_steps():
+    ends = [0.0, 1.0, 3.0, 4.0, 10.0]
+    model_s = [0.5, 0.5, 1.0, 1.0, 1.0]  # steps 2..4 timed: 2-1, 1-1, 6-1 seconds outside
+    assert outside_model_ms(ends, model_s, warmup_steps=2) == pytest.approx(2000.0)  # a window's burst counts
+    assert math.isnan(outside_model_ms(ends, [math.nan] * 5, warmup_steps=2))  # a loop that did not say
 
 
 def test_median_step_throughput_ignores_a_burst_of_slow_steps():
@@ -126,6 +135,7 @@ def test_tiny_bench_runs_both_variants_to_the_same_model(tmp_path):
         assert run["timed_samples"] == 10 * 128
         assert run["samples_per_s"] > 0 and run["median_step_samples_per_s"] > 0
         assert 0.0 <= run["auc"] <= 1.0
+        assert run["outside_model_ms"] >= 0.0  # both loops time their model's work
     assert report["variants"]["handwritten"]["ratio"] == 1.0
     assert report["variants"]["lightning"]["ratio"] > 0
     assert 0.5 < report["best_attainable_auc"] <= 1.0

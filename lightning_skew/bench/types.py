@@ -145,7 +145,7 @@ class RunResult:
     logloss: float
     foreign_cpu_share: float | None = None  # CPU time of other processes over the run, a share of all cores
     extras: dict[str, float] = field(default_factory=dict)
-    outside_model_ms: float = math.nan  # median timed step's time outside forward/backward/optimizer (see StepClock)
+    outside_model_ms: float = math.nan  # mean time per timed step outside forward/backward/optimizer (StepClock)
 
 
 @dataclass(frozen=True)
