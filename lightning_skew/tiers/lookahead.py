@@ -1,0 +1,113 @@
+"""Bagpipe-style lookahead caching: a fast-memory cache that sees the next ``W`` batches before they run.
+
+Bagpipe (Agarwal et al., SOSP 2023) overlaps embedding movement with training by looking ahead in the data
+stream: the rows a coming batch needs are prefetched while earlier batches train, and a cached row is kept
+while a batch within the lookahead still needs it. This policy is that idea as a cache (fully associative,
+``capacity`` rows): before step ``t`` it loads the step's rows that are not cached; when it must make room it
+evicts the cached rows whose next use is furthest ahead (Belady's choice, over what the window shows: a row no
+batch of steps ``t+1 .. t+W`` needs counts as never needed again; ties: the least recently used, then the
+higher row ID). When a step needs more rows than the cache holds, those needed soonest again are cached and the
+rest read from host memory directly. Every read is known ``W`` steps ahead, so it can be prefetched off the
+step's critical path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_skew.tiers.policies import StepRecord, Traffic, _traffic
+from lightning_skew.tiers.stream import AccessStream
+
+__all__ = ["lookahead_cache", "next_use_steps"]
+
+
+def next_use_steps(stream: AccessStream) -> Tensor:
+    """For each entry of ``stream.rows``: the next step that looks up the same row, or ``num_steps`` if none."""
+    steps = stream.step_ids()
+    order = torch.sort(stream.rows, stable=True).indices  # by row, then by step (entries come in step order)
+    rows, at = stream.rows[order], steps[order]
+    following = torch.full_like(at, stream.num_steps)
+    same = rows[1:] == rows[:-1]
+    following[:-1] = torch.where(same, at[1:], following[:-1])
+    result = torch.empty_like(following)
+    result[order] = following
+    return result
+
+
+def lookahead_cache(stream: AccessStream, budget_bytes: int, window: int = 8, record: bool = False) -> Traffic:
+    """Replay ``stream`` through a lookahead cache of ``budget_bytes`` (rows plus optimizer state).
+
+    Args:
+        stream: the access stream (a spatial sample keeps ``sample_rate`` of the capacity).
+        budget_bytes: fast memory for cached rows; the capacity in rows is the budget over the mean row size.
+        window: how many coming batches the cache sees (Bagpipe's lookahead).
+        record: keep the per-step row IDs (tests).
+    """
+    if window < 1:
+        raise ValueError(f"the lookahead window must be at least one batch, got {window}")
+    mean_row = stream.total_bytes / max(stream.total_rows, 1)
+    full_capacity = int(budget_bytes // mean_row)
+    capacity = int(round(full_capacity * stream.sample_rate))
+    num, total = stream.num_steps, stream.total_rows
+    never = num + 1  # a next use beyond the window
+    if (never + 2) * (num + 2) * max(total, 1) >= 2**62:
+        raise ValueError(f"the lookahead replay's sort key cannot hold {num} steps of {total} rows; simulate fewer "
+                         "steps (--tiers-steps) or sample rows (--tiers-sample-rate)")
+    following = next_use_steps(stream)
+    slots = torch.full((max(capacity, 0),), -1, dtype=torch.int64)
+    slot_of = torch.full((total,), -1, dtype=torch.int64)
+    next_use = torch.full((total,), never, dtype=torch.int64)
+    last_use = torch.full((total,), -1, dtype=torch.int64)
+    marked = torch.full((total,), -1, dtype=torch.int64)
+    filled = 0
+    hits, read, read_b, written, written_b = (torch.zeros(num, dtype=torch.int64) for _ in range(5))
+    records: list[StepRecord] | None = [] if record else None
+    for t in range(num):
+        lo, hi = int(stream.offsets[t]), int(stream.offsets[t + 1])
+        rows, coming = stream.rows[lo:hi], following[lo:hi]
+        marked[rows] = t
+        found = slot_of[rows] >= 0
+        miss, miss_next = rows[~found], coming[~found]
+        room = capacity - int(found.sum())
+        take = min(miss.numel(), room)
+        if take < miss.numel():  # more rows than the cache holds: keep those needed again soonest
+            capped = torch.where(miss_next <= t + window, miss_next, torch.full_like(miss_next, never))
+            order = torch.argsort(capped * total + miss, stable=True)
+            incoming, direct = miss[order[:take]], miss[order[take:]]
+            incoming = torch.sort(incoming).values
+        else:
+            incoming, direct = miss, miss[:0]
+        free = capacity - filled
+        evict_count = max(0, incoming.numel() - free)
+        evicted = rows[:0]
+        targets = torch.arange(filled, filled + min(free, incoming.numel()))
+        if evict_count:
+            cached = slots[:filled]
+            candidates = torch.nonzero(marked[cached] != t).flatten()
+            candidate_rows = cached[candidates]
+            upcoming = next_use[candidate_rows]
+            capped = torch.where(upcoming <= t + window, upcoming, torch.full_like(upcoming, never))
+            key = (capped * (num + 2) + (num - last_use[candidate_rows])) * total + candidate_rows
+            chosen = torch.topk(key, evict_count).indices
+            freed = candidates[chosen]
+            evicted = torch.sort(cached[freed]).values
+            slot_of[evicted] = -1
+            targets = torch.cat([targets, freed])
+        filled += min(free, incoming.numel())
+        slots[targets] = incoming
+        slot_of[incoming] = targets
+        next_use[rows] = coming
+        last_use[rows] = t
+        hits[t] = int(found.sum())
+        read[t] = incoming.numel() + direct.numel()
+        written[t] = evicted.numel() + direct.numel()
+        direct_bytes = int(stream.row_bytes(direct).sum()) if direct.numel() else 0
+        read_b[t] = (int(stream.row_bytes(incoming).sum()) if incoming.numel() else 0) + direct_bytes
+        written_b[t] = (int(stream.row_bytes(evicted).sum()) if evicted.numel() else 0) + direct_bytes
+        if records is not None:
+            records.append((rows[found], torch.sort(torch.cat([incoming, direct])).values,
+                            torch.sort(torch.cat([evicted, direct])).values))
+    fast_bytes = int(full_capacity * mean_row)
+    return _traffic(f"lookahead (Bagpipe-style), window {window}", stream, fast_bytes, hits, read, read_b, written,
+                    written_b, ahead=True, records=records)
