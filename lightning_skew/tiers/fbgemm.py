@@ -107,6 +107,7 @@ def fbgemm_cache(stream: AccessStream, budget_bytes: int | None = None, algorith
     hits, read, read_b, written, written_b = (torch.zeros(num, dtype=torch.int64) for _ in range(5))
     records: list[StepRecord] | None = [] if record else None
     flat_state, flat_cost = state.view(-1), cost.view(-1)
+    valid, filled_at = 0, None
     for t in range(num):
         lo, hi = int(stream.offsets[t]), int(stream.offsets[t + 1])
         rows, sets = stream.rows[lo:hi], set_of[lo:hi]
@@ -142,6 +143,9 @@ def fbgemm_cache(stream: AccessStream, budget_bytes: int | None = None, algorith
         incoming = miss[insert]
         evicted = flat_state[target]
         evicted = evicted[evicted >= 0]
+        valid += int(target.numel()) - int(evicted.numel())
+        if filled_at is None and valid >= 0.99 * state.numel():
+            filled_at = t
         slot_of[evicted] = -1
         flat_state[target] = incoming
         slot_of[incoming] = target
@@ -160,4 +164,5 @@ def fbgemm_cache(stream: AccessStream, budget_bytes: int | None = None, algorith
             records.append((rows[step_hits], torch.sort(torch.cat([incoming, direct])).values,
                             torch.sort(torch.cat([evicted, direct])).values))
     name = f"FBGEMM UVM cache, {algorithm.upper()} ({full_sets} sets x {assoc}, load factor {load_factor:.4g})"
-    return _traffic(name, stream, fast_bytes, hits, read, read_b, written, written_b, records=records)
+    return _traffic(name, stream, fast_bytes, hits, read, read_b, written, written_b, records=records,
+                    filled_at=filled_at)

@@ -60,7 +60,7 @@ def lookahead_cache(stream: AccessStream, budget_bytes: int, window: int = 8, re
     next_use = torch.full((total,), never, dtype=torch.int64)
     last_use = torch.full((total,), -1, dtype=torch.int64)
     marked = torch.full((total,), -1, dtype=torch.int64)
-    filled = 0
+    filled, filled_at = 0, None
     hits, read, read_b, written, written_b = (torch.zeros(num, dtype=torch.int64) for _ in range(5))
     records: list[StepRecord] | None = [] if record else None
     for t in range(num):
@@ -95,6 +95,8 @@ def lookahead_cache(stream: AccessStream, budget_bytes: int, window: int = 8, re
             slot_of[evicted] = -1
             targets = torch.cat([targets, freed])
         filled += min(free, incoming.numel())
+        if filled_at is None and filled >= capacity:
+            filled_at = t
         slots[targets] = incoming
         slot_of[incoming] = targets
         next_use[rows] = coming
@@ -110,4 +112,4 @@ def lookahead_cache(stream: AccessStream, budget_bytes: int, window: int = 8, re
                             torch.sort(torch.cat([evicted, direct])).values))
     fast_bytes = int(full_capacity * mean_row)
     return _traffic(f"lookahead (Bagpipe-style), window {window}", stream, fast_bytes, hits, read, read_b, written,
-                    written_b, ahead=True, records=records)
+                    written_b, ahead=True, records=records, filled_at=filled_at)

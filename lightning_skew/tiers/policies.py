@@ -38,6 +38,8 @@ class Traffic:
         written_rows, written_bytes: rows (and bytes) written back to host memory.
         ahead: whether the reads are known (and can be issued) before the step starts, off its critical path.
         sample_rate: the stream's spatial sample rate (per-step figures scale by its inverse).
+        filled_at: the first step after which a cache was (99%) full, ``None`` if it never filled (a placement is
+            full from the start: 0).
         records: per step (hits, read, written) row IDs, when asked for.
     """
 
@@ -52,6 +54,16 @@ class Traffic:
     ahead: bool = False
     sample_rate: float = 1.0
     records: list[StepRecord] | None = field(default=None, repr=False)
+    filled_at: int | None = 0
+
+    def warm_from(self, warmup: int) -> tuple[int, bool]:
+        """The first step of the figures: after ``warmup`` steps and after the cache filled, if it filled within
+        the first three quarters of the stream; and whether it did (otherwise its write-backs, which start when it
+        is full, are undercounted against a long run)."""
+        steps = int(self.needed.numel())
+        if self.filled_at is not None and self.filled_at < steps * 3 // 4:
+            return max(warmup, self.filled_at + 1), True
+        return warmup, False
 
     def summary(self, skip_steps: int = 0) -> dict[str, float]:
         """Hit rate over the distinct rows needed, and per-step means (scaled to the full stream) of rows and bytes
@@ -76,9 +88,9 @@ def segment_sum(values: Tensor, segments: Tensor, num_segments: int) -> Tensor:
 
 def _traffic(policy: str, stream: AccessStream, fast_bytes: int, hits: Tensor, read: Tensor, read_bytes: Tensor,
              written: Tensor, written_bytes: Tensor, ahead: bool = False,
-             records: list[StepRecord] | None = None) -> Traffic:
+             records: list[StepRecord] | None = None, filled_at: int | None = 0) -> Traffic:
     return Traffic(policy, int(fast_bytes), stream.offsets.diff(), hits, read, read_bytes, written, written_bytes,
-                   ahead, stream.sample_rate, records)
+                   ahead, stream.sample_rate, records, filled_at)
 
 
 def all_host(stream: AccessStream, record: bool = False) -> Traffic:
