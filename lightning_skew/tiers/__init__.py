@@ -13,17 +13,20 @@ from lightning_skew.tiers.fbgemm import (
     load_factor_for,
 )
 from lightning_skew.tiers.lookahead import lookahead_cache, next_use_steps
+from lightning_skew.tiers.planner import ProfileCacheStatistics, cache_statistics
 from lightning_skew.tiers.policies import Traffic, all_fast, all_host, static_hot_set
 from lightning_skew.tiers.stream import AccessStream, StreamBuilder, shards_keep, stream_from_batches
 
 __all__ = [
     "DEFAULT_ASSOC",
     "AccessStream",
+    "ProfileCacheStatistics",
     "StreamBuilder",
     "Traffic",
     "all_fast",
     "all_host",
     "cache_set_of",
+    "cache_statistics",
     "cache_sets_for",
     "fbgemm_cache",
     "load_factor_for",
