@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ from lightning_skew.hotcold.placement import TableSpec, plan_placement
 from lightning_skew.profile.access import AccessProfile
 from lightning_skew.profile.command import build_datamodule
 from lightning_skew.profile.command import main as profile_main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from launch import launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--data.init_args.max_rows_per_table", "2000", "--data.init_args.num_train_samples", "32768",
@@ -82,3 +86,44 @@ def test_tiers_replays_the_batches_a_popularity_wrapper_emits(tmp_path, capsys):
                for b in emitted[tiers["warmup_steps"]:]]
     assert host["needed_rows_per_step"] == pytest.approx(sum(counted) / len(counted))
     assert host["read_rows_per_step"] == pytest.approx(sum(counted) / len(counted))
+
+
+WORKER = """
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from lightning_skew.data.synthetic import SyntheticDataModule
+from lightning_skew.tiers import fbgemm_cache, stream_from_batches
+from lightning_skew.tiers.report import replay_policies
+
+dist.init_process_group("gloo")
+datamodule = SyntheticDataModule(num_embeddings_per_feature=[300, 5000], num_dense=2, num_train_samples=16384,
+                                 batch_size=512, popularity_exponent=1.05)
+datamodule.setup("fit")
+stream = stream_from_batches(datamodule.train_dataloader(), datamodule.sparse_feature_names,
+                             datamodule.num_embeddings_per_feature, [68, 68])
+hot = {20_000: [torch.arange(50), torch.arange(200)]}
+reduced = replay_policies(stream, [20_000], hot, skip_steps=2)
+lru = fbgemm_cache(stream, 20_000, "lru")
+local = lru.summary(lru.warm_from(2)[0])
+out = {"reduced": {r.policy: r.summary for r in reduced}, "local_lru": local, "rows": stream.rows[:50].tolist()}
+with open(f"{sys.argv[1]}/rank{dist.get_rank()}.json", "w") as handle:
+    json.dump(out, handle)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_each_gloo_rank_replays_its_own_batches_and_all_report_the_mean(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    launch(script, 2, [str(tmp_path)], timeout=180)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["rows"] != ranks[1]["rows"]  # each rank's own share of the stream
+    assert ranks[0]["reduced"] == ranks[1]["reduced"]  # every rank reports the same figures
+    lru = ranks[0]["reduced"]["FBGEMM UVM cache, LRU"]
+    for key in ("read_bytes_per_step", "written_rows_per_step"):
+        assert lru[key] == pytest.approx((ranks[0]["local_lru"][key] + ranks[1]["local_lru"][key]) / 2)
