@@ -32,11 +32,13 @@ def _distinct_rows_per_step(recipe_args: list[str]) -> list[set[tuple[str, int]]
     return steps
 
 
-def test_tiers_replays_the_training_stream_and_reports_every_policy(tmp_path, capsys):
+def test_tiers_replays_the_training_stream_and_reports_every_policy(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     recipe = ["--config", str(ROOT / "recipes" / "dlrm_synthetic.yaml"), *TINY]
     output = tmp_path / "profile"
     profile_main([*recipe, "--budget", "60kB", "--sample-fraction", "1", "--output-dir", str(output),
-                  "--no-progress", "--no-wandb", "--tiers", "--tiers-sample-rate", "1", "--tiers-budgets",
+                  "--no-progress", "--tiers", "--tiers-sample-rate", "1", "--tiers-budgets",
                   "20kB,60kB", "--tiers-rebalance-every", "4", "--tiers-windows", "2,8"])
     printed = capsys.readouterr().out
     for policy in ("all host", "all fast", "static hot set", "rebalanced every 4 steps", "FBGEMM UVM cache, LRU",
@@ -44,6 +46,7 @@ def test_tiers_replays_the_training_stream_and_reports_every_policy(tmp_path, ca
         assert policy in printed, policy
     assert "ESTIMATE" in printed and "(prefetchable)" in printed
     assert (output / "tiers.png").stat().st_size > 1000
+    assert list((output / "wandb").glob("offline-run-*/files/media/table/profile/tiers*.table.json"))
     tiers = json.loads((output / "summary.json").read_text())["tiers"]
     assert tiers["steps"] == 16 and tiers["sample_rate"] == 1.0
     results = {(r["policy"], r["budget_bytes"]): r for r in tiers["results"]}

@@ -194,6 +194,10 @@ def _log_to_wandb(output_dir: Path, settings: dict[str, Any], stats: list[TableS
     run.log({"profile/tables": table,
              "profile/coverage": wandb.Image(str(output_dir / COVERAGE_PLOT)),
              "profile/popularity": wandb.Image(str(output_dir / POPULARITY_PLOT))})
+    if "tiers" in summary:  # profile --tiers: the policies' table and plot
+        from lightning_skew.tiers.command import log_tiers_to_wandb
+
+        log_tiers_to_wandb(run, summary["tiers"])
     run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
     run.finish()
 

@@ -14,7 +14,7 @@ from lightning_skew.profile.access import AccessProfile
 from lightning_skew.tiers.report import DEVICES, format_tiers, plot_tiers, replay_policies
 from lightning_skew.tiers.stream import stream_from_batches
 
-__all__ = ["TIERS_PLOT", "add_tier_arguments", "hot_rows_by_budget", "simulate_tiers"]
+__all__ = ["TIERS_PLOT", "add_tier_arguments", "hot_rows_by_budget", "log_tiers_to_wandb", "simulate_tiers"]
 
 TIERS_PLOT = "tiers.png"
 DEFAULT_STEPS = 256
@@ -120,6 +120,18 @@ def simulate_tiers(args: argparse.Namespace, datamodule: Any, profile: AccessPro
             "results": [{"policy": r.policy, "budget_bytes": r.budget_bytes, **r.summary, "seconds": r.seconds,
                          "prefetchable": r.ahead, "warm": r.warm, "first_step": r.first_step, **{f"estimate_{k}": v for k, v in r.estimate.items()}}
                         for r in results]}
+
+
+def log_tiers_to_wandb(run: Any, tiers: dict[str, Any]) -> None:
+    """The tier table (one row per policy and budget) and its plot, in a wandb run."""
+    import wandb
+
+    columns = ["policy", "budget_bytes", "hit_rate", "read_rows_per_step", "read_bytes_per_step",
+               "written_rows_per_step", "written_bytes_per_step", "estimate_link_ms", "warm"]
+    table = wandb.Table(columns=columns)
+    for result in tiers["results"]:
+        table.add_data(*[result.get(c) for c in columns])
+    run.log({"profile/tiers": table, "profile/tiers_plot": wandb.Image(tiers["plot"])})
 
 
 def profile_source(datamodule: Any) -> Any:
