@@ -265,6 +265,26 @@ def test_spatial_sampling_keeps_whole_rows_and_scales_back():
     assert part["needed_rows_per_step"] == pytest.approx(full["needed_rows_per_step"], rel=0.25)
 
 
+def test_a_spatially_sampled_cache_sees_what_the_whole_cache_sees():
+    generator = torch.Generator().manual_seed(3)
+    rows = 50_000
+    weights = 1.0 / torch.arange(1, rows + 1, dtype=torch.float64) ** 1.05
+    builders = [StreamBuilder(["f"], [rows], [68], rate) for rate in (1.0, 0.5)]
+    for _ in range(150):
+        ids = torch.multinomial(weights, 4000, replacement=True, generator=generator)
+        batch = KeyedJaggedTensor.from_lengths_sync(["f"], ids, torch.ones(4000, dtype=torch.int64))
+        for builder in builders:
+            builder.add(batch)
+    exact, sampled = (b.build() for b in builders)
+    assert sampled.rows.numel() < 0.6 * exact.rows.numel()
+    for replay in (lambda s: fbgemm_cache(s, load_factor=0.2), lambda s: fbgemm_cache(s, load_factor=0.2,
+                                                                                        algorithm="lfu"),
+                   lambda s: lookahead_cache(s, budget_bytes=rows * 68 // 5, window=4)):
+        full, part = replay(exact).summary(50), replay(sampled).summary(50)
+        assert part["hit_rate"] == pytest.approx(full["hit_rate"], abs=0.02)
+        assert part["read_bytes_per_step"] == pytest.approx(full["read_bytes_per_step"], rel=0.1)
+
+
 def test_stream_refuses_ids_beyond_their_table():
     builder = StreamBuilder(TABLES, ROWS, SIZES)
     batch = KeyedJaggedTensor.from_lengths_sync(["a", "b"], torch.tensor([3, 25]), torch.tensor([1, 1]))

@@ -100,9 +100,12 @@ def fbgemm_cache(stream: AccessStream, budget_bytes: int | None = None, algorith
     fast_bytes = math.ceil(full_sets * assoc * mean_row)
     state = torch.full((num_sets, assoc), -1, dtype=torch.int64)  # cached row per slot (lxu_cache_state)
     cost = torch.zeros((num_sets, assoc), dtype=torch.int64)  # lru_state (timestamps), or -1 / counts for LFU
-    slot_of = torch.full((stream.total_rows,), -1, dtype=torch.int64)
-    counts = torch.zeros(stream.total_rows, dtype=torch.int64)  # lfu_state
     set_of = cache_set_of(stream.rows, num_sets)
+    # State per row the stream looks up, in compact IDs (order-preserving), not per row of the tables.
+    universe, compact = torch.unique(stream.rows, return_inverse=True)
+    sizes = stream.row_bytes(universe)
+    slot_of = torch.full((universe.numel(),), -1, dtype=torch.int64)
+    counts = torch.zeros(universe.numel(), dtype=torch.int64)  # lfu_state
     num = stream.num_steps
     hits, read, read_b, written, written_b = (torch.zeros(num, dtype=torch.int64) for _ in range(5))
     records: list[StepRecord] | None = [] if record else None
@@ -110,7 +113,7 @@ def fbgemm_cache(stream: AccessStream, budget_bytes: int | None = None, algorith
     valid, filled_at = 0, None
     for t in range(num):
         lo, hi = int(stream.offsets[t]), int(stream.offsets[t + 1])
-        rows, sets = stream.rows[lo:hi], set_of[lo:hi]
+        rows, sets = compact[lo:hi], set_of[lo:hi]
         timestamp = t + 2  # FBGEMM's timestep starts at 1 and is bumped before each prefetch
         if algorithm == "lfu":
             counts[rows] += stream.counts[lo:hi]
@@ -157,12 +160,12 @@ def fbgemm_cache(stream: AccessStream, budget_bytes: int | None = None, algorith
         hits[t] = int(step_hits.sum())
         read[t] = incoming.numel() + direct.numel()
         written[t] = evicted.numel() + direct.numel()
-        direct_bytes = int(stream.row_bytes(direct).sum()) if direct.numel() else 0
-        read_b[t] = (int(stream.row_bytes(incoming).sum()) if incoming.numel() else 0) + direct_bytes
-        written_b[t] = (int(stream.row_bytes(evicted).sum()) if evicted.numel() else 0) + direct_bytes
+        direct_bytes = int(sizes[direct].sum())
+        read_b[t] = int(sizes[incoming].sum()) + direct_bytes
+        written_b[t] = int(sizes[evicted].sum()) + direct_bytes
         if records is not None:
-            records.append((rows[step_hits], torch.sort(torch.cat([incoming, direct])).values,
-                            torch.sort(torch.cat([evicted, direct])).values))
+            records.append((universe[rows[step_hits]], universe[torch.sort(torch.cat([incoming, direct])).values],
+                            universe[torch.sort(torch.cat([evicted, direct])).values]))
     name = f"FBGEMM UVM cache, {algorithm.upper()} ({full_sets} sets x {assoc}, load factor {load_factor:.4g})"
     return _traffic(name, stream, fast_bytes, hits, read, read_b, written, written_b, records=records,
                     filled_at=filled_at)

@@ -49,7 +49,10 @@ def lookahead_cache(stream: AccessStream, budget_bytes: int, window: int = 8, re
     mean_row = stream.total_bytes / max(stream.total_rows, 1)
     full_capacity = int(budget_bytes // mean_row)
     capacity = int(round(full_capacity * stream.sample_rate))
-    num, total = stream.num_steps, stream.total_rows
+    # State per row the stream looks up, in compact IDs (order-preserving), not per row of the tables.
+    universe, compact = torch.unique(stream.rows, return_inverse=True)
+    sizes = stream.row_bytes(universe)
+    num, total = stream.num_steps, int(universe.numel())
     never = num + 1  # a next use beyond the window
     if (never + 2) * (num + 2) * max(total, 1) >= 2**62:
         raise ValueError(f"the lookahead replay's sort key cannot hold {num} steps of {total} rows; simulate fewer "
@@ -65,7 +68,7 @@ def lookahead_cache(stream: AccessStream, budget_bytes: int, window: int = 8, re
     records: list[StepRecord] | None = [] if record else None
     for t in range(num):
         lo, hi = int(stream.offsets[t]), int(stream.offsets[t + 1])
-        rows, coming = stream.rows[lo:hi], following[lo:hi]
+        rows, coming = compact[lo:hi], following[lo:hi]
         marked[rows] = t
         found = slot_of[rows] >= 0
         miss, miss_next = rows[~found], coming[~found]
@@ -104,12 +107,12 @@ def lookahead_cache(stream: AccessStream, budget_bytes: int, window: int = 8, re
         hits[t] = int(found.sum())
         read[t] = incoming.numel() + direct.numel()
         written[t] = evicted.numel() + direct.numel()
-        direct_bytes = int(stream.row_bytes(direct).sum()) if direct.numel() else 0
-        read_b[t] = (int(stream.row_bytes(incoming).sum()) if incoming.numel() else 0) + direct_bytes
-        written_b[t] = (int(stream.row_bytes(evicted).sum()) if evicted.numel() else 0) + direct_bytes
+        direct_bytes = int(sizes[direct].sum())
+        read_b[t] = int(sizes[incoming].sum()) + direct_bytes
+        written_b[t] = int(sizes[evicted].sum()) + direct_bytes
         if records is not None:
-            records.append((rows[found], torch.sort(torch.cat([incoming, direct])).values,
-                            torch.sort(torch.cat([evicted, direct])).values))
+            records.append((universe[rows[found]], universe[torch.sort(torch.cat([incoming, direct])).values],
+                            universe[torch.sort(torch.cat([evicted, direct])).values]))
     fast_bytes = int(full_capacity * mean_row)
     return _traffic(f"lookahead (Bagpipe-style), window {window}", stream, fast_bytes, hits, read, read_b, written,
                     written_b, ahead=True, records=records, filled_at=filled_at)
