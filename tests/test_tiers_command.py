@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from launch import launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--data.init_args.max_rows_per_table", "2000", "--data.init_args.num_train_samples", "32768",
+TINY = ["--data.init_args.max_rows_per_table", "2000", "--data.init_args.num_train_samples", "16384",
         "--data.init_args.batch_size", "2048"]
 
 
@@ -48,7 +48,7 @@ def test_tiers_replays_the_training_stream_and_reports_every_policy(tmp_path, ca
     assert (output / "tiers.png").stat().st_size > 1000
     assert list((output / "wandb").glob("offline-run-*/files/media/table/profile/tiers*.table.json"))
     tiers = json.loads((output / "summary.json").read_text())["tiers"]
-    assert tiers["steps"] == 16 and tiers["sample_rate"] == 1.0
+    assert tiers["steps"] == 8 and tiers["sample_rate"] == 1.0
     results = {(r["policy"], r["budget_bytes"]): r for r in tiers["results"]}
 
     # Against a plain count of the same batches: all host reads every distinct row of a step ...
