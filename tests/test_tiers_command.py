@@ -42,7 +42,8 @@ def test_tiers_replays_the_training_stream_and_reports_every_policy(tmp_path, ca
                   "20kB,60kB", "--tiers-rebalance-every", "4", "--tiers-windows", "2,8"])
     printed = capsys.readouterr().out
     for policy in ("all host", "all fast", "static hot set", "rebalanced every 4 steps", "FBGEMM UVM cache, LRU",
-                   "FBGEMM UVM cache, LFU", "lookahead (Bagpipe-style), window 2", "window 8"):
+                   "FBGEMM UVM cache, LFU", "lookahead (Bagpipe-style), window 2", "window 8",
+                   "static hot set + lookahead prefetch, window 2"):
         assert policy in printed, policy
     assert "ESTIMATE" in printed and "(prefetchable)" in printed
     assert (output / "tiers.png").stat().st_size > 1000
@@ -66,6 +67,8 @@ def test_tiers_replays_the_training_stream_and_reports_every_policy(tmp_path, ca
     hits = sum(len(s & hot) for s in counted)
     assert static["hit_rate"] == pytest.approx(hits / sum(len(s) for s in counted))
     assert static["read_rows_per_step"] == pytest.approx(sum(len(s - hot) for s in counted) / len(counted))
+    assert ("static hot set + lookahead prefetch, window 8", 60_000) in results  # at the chosen budget only
+    assert ("static hot set + lookahead prefetch, window 8", 20_000) not in results
     # more fast memory, fewer bytes over the link, for every policy
     for policy in ("static hot set", "FBGEMM UVM cache, LRU", "FBGEMM UVM cache, LFU"):
         assert results[(policy, 20_000)]["read_bytes_per_step"] > results[(policy, 60_000)]["read_bytes_per_step"]

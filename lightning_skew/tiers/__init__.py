@@ -12,7 +12,7 @@ from lightning_skew.tiers.fbgemm import (
     fbgemm_cache,
     load_factor_for,
 )
-from lightning_skew.tiers.lookahead import lookahead_cache, next_use_steps
+from lightning_skew.tiers.lookahead import lookahead_cache, lookahead_hot_set, next_use_steps, refresh_plan
 from lightning_skew.tiers.planner import ProfileCacheStatistics, cache_statistics
 from lightning_skew.tiers.policies import Traffic, all_fast, all_host, static_hot_set
 from lightning_skew.tiers.stream import AccessStream, StreamBuilder, shards_keep, stream_from_batches
@@ -31,7 +31,9 @@ __all__ = [
     "fbgemm_cache",
     "load_factor_for",
     "lookahead_cache",
+    "lookahead_hot_set",
     "next_use_steps",
+    "refresh_plan",
     "shards_keep",
     "static_hot_set",
     "stream_from_batches",

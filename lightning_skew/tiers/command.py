@@ -38,7 +38,9 @@ def add_tier_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tiers-sample-rate", default="auto",
                        help="share of rows kept by spatial hashing (SHARDS), or 'auto' (about "
                             f"{AUTO_SAMPLE_ROWS:,} rows kept); 1 replays every row exactly")
-    group.add_argument("--tiers-windows", default="8", help="lookahead windows in batches, comma-separated")
+    group.add_argument("--tiers-windows", default="64",
+                       help="lookahead windows in batches, comma-separated (the lookahead cache at every budget; the "
+                            "hot set with lookahead prefetch, as LookaheadPrefetch runs it, at the chosen budget)")
     group.add_argument("--tiers-rebalance-every", type=int, default=None,
                        help="also replay the hot set rebalanced every this many steps (as HotColdStrategy's "
                             "rebalance_every_n_steps; needs --tiers-sample-rate 1)")
@@ -103,7 +105,8 @@ def simulate_tiers(args: argparse.Namespace, datamodule: Any, profile: AccessPro
     if stream.num_steps == 0:
         raise SystemExit("--tiers: the training loader yielded no batch")
     skip = stream.num_steps // 4
-    results = replay_policies(stream, budgets, hot_rows, windows, args.tiers_rebalance_every, skip, device)
+    results = replay_policies(stream, budgets, hot_rows, windows, args.tiers_rebalance_every, skip, device,
+                              prefetch_budgets=[chosen] if chosen in budgets else budgets[:1])
     seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu_began
     print(f"\ntier simulation: {stream.num_steps} training steps replayed (the first {skip} warm the caches and "
           f"are left out), rows sampled at {rate:.3g} by spatial hashing (SHARDS; figures scaled back), "

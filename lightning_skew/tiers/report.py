@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_skew.core.distributed import all_reduce_sum
 from lightning_skew.tiers.fbgemm import fbgemm_cache
-from lightning_skew.tiers.lookahead import lookahead_cache
+from lightning_skew.tiers.lookahead import lookahead_cache, lookahead_hot_set
 from lightning_skew.tiers.policies import Traffic, all_fast, all_host, static_hot_set
 from lightning_skew.tiers.stream import AccessStream
 
@@ -92,8 +92,9 @@ def _reduced(summary: dict[str, float], traffic: Traffic, skip: int) -> dict[str
 
 
 def replay_policies(stream: AccessStream, budgets: Sequence[int], hot_rows_for: dict[int, Sequence[Tensor]],
-                    windows: Sequence[int] = (8,), rebalance_every: int | None = None,
-                    skip_steps: int = 0, device: LinkModel | None = None) -> list[TierResult]:
+                    windows: Sequence[int] = (64,), rebalance_every: int | None = None,
+                    skip_steps: int = 0, device: LinkModel | None = None,
+                    prefetch_budgets: Sequence[int] | None = None) -> list[TierResult]:
     """Every policy at every budget (the two ends once): summaries per rank averaged over ranks, with the cost.
 
     Args:
@@ -104,6 +105,8 @@ def replay_policies(stream: AccessStream, budgets: Sequence[int], hot_rows_for: 
         rebalance_every: also replay the hot set rebalanced every this many steps.
         skip_steps: warm-up steps left out of the figures.
         device: bandwidths for the estimate of link time per step.
+        prefetch_budgets: the budgets at which to replay the hot set with lookahead prefetch (``LookaheadPrefetch``
+            on the plain GPU path); ``None``: all.
     """
     runs: list[tuple[int, object]] = [(0, lambda: all_host(stream)), (stream.total_bytes, lambda: all_fast(stream))]
     for budget in budgets:
@@ -114,6 +117,8 @@ def replay_policies(stream: AccessStream, budgets: Sequence[int], hot_rows_for: 
             runs.append((budget, lambda b=budget, a=algorithm: fbgemm_cache(stream, b, a)))
         for window in windows:
             runs.append((budget, lambda b=budget, w=window: lookahead_cache(stream, b, w)))
+            if prefetch_budgets is None or budget in prefetch_budgets:
+                runs.append((budget, lambda b=budget, w=window: lookahead_hot_set(stream, hot_rows_for[b], w)))
     mean_row = stream.total_bytes / max(stream.total_rows, 1)
     results = []
     for budget, run in runs:
