@@ -137,3 +137,35 @@ def test_the_simulator_replays_what_the_prefetch_does():
         prefetch_for(split, batches[step:step + 3])
         split(batch).values().sum().backward()
     assert int(replay.read_rows.sum()) < int(replay.needed.sum())  # the hot shard served some rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_lookahead_moves_rows_between_gpu_and_host_memory_exactly():
+    ebc, split = _pair()
+    split.cuda()
+    batches = [_batch(batch_size=32) for _ in range(5)]
+    moved = 0
+    for step, batch in enumerate(batches):
+        moved += prefetch_for(split, batches[step:step + 3])  # host-side features, as LookaheadBatch keeps them
+        assert split.hot.embedding_bags["a__hot"].weight.is_cuda
+        assert not split.cold.embedding_bags["a__cold"].weight.is_cuda
+        expected, actual = ebc(batch), split(batch.to(torch.device("cuda")))
+        torch.testing.assert_close(actual.values().cpu(), expected.values(), atol=1e-5, rtol=0)
+        grad_out = torch.randn_like(expected.values())
+        (expected.values() * grad_out).sum().backward()
+        (actual.values() * grad_out.cuda()).sum().backward()
+    assert moved > 0
+    merged = split.state_dict()
+    for name in ("a", "b", "c"):
+        torch.testing.assert_close(merged[f"embedding_bags.{name}.weight"], ebc.embedding_bags[name].weight,
+                                   atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_the_gpu_bench_variant_needs_cuda():
+    from lightning_skew import bench
+
+    recipe = bench.build_recipe(["--config", "recipes/dlrm_synthetic.yaml", "--data.init_args.max_rows_per_table",
+                                 "500", "--data.init_args.num_train_samples", "2048"])
+    with pytest.raises(RuntimeError, match="need CUDA"):
+        bench.VARIANTS["gpu_hotcold_plain_lookahead"].train(recipe)
