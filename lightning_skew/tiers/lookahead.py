@@ -138,12 +138,15 @@ def refresh_plan(hot_rows: Tensor, steps: Sequence[Tensor]) -> tuple[Tensor, Ten
     if capacity == 0 or needed.numel() == 0:
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
     never = len(steps)
+    coming = [step.long() for step in steps[1:]]
+    size = 1 + max(int(hot_rows.max()), int(needed.max()), *(int(c.max()) for c in coming if c.numel()))
+    first_use = torch.full((size,), never, dtype=torch.int64)  # the first coming step that looks each row up
+    if coming:
+        ahead = torch.cat([torch.full((c.numel(),), k, dtype=torch.int64) for k, c in enumerate(coming, 1)])
+        first_use.scatter_reduce_(0, torch.cat(coming), ahead, reduce="amin")
 
     def next_use(rows: Tensor) -> Tensor:
-        when = torch.full_like(rows, never)
-        for ahead in range(len(steps) - 1, 0, -1):
-            when[torch.isin(rows, steps[ahead].long())] = ahead
-        return when
+        return first_use[rows]
 
     missing = needed[~torch.isin(needed, hot_rows)]
     evictable = torch.nonzero(~torch.isin(hot_rows, needed)).flatten()

@@ -1,6 +1,6 @@
 """Bagpipe on the plain-PyTorch GPU path: the cold rows a step needs move into the hot shard before it runs.
 
-The data pipeline looks ahead: :class:`LookaheadDataModule` hands each training batch the sparse features of
+The data pipeline looks ahead: :class:`LookaheadDataModule` hands each training batch the distinct rows of
 the next ``window`` batches (on the host, never moved). Before each step, :class:`LookaheadPrefetch` turns
 every split table's hot shard (GPU memory) into a lookahead cache, as the ``lookahead`` policy of
 :mod:`lightning_skew.tiers.lookahead` replays it. The step's cold rows come in (weights and per-row
@@ -36,7 +36,8 @@ from lightning_skew.hotcold.plain import PlainHotColdEmbeddingBagCollection
 from lightning_skew.hotcold.state import hot_cold_collections
 from lightning_skew.tiers.lookahead import refresh_plan
 
-__all__ = ["LookaheadBatch", "LookaheadDataModule", "LookaheadPrefetch", "move_plain_rows", "refresh_plan"]
+__all__ = ["LookaheadBatch", "LookaheadDataModule", "LookaheadPrefetch", "distinct_rows", "move_plain_rows",
+           "prefetch_for"]
 
 
 def _per_row_state(weight: Tensor) -> dict[str, Tensor]:
@@ -96,11 +97,12 @@ class LookaheadBatch(SkewBatch):
     """A :class:`~lightning_skew.core.batch.SkewBatch` that carries the sparse features of the coming batches.
 
     Args:
-        upcoming: this batch's sparse features and those of the next batches, on the host; moving the batch
-            to a device leaves them there (they feed host-side decisions).
+        upcoming: per batch, this one first and then the coming ones, the distinct rows each feature looks up
+            (:func:`distinct_rows`), on the host; moving the batch to a device leaves them there (they feed
+            host-side decisions).
     """
 
-    upcoming: tuple[KeyedJaggedTensor, ...] = ()
+    upcoming: tuple[dict[str, Tensor], ...] = ()
 
     def _with_tensors(self, batch: Batch, weights: Tensor | None,
                       frozen_sparse: KeyedJaggedTensor | None) -> LookaheadBatch:
@@ -109,7 +111,14 @@ class LookaheadBatch(SkewBatch):
                               frozen_sparse=frozen_sparse, upcoming=self.upcoming)
 
 
-def _with_lookahead(batch: Any, upcoming: tuple[KeyedJaggedTensor, ...]) -> LookaheadBatch:
+def distinct_rows(features: KeyedJaggedTensor) -> dict[str, Tensor]:
+    """The distinct rows each feature of a batch looks up (on the host)."""
+    values = features.values().cpu()
+    lengths = features.length_per_key()
+    return {key: torch.unique(part) for key, part in zip(features.keys(), torch.split(values, lengths), strict=True)}
+
+
+def _with_lookahead(batch: Any, upcoming: tuple[dict[str, Tensor], ...]) -> LookaheadBatch:
     skew = batch if isinstance(batch, SkewBatch) else SkewBatch.of(batch, is_hot=False, num_hot=0)
     return LookaheadBatch(skew.dense_features, skew.sparse_features, skew.labels, is_hot=skew.is_hot,
                           num_hot=skew.num_hot, hot_rows=skew.hot_rows, weights=skew.weights,
@@ -117,17 +126,17 @@ def _with_lookahead(batch: Any, upcoming: tuple[KeyedJaggedTensor, ...]) -> Look
 
 
 def lookahead_batches(batches: Any, window: int) -> Iterator[LookaheadBatch]:
-    """``batches`` with each one's :attr:`LookaheadBatch.upcoming`: its sparse features and the next ``window``
-    batches' (fewer at the end of the epoch)."""
-    queue: deque = deque()
+    """``batches`` with each one's :attr:`LookaheadBatch.upcoming`: its distinct rows per feature and the next
+    ``window`` batches' (fewer at the end of the epoch)."""
+    queue: deque = deque()  # (batch, its distinct rows per feature), each computed once
     for batch in batches:
-        queue.append(batch)
+        queue.append((batch, distinct_rows(batch.sparse_features)))
         if len(queue) > window:
-            first = queue.popleft()
-            yield _with_lookahead(first, (first.sparse_features, *(b.sparse_features for b in queue)))
+            first, rows = queue.popleft()
+            yield _with_lookahead(first, (rows, *(r for _, r in queue)))
     while queue:
-        first = queue.popleft()
-        yield _with_lookahead(first, (first.sparse_features, *(b.sparse_features for b in queue)))
+        first, rows = queue.popleft()
+        yield _with_lookahead(first, (rows, *(r for _, r in queue)))
 
 
 class LookaheadDataModule(WrappedDataModule):
@@ -214,14 +223,16 @@ class LookaheadPrefetch(pl.Callback):
         pl_module.log("prefetch/rows_moved", float(moved), on_step=True, on_epoch=False)
 
 
-def prefetch_for(collection: PlainHotColdEmbeddingBagCollection, upcoming: Sequence[KeyedJaggedTensor]) -> int:
-    """Refresh every split table of ``collection`` for the step whose features are ``upcoming[0]``."""
-    per_step = [features.to_dict() for features in upcoming]
+def prefetch_for(collection: PlainHotColdEmbeddingBagCollection,
+                 upcoming: Sequence[dict[str, Tensor] | KeyedJaggedTensor]) -> int:
+    """Refresh every split table of ``collection`` for the step whose rows are ``upcoming[0]`` (per feature, as
+    :func:`distinct_rows` gives them, or the batches' features themselves)."""
+    per_step = [distinct_rows(step) if isinstance(step, KeyedJaggedTensor) else step for step in upcoming]
     moves = {}
     for table in collection.placement.tables:
         if table.kind != "split":
             continue
-        steps = [torch.cat([step[f].values() for f in table.spec.feature_names if f in step] or
+        steps = [torch.cat([step[f] for f in table.spec.feature_names if f in step] or
                            [torch.zeros(0, dtype=torch.int64)]).cpu() for step in per_step]
         moves[table.spec.name] = refresh_plan(table.hot_rows, steps)
     return move_plain_rows(collection, moves)
