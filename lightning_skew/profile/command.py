@@ -194,6 +194,10 @@ def _log_to_wandb(output_dir: Path, settings: dict[str, Any], stats: list[TableS
     run.log({"profile/tables": table,
              "profile/coverage": wandb.Image(str(output_dir / COVERAGE_PLOT)),
              "profile/popularity": wandb.Image(str(output_dir / POPULARITY_PLOT))})
+    if "tiers" in summary:  # profile --tiers: the policies' table and plot
+        from lightning_skew.tiers.command import log_tiers_to_wandb
+
+        log_tiers_to_wandb(run, summary["tiers"])
     run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
     run.finish()
 
@@ -234,6 +238,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default="runs/profile", help="where the profile, plots and summary go")
     parser.add_argument("--no-wandb", action="store_true", help="do not log to wandb")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from lightning_skew.tiers.command import add_tier_arguments
+
+    add_tier_arguments(parser)
     return parser
 
 
@@ -324,6 +331,10 @@ def main(argv: list[str] | None = None) -> AccessProfile:
                     "coverage": c} for s, h, c in zip(stats, hot_per_table, coverage_per_table, strict=True)],
         "curve": [asdict(p) for p in points],
     }
+    if args.tiers:
+        from lightning_skew.tiers.command import simulate_tiers
+
+        summary["tiers"] = simulate_tiers(args, datamodule, profile, chosen, embedding_dim, optimizer, output_dir)
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if not args.no_wandb:
         settings = dict(vars(args)) | {"overrides": overrides, "dataset": profile.dataset}

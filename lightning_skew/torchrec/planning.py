@@ -15,16 +15,21 @@ from typing import Any
 
 import torch
 from torchrec.distributed.planner import ParameterConstraints, Topology
-from torchrec.distributed.types import CacheAlgorithm, CacheParams, ShardingPlan
+from torchrec.distributed.types import CacheAlgorithm, CacheParams, CacheStatistics, ShardingPlan
 
 __all__ = ["build_constraints", "build_planner", "build_topology", "load_plan", "save_plan"]
 
 _CONSTRAINT_KEYS = {"sharding_types", "compute_kernels", "cache_load_factor", "cache_algorithm", "min_partition",
-                    "enforce_hbm", "stochastic_rounding"}
+                    "enforce_hbm", "stochastic_rounding", "cache_statistics"}
 
 
-def _cache(load_factor: float | None, algorithm: str | None) -> CacheParams | None:
-    if load_factor is None and algorithm is None:
+def _cache(load_factor: float | None, algorithm: str | None, stats: Any = None) -> CacheParams | None:
+    if stats is not None:  # a CacheStatistics, or its class_path spec (lightning_skew.tiers.ProfileCacheStatistics)
+        stats = instantiate(stats)
+        if not isinstance(stats, CacheStatistics):
+            raise ValueError(f"cache_statistics must be a torchrec CacheStatistics (e.g. "
+                             f"lightning_skew.tiers.ProfileCacheStatistics), got {type(stats).__name__}")
+    if load_factor is None and algorithm is None and stats is None:
         return None
     if load_factor is not None and not 0 < load_factor <= 1:
         raise ValueError(f"cache_load_factor must lie in (0, 1], got {load_factor}")
@@ -34,7 +39,7 @@ def _cache(load_factor: float | None, algorithm: str | None) -> CacheParams | No
         if algorithm.lower() not in names:
             raise ValueError(f"cache_algorithm must be one of {sorted(names)}, got {algorithm!r}")
         choice = names[algorithm.lower()]
-    return CacheParams(algorithm=choice, load_factor=load_factor)
+    return CacheParams(algorithm=choice, load_factor=load_factor, stats=stats)
 
 
 def build_constraints(tables: list[str], kernels: dict[str, str], sharding_types: list[str],
@@ -42,7 +47,9 @@ def build_constraints(tables: list[str], kernels: dict[str, str], sharding_types
         dict[str, ParameterConstraints]:
     """One ``ParameterConstraints`` per table: the strategy's defaults, overridden by ``per_table[name]``
     (keys: sharding_types, compute_kernels, cache_load_factor, cache_algorithm, min_partition, enforce_hbm,
-    stochastic_rounding). A name that is no table, or an unknown key, is an error that lists the choices."""
+    stochastic_rounding, cache_statistics: a ``CacheStatistics`` or its class_path spec, which TorchRec's
+    ``EmbeddingOffloadScaleupProposer`` sizes UVM caches by). A name that is no table, or an unknown key, is an
+    error that lists the choices."""
     per_table = dict(per_table or {})
     unknown = sorted(set(per_table) - set(tables))
     if unknown:
@@ -56,7 +63,7 @@ def build_constraints(tables: list[str], kernels: dict[str, str], sharding_types
         compute_kernels = list(given.pop("compute_kernels", [kernels[name]]))
         caching = any(k == "fused_uvm_caching" for k in compute_kernels)
         cache = _cache(given.pop("cache_load_factor", cache_load_factor if caching else None),
-                       given.pop("cache_algorithm", None))
+                       given.pop("cache_algorithm", None), given.pop("cache_statistics", None))
         constraints[name] = ParameterConstraints(
             sharding_types=list(given.pop("sharding_types", sharding_types)), compute_kernels=compute_kernels,
             cache_params=cache, **given)
