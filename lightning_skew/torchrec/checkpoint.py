@@ -8,6 +8,7 @@ the model and of the fused embedding optimizer, plus ``meta.pt`` with everything
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from lightning_skew.core.distributed import all_reduce_sum, broadcast_object
+from lightning_skew.core.safe_load import SAFE_TYPES, UnsafeFileError, load_data, restricted_load
 from lightning_skew.torchrec.atomic import (
     incomplete_reason,
     publish,
@@ -91,9 +96,7 @@ def save_sharded_checkpoint(path: str | os.PathLike, tensors: dict[str, Any], me
     path = Path(path)
     if path.is_file():
         raise FileExistsError(f"{path} is a file; a sharded checkpoint is a directory")
-    directory = broadcast_object(staging_dir(path) if is_global_zero else None)
-    if is_global_zero:
-        directory.mkdir(parents=True)
+    directory = broadcast_object(staging_dir(path) if is_global_zero else None)  # made by rank zero
     if dist.is_initialized():
         dist.barrier()
     dcp.save(tensors, checkpoint_id=str(directory))
@@ -110,10 +113,72 @@ def save_sharded_checkpoint(path: str | os.PathLike, tensors: dict[str, Any], me
 
 def load_sharded_checkpoint(path: str | os.PathLike, template: dict[str, Any]) -> dict[str, Any]:
     """Load the tensors of a complete sharded checkpoint into ``template`` in place and return its ``meta``
-    (``last`` falls back to the newest complete checkpoint beside it). Collective."""
+    (``last`` falls back to the newest complete checkpoint beside it). Collective.
+
+    Nothing in the files is run: ``.metadata`` is read admitting only ``torch.distributed.checkpoint``'s metadata
+    classes, values and ``meta.pt`` with ``weights_only`` (an :class:`~lightning_skew.core.safe_load.UnsafeFileError`
+    naming the file otherwise).
+    """
     directory = resolve_for_loading(path)
-    dcp.load(template, checkpoint_id=str(directory))
-    return torch.load(directory / META_FILE, map_location="cpu", weights_only=False)
+    meta = load_data(directory / META_FILE, "checkpoint's meta.pt")  # the small file first: refused before the shards
+    dcp.load(template, storage_reader=SafeFileSystemReader(directory), planner=SafeLoadPlanner(directory))
+    return meta
+
+
+# What ``torch.distributed.checkpoint`` pickles into ``.metadata``: its own dataclasses, sizes, dtypes and layouts.
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("collections", "OrderedDict")}
+_DCP_GLOBALS |= {("torch.distributed.checkpoint.metadata", name) for name in dir(dcp_metadata)
+                 if isinstance(getattr(dcp_metadata, name), type)
+                 and getattr(dcp_metadata, name).__module__ == dcp_metadata.__name__}
+
+
+def _dcp_global(module: str, name: str) -> Any:
+    if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        return getattr(torch, name)
+    if (module, name) not in _DCP_GLOBALS:
+        return None
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """``torch.distributed.checkpoint``'s file reader, reading ``.metadata`` (a pickle) through an unpickler that
+    admits only the checkpoint-metadata classes, before any of it reaches the reader."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
+        metadata = restricted_load(path, _dcp_global, "checkpoint metadata")
+        if not isinstance(metadata, Metadata):
+            raise UnsafeFileError(f"{path} holds a {type(metadata).__name__}, not torch.distributed.checkpoint "
+                                  "metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """``DefaultLoadPlanner`` whose non-tensor values are read with ``weights_only=True`` (torch's own planner
+    unpickles them without restriction)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        self.directory = directory
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        try:
+            with torch.serialization.safe_globals(SAFE_TYPES):
+                loaded = torch.load(value, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any refusal names the checkpoint
+            raise UnsafeFileError(f"{self.directory}: refused to load the value {read_item.dest_index.fqn!r}: it "
+                                  f"is not plain data ({str(error).splitlines()[0][:200]}); loading it could run "
+                                  "code") from None
+        plain = io.BytesIO()
+        torch.save(loaded, plain)  # the parent places it; what it unpickles now is what we just wrote
+        plain.seek(0)
+        super().load_bytes(read_item, plain)
 
 
 def _shard_regions(tensor: ShardedTensor, rows: torch.Tensor):
