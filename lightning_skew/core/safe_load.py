@@ -38,13 +38,15 @@ def _refusal(path: str | os.PathLike, what: str, detail: str) -> UnsafeFileError
         "loading it could run code. Use a file you wrote, or re-create it.")
 
 
-def load_data(path: str | os.PathLike, what: str = "file", map_location: Any = "cpu") -> Any:
+def load_data(path: str | os.PathLike | io.BytesIO, what: str = "file", map_location: Any = "cpu",
+              name: str | os.PathLike | None = None) -> Any:
     """``torch.load`` of ``path`` with ``weights_only=True`` (and :data:`SAFE_TYPES` admitted).
 
     Args:
-        path: the file.
+        path: the file (or a buffer).
         what: what the file is, for the error ("checkpoint", "sharding plan").
         map_location: as ``torch.load`` takes it.
+        name: the name the error gives it (default ``path``).
 
     Raises:
         UnsafeFileError: the file names a callable or type that is not admitted (nothing was run), naming the file.
@@ -58,7 +60,7 @@ def load_data(path: str | os.PathLike, what: str = "file", map_location: Any = "
             raise
         named = re.search(r"GLOBAL (\S+)", message)
         detail = f"{named.group(1)} is not admitted" if named else message.splitlines()[-1][:300]
-        raise _refusal(path, what, detail) from None
+        raise _refusal(path if name is None else name, what, detail) from None
 
 
 class _AllowListUnpickler(pickle.Unpickler):

@@ -19,10 +19,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from lightning_skew.core.distributed import all_reduce_sum, broadcast_object
-from lightning_skew.core.safe_load import SAFE_TYPES, UnsafeFileError, load_data, restricted_load
+from lightning_skew.core.safe_load import UnsafeFileError, load_data, restricted_load
 from lightning_skew.torchrec.atomic import (
     incomplete_reason,
     publish,
@@ -120,8 +121,16 @@ def load_sharded_checkpoint(path: str | os.PathLike, template: dict[str, Any]) -
     naming the file otherwise).
     """
     directory = resolve_for_loading(path)
-    meta = load_data(directory / META_FILE, "checkpoint's meta.pt")  # the small file first: refused before the shards
-    dcp.load(template, storage_reader=SafeFileSystemReader(directory), planner=SafeLoadPlanner(directory))
+    meta = load_data(directory / META_FILE, "checkpoint's meta.pt")  # the small files first: refused before the shards
+    reader = SafeFileSystemReader(directory)
+    reader.read_metadata()  # refused here, with its own error, rather than wrapped by the load below
+    try:
+        dcp.load(template, storage_reader=reader, planner=SafeLoadPlanner(directory))
+    except CheckpointException as error:
+        refusals = [failure[0] for failure in error.failures.values() if isinstance(failure[0], UnsafeFileError)]
+        if refusals:
+            raise refusals[0] from None
+        raise
     return meta
 
 
@@ -168,13 +177,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         self.directory = directory
 
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        try:
-            with torch.serialization.safe_globals(SAFE_TYPES):
-                loaded = torch.load(value, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any refusal names the checkpoint
-            raise UnsafeFileError(f"{self.directory}: refused to load the value {read_item.dest_index.fqn!r}: it "
-                                  f"is not plain data ({str(error).splitlines()[0][:200]}); loading it could run "
-                                  "code") from None
+        loaded = load_data(value, f"value {read_item.dest_index.fqn!r}", name=self.directory)
         plain = io.BytesIO()
         torch.save(loaded, plain)  # the parent places it; what it unpickles now is what we just wrote
         plain.seek(0)
