@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lightning_skew.core.divergence import NonFiniteLossStop
 from lightning_skew.torchrec.atomic import resolve_last
 
 EXTRA_COMMANDS = {
@@ -107,6 +108,8 @@ def run_cli(args: list[str] | None = None) -> SkewCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
         auto_configure_optimizers=False,
+        # Every run stops, with a non-zero exit, when its loss becomes NaN or infinite.
+        trainer_defaults={"callbacks": [NonFiniteLossStop()]},
     )
 
 
