@@ -24,6 +24,7 @@ from lightning_skew import TorchRecStrategy  # noqa: E402
 from lightning_skew.core.safe_load import UnsafeFileError  # noqa: E402
 from lightning_skew.torchrec.atomic import (  # noqa: E402
     COMPLETE_FILE,
+    SAVE_HOOKS,
     IncompleteCheckpointError,
     complete_checkpoints,
     resolve_for_loading,
@@ -218,3 +219,23 @@ def test_cleanup_removes_only_staging_folders_this_package_made(saved, tmp_path)
     shutil.copytree(leftover, mine)  # a copy of a staging folder under another name is the user's
     fresh = staging_dir(folder / "last.ckpt")
     assert not leftover.exists() and mine.exists() and fresh.is_dir()
+
+
+# -- errors that name the cause ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("file", ["meta.pt", "__0_0.distcp"])
+def test_a_full_disk_during_a_save_says_so_naming_the_folder(file, tmp_path):
+    # A real ENOSPC from the kernel: the file the save is about to write is /dev/full.
+    def full_disk(stage: str, where: Path) -> None:
+        if stage == "staged":
+            (where / file).symlink_to("/dev/full")
+
+    SAVE_HOOKS.append(full_disk)
+    folder = tmp_path / "checkpoints"
+    try:
+        with pytest.raises(OSError, match=rf"no space left on {folder} \(the device is full\) while saving the "
+                                          r"checkpoint epoch=0-step=8.ckpt"):
+            _fit(root=tmp_path, checkpoints=folder)
+    finally:
+        SAVE_HOOKS.remove(full_disk)
+    assert list(folder.iterdir()) == []  # the partial staging folder went too

@@ -39,6 +39,7 @@ _LAST = re.compile(r"^last(-v?\d+)?\.ckpt$")
 
 #: Called with the stage of a save (``"tensors_written"``, ``"meta_written"``, ``"sealed"``, ``"published"``)
 #: and the checkpoint path, on every rank that reaches it: tests kill a process at a chosen moment of a save.
+#: ``"staged"`` is called with the staging directory, before anything is written into it.
 SAVE_HOOKS: list[Callable[[str, Path], None]] = []
 
 

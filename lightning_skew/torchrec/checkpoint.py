@@ -8,8 +8,10 @@ the model and of the fused embedding optimizer, plus ``meta.pt`` with everything
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -100,16 +102,43 @@ def save_sharded_checkpoint(path: str | os.PathLike, tensors: dict[str, Any], me
     directory = broadcast_object(staging_dir(path) if is_global_zero else None)  # made by rank zero
     if dist.is_initialized():
         dist.barrier()
-    dcp.save(tensors, checkpoint_id=str(directory))
+    reached("staged", directory)
+    try:
+        dcp.save(tensors, checkpoint_id=str(directory))
+    except CheckpointException as error:  # every rank gets it: each says why
+        failures = [failure[0] for failure in error.failures.values()]
+        written = next((f for f in failures if isinstance(f, OSError)), None)
+        if written is None:
+            raise
+        raise _write_error(written, path, directory, is_global_zero) from error
     reached("tensors_written", path)
     if dist.is_initialized():
         dist.barrier()
+    failure: OSError | None = None
     if is_global_zero:
-        torch.save(meta, directory / META_FILE)
-        reached("meta_written", path)
-        publish(path, directory)
-    if dist.is_initialized():
-        dist.barrier()  # no rank goes on (and may read it) before the checkpoint is visible
+        try:
+            with open(directory / META_FILE, "wb") as file:  # a file object: a full disk is an OSError, not a
+                torch.save(meta, file)                         # C++ "unexpected pos"
+        except OSError as error:
+            failure = _write_error(error, path, directory, is_global_zero)
+        else:
+            reached("meta_written", path)
+            publish(path, directory)
+    # No rank goes on (and may read it) before the checkpoint is visible; none waits on a rank zero that failed.
+    failure = broadcast_object(failure)
+    if failure is not None:
+        raise failure
+
+
+def _write_error(error: OSError, path: Path, directory: Path, is_global_zero: bool) -> OSError:
+    """The error of a failed write, naming the checkpoint (and a full disk as such); the staging directory goes."""
+    if is_global_zero:
+        shutil.rmtree(directory, ignore_errors=True)  # its partial files would only take more space
+    if error.errno == errno.ENOSPC:
+        return OSError(errno.ENOSPC, f"no space left on {path.parent} (the device is full) while saving the "
+                                     f"checkpoint {path.name}; it was not saved, earlier checkpoints are kept. Free "
+                                     "space there, or save checkpoints elsewhere (ModelCheckpoint(dirpath=...))")
+    return OSError(error.errno, f"saving the checkpoint {path} failed: {error}")
 
 
 def load_sharded_checkpoint(path: str | os.PathLike, template: dict[str, Any]) -> dict[str, Any]:
