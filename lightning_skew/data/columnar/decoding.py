@@ -182,6 +182,11 @@ class RowDecoder:
     def decode(self, table: pa.Table, file: ColumnarFile, first_row: int, counts: PassCounts) -> Rows:
         keep = np.ones(table.num_rows, dtype=bool)
         label = self.mapping.label
+        for column in [label.column, *(f.column for f in self.mapping.dense), self.mapping.time_column]:
+            if column is not None and pa.types.is_nested(table[column].type):
+                raise ValueError(f"{file.path}, column {column!r}: holds {table[column].type} (several values per "
+                                 "row) where one number per row is expected; map it as a sparse feature, or give "
+                                 "a column of numbers")
         values, present, unreadable = _numbers(table[label.column])
         if file.kind == "csv" and not present.all():
             # A blank line reads as a row of empty values; only rows without a label can be one.
