@@ -62,3 +62,15 @@ def test_a_parquet_list_column_where_a_number_is_expected_names_file_and_column(
                                          r"values per row\) where one number per row is expected"):
         module.setup("fit")
         list(module.train_dataloader())
+
+
+def test_a_table_too_large_for_memory_is_refused_before_allocating_naming_it():
+    from lightning_skew import DLRMModule
+    from lightning_skew.core.tables import check_tables_fit_memory
+
+    # 10^10 rows of 16 floats: 640 GB, refused at once (an allocation would fail or take the machine down).
+    with pytest.raises(MemoryError, match=r"table 't_cat_0' alone is 10000000000 rows x 16 x 4 bytes = 640.0 GB"):
+        DLRMModule([10**10, 10], ["cat_0", "cat_1"], 13, embedding_dim=16, dense_arch_layer_sizes=[32, 16])
+    check_tables_fit_memory([("t_a", 1000, 16), ("t_b", 10, 16)], available=65_000)  # 64,640 bytes fit
+    with pytest.raises(MemoryError, match=r"need 0.0 GB .*table 't_a' alone is 1000 rows"):
+        check_tables_fit_memory([("t_a", 1000, 16), ("t_b", 10, 16)], available=64_000)
