@@ -24,9 +24,10 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from lightning_skew.core.distributed import all_reduce_sum, broadcast_object
+from lightning_skew.core.distributed import all_reduce_sum, broadcast_object, rank
 from lightning_skew.core.safe_load import UnsafeFileError, load_data, restricted_load
 from lightning_skew.torchrec.atomic import (
+    IncompleteCheckpointError,
     incomplete_reason,
     publish,
     reached,
@@ -149,7 +150,9 @@ def load_sharded_checkpoint(path: str | os.PathLike, template: dict[str, Any]) -
     classes, values and ``meta.pt`` with ``weights_only`` (an :class:`~lightning_skew.core.safe_load.UnsafeFileError`
     naming the file otherwise).
     """
-    directory = resolve_for_loading(path)
+    directory = broadcast_object(_resolve(path) if rank() == 0 else None)  # rank zero reads and checks the files
+    if isinstance(directory, Exception):
+        raise directory
     meta = load_data(directory / META_FILE, "checkpoint's meta.pt")  # the small files first: refused before the shards
     reader = SafeFileSystemReader(directory)
     reader.read_metadata()  # refused here, with its own error, rather than wrapped by the load below
@@ -161,6 +164,13 @@ def load_sharded_checkpoint(path: str | os.PathLike, template: dict[str, Any]) -
             raise refusals[0] from None
         raise
     return meta
+
+
+def _resolve(path: str | os.PathLike) -> Path | Exception:
+    try:
+        return resolve_for_loading(path)
+    except IncompleteCheckpointError as error:
+        return error
 
 
 # What ``torch.distributed.checkpoint`` pickles into ``.metadata``: its own dataclasses, sizes, dtypes and layouts.
