@@ -157,3 +157,13 @@ data:
     assert run.returncode != 0, run.stdout[-2000:]
     assert "NonFiniteLossError: the training loss became nan at step 2 (found at step 5;" in run.stderr, \
         run.stderr[-3000:]
+
+
+def test_ranks_stop_together_when_the_loss_of_one_becomes_nan(tmp_path):
+    from launch import launch
+
+    launch(Path(__file__).parent / "divergence_worker.py", 2, ["--out", str(tmp_path)], timeout=240)
+    reports = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert reports[0] == reports[1]  # the same error at the same step on both ranks, though only rank 1 saw NaN
+    assert "the training loss became nan at step 3 (found at step 4;" in reports[0]
+    assert reports[0].endswith("global_step 4")

@@ -62,10 +62,12 @@ class NonFiniteLossStop(pl.Callback):
         loss = _loss_of(outputs)
         if loss is not None:
             loss = loss.detach().float().reshape(-1)[0] if loss.numel() else None
+        device = loss.device if loss is not None else pl_module.device
+        if self._first_bad is None or self._first_bad.device != device:
+            # Made on every rank alike (whether or not its step returned a loss): the checks are collectives.
+            self._first_bad = torch.full((), _NEVER, dtype=torch.int64, device=device)
+            self._bad_loss = torch.zeros((), dtype=torch.float32, device=device)
         if loss is not None:
-            if self._first_bad is None or self._first_bad.device != loss.device:
-                self._first_bad = torch.full((), _NEVER, dtype=torch.int64, device=loss.device)
-                self._bad_loss = torch.zeros((), dtype=loss.dtype, device=loss.device)
             first = (self._first_bad == _NEVER) & ~torch.isfinite(loss)
             # Lightning's global step after this one: steps counted from 1 (a scalar argument, not a host copy).
             self._first_bad = torch.where(first, torch.full_like(self._first_bad, trainer.global_step),
