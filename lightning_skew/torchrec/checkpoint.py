@@ -39,8 +39,9 @@ META_FILE = "meta.pt"
 
 
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a complete sharded checkpoint (see :func:`~lightning_skew.torchrec.atomic.incomplete_reason`)."""
-    return Path(path).is_dir() and incomplete_reason(path) is None
+    """Whether ``path`` is a complete sharded checkpoint: sealed, every file there in its size (its contents are
+    checked when it is loaded; see :func:`~lightning_skew.torchrec.atomic.incomplete_reason`)."""
+    return Path(path).is_dir() and incomplete_reason(path, contents=False) is None
 
 
 def copy_into_shards(target: dict[str, Any], source: dict[str, torch.Tensor]) -> list[str]:
