@@ -152,12 +152,18 @@ def test_a_crafted_profile_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
-def test_the_command_refuses_a_crafted_checkpoint_with_a_clear_error_and_runs_nothing(saved, tmp_path):
+@pytest.mark.parametrize("kind", ["sharded", "file"])
+def test_the_command_refuses_a_crafted_checkpoint_with_a_clear_error_and_runs_nothing(kind, tmp_path):
     checkpoint = tmp_path / "crafted.ckpt"
-    checkpoint.mkdir()
     marker = tmp_path / "marker"
-    torch.save({"epoch": CreatesMarker(marker)}, checkpoint / "meta.pt")
-    seal(checkpoint)
+    if kind == "sharded":
+        checkpoint.mkdir()
+        torch.save({"epoch": CreatesMarker(marker)}, checkpoint / "meta.pt")
+        seal(checkpoint)
+        crafted = checkpoint / "meta.pt"
+    else:
+        torch.save({"hyper_parameters": CreatesMarker(marker)}, checkpoint)
+        crafted = checkpoint
     env = {k: v for k, v in os.environ.items() if k not in {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
                                                              "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"}}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONWARNINGS="ignore")
@@ -167,7 +173,7 @@ def test_the_command_refuses_a_crafted_checkpoint_with_a_clear_error_and_runs_no
                           str(ROOT / "recipes" / "dlrm_synthetic.yaml"), *small, "--ckpt_path", str(checkpoint)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
-    assert f"{checkpoint / 'meta.pt'}: refused to load" in run.stderr
+    assert f"{crafted}: refused to load" in run.stderr, run.stderr[-3000:]
     assert not marker.exists()
 
 
