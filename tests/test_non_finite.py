@@ -167,3 +167,20 @@ def test_ranks_stop_together_when_the_loss_of_one_becomes_nan(tmp_path):
     assert reports[0] == reports[1]  # the same error at the same step on both ranks, though only rank 1 saw NaN
     assert "the training loss became nan at step 3 (found at step 4;" in reports[0]
     assert reports[0].endswith("global_step 4")
+
+
+def test_a_nan_in_criteo_npy_dense_values_is_refused_naming_the_day_row_and_column(tmp_path):
+    import numpy as np
+
+    from lightning_skew.data.criteo import CriteoNpyDataset
+
+    rng = np.random.default_rng(0)
+    for day, rows in enumerate([9, 6]):
+        dense = rng.random((rows, 13)).astype(np.float32)  # stored already transformed, as TorchRec writes them
+        if day == 1:
+            dense[2, 4] = np.nan
+        np.save(tmp_path / f"day_{day}_dense.npy", dense)
+        np.save(tmp_path / f"day_{day}_sparse.npy", rng.integers(0, 1000, (rows, 26)).astype(np.int32))
+        np.save(tmp_path / f"day_{day}_labels.npy", rng.integers(0, 2, rows).astype(np.int32))
+    with pytest.raises(ValueError, match=r"day_1_dense.npy, row 3, dense column 5 \(I5\): nan is not finite"):
+        list(CriteoNpyDataset(str(tmp_path), 4, SIZES))
