@@ -115,6 +115,7 @@ def test_a_diverging_fit_stops_naming_the_step_at_the_next_check(tmp_path):
     assert trainer.global_step == 10  # stopped at the first check after step 6, not at the end of the epoch
 
 
+@pytest.mark.slow
 def test_the_command_exits_non_zero_when_the_loss_becomes_nan(tmp_path):
     rows = "".join(f"{i % 2},s{i % 7},{i % 5}\n" for i in range(600))
     (tmp_path / "clicks.csv").write_text("click,site,price\n" + rows)
@@ -159,6 +160,7 @@ data:
         run.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_ranks_stop_together_when_the_loss_of_one_becomes_nan(tmp_path):
     from launch import launch
 

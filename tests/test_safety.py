@@ -152,6 +152,7 @@ def test_a_crafted_profile_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sharded", "file"])
 def test_the_command_refuses_a_crafted_checkpoint_with_a_clear_error_and_runs_nothing(kind, tmp_path):
     checkpoint = tmp_path / "crafted.ckpt"
