@@ -186,3 +186,37 @@ def test_a_nan_in_criteo_npy_dense_values_is_refused_naming_the_day_row_and_colu
         np.save(tmp_path / f"day_{day}_labels.npy", rng.integers(0, 2, rows).astype(np.int32))
     with pytest.raises(ValueError, match=r"day_1_dense.npy, row 3, dense column 5 \(I5\): nan is not finite"):
         list(CriteoNpyDataset(str(tmp_path), 4, SIZES))
+
+
+def test_the_loss_check_reads_nothing_on_the_host_between_checks(tmp_path):
+    # A GPU would wait on any host read (.item(), bool(), a copy to the host): between checks the callback makes
+    # none; at a check (every log_every_n_steps) it reads the flag once.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads: list[int] = []
+
+    class CountHostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+                reads[-1] += 1
+            return func(*args, **(kwargs or {}))
+
+    class Watched(NonFiniteLossStop):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            reads.append(0)
+            with CountHostReads():
+                super().on_train_batch_end(trainer, *args)
+
+    data = SyntheticDataModule(num_embeddings_per_feature=[50, 40], num_dense=3, num_train_samples=64 * 12,
+                               num_val_samples=64, batch_size=64, seed=0)
+    model = DLRMModule(data.num_embeddings_per_feature, data.sparse_feature_names, data.dense_in_features,
+                       embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=TorchRecStrategy(), max_epochs=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=5,
+                         default_root_dir=str(tmp_path), callbacks=[Watched()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, data)
+    assert len(reads) == 12
+    assert [step + 1 for step, count in enumerate(reads) if count] == [5, 10]  # the checks only
