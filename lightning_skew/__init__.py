@@ -1,5 +1,6 @@
 """lightning-skew: fast recommendation-model training on skewed data, as PyTorch Lightning parts on TorchRec."""
 
+from lightning_skew.core.divergence import NonFiniteLossStop
 from lightning_skew.core.monitor import SamplesPerSecond
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.data import ColumnarDataModule, CriteoDataModule, RecDataModule, SyntheticDataModule
@@ -30,6 +31,7 @@ __all__ = [
     "CriteoDataModule",
     "DLRMModule",
     "HotColdStrategy",
+    "NonFiniteLossStop",
     "PlainHotColdPlacement",
     "PopularityBatch",
     "PopularityDataModule",

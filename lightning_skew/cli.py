@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lightning_skew.core.divergence import NonFiniteLossStop
+from lightning_skew.core.safe_load import load_data
 from lightning_skew.torchrec.atomic import resolve_last
 
 EXTRA_COMMANDS = {
@@ -49,7 +50,7 @@ class SkewCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        hparams = dict(torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {}))
+        hparams = dict(load_data(ckpt_path, "checkpoint").get("hyper_parameters", {}))  # nothing in it runs
         for name in ("_instantiator", *self.LINKED_FROM_DATA):
             hparams.pop(name, None)
         if not hparams:
@@ -107,6 +108,8 @@ def run_cli(args: list[str] | None = None) -> SkewCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
         auto_configure_optimizers=False,
+        # Every run stops, with a non-zero exit, when its loss becomes NaN or infinite.
+        trainer_defaults={"callbacks": [NonFiniteLossStop()]},
     )
 
 

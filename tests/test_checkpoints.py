@@ -241,3 +241,31 @@ def test_a_synthetic_run_resumed_mid_epoch_goes_on_as_the_uninterrupted_run(tmp_
     from resume_fit import assert_resumes_mid_epoch
 
     assert_resumes_mid_epoch(lambda: make_data(1), tmp_path, steps_per_epoch=8, stop_at=3)
+
+
+def test_a_mid_epoch_resume_is_resumable_in_lightnings_terms(tmp_path):
+    # The training loaders follow Lightning's stateful-dataloader protocol: no "not resumable" warning, and the
+    # loader's state (the stream's position) travels in the fit loop's state as well.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from strategy_worker import make_model
+
+    def run(root: Path, **fit_args) -> pl.Trainer:
+        data = make_data(1)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=TorchRecStrategy(), max_epochs=1, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             limit_val_batches=0, default_root_dir=str(root), max_steps=fit_args.pop("max_steps", -1),
+                             callbacks=[ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=3)])
+        trainer.fit(make_model(data, "rowwise_adagrad"), data, **fit_args)
+        return trainer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(tmp_path / "first", max_steps=3)
+    (checkpoint,) = (tmp_path / "first" / "checkpoints").glob("*step=3.ckpt")
+    meta = torch.load(checkpoint / "meta.pt", weights_only=True)
+    assert meta["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["position"]["position"] == 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = run(tmp_path / "resumed", ckpt_path=str(checkpoint))
+    assert resumed.global_step == 8  # the 5 steps left of the epoch
+    assert not [w for w in caught if "not resumable" in str(w.message)]

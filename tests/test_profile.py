@@ -7,6 +7,7 @@ import math
 import random
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -594,3 +595,35 @@ def test_an_unreadable_profile_file_is_a_clear_error_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
         AccessProfile.load(tmp_path / "missing.pt")
     assert AccessProfile.load(tmp_path / "good.pt").total_lookups == 2
+
+
+def test_a_profile_of_the_data_inside_a_popularity_wrapper_is_accepted_by_the_same_recipe(tmp_path):
+    # LightningCLI hands the wrapper's configuration (with profile_path) to the DataModule built inside it: the
+    # description must come from the inner DataModule's own block, or a profile could never match its own data.
+    from lightning_skew.profile.command import build_datamodule
+    from lightning_skew.profile.loader import profile_dataloader
+
+    recipe = ["--config", str(Path(__file__).resolve().parents[1] / "recipes" / "dlrm_synthetic_popularity.yaml"),
+              "--data.init_args.datamodule.init_args.max_rows_per_table", "500",
+              "--data.init_args.datamodule.init_args.num_train_samples", "4096",
+              "--data.init_args.datamodule.init_args.batch_size", "512"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped, _ = build_datamodule(recipe)
+        data = wrapped.unwrapped
+        data.setup("fit")
+        profile = profile_dataloader(AccessProfile.for_datamodule(data, sample_fraction=1.0),
+                                     data.train_dataloader(), progress=False, max_batches=2)
+        profile.save(tmp_path / "profile.pt")
+        again, _ = build_datamodule(recipe + ["--data.init_args.hot_rows.init_args.profile_path",
+                                              str(tmp_path / "profile.pt")])
+        assert again.hot_rows_source.profile_for(again).total_lookups == profile.total_lookups
+        # The same data built in Python is the same data; other data is still refused.
+        same = SyntheticDataModule(max_rows_per_table=500, popularity_exponent=1.05, num_train_samples=4096,
+                                   num_val_samples=131072, num_test_samples=131072, batch_size=2048, seed=0)
+        AccessProfile.load(tmp_path / "profile.pt", datamodule=same)
+        other, _ = build_datamodule(recipe + ["--data.init_args.hot_rows.init_args.profile_path",
+                                              str(tmp_path / "profile.pt"),
+                                              "--data.init_args.datamodule.init_args.seed", "1"])
+        with pytest.raises(ValueError, match=r"made from other data: seed=0 \(profile\) vs 1 \(here\)"):
+            other.hot_rows_source.profile_for(other)

@@ -7,6 +7,7 @@ A table is seen in the dataset's row-ID space whatever its layout: a module that
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +18,43 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-__all__ = ["TablePart", "WatchedTable", "bag_configs", "embedding_modules", "is_embedding_module",
-           "table_configs", "watched_tables", "weight_pieces"]
+__all__ = ["TablePart", "WatchedTable", "available_memory", "bag_configs", "check_tables_fit_memory",
+           "embedding_modules", "is_embedding_module", "table_configs", "watched_tables", "weight_pieces"]
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available now (Linux ``MemAvailable``), or ``None`` where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_tables_fit_memory(tables: list[tuple[str, int, int]], bytes_per_value: int = 4,
+                            available: int | None = None) -> None:
+    """Raise ``MemoryError`` naming the largest table when ``tables`` (``(name, rows, width)``) need more bytes than
+    the host has available (``available``, default :func:`available_memory`), before anything is allocated.
+
+    Every table is built whole in host memory first (TorchRec's strategies then copy it into their shards)."""
+    available = available_memory() if available is None else available
+    if available is None:
+        return
+    sizes = [(rows * width * bytes_per_value, name, rows, width) for name, rows, width in tables]
+    needed = sum(size for size, *_ in sizes)
+    if needed <= available:
+        return
+    size, name, rows, width = max(sizes)
+    raise MemoryError(f"the embedding tables need {needed / 1e9:.1f} GB of host memory, {available / 1e9:.1f} GB "
+                      f"are available: table {name!r} alone is {rows} rows x {width} x {bytes_per_value} bytes = "
+                      f"{size / 1e9:.1f} GB. Give it fewer rows (num_embeddings, max_rows_per_table, hashing into a "
+                      "smaller table) or a smaller embedding_dim")
 
 
 def is_embedding_module(module: nn.Module) -> bool:

@@ -101,6 +101,10 @@ class ResumingLoader(DataLoader):
     The count is asked when the pass begins, not when the loader is built, and the dataset reads ``skip_first``
     once per pass (in every worker: workers start with the count of their pass) and resets it. The end is noted in
     this process as the last batch is fetched, which Lightning does before that batch's step.
+
+    The loader is resumable in Lightning's own terms (its stateful-dataloader protocol, ``state_dict`` /
+    ``load_state_dict``): its state is the stream's position, which the DataModule's checkpoint state holds as well
+    (loading the same position twice is harmless).
     """
 
     position: StreamPosition | None = None
@@ -117,6 +121,14 @@ class ResumingLoader(DataLoader):
         skip = self.position.skip(epoch, self.epoch_length, self.global_batch_size)
         self.dataset.skip_first = skip  # type: ignore[attr-defined]
         return self._pass(super().__iter__(), skip)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream's position (Lightning saves it with the fit loop's state)."""
+        return {"position": self.position.state_dict()} if self.position is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.position is not None and "position" in state:
+            self.position.load_state_dict(state["position"])
 
     def whole_stream(self) -> ResumingLoader:
         """This loader, made to read every batch of every pass and to leave the position alone: for a pass that is

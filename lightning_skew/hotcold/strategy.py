@@ -57,7 +57,7 @@ from lightning_skew.torchrec.checkpoint import (
     save_sharded_checkpoint,
 )
 from lightning_skew.torchrec.sharding import shard_module
-from lightning_skew.torchrec.strategy import TorchRecStrategy, weights_or_full
+from lightning_skew.torchrec.strategy import TorchRecStrategy, read_checkpoint_file, weights_or_full
 
 __all__ = ["HotColdStrategy", "ORIGINAL_IDS_FORMAT"]
 
@@ -398,7 +398,7 @@ class HotColdStrategy(TorchRecStrategy):
     def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(checkpoint_path)
         if path.is_file():  # an unsharded file: load_model_state_dict places its tables
-            return weights_or_full(path, torch.load(path, map_location="cpu", weights_only=bool(weights_only)),
+            return weights_or_full(path, read_checkpoint_file(path, weights_only),
                                    self.lightning_module.trainer.state.fn == TrainerFn.FITTING)
         collections = self._collections
         keys = inner_weight_keys(collections)

@@ -14,6 +14,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
 from lightning_skew.core.batch import frozen_lookups, input_weights
+from lightning_skew.core.tables import check_tables_fit_memory
 from lightning_skew.models.decisions import serve_frozen, serving_frozen, weighted_bce
 from lightning_skew.models.sparse_dlrm import SparseDLRM
 from lightning_skew.torchrec.optim import dense_parameters, fuse_embedding_optimizer
@@ -96,6 +97,7 @@ class DLRMModule(pl.LightningModule):
                                feature_names=[name])
             for name, rows in zip(names, num_embeddings_per_feature, strict=True)
         ]
+        check_tables_fit_memory([(t.name, t.num_embeddings, t.embedding_dim) for t in tables])
         ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
         common = dict(embedding_bag_collection=ebc, dense_in_features=dense_in_features,
                       dense_arch_layer_sizes=dense_arch_layer_sizes, over_arch_layer_sizes=over_arch_layer_sizes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -13,6 +14,10 @@ __all__ = ["LOADER_ONLY_ARGUMENTS", "check_tables", "describe_datamodule", "desc
 # DataModule arguments that change how data is loaded, not which data: left out of a dataset description.
 LOADER_ONLY_ARGUMENTS = frozenset({"batch_size", "num_workers", "pin_memory", "persistent_workers", "rank",
                                    "world_size"})
+
+
+# The tables' shapes: checked on their own (:func:`check_tables`), so left out of a description.
+TABLE_ARGUMENTS = frozenset({"num_embeddings_per_feature", "sparse_feature_names", "dense_in_features"})
 
 
 def _plain(value: Any) -> bool:
@@ -28,15 +33,52 @@ def describe_datamodule(datamodule: Any) -> dict[str, Any]:
 
     Reads ``hparams`` (``save_hyperparameters``); a DataModule without them is described by its public
     attributes of plain types. Arguments in ``LOADER_ONLY_ARGUMENTS`` (batch size, workers) are left
-    out: they change how the data is loaded, not which data it is.
+    out: they change how the data is loaded, not which data it is; so are the tables' shapes (``TABLE_ARGUMENTS``),
+    which a profile checks on their own. A DataModule that LightningCLI built inside a wrapper is described by its
+    own block of the configuration, not the wrapper's.
     """
     cls = type(datamodule)
-    source = dict(getattr(datamodule, "hparams", {}) or {})
+    source = _own_configuration(cls, dict(getattr(datamodule, "hparams", {}) or {}))
     if not source:
         source = {k: v for k, v in vars(datamodule).items() if not k.startswith("_") and _plain(v)}
     arguments = {k: v for k, v in source.items()
-                 if not k.startswith("_") and k not in LOADER_ONLY_ARGUMENTS and _plain(v)}
+                 if not k.startswith("_") and k not in LOADER_ONLY_ARGUMENTS | TABLE_ARGUMENTS and _plain(v)}
     return {"class": f"{cls.__module__}.{cls.__qualname__}", "arguments": arguments}
+
+
+def _names_class(class_path: Any, cls: type) -> bool:
+    if not isinstance(class_path, str) or "." not in class_path:
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None) is cls
+    except ImportError:
+        return False
+
+
+def _nested_configuration(value: Any, cls: type) -> dict[str, Any] | None:
+    """The ``init_args`` (and ``dict_kwargs``) of the first ``{"class_path": <cls>, ...}`` inside ``value``."""
+    if isinstance(value, dict):
+        if _names_class(value.get("class_path"), cls):
+            return {**dict(value.get("init_args") or {}), **dict(value.get("dict_kwargs") or {})}
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _nested_configuration(item, cls)
+            if found is not None:
+                return found
+    return None
+
+
+def _own_configuration(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
+    """A DataModule's own arguments. LightningCLI hands the configuration of the DataModule it builds (``data``) to
+    every DataModule built inside it as well, so a DataModule inside a wrapper (``PopularityDataModule``) records the
+    wrapper's configuration, hot-set source and all; its own arguments are the nested block that names its class."""
+    given = hparams.get("_class_path")
+    if given is None or _names_class(given, cls):
+        return hparams
+    nested = _nested_configuration(hparams, cls)
+    return hparams if nested is None else nested
 
 
 def fingerprint(description: dict[str, Any]) -> str:

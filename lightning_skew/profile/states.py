@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_skew.core.distributed import distributed, world_size
+from lightning_skew.core.safe_load import load_data
 from lightning_skew.profile.identity import (
     check_tables,
     describe_datamodule,
@@ -318,7 +319,7 @@ class ProfileState:
         if not Path(path).is_file():
             raise FileNotFoundError(f"access profile {path} does not exist; write one with `lightning-skew profile`")
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = load_data(path, "access profile")  # nothing in the file runs
             profile = cls.from_state_dict(state)
         except Exception as error:  # noqa: BLE001 - truncated, garbage or foreign files: one clear message
             raise ValueError(f"access profile {path} cannot be read ({type(error).__name__}: {str(error)[:200]}); it "

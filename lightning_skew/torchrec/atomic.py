@@ -1,14 +1,15 @@
 """Atomic checkpoint directories: written aside, sealed by a record of every file, swapped into place at once.
 
 A save of ``<dir>/<name>`` (``last.ckpt``, ``epoch=0-step=5.ckpt``) writes a fresh hidden directory
-``<dir>/.<name>.<token>``, records the size of every file in ``complete.json`` last, and only then puts it in
-place: a rename when ``<name>`` is new, an atomic exchange of the two directories (Linux ``renameat2`` with
-``RENAME_EXCHANGE``) when it replaces an earlier version, which is deleted after. A reader sees the previous
-complete checkpoint or the new complete one, never a mix, and ``<name>`` never disappears. A checkpoint whose
-record is missing or whose files differ from it is refused; ``last`` falls back to the newest complete
-checkpoint beside it, naming what it skipped, and so does ``ckpt_path="last"`` where no ``last.ckpt`` was ever
-completed (:func:`resolve_last`). Hidden directories that an interrupted save left are removed by the next save of
-the same name.
+``<dir>/.<name>.<token>`` (marked as a staging directory by a file inside it), records the size and CRC-32 of every
+file in ``complete.json`` last, and only then puts it in place: a rename when ``<name>`` is new, an atomic exchange
+of the two directories (Linux ``renameat2`` with ``RENAME_EXCHANGE``) when it replaces an earlier version, which is
+deleted after. A reader sees the previous complete checkpoint or the new complete one, never a mix, and ``<name>``
+never disappears. A checkpoint whose record is missing or whose files differ from it (in size or in content) is
+refused, naming the file; ``last`` falls back to the newest complete checkpoint beside it, naming what it skipped,
+and so does ``ckpt_path="last"`` where no ``last.ckpt`` was ever completed (:func:`resolve_last`). Staging
+directories that an interrupted save left are removed by the next save of the same name; only directories that
+carry the staging mark are touched, whatever their names.
 """
 
 from __future__ import annotations
@@ -20,19 +21,25 @@ import os
 import re
 import shutil
 import uuid
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-__all__ = ["COMPLETE_FILE", "SAVE_HOOKS", "IncompleteCheckpointError", "complete_checkpoints", "incomplete_reason",
-           "publish", "remove", "resolve_for_loading", "resolve_last", "staging_dir"]
+__all__ = ["COMPLETE_FILE", "SAVE_HOOKS", "STAGING_MARK", "IncompleteCheckpointError", "complete_checkpoints",
+           "file_checksum", "incomplete_reason", "publish", "remove", "resolve_for_loading", "resolve_last",
+           "staging_dir", "unverified_reason"]
 
 COMPLETE_FILE = "complete.json"
+#: The file that marks a directory as a staging directory of this package (it holds the directory's own name).
+STAGING_MARK = ".lightning-skew-staging"
+_CHUNK = 8 << 20
 _LAST = re.compile(r"^last(-v?\d+)?\.ckpt$")
 
 #: Called with the stage of a save (``"tensors_written"``, ``"meta_written"``, ``"sealed"``, ``"published"``)
 #: and the checkpoint path, on every rank that reaches it: tests kill a process at a chosen moment of a save.
+#: ``"staged"`` is called with the staging directory, before anything is written into it.
 SAVE_HOOKS: list[Callable[[str, Path], None]] = []
 
 
@@ -46,12 +53,30 @@ def reached(stage: str, path: Path) -> None:
 
 
 def staging_dir(path: Path) -> Path:
-    """A fresh hidden directory beside ``path`` for the files of its next version (rank zero calls it); the
-    leftovers of interrupted saves of the same name go."""
+    """A fresh hidden directory beside ``path`` for the files of its next version, created and marked (rank zero
+    calls it); the leftovers of interrupted saves of the same name go: only directories that carry the mark."""
     if path.parent.is_dir():
         for leftover in path.parent.glob(f".{glob_escape(path.name)}.*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-    return path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}"
+            if _is_staging(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+    directory = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}"
+    directory.mkdir(parents=True)
+    _mark(directory)
+    return directory
+
+
+def _mark(directory: Path) -> None:
+    (directory / STAGING_MARK).write_text(directory.name)
+
+
+def _is_staging(directory: Path) -> bool:
+    """Whether ``directory`` is one this package made to stage a save (its mark names it: a copy under another
+    name, or a folder of the user's, is not)."""
+    mark = directory / STAGING_MARK
+    try:
+        return directory.is_dir() and not directory.is_symlink() and mark.read_text() == directory.name
+    except OSError:
+        return False
 
 
 def glob_escape(name: str) -> str:
@@ -77,10 +102,20 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(error, f"exchanging {a} and {b}: {os.strerror(error)}")
 
 
+def file_checksum(path: Path) -> str:
+    """The CRC-32 of a file's bytes, as 8 hex digits (zlib's: several GB/s; it finds corruption, not tampering)."""
+    value = 0
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            value = zlib.crc32(chunk, value)
+    return f"{value:08x}"
+
+
 def seal(directory: Path) -> None:
-    """Record every file's size in ``complete.json``, written last and atomically."""
-    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
-             if p.is_file() and p.name != COMPLETE_FILE}
+    """Record every file's size and CRC-32 in ``complete.json``, written last and atomically (the staging mark is
+    no part of the checkpoint)."""
+    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "crc32": file_checksum(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in (COMPLETE_FILE, STAGING_MARK)}
     tmp = directory / (COMPLETE_FILE + ".tmp")
     tmp.write_text(json.dumps({"files": files}, indent=1))
     os.replace(tmp, directory / COMPLETE_FILE)
@@ -99,26 +134,61 @@ def publish(path: Path, directory: Path) -> None:
         os.rename(directory, path)
         directory = aside
     reached("published", path)
+    (path / STAGING_MARK).unlink(missing_ok=True)  # in place: no longer a staging directory
     if directory.exists():
+        _mark(directory)  # the replaced version: if this process dies now, the next save removes it
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def incomplete_reason(path: str | os.PathLike) -> str | None:
-    """Why ``path`` is not a complete checkpoint (``None`` when it is)."""
+def _record(directory: Path) -> dict[str, dict[str, object]] | None:
+    """The seal's files as ``{name: {"bytes": n[, "crc32": hex]}}`` (older seals hold sizes only); ``None``
+    without a seal."""
+    record = directory / COMPLETE_FILE
+    if not record.is_file():
+        return None
+    files = json.loads(record.read_text())["files"]
+    return {name: entry if isinstance(entry, dict) else {"bytes": entry} for name, entry in files.items()}
+
+
+def _legacy(directory: Path) -> bool:
+    # Written by lightning-skew before checkpoints were sealed: meta.pt, written last, was its marker.
+    return directory.is_dir() and not (directory / COMPLETE_FILE).is_file() and (directory / "meta.pt").is_file()
+
+
+def incomplete_reason(path: str | os.PathLike, contents: bool = True) -> str | None:
+    """Why ``path`` is not a complete checkpoint (``None`` when it is): no seal, a file missing, of another size,
+    or (with ``contents``: each file is read) of other contents than the seal records."""
     directory = Path(path)
     if not directory.is_dir():
         return "it does not exist" if not directory.exists() else "it is not a directory"
-    record = directory / COMPLETE_FILE
-    if not record.is_file():
-        if (directory / "meta.pt").is_file():
-            return None  # written by lightning-skew before checkpoints were sealed: meta.pt last was its marker
+    try:
+        files = _record(directory)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"its {COMPLETE_FILE} is unreadable ({type(error).__name__})"
+    if files is None:
+        if _legacy(directory):
+            return f"it has no {COMPLETE_FILE} (written before lightning-skew sealed its checkpoints), so it is unverified"
         return f"it has no {COMPLETE_FILE}: the save that wrote it was interrupted"
-    for name, size in json.loads(record.read_text())["files"].items():
+    for name, entry in files.items():
         file = directory / name
         if not file.is_file():
             return f"its file {name} is missing"
-        if file.stat().st_size != size:
-            return f"its file {name} has {file.stat().st_size} bytes, {size} were written"
+        if file.stat().st_size != entry["bytes"]:
+            return f"its file {name} has {file.stat().st_size} bytes, {entry['bytes']} were written"
+        if contents and "crc32" in entry and file_checksum(file) != entry["crc32"]:
+            return (f"its file {name} is corrupt: its checksum (CRC-32 {file_checksum(file)}) differs from the one "
+                    f"recorded when it was written ({entry['crc32']})")
+    return None
+
+
+def unverified_reason(path: str | os.PathLike) -> str | None:
+    """Why a loadable checkpoint's contents could not be checked (no seal, or a seal of sizes only), else ``None``."""
+    directory = Path(path)
+    if _legacy(directory):
+        return f"it has no {COMPLETE_FILE} (written before lightning-skew sealed its checkpoints)"
+    files = _record(directory) if directory.is_dir() else None
+    if files is not None and any("crc32" not in entry for entry in files.values()):
+        return f"its {COMPLETE_FILE} records sizes only (written by an older lightning-skew)"
     return None
 
 
@@ -128,23 +198,33 @@ def _step(path: Path) -> tuple[int, float]:
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:
-    """The complete checkpoints in ``directory``, newest first (by step in the name, then time)."""
-    found = [p for p in directory.glob("*.ckpt") if incomplete_reason(p) is None]
+    """The sealed checkpoints in ``directory`` whose files are all there in their sizes, newest first (by step in
+    the name, then time). Their contents are checked when one is loaded."""
+    found = [p for p in directory.glob("*.ckpt") if incomplete_reason(p, contents=False) is None]
     return sorted(found, key=_step, reverse=True)
 
 
 def resolve_for_loading(path: str | os.PathLike) -> Path:
-    """``path`` when it is complete; for ``last`` the newest complete checkpoint beside it (with a warning that
-    names what was skipped); else an :class:`IncompleteCheckpointError` naming it and the complete ones."""
+    """``path`` when it is complete (its contents checked); for ``last`` the newest complete checkpoint beside it
+    (with a warning that names what was skipped); else an :class:`IncompleteCheckpointError` naming it, why, and the
+    complete ones. A checkpoint without a seal (older versions) loads with a warning that it is unverified."""
     path = Path(path)
     reason = incomplete_reason(path)
-    if reason is None:
+    if reason is None or _legacy(path):
+        unverified = unverified_reason(path)
+        if unverified:
+            rank_zero_warn(f"{path} is loaded unverified: {unverified}; its contents cannot be checked")
         return path
     others = [p for p in complete_checkpoints(path.parent) if p != path]
-    if _LAST.match(path.name) and others:
-        rank_zero_warn(f"{path} is not a complete checkpoint ({reason}); resuming from the newest complete one, "
-                       f"{others[0]}, instead")
-        return others[0]
+    if _LAST.match(path.name):
+        skipped = []
+        for other in others:
+            other_reason = incomplete_reason(other)
+            if other_reason is None:
+                rank_zero_warn(f"{path} is not a complete checkpoint ({reason}); resuming from the newest complete "
+                               f"one, {other}, instead" + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
+                return other
+            skipped.append(f"{other.name}: {other_reason}")
     listed = ", ".join(str(p) for p in others[:5]) or "none"
     raise IncompleteCheckpointError(f"{path} is not a complete checkpoint: {reason}. Complete checkpoints beside "
                                     f"it: {listed}")
@@ -167,7 +247,7 @@ def resolve_last(directories: Iterable[str | os.PathLike]) -> Path | None:
         return None
     found, incomplete = [], []
     for path in (p for folder in folders for p in folder.glob("*.ckpt") if not p.name.startswith(".")):
-        reason = None if path.is_file() else incomplete_reason(path)
+        reason = None if path.is_file() else incomplete_reason(path, contents=False)
         (found if reason is None else incomplete).append(path if reason is None else f"{path.name} ({reason})")
     if not found:
         return None

@@ -3,19 +3,33 @@
 Everything TorchRec's ``EmbeddingShardingPlanner`` takes, in plain YAML types: a table's sharding types,
 compute kernels and UVM-cache parameters (``ParameterConstraints``), the devices' memory (``Topology``), and
 planner stages (enumerator, storage reservation, proposer, partitioner, performance model) by class path. A plan
-saved to a file is reused unchanged by a later run with the same tables and world size.
+saved to a file (JSON: data, nothing to run) is reused unchanged by a later run with the same tables and world size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
+import json
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec
 from torchrec.distributed.planner import ParameterConstraints, Topology
-from torchrec.distributed.types import CacheAlgorithm, CacheParams, CacheStatistics, ShardingPlan
+from torchrec.distributed.types import (
+    BoundsCheckMode,
+    CacheAlgorithm,
+    CacheParams,
+    CacheStatistics,
+    EmbeddingModuleShardingPlan,
+    ParameterSharding,
+    ShardingPlan,
+)
+from torchrec.types import DataType
 
 __all__ = ["build_constraints", "build_planner", "build_topology", "load_plan", "save_plan"]
 
@@ -120,22 +134,94 @@ def build_planner(planner: dict[str, Any] | None, topology: Topology,
     return instantiate(spec, topology=topology, constraints=constraints)
 
 
+PLAN_FORMAT = "lightning-skew sharding plan"
+
+# Enumerations a plan holds, by field: written by name.
+_ENUMS = {"algorithm": CacheAlgorithm, "precision": DataType, "bounds_check_mode": BoundsCheckMode,
+          "output_dtype": DataType}
+
+
+def _name(value: Any) -> Any:
+    return value.name if isinstance(value, Enum) else value
+
+
+def _encode_sharding(where: str, sharding: ParameterSharding) -> dict[str, Any]:
+    if sharding.key_value_params is not None:
+        raise ValueError(f"{where}: a plan with key-value (SSD) parameters cannot be saved as plan_path")
+    shards = None
+    if sharding.sharding_spec is not None:
+        if not isinstance(sharding.sharding_spec, EnumerableShardingSpec):
+            raise ValueError(f"{where}: a {type(sharding.sharding_spec).__name__} cannot be saved as plan_path")
+        shards = [{"offsets": list(m.shard_offsets), "sizes": list(m.shard_sizes), "placement": str(m.placement)}
+                  for m in sharding.sharding_spec.shards]
+    cache = None
+    if sharding.cache_params is not None:
+        params = sharding.cache_params
+        if params.multipass_prefetch_config is not None:
+            raise ValueError(f"{where}: a multipass prefetch configuration cannot be saved as plan_path")
+        # ``stats`` feed the planner only; the plan does not need them.
+        cache = {f.name: _name(getattr(params, f.name)) for f in dataclasses.fields(params)
+                 if f.name not in ("stats", "multipass_prefetch_config")}
+    return {"sharding_type": sharding.sharding_type, "compute_kernel": sharding.compute_kernel,
+            "ranks": None if sharding.ranks is None else list(sharding.ranks), "shards": shards,
+            "cache_params": cache, "enforce_hbm": sharding.enforce_hbm,
+            "stochastic_rounding": sharding.stochastic_rounding,
+            "bounds_check_mode": _name(sharding.bounds_check_mode), "output_dtype": _name(sharding.output_dtype)}
+
+
+def _enum(field: str, value: Any) -> Any:
+    return None if value is None else _ENUMS[field][value]
+
+
+def _decode_sharding(entry: dict[str, Any]) -> ParameterSharding:
+    shards = entry["shards"]
+    spec = None if shards is None else EnumerableShardingSpec(
+        [ShardMetadata(shard_offsets=list(s["offsets"]), shard_sizes=list(s["sizes"]), placement=str(s["placement"]))
+         for s in shards])
+    cache = entry["cache_params"]
+    if cache is not None:
+        cache = CacheParams(**{k: _enum(k, v) if k in _ENUMS else v for k, v in cache.items()})
+    return ParameterSharding(
+        sharding_type=str(entry["sharding_type"]), compute_kernel=str(entry["compute_kernel"]),
+        ranks=None if entry["ranks"] is None else [int(r) for r in entry["ranks"]], sharding_spec=spec,
+        cache_params=cache, enforce_hbm=entry["enforce_hbm"], stochastic_rounding=entry["stochastic_rounding"],
+        bounds_check_mode=_enum("bounds_check_mode", entry["bounds_check_mode"]),
+        output_dtype=_enum("output_dtype", entry["output_dtype"]))
+
+
 def save_plan(plan: ShardingPlan, path: str | Path, world_size: int) -> None:
-    """Write a plan that a later run can reuse (``plan_path``)."""
+    """Write a plan that a later run can reuse (``plan_path``), as JSON: data only, readable and diffable."""
     path = Path(path)
+    modules: dict[str, dict[str, Any]] = {}
+    for module_path, module_plan in sorted(plan.plan.items()):
+        if not isinstance(module_plan, EmbeddingModuleShardingPlan):
+            raise ValueError(f"plan_path {path}: the plan of {module_path!r} is a {type(module_plan).__name__}; only "
+                             "embedding module plans can be saved")
+        modules[module_path] = {table: _encode_sharding(f"plan_path {path}, table {table!r}", sharding)
+                                for table, sharding in sorted(module_plan.items())}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"plan": plan, "world_size": world_size}, tmp)
+    tmp.write_text(json.dumps({"format": PLAN_FORMAT, "version": 1, "world_size": world_size, "plan": modules},
+                              indent=1))
     tmp.replace(path)
 
 
 def load_plan(path: str | Path, tables: list[str], world_size: int) -> ShardingPlan:
-    """A saved plan, checked against this job's tables and world size (a clear error naming the file)."""
+    """A saved plan, checked against this job's tables and world size (a clear error naming the file).
+
+    The file is JSON and read as data: nothing in it is run (plans written as pickles by older versions are
+    refused; delete them to plan anew)."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        plan = saved["plan"]
+        saved = json.loads(Path(path).read_text())
+        if not isinstance(saved, dict) or saved.get("format") != PLAN_FORMAT:
+            raise ValueError(f"no {PLAN_FORMAT!r} format field")
+        plan = ShardingPlan({module_path: EmbeddingModuleShardingPlan(
+            {table: _decode_sharding(entry) for table, entry in module_plan.items()})
+            for module_path, module_plan in saved["plan"].items()})
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"{path} is not a sharding plan written by lightning-skew ({error})") from None
+        raise ValueError(f"{path} is not a sharding plan written by lightning-skew ({type(error).__name__}: "
+                         f"{str(error)[:200]}); plans are JSON files (older versions wrote pickles, which are no "
+                         "longer read): delete it or give another plan_path to plan anew") from None
     if saved.get("world_size") != world_size:
         raise ValueError(f"{path} plans {saved.get('world_size')} rank(s), this run has {world_size}; delete it or "
                          "give another plan_path to plan anew")

@@ -20,6 +20,7 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.train_pipeline.train_pipelines import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer
 
+from lightning_skew.core.safe_load import load_data
 from lightning_skew.torchrec.atomic import remove
 from lightning_skew.torchrec.checkpoint import (
     copy_into_shards,
@@ -44,6 +45,14 @@ SHARDED_FORMAT = "sharded-v1"
 # Hooks Lightning calls around its own backward and optimizer step; under a pipeline TorchRec runs both, so a
 # module or callback that overrides one of these would silently lose it.
 _STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
+
+def read_checkpoint_file(path: Path, weights_only: bool | None) -> dict[str, Any]:
+    """An ordinary (file) checkpoint, read with ``weights_only=True`` unless the caller passed ``False`` (Lightning's
+    ``fit(..., weights_only=False)``: the caller vouches for the file); see :mod:`~lightning_skew.core.safe_load`."""
+    if weights_only is False:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    return load_data(path, "checkpoint")
 
 
 def weights_or_full(path: Path, checkpoint: dict[str, Any], fitting: bool = True) -> dict[str, Any]:
@@ -403,7 +412,7 @@ class TorchRecStrategy(DDPStrategy):
     def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(checkpoint_path)
         if path.is_file():  # an ordinary (unsharded) Lightning checkpoint: load_model_state_dict shards it
-            return weights_or_full(path, torch.load(path, map_location="cpu", weights_only=bool(weights_only)),
+            return weights_or_full(path, read_checkpoint_file(path, weights_only),
                                    self.lightning_module.trainer.state.fn == TrainerFn.FITTING)
         template = {"state_dict": self.lightning_module.state_dict(),
                     "fused_optimizer": self.fused_optimizer.state_dict()}

@@ -8,7 +8,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_skew.data.base import RecDataModule
 from lightning_skew.data.columnar.datasets import ColumnarDataset
-from lightning_skew.data.columnar.decoding import RowDecoder, SideTable
+from lightning_skew.data.columnar.decoding import RowDecoder, SideTable, check_non_finite
 from lightning_skew.data.columnar.encoding import MISSING_ROW, FeatureEncoder, Vocabulary
 from lightning_skew.data.columnar.preparation import Preparation, prepare
 from lightning_skew.data.columnar.readers import ColumnarFile, resolve_paths
@@ -71,6 +71,9 @@ class ColumnarDataModule(FileSplitLoaders, RecDataModule):
         num_workers: DataLoader workers per rank (each reads every row and encodes its own batches).
         skip_malformed: Skip and count malformed rows (wrong field counts, unreadable numbers, bad labels)
             instead of raising ``ValueError`` with the file, line and column.
+        non_finite: A NaN or infinite dense value (``nan``, ``inf`` in a CSV, NaN in a Parquet float column):
+            ``"error"`` (default: a malformed row, naming file, row and column) or ``"zero"`` (read as 0, counted
+            in the pass's log line).
         pin_memory: Pin batches in the DataLoader (for GPU training).
 
     .. note::
@@ -114,6 +117,7 @@ class ColumnarDataModule(FileSplitLoaders, RecDataModule):
         batch_size: int = 2048,
         num_workers: int = 0,
         skip_malformed: bool = False,
+        non_finite: str = "error",
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
@@ -138,11 +142,15 @@ class ColumnarDataModule(FileSplitLoaders, RecDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.batch_size, self.num_workers = batch_size, num_workers
         self.skip_malformed, self.pin_memory = skip_malformed, pin_memory
+        check_non_finite(non_finite)
+        self.non_finite = non_finite
         self.save_hyperparameters({
             "train_paths": train_paths, "val_paths": val_paths, "test_paths": test_paths, "root": root,
             "file_format": vars(self.file_format).copy(), **self.mapping.describe(),
             "val_fraction": val_fraction, "test_fraction": test_fraction, "skip_malformed": skip_malformed,
             "batch_size": batch_size, "num_workers": num_workers,
+            # Only when it changes the data: profiles of data read the default way keep their fingerprint.
+            **({"non_finite": non_finite} if non_finite != "error" else {}),
         })
         self.rank, self.world_size = 0, 1
         self._files: dict[str, list[ColumnarFile]] | None = None
@@ -193,7 +201,7 @@ class ColumnarDataModule(FileSplitLoaders, RecDataModule):
         if self._decoder is None:
             sides = [SideTable(join, resolve_paths(join.path, "joins.path", self.root)[0])
                      for join in self.mapping.joins]
-            self._decoder = RowDecoder(self.mapping, sides, self.skip_malformed)
+            self._decoder = RowDecoder(self.mapping, sides, self.skip_malformed, self.non_finite)
         return self._decoder
 
     @property

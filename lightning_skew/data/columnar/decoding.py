@@ -65,12 +65,14 @@ class PassCounts:
     Attributes:
         malformed: Malformed rows skipped (``skip_malformed``): wrong field counts or unreadable values.
         empty: Rows whose every column read was empty (blank lines): skipped.
+        non_finite: Dense values that were NaN or infinite, replaced by 0 (``non_finite="zero"``).
         unmatched: Per join, inputs whose key the side table lacks (their joined columns are missing).
         examples: A few skipped rows, ``"file, line N: reason"``.
     """
 
     malformed: int = 0
     empty: int = 0
+    non_finite: int = 0
     unmatched: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
 
@@ -90,6 +92,8 @@ class PassCounts:
             parts.append(f"skipped {self.malformed} malformed rows (e.g. {'; '.join(self.examples)})")
         if self.empty:
             parts.append(f"skipped {self.empty} empty rows (blank lines)")
+        if self.non_finite:
+            parts.append(f"replaced {self.non_finite} non-finite dense values (NaN, infinity) by 0")
         for path, count in self.unmatched.items():
             if count:
                 parts.append(f"{count} inputs had no match in the side table {path}")
@@ -141,19 +145,24 @@ class SideTable:
 class RowDecoder:
     """Turns the raw chunks of a file into :class:`Rows` (the one decoding that every pass shares).
 
-    A row is malformed when its label is empty, unreadable as a number or (without a threshold) neither 0 nor 1,
-    a dense value is unreadable, or its time is empty or unreadable. A malformed row raises ``ValueError`` naming
-    the file, line and column, or with ``skip_malformed`` is left out and counted in :class:`PassCounts`.
+    A row is malformed when its label is empty, unreadable as a number, not finite or (without a threshold) neither
+    0 nor 1, a dense value is unreadable or (by default) NaN or infinite, or its time is empty or unreadable. A
+    malformed row raises ``ValueError`` naming the file, line and column, or with ``skip_malformed`` is left out and
+    counted in :class:`PassCounts`.
 
     Args:
         mapping: The column mapping.
         side_tables: The joins, read.
         skip_malformed: Skip and count malformed rows instead of raising.
+        non_finite: What a NaN or infinite dense value does: ``"error"`` (a malformed row) or ``"zero"`` (read as 0,
+            counted in :class:`PassCounts`).
     """
 
     def __init__(self, mapping: ColumnMapping, side_tables: Sequence[SideTable] = (), skip_malformed: bool = False,
-                 ) -> None:
+                 non_finite: str = "error") -> None:
+        check_non_finite(non_finite)
         self.mapping, self.side_tables, self.skip_malformed = mapping, list(side_tables), skip_malformed
+        self.non_finite = non_finite
         self.file_columns = mapping.file_columns()
         # Single-ID columns are read as dictionaries (see ColumnarFile.chunks); delimited ones are split as text.
         self.dictionary_columns = [f.column for f in mapping.sparse if f.delimiter is None
@@ -173,6 +182,11 @@ class RowDecoder:
     def decode(self, table: pa.Table, file: ColumnarFile, first_row: int, counts: PassCounts) -> Rows:
         keep = np.ones(table.num_rows, dtype=bool)
         label = self.mapping.label
+        for column in [label.column, *(f.column for f in self.mapping.dense), self.mapping.time_column]:
+            if column is not None and pa.types.is_nested(table[column].type):
+                raise ValueError(f"{file.path}, column {column!r}: holds {table[column].type} (several values per "
+                                 "row) where one number per row is expected; map it as a sparse feature, or give "
+                                 "a column of numbers")
         values, present, unreadable = _numbers(table[label.column])
         if file.kind == "csv" and not present.all():
             # A blank line reads as a row of empty values; only rows without a label can be one.
@@ -192,14 +206,21 @@ class RowDecoder:
         if label.threshold is not None:
             labels = (values >= label.threshold).astype(np.float32)
         else:
-            problems.append((present & ~unreadable & (values != 0) & (values != 1), label.column,
-                             "the label must be 0 or 1 (or give label.threshold), got"))
+            problems.append((present & ~unreadable & np.isfinite(values) & (values != 0) & (values != 1),
+                             label.column, "the label must be 0 or 1 (or give label.threshold), got"))
             labels = values.astype(np.float32)
+        problems.append((present & ~unreadable & ~np.isfinite(values), label.column, "the label is not finite:"))
         dense = np.zeros((table.num_rows, len(self.mapping.dense)), dtype=np.float32)
         for j, feature in enumerate(self.mapping.dense):
             values, present, unreadable = _numbers(table[feature.column])
             problems.append((unreadable, feature.column, "not a number:"))
-            values = np.where(present & ~unreadable, values, 0.0)
+            non_finite = present & ~unreadable & ~np.isfinite(values)
+            if self.non_finite == "error":
+                problems.append((non_finite, feature.column, "a dense value must be finite (or pass "
+                                 "non_finite='zero' to read NaN and infinity as 0), got"))
+            elif non_finite.any():
+                counts.non_finite += int(non_finite.sum())
+            values = np.where(present & ~unreadable & ~non_finite, values, 0.0)
             if feature.transform == "log1p":
                 values = np.log1p(np.maximum(values, 0.0))
             dense[:, j] = values
@@ -236,6 +257,15 @@ class RowDecoder:
             where = file.where(first_row + int(row)) if counts.wants_example else f"row {first_row + int(row) + 1}"
             counts.note(describe(int(row), where))
         keep &= ~bad
+
+
+NON_FINITE_POLICIES = ("error", "zero")
+
+
+def check_non_finite(policy: str) -> None:
+    """Raise ``ValueError`` unless ``policy`` is one of :data:`NON_FINITE_POLICIES`."""
+    if policy not in NON_FINITE_POLICIES:
+        raise ValueError(f"non_finite must be one of {list(NON_FINITE_POLICIES)}, got {policy!r}")
 
 
 def _note_malformed(file: ColumnarFile, rows: Sequence[MalformedRow], counts: PassCounts) -> None:

@@ -194,11 +194,20 @@ class ColumnarFile:
                 first += batch.num_rows
             return
         found: list[MalformedRow] = []
-        reader = self._csv_reader(columns, found, use_threads, dictionary_columns)
         first = 0
         located = 0
         try:
-            for batch in reader:
+            reader = self._csv_reader(columns, found, use_threads, dictionary_columns)
+        except OSError as error:  # the first block is read at once
+            raise self._damaged(error, first) from None
+        try:
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                except OSError as error:  # a truncated or damaged compressed stream (pyarrow names no file)
+                    raise self._damaged(error, first) from None
                 if found[located:]:
                     self._report_malformed(found, located, malformed)
                     located = len(found)
@@ -208,6 +217,10 @@ class ColumnarFile:
             reader.close()
         if found[located:]:
             self._report_malformed(found, located, malformed)
+
+    def _damaged(self, error: OSError, rows_read: int) -> ValueError:
+        return ValueError(f"{self.path}: the file ends early or is damaged after {rows_read} rows were read "
+                          f"({type(error).__name__}: {error}); a truncated copy or download? Copy it again")
 
     def _csv_reader(self, columns: Sequence[str], found: list[MalformedRow], use_threads: bool,
                     dictionary_columns: Sequence[str] = ()) -> pacsv.CSVStreamingReader:

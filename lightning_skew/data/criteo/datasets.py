@@ -376,6 +376,17 @@ class CriteoNpyDataset(IterableDataset):
             offset += len(array)
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
+    def _non_finite(self, dense: np.ndarray, start: int) -> ValueError:
+        """The error for a batch of stored dense values holding NaN or infinity, naming the day's file, row, column."""
+        row, column = (int(i) for i in np.argwhere(~np.isfinite(dense))[0])
+        index, day = start + row, 0
+        while index >= self.num_rows_per_day[day]:
+            index -= self.num_rows_per_day[day]
+            day += 1
+        return ValueError(f"{self.days[day][0]}, row {index + 1}, dense column {column + 1} (I{column + 1}): "
+                          f"{dense[row, column]} is not finite; the model would train to NaN. Fix the preprocessing "
+                          "that wrote it")
+
     def __iter__(self) -> Iterator[Batch]:
         skip, self.skip_first = self.skip_first, 0  # as CriteoTsvDataset's
         sharding = self.sharding.with_current_worker(skip)
@@ -392,6 +403,8 @@ class CriteoNpyDataset(IterableDataset):
             dense = self._rows(dense_arrays, start, stop)
             if not np.issubdtype(dense.dtype, np.floating):
                 dense = transform_dense(dense)
+            elif not np.isfinite(dense).all():
+                raise self._non_finite(dense, start)
             sparse = self._rows(sparse_arrays, start, stop)
             if sparse.dtype == np.int32:
                 sparse = sparse.view(np.uint32)

@@ -6,9 +6,10 @@ import glob
 import gzip
 import os
 import re
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from itertools import islice
-from typing import IO
+from typing import IO, TypeVar
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -20,6 +21,25 @@ def open_criteo_file(path: str) -> IO[bytes]:
     if path.endswith(".gz") or magic == _GZIP_MAGIC:
         return gzip.open(path, "rb")
     return open(path, "rb")
+
+
+# What reading a truncated or damaged gzip file raises (EOFError: the stream ends before its end marker).
+DAMAGED = (EOFError, gzip.BadGzipFile, zlib.error)
+T = TypeVar("T")
+
+
+def damaged_file_error(path: str, error: BaseException) -> ValueError:
+    """An error naming ``path`` and the last line that could be read before ``error`` (the file is read again to
+    find it: only on this error path)."""
+    lines = 0
+    try:
+        with open_criteo_file(path) as handle:
+            for _ in handle:
+                lines += 1
+    except DAMAGED:
+        pass
+    return ValueError(f"{path}: the file ends early or is damaged after line {lines} ({type(error).__name__}: "
+                      f"{error}); a truncated copy or download? Copy it again")
 
 
 def _natural_key(text: str) -> list[int | str]:
@@ -99,7 +119,14 @@ def check_has_lines(files: Sequence[str], what: str = "paths") -> None:
     it would train zero steps or validate on nothing without a word. Reads one line of each file."""
     for file in files:
         with open_criteo_file(file) as handle:
-            if not handle.readline():
+            try:
+                first = handle.readline()
+            except DAMAGED as error:
+                raise damaged_file_error(file, error) from None
+            if first.startswith(b"\xef\xbb\xbf"):
+                raise ValueError(f"{what}: Criteo file {file!r} starts with a UTF-8 byte order mark (BOM), which "
+                                 "Criteo's TSV format does not have; remove it (e.g. `sed -i '1s/^\\xEF\\xBB\\xBF//'`)")
+            if not first:
                 raise ValueError(
                     f"{what}: Criteo file {file!r} holds no lines (an empty or truncated download?); "
                     f"replace it or leave it out of {what}"
@@ -141,13 +168,20 @@ class _LineStream:
             if self._handle is None and not self._next_file():
                 return
             assert self._handle is not None
-            chunk = list(islice(self._handle, count - len(self._buffer)))
+            chunk = self._read(lambda handle: list(islice(handle, count - len(self._buffer))))
             if chunk:
                 self._origins.append((self.files[self._file_index], self._line_number + 1, len(chunk)))
                 self._buffer.extend(chunk)
                 self._line_number += len(chunk)
             if len(self._buffer) < count and not self._next_file():
                 return
+
+    def _read(self, read: Callable[[IO[bytes]], T]) -> T:
+        assert self._handle is not None
+        try:
+            return read(self._handle)
+        except DAMAGED as error:
+            raise damaged_file_error(self.files[self._file_index], error) from None
 
     def _pop(self, count: int) -> tuple[list[bytes], list[tuple[str, int, int]]]:
         self._fill(count)
@@ -183,7 +217,8 @@ class _LineStream:
             if self._handle is None and not self._next_file():
                 break
             assert self._handle is not None
-            read = sum(1 for _ in islice(self._handle, count - skipped))
+            wanted = count - skipped
+            read = self._read(lambda handle: sum(1 for _ in islice(handle, wanted)))  # noqa: B023 - called at once
             self._line_number += read
             skipped += read
             if skipped < count and not self._next_file():
