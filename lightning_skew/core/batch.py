@@ -10,6 +10,7 @@ another's modules. :func:`select_inputs` and :func:`concat_batches` keep the dec
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,7 +76,10 @@ class SkewBatch(Batch):
 
     def _with_tensors(self, batch: Batch, weights: Tensor | None, frozen_sparse: KeyedJaggedTensor | None,
                       move_routed: Any = None) -> SkewBatch:
-        out = SkewBatch.of(batch, self.is_hot, self.num_hot, self.hot_rows, weights, frozen_sparse)
+        # dataclasses.replace keeps every other field, a subclass's own included.
+        out = dataclasses.replace(self, dense_features=batch.dense_features, sparse_features=batch.sparse_features,
+                                  labels=batch.labels, weights=weights, frozen_sparse=frozen_sparse,
+                                  routed_sparse=None)
         if move_routed is not None and self.routed_sparse is not None \
                 and self.routed_sparse.source is self.sparse_features:
             out.routed_sparse = move_routed(self.routed_sparse, out.sparse_features)

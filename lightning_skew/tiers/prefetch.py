@@ -26,7 +26,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.core.batch import SkewBatch
@@ -103,12 +102,6 @@ class LookaheadBatch(SkewBatch):
     """
 
     upcoming: tuple[dict[str, Tensor], ...] = ()
-
-    def _with_tensors(self, batch: Batch, weights: Tensor | None,
-                      frozen_sparse: KeyedJaggedTensor | None) -> LookaheadBatch:
-        return LookaheadBatch(batch.dense_features, batch.sparse_features, batch.labels, is_hot=self.is_hot,
-                              num_hot=self.num_hot, hot_rows=self.hot_rows, weights=weights,
-                              frozen_sparse=frozen_sparse, upcoming=self.upcoming)
 
 
 def distinct_rows(features: KeyedJaggedTensor) -> dict[str, Tensor]:
