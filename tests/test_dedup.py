@@ -179,3 +179,14 @@ def test_compositions_that_cannot_serve_deduplicated_features_are_refused_naming
         _fit_refused(model, PopularityDataModule(DedupDataModule(data, USER), hot_rows_budget=20_000))
     with pytest.raises(ValueError, match="features \\['nope'\\] are not sparse features of SyntheticDataModule"):
         DedupDataModule(data, ["nope"])
+
+
+def test_the_session_recipes_train_end_to_end_with_and_without_dedup(tmp_path):
+    from test_cli import ROOT, SMALL, _cli
+
+    run = _cli("fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic_sessions.yaml"), *SMALL, cwd=tmp_path)
+    assert "val: auc" in run.stdout and "best attainable auc" in run.stdout
+    inner = [arg.replace("--data.init_args.", "--data.init_args.datamodule.init_args.") for arg in SMALL]
+    run = _cli("fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic_dedup.yaml"), *inner, cwd=tmp_path)
+    assert "val: auc" in run.stdout
+    assert (tmp_path / "runs" / "dlrm_synthetic_dedup" / "config.yaml").is_file()
