@@ -190,3 +190,16 @@ def test_the_session_recipes_train_end_to_end_with_and_without_dedup(tmp_path):
     run = _cli("fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic_dedup.yaml"), *inner, cwd=tmp_path)
     assert "val: auc" in run.stdout
     assert (tmp_path / "runs" / "dlrm_synthetic_dedup" / "config.yaml").is_file()
+
+
+def test_batch_repeats_reports_each_features_distinct_bag_share_before_dedup_is_on():
+    from lightning_skew.dedup.lookups import batch_repeats, format_repeats
+
+    batch = _session_batch()
+    repeats = batch_repeats([batch, batch, batch], max_batches=2)
+    distinct = dedup_batch(batch, USER).deduped.num_distinct / 512
+    assert repeats["history"]["consecutive"] == pytest.approx(distinct, abs=0.02)
+    assert repeats["user_id"]["batch"] <= repeats["user_id"]["consecutive"] <= distinct
+    assert repeats["cat_0"]["consecutive"] > 0.3
+    table = format_repeats(repeats, 512, 2)
+    assert "| user_id |" in table and "first 2 batches of 512 inputs" in table

@@ -22,23 +22,23 @@ class DedupingCollate:
     """A DataLoader ``collate_fn`` that deduplicates ``features`` of each batch after the loader's own collate:
     with ``num_workers > 0`` the work runs in the DataLoader's worker processes."""
 
-    def __init__(self, collate: Any, features: Sequence[str]) -> None:
-        self.collate, self.features = collate, tuple(features)
+    def __init__(self, collate: Any, features: Sequence[str], consecutive: bool = True) -> None:
+        self.collate, self.features, self.consecutive = collate, tuple(features), consecutive
 
     def __call__(self, item: Any) -> Any:
         batch = item if self.collate is None else self.collate(item)
-        return dedup_batch(batch, self.features) if isinstance(batch, Batch) else batch
+        return dedup_batch(batch, self.features, self.consecutive) if isinstance(batch, Batch) else batch
 
 
 class _DedupingIterable:
     """Deduplicates the batches of a loader that is not a torch DataLoader (in the process that iterates it)."""
 
-    def __init__(self, loader: Any, features: Sequence[str]) -> None:
-        self.loader, self.features = loader, tuple(features)
+    def __init__(self, loader: Any, features: Sequence[str], consecutive: bool) -> None:
+        self.loader, self.features, self.consecutive = loader, tuple(features), consecutive
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
-            yield dedup_batch(batch, self.features) if isinstance(batch, Batch) else batch
+            yield dedup_batch(batch, self.features, self.consecutive) if isinstance(batch, Batch) else batch
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -62,6 +62,10 @@ class DedupDataModule(WrappedDataModule):
             of these features' bags (name the features that are constant within a session, e.g. the user ID and
             the user's history). Their embedding tables should be used by these features only.
         splits: which loaders deduplicate (``train``, ``val``, ``test``, ``predict``).
+        consecutive: share a bag only between neighbouring inputs (a session's samples, which follow each other;
+            RecD's assumption, one pass over the IDs); ``False`` merges equal bags anywhere in the batch (found by
+            a hash, then checked ID by ID), which also merges a user's sessions that meet in one batch, at about
+            twice the host time.
 
     .. note::
         It must be the outermost DataModule wrapper: parts that regroup or filter batches by their lookups
@@ -79,7 +83,7 @@ class DedupDataModule(WrappedDataModule):
     """
 
     def __init__(self, datamodule: RecDataModule, features: list[str],
-                 splits: Sequence[str] = ("train", "val", "test")) -> None:
+                 splits: Sequence[str] = ("train", "val", "test"), consecutive: bool = True) -> None:
         super().__init__(datamodule)
         if not features or len(set(features)) != len(features):
             raise ValueError(f"DedupDataModule: features must name distinct sparse features, got {features}")
@@ -92,6 +96,7 @@ class DedupDataModule(WrappedDataModule):
             raise ValueError(f"DedupDataModule: splits must be among train, val, test, predict; got {bad}")
         self.features = list(features)
         self.splits = tuple(splits)
+        self.consecutive = consecutive
 
     def describe(self) -> str:
         return f"DedupDataModule(features={self.features})"
@@ -126,9 +131,9 @@ class DedupDataModule(WrappedDataModule):
     def _deduped(self, loader: Any) -> Any:
         if isinstance(loader, DataLoader):
             # A fresh loader each call, not yet iterated: its collate step (workers included) deduplicates.
-            loader.collate_fn = DedupingCollate(loader.collate_fn, self.features)
+            loader.collate_fn = DedupingCollate(loader.collate_fn, self.features, self.consecutive)
             return loader
-        return _DedupingIterable(loader, self.features)
+        return _DedupingIterable(loader, self.features, self.consecutive)
 
     def _loader(self, split: str, loader: Any) -> Any:
         if split not in self.splits:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -12,7 +12,7 @@ from lightning_skew.core.batch import Batch, SkewBatch
 from lightning_skew.core.deduped import DedupedLookups
 from lightning_skew.core.hashing import MASK32, mix32
 
-__all__ = ["dedup_batch", "dedup_factors", "distinct_inputs", "split_deduped"]
+__all__ = ["batch_repeats", "dedup_batch", "dedup_factors", "distinct_inputs", "format_repeats", "split_deduped"]
 
 
 def _check_features(sparse: KeyedJaggedTensor, features: Sequence[str], by: str) -> list[int]:
@@ -186,3 +186,30 @@ def dedup_factors(sparse: KeyedJaggedTensor, features: Sequence[str] | None = No
     _check_features(sparse, features, "dedup_factors")
     return {name: distinct_inputs(sparse, [name], consecutive)[0].numel() / max(sparse.stride(), 1)
             for name in features}
+
+
+def batch_repeats(batches: Iterable[Batch], max_batches: int = 8) -> dict[str, dict[str, float]]:
+    """Per feature, the mean over the first ``max_batches`` batches of distinct bags / bags: among neighbouring
+    inputs (``consecutive``, what :class:`~lightning_skew.dedup.DedupDataModule` sends by default) and anywhere in
+    the batch (``batch``). What deduplicating each feature would leave, before turning it on."""
+    sums: dict[str, list[float]] = {}
+    seen = 0
+    for batch in batches:
+        if seen >= max_batches:
+            break
+        sparse = batch.sparse_features
+        for consecutive in (True, False):
+            for name, share in dedup_factors(sparse, consecutive=consecutive).items():
+                sums.setdefault(name, [0.0, 0.0])[0 if consecutive else 1] += share
+        seen += 1
+    return {name: {"consecutive": c / max(seen, 1), "batch": b / max(seen, 1)} for name, (c, b) in sums.items()}
+
+
+def format_repeats(repeats: dict[str, dict[str, float]], batch_size: int | None, num_batches: int) -> str:
+    """The per-feature report of :func:`batch_repeats`, one line per feature, most repeated first."""
+    lines = [f"distinct bags / bags per batch (first {num_batches} batches of {batch_size or '?'} inputs, in "
+             "training order; DedupDataModule(features=[...]) looks up and pools each distinct bag once):",
+             "| feature | consecutive | anywhere in the batch |", "|---|---:|---:|"]
+    for name, share in sorted(repeats.items(), key=lambda item: item[1]["consecutive"]):
+        lines.append(f"| {name} | {share['consecutive']:.3f} | {share['batch']:.3f} |")
+    return "\n".join(lines)
