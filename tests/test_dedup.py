@@ -203,3 +203,40 @@ def test_batch_repeats_reports_each_features_distinct_bag_share_before_dedup_is_
     assert repeats["cat_0"]["consecutive"] > 0.3
     table = format_repeats(repeats, 512, 2)
     assert "| user_id |" in table and "first 2 batches of 512 inputs" in table
+
+
+class _Losses(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.distinct: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        if getattr(batch, "deduped", None) is not None:
+            self.distinct.append(batch.deduped.num_distinct / batch.labels.numel())
+
+
+def _fit_losses(data, strategy) -> _Losses:
+    from strategy_worker import make_model
+
+    record = _Losses()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[record])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(make_model(data, "rowwise_adagrad"), data)
+    return record
+
+
+def test_dedup_composes_with_hot_cold_placement_and_popularity_batching():
+    from lightning_skew import HotColdStrategy
+
+    plain = _fit_losses(make_data(GLOBAL_BATCH), HotColdStrategy(budget_bytes=20_000))
+    deduped = _fit_losses(DedupDataModule(make_data(GLOBAL_BATCH), USER), HotColdStrategy(budget_bytes=20_000))
+    assert deduped.losses == pytest.approx(plain.losses, rel=1e-5, abs=1e-6) and len(plain.losses) == 6
+    # Popularity batching regroups the inputs of a window by their rows: sessions are split across batches.
+    regrouped = _fit_losses(DedupDataModule(PopularityDataModule(make_data(GLOBAL_BATCH), hot_rows_budget=300),
+                                            USER), TorchRecStrategy())
+    in_order = sum(deduped.distinct) / len(deduped.distinct)
+    assert regrouped.losses and in_order < 0.25 < sum(regrouped.distinct) / len(regrouped.distinct)
