@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -240,3 +241,52 @@ def test_dedup_composes_with_hot_cold_placement_and_popularity_batching():
                                             USER), TorchRecStrategy())
     in_order = sum(deduped.distinct) / len(deduped.distinct)
     assert regrouped.losses and in_order < 0.25 < sum(regrouped.distinct) / len(regrouped.distinct)
+
+
+def test_histories_hold_the_users_earlier_items_only_most_recent_last():
+    import numpy as np
+
+    from lightning_skew.dedup.history import histories
+
+    users = np.array([1, 1, 2, 1, 1, 2])
+    items = np.array([10, 11, 20, 12, 13, 21])
+    times = np.array([5.0, 6.0, 1.0, 6.0, 9.0, 2.0])
+    assert histories(users, items, times, length=2) == [[], [10], [], [10], [11, 12], [20]]
+
+
+def _movielens_history(tmp_path: Path) -> Path:
+    import shutil
+
+    from columnar_files import MOVIELENS, MOVIELENS_MISSING
+
+    from lightning_skew.dedup.history import write_with_history
+
+    if not (MOVIELENS / "ml-100k.inter").is_file():
+        pytest.skip(MOVIELENS_MISSING)
+    root = tmp_path / "ml-100k"
+    root.mkdir()
+    shutil.copy(MOVIELENS / "ml-100k.item", root / "ml-100k.item")
+    assert write_with_history(MOVIELENS / "ml-100k.inter", root / "ml-100k-history.inter") == 100_000
+    return root
+
+
+def test_movielens_with_history_trains_from_its_recipe_and_exactly_the_same_with_dedup(tmp_path):
+    from test_cli import ROOT, _cli
+
+    from lightning_skew.profile.command import build_datamodule
+
+    root = _movielens_history(tmp_path)
+    recipe = ROOT / "recipes" / "dlrm_movielens_history.yaml"
+    run = _cli("fit", "--config", str(recipe), "--data.init_args.root", str(root), "--trainer.max_epochs", "1",
+               "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert float(re.search(r"val: auc ([0-9.]+)", run.stdout).group(1)) > 0.66
+
+    def data(dedup: bool):
+        module = build_datamodule(["--config", str(recipe), "--data.init_args.root", str(root)])[0]
+        return DedupDataModule(module, USER) if dedup else module
+
+    plain_losses, plain_weights = fit(lambda: data(False), tmp_path / "plain", max_steps=8, epochs=1)
+    dedup_losses, dedup_weights = fit(lambda: data(True), tmp_path / "dedup", max_steps=8, epochs=1)
+    assert dedup_losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-6) and len(plain_losses) == 8
+    for key, value in plain_weights.items():
+        assert torch.allclose(dedup_weights[key], value, rtol=1e-4, atol=1e-5), key
