@@ -290,3 +290,21 @@ def test_movielens_with_history_trains_from_its_recipe_and_exactly_the_same_with
     assert dedup_losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-6) and len(plain_losses) == 8
     for key, value in plain_weights.items():
         assert torch.allclose(dedup_weights[key], value, rtol=1e-4, atol=1e-5), key
+
+
+def test_dedup_around_repacking_trains_the_stale_skippers_full_batches():
+    from lightning_skew import RepackedDataModule
+
+    skipper = StaleEmbeddingSkipper(repack=True, evaluate_every_n_steps=2, target_drop_fraction=0.3,
+                                    sample_batches=2)
+    data = DedupDataModule(RepackedDataModule(make_data(GLOBAL_BATCH, 8)), USER)
+    record = _Losses()
+    model = DLRMModule(data.num_embeddings_per_feature, data.sparse_feature_names, data.dense_in_features)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=TorchRecStrategy(), max_epochs=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[skipper, record])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, data)
+    assert skipper.inputs_seen == GLOBAL_BATCH * 8 and len(record.distinct) == len(record.losses) >= 6
+    assert all(share < 0.4 for share in record.distinct)
