@@ -308,3 +308,27 @@ def test_dedup_around_repacking_trains_the_stale_skippers_full_batches():
         trainer.fit(model, data)
     assert skipper.inputs_seen == GLOBAL_BATCH * 8 and len(record.distinct) == len(record.losses) >= 6
     assert all(share < 0.4 for share in record.distinct)
+
+
+def test_the_one_lookup_and_the_two_lookup_forms_give_the_plain_loss_and_gradients():
+    import copy
+    import dataclasses
+
+    batch = _session_batch()
+    one = dedup_batch(batch, USER)
+    assert one.deduped.merged is not None and select_inputs(one, torch.arange(10)).deduped.merged is None
+    two = dataclasses.replace(one, deduped=dataclasses.replace(one.deduped, merged=None))
+    data = SyntheticDataModule(max_rows_per_table=2000, sessions=Sessions(mean_samples=5.0, max_history=8))
+    torch.manual_seed(0)
+    model = DLRMModule(data.num_embeddings_per_feature, data.sparse_feature_names, data.dense_in_features,
+                       embedding_optimizer="sgd")
+    models = [copy.deepcopy(model) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        losses = [m.training_step(b, 0) for m, b in zip(models, [batch, one, two], strict=True)]
+    for loss in losses:
+        loss.backward()
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-6) == losses[2].item()
+    for name, parameter in models[0].named_parameters():
+        for other in models[1:]:
+            assert torch.allclose(dict(other.named_parameters())[name].grad, parameter.grad, atol=1e-6), name

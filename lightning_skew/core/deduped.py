@@ -22,15 +22,22 @@ class DedupedLookups:
     that pools ``bags`` (``[U, ...]``) and expands the rows of ``features`` with ``inverse`` (``index_select``)
     computes exactly what pooling the full batch computes, looking each distinct bag up once.
 
+    ``merged`` (optional) serves both in one lookup: the batch's ``sparse_features`` with the bags of ``features``
+    replaced by the distinct bags in inputs ``[0, U)`` and empty bags after, so a model pools it once and expands
+    the rows of ``features`` with ``inverse``. Built with the batch in the data pipeline; it does not survive
+    :meth:`select` or :meth:`concat` (a model then pools ``bags`` apart).
+
     Args:
         bags: the distinct bags (a KeyedJaggedTensor with all keys, ``U`` inputs).
         inverse: ``[batch_size]`` int64, the ``bags`` input that serves each input of the batch.
         features: the deduplicated keys (a subset of ``bags.keys()``).
+        merged: the one-lookup form described above, or ``None``.
     """
 
     bags: KeyedJaggedTensor
     inverse: Tensor
     features: tuple[str, ...]
+    merged: KeyedJaggedTensor | None = None
 
     @property
     def num_distinct(self) -> int:
@@ -38,10 +45,12 @@ class DedupedLookups:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> DedupedLookups:
         return DedupedLookups(self.bags.to(device, non_blocking=non_blocking),
-                              self.inverse.to(device, non_blocking=non_blocking), self.features)
+                              self.inverse.to(device, non_blocking=non_blocking), self.features,
+                              None if self.merged is None else self.merged.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> DedupedLookups:
-        return DedupedLookups(self.bags.pin(), self.inverse.pin_memory(), self.features)
+        return DedupedLookups(self.bags.pin(), self.inverse.pin_memory(), self.features,
+                              None if self.merged is None else self.merged.pin())
 
     def select(self, index: Tensor) -> DedupedLookups:
         """The deduplicated lookups of inputs ``index`` of the batch (the bags stay: a bag no input uses any more

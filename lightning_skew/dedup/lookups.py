@@ -161,6 +161,35 @@ def split_deduped(sparse: KeyedJaggedTensor, features: Sequence[str], first: Ten
     return rest, bags
 
 
+def merged_lookups(sparse: KeyedJaggedTensor, features: Sequence[str], first: Tensor) -> KeyedJaggedTensor:
+    """``sparse`` with the bags of ``features`` replaced by those of inputs ``first`` in inputs ``[0, U)`` and
+    empty bags after (the other keys as they are): the one-lookup form of
+    :class:`~lightning_skew.core.deduped.DedupedLookups`."""
+    positions = set(_check_features(sparse, features, "merged_lookups"))
+    keys, batch = sparse.keys(), sparse.stride()
+    lengths = sparse.lengths().view(len(keys), batch)
+    starts = sparse.offsets()[:-1].view(len(keys), batch)
+    weights = sparse.weights_or_none()
+    rows = torch.arange(batch)
+    pad = torch.full((batch - first.numel(),), batch, dtype=torch.long)
+    source = torch.cat([first, pad])  # input `batch` stands for an empty bag
+    picked, picked_starts = [], []
+    for key in range(len(keys)):
+        if key in positions:
+            padded = torch.cat([lengths[key], lengths.new_zeros(1)])
+            picked.append(padded[source])
+            picked_starts.append(torch.cat([starts[key], starts.new_zeros(1)])[source])
+        else:
+            picked.append(lengths[key])
+            picked_starts.append(starts[key][rows])
+    counts = torch.cat(picked).long()
+    segment = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    index = torch.cat(picked_starts).long()[segment] + torch.arange(segment.numel()) - (
+        torch.cumsum(counts, 0) - counts)[segment]
+    return KeyedJaggedTensor(keys=keys, values=sparse.values()[index], lengths=torch.cat(picked),
+                             weights=None if weights is None else weights[index])
+
+
 def dedup_batch(batch: Batch, features: Sequence[str], consecutive: bool = True) -> SkewBatch:
     """``batch`` with the lookups of ``features`` sent once per distinct combination of their bags
     (:class:`~lightning_skew.core.deduped.DedupedLookups` on a :class:`~lightning_skew.core.batch.SkewBatch`);
@@ -170,7 +199,7 @@ def dedup_batch(batch: Batch, features: Sequence[str], consecutive: bool = True)
         raise ValueError("dedup_batch: the batch is deduplicated already")
     first, inverse = distinct_inputs(batch.sparse_features, features, consecutive)
     rest, bags = split_deduped(batch.sparse_features, features, first)
-    lookups = DedupedLookups(bags, inverse, tuple(features))
+    lookups = DedupedLookups(bags, inverse, tuple(features), merged_lookups(batch.sparse_features, features, first))
     plain = Batch(batch.dense_features, rest, batch.labels)
     if isinstance(batch, SkewBatch):
         return SkewBatch.of(plain, batch.is_hot, batch.num_hot, batch.hot_rows, batch.weights, batch.frozen_sparse,

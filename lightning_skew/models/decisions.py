@@ -19,7 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.core.deduped import DedupedLookups
 
-__all__ = ["require_decisions", "serve_deduped", "serve_frozen", "serving_deduped", "serving_frozen", "weighted_bce"]
+__all__ = ["lookups_to_pool", "require_decisions", "serve_deduped", "serve_frozen", "serving_deduped", "serving_frozen", "weighted_bce"]
 
 _FROZEN: ContextVar[KeyedJaggedTensor | None] = ContextVar("lightning_skew_frozen_lookups", default=None)
 _DEDUPED: ContextVar[DedupedLookups | None] = ContextVar("lightning_skew_deduped_lookups", default=None)
@@ -92,10 +92,20 @@ def _add_deduped(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | N
     deduped = _DEDUPED.get()
     if deduped is None:
         return None
-    distinct = _alone(module, deduped.bags)  # [U, F, D]
     slots = _feature_slots(module, deduped.features, output.device)
+    # Given the one-lookup form, this forward pooled it: the distinct bags' rows lead the features' slots.
+    merged = deduped.merged is not None and inputs and inputs[0] is deduped.merged
+    distinct = output if merged else _alone(module, deduped.bags)  # [B or U, F, D]
     rows = distinct.index_select(1, slots).index_select(0, deduped.inverse)  # [B, K, D]
     return output.index_copy(1, slots, rows)
+
+
+def lookups_to_pool(sparse_features: KeyedJaggedTensor, deduped: DedupedLookups | None) -> KeyedJaggedTensor:
+    """What a :func:`serve_deduped` sparse arch is given: the one-lookup form of ``deduped`` when it carries one,
+    else ``sparse_features`` (the distinct bags are then pooled in a second lookup)."""
+    if isinstance(deduped, DedupedLookups) and deduped.merged is not None:
+        return deduped.merged
+    return sparse_features
 
 
 @contextmanager

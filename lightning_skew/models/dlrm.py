@@ -15,6 +15,7 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN
 
 from lightning_skew.core.batch import deduped_lookups, frozen_lookups, input_weights
 from lightning_skew.models.decisions import (
+    lookups_to_pool,
     serve_deduped,
     serve_frozen,
     serving_deduped,
@@ -124,8 +125,9 @@ class DLRMModule(pl.LightningModule):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Click logits, shape ``[B]`` (the batch's frozen lookups, if any, pooled in without gradient; its
         deduplicated lookups, if any, pooled once per distinct bag and expanded)."""
-        with serving_frozen(frozen_lookups(batch)), serving_deduped(deduped_lookups(batch)):
-            return self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
+        deduped = deduped_lookups(batch)
+        with serving_frozen(frozen_lookups(batch)), serving_deduped(deduped):
+            return self.model(batch.dense_features, lookups_to_pool(batch.sparse_features, deduped)).squeeze(-1)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = weighted_bce(self(batch), batch.labels.float(), input_weights(batch))
