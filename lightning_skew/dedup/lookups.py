@@ -132,32 +132,65 @@ def distinct_inputs(sparse: KeyedJaggedTensor, features: Sequence[str],
     return _runs(bags) if consecutive else _distinct(bags)
 
 
+def _gathered(values: Tensor, lengths: Tensor, starts: Tensor) -> Tensor:
+    """The IDs of bags given by their lengths and start offsets, one bag after the other."""
+    counts = lengths.long()
+    segment = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    return values[starts.long()[segment] + torch.arange(segment.numel()) - (torch.cumsum(counts, 0) - counts)[segment]]
+
+
+def _three_forms(sparse: KeyedJaggedTensor, features: Sequence[str], first: Tensor
+                 ) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor, KeyedJaggedTensor]:
+    """``(rest, bags, merged)``: see :func:`split_deduped` and :func:`merged_lookups`. The other keys' IDs are
+    taken as whole segments; only the deduplicated bags are gathered, once for both forms that hold them."""
+    positions = set(_check_features(sparse, features, "split_deduped"))
+    keys, batch = sparse.keys(), sparse.stride()
+    distinct = first.numel()
+    lengths = sparse.lengths().view(len(keys), batch)
+    per_key = sparse.length_per_key()
+    values = torch.split(sparse.values(), per_key)
+    weights = sparse.weights_or_none()
+    weight_parts = None if weights is None else torch.split(weights, per_key)
+    zeros_b, zeros_u, pad = lengths.new_zeros(batch), lengths.new_zeros(distinct), lengths.new_zeros(batch - distinct)
+    rest_v, rest_w, rest_l, bag_v, bag_w, bag_l, merged_v, merged_w, merged_l = ([] for _ in range(9))
+    for key in range(len(keys)):
+        if key in positions:
+            picked = lengths[key][first]
+            starts = (torch.cumsum(lengths[key], 0) - lengths[key])[first]
+            ids = _gathered(values[key], picked, starts)
+            bag_v.append(ids)
+            merged_v.append(ids)
+            if weight_parts is not None:
+                bag_w.append(_gathered(weight_parts[key], picked, starts))
+                merged_w.append(bag_w[-1])
+            rest_l.append(zeros_b)
+            bag_l.append(picked)
+            merged_l.append(torch.cat([picked, pad]))
+        else:
+            rest_v.append(values[key])
+            merged_v.append(values[key])
+            if weight_parts is not None:
+                rest_w.append(weight_parts[key])
+                merged_w.append(weight_parts[key])
+            rest_l.append(lengths[key])
+            bag_l.append(zeros_u)
+            merged_l.append(lengths[key])
+
+    def kjt(parts: list[Tensor], weight_list: list[Tensor], length_list: list[Tensor]) -> KeyedJaggedTensor:
+        empty = sparse.values()[:0]
+        return KeyedJaggedTensor(keys=keys, values=torch.cat(parts) if parts else empty,
+                                 lengths=torch.cat(length_list),
+                                 weights=None if weights is None else
+                                 (torch.cat(weight_list) if weight_list else weights[:0]))
+
+    return kjt(rest_v, rest_w, rest_l), kjt(bag_v, bag_w, bag_l), kjt(merged_v, merged_w, merged_l)
+
+
 def split_deduped(sparse: KeyedJaggedTensor, features: Sequence[str], first: Tensor
                   ) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
     """``(rest, bags)``: ``sparse`` with empty bags for ``features``, and a KeyedJaggedTensor with all keys whose
     input ``u`` holds the bags of ``features`` of input ``first[u]`` (and empty bags for the other keys)."""
-    positions = _check_features(sparse, features, "split_deduped")
-    keys, batch = sparse.keys(), sparse.stride()
-    deduped = torch.zeros(len(keys), dtype=torch.bool)
-    deduped[positions] = True
-    lengths = sparse.lengths().view(len(keys), batch)
-    weights = sparse.weights_or_none()
-    per_key = sparse.length_per_key()
-    kept = [part for part, drop in zip(torch.split(sparse.values(), per_key), deduped.tolist(), strict=True)
-            if not drop]
-    kept_weights = None if weights is None else [
-        part for part, drop in zip(torch.split(weights, per_key), deduped.tolist(), strict=True) if not drop]
-    rest = KeyedJaggedTensor(keys=keys, values=torch.cat(kept) if kept else sparse.values()[:0],
-                             lengths=torch.where(deduped[:, None], 0, lengths).reshape(-1),
-                             weights=None if weights is None else
-                             (torch.cat(kept_weights) if kept_weights else weights[:0]))
-    picked = torch.where(deduped[:, None], lengths[:, first], 0)  # [F, U]
-    starts = sparse.offsets()[:-1].view(len(keys), batch)[:, first].reshape(-1).long()
-    counts = picked.reshape(-1).long()
-    segment = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-    index = starts[segment] + torch.arange(segment.numel()) - (torch.cumsum(counts, 0) - counts)[segment]
-    bags = KeyedJaggedTensor(keys=keys, values=sparse.values()[index], lengths=picked.reshape(-1),
-                             weights=None if weights is None else weights[index])
+    rest, bags, _ = _three_forms(sparse, features, first)
     return rest, bags
 
 
@@ -165,29 +198,7 @@ def merged_lookups(sparse: KeyedJaggedTensor, features: Sequence[str], first: Te
     """``sparse`` with the bags of ``features`` replaced by those of inputs ``first`` in inputs ``[0, U)`` and
     empty bags after (the other keys as they are): the one-lookup form of
     :class:`~lightning_skew.core.deduped.DedupedLookups`."""
-    positions = set(_check_features(sparse, features, "merged_lookups"))
-    keys, batch = sparse.keys(), sparse.stride()
-    lengths = sparse.lengths().view(len(keys), batch)
-    starts = sparse.offsets()[:-1].view(len(keys), batch)
-    weights = sparse.weights_or_none()
-    rows = torch.arange(batch)
-    pad = torch.full((batch - first.numel(),), batch, dtype=torch.long)
-    source = torch.cat([first, pad])  # input `batch` stands for an empty bag
-    picked, picked_starts = [], []
-    for key in range(len(keys)):
-        if key in positions:
-            padded = torch.cat([lengths[key], lengths.new_zeros(1)])
-            picked.append(padded[source])
-            picked_starts.append(torch.cat([starts[key], starts.new_zeros(1)])[source])
-        else:
-            picked.append(lengths[key])
-            picked_starts.append(starts[key][rows])
-    counts = torch.cat(picked).long()
-    segment = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-    index = torch.cat(picked_starts).long()[segment] + torch.arange(segment.numel()) - (
-        torch.cumsum(counts, 0) - counts)[segment]
-    return KeyedJaggedTensor(keys=keys, values=sparse.values()[index], lengths=torch.cat(picked),
-                             weights=None if weights is None else weights[index])
+    return _three_forms(sparse, features, first)[2]
 
 
 def dedup_batch(batch: Batch, features: Sequence[str], consecutive: bool = True) -> SkewBatch:
@@ -198,8 +209,8 @@ def dedup_batch(batch: Batch, features: Sequence[str], consecutive: bool = True)
     if getattr(batch, "deduped", None) is not None:
         raise ValueError("dedup_batch: the batch is deduplicated already")
     first, inverse = distinct_inputs(batch.sparse_features, features, consecutive)
-    rest, bags = split_deduped(batch.sparse_features, features, first)
-    lookups = DedupedLookups(bags, inverse, tuple(features), merged_lookups(batch.sparse_features, features, first))
+    rest, bags, merged = _three_forms(batch.sparse_features, features, first)
+    lookups = DedupedLookups(bags, inverse, tuple(features), merged)
     plain = Batch(batch.dense_features, rest, batch.labels)
     if isinstance(batch, SkewBatch):
         return SkewBatch.of(plain, batch.is_hot, batch.num_hot, batch.hot_rows, batch.weights, batch.frozen_sparse,
