@@ -332,3 +332,18 @@ def test_the_one_lookup_and_the_two_lookup_forms_give_the_plain_loss_and_gradien
     for name, parameter in models[0].named_parameters():
         for other in models[1:]:
             assert torch.allclose(dict(other.named_parameters())[name].grad, parameter.grad, atol=1e-6), name
+
+
+def test_out_of_range_ids_in_deduplicated_features_are_caught_or_clamped_in_both_forms():
+    wide = SyntheticDataModule(num_embeddings_per_feature=[50], num_train_samples=256, batch_size=256,
+                               sessions=Sessions(mean_samples=5.0, max_history=8, num_users=1000, num_items=1000))
+    wide.setup("fit")
+    batch = dedup_batch(next(iter(wide.train_dataloader())), USER)
+    narrow = DedupDataModule(SyntheticDataModule(num_embeddings_per_feature=[50],
+                                                 sessions=Sessions(num_users=5, num_items=5)), USER)
+    with pytest.raises(ValueError, match="user_id|history"):
+        narrow.check_ids(batch)
+    narrow.out_of_range_ids = "clamp"
+    clamped = narrow.check_ids(batch)
+    for form in (clamped.deduped.bags, clamped.deduped.merged):
+        assert all(int(form.to_dict()[key].values().max()) < 5 for key in USER)

@@ -155,16 +155,18 @@ class DedupDataModule(WrappedDataModule):
         return self._loader("predict", self.datamodule.predict_dataloader())
 
     def check_ids(self, batch: Any) -> Any:
-        """The data's ID check on the batch and on its distinct bags."""
+        """The data's ID check on the batch and on its distinct bags (both forms)."""
         batch = super().check_ids(batch)
         deduped = deduped_lookups(batch)
         if deduped is None:
             return batch
-        checked = super().check_ids(Batch(batch.dense_features, deduped.bags, batch.labels))
-        if checked.sparse_features is deduped.bags:
+        forms = [deduped.bags] + ([] if deduped.merged is None else [deduped.merged])
+        checked = [super(DedupDataModule, self).check_ids(Batch(batch.dense_features, form, batch.labels))
+                   .sparse_features for form in forms]
+        if all(new is old for new, old in zip(checked, forms, strict=True)):
             return batch
-        return dataclasses.replace(batch, deduped=DedupedLookups(checked.sparse_features, deduped.inverse,
-                                                                 deduped.features))
+        return dataclasses.replace(batch, deduped=DedupedLookups(
+            checked[0], deduped.inverse, deduped.features, checked[1] if len(checked) > 1 else None))
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         return self.datamodule.on_before_batch_transfer(batch, dataloader_idx)

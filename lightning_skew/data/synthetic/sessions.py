@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightning_skew.data.synthetic.powerlaw import PowerLawTables, rank_to_row, scatter_multiplier
 
-__all__ = ["SESSION_BLOCK_SAMPLES", "SessionFeatures", "SessionLayout", "Sessions"]
+__all__ = ["SESSION_BLOCK_SAMPLES", "SessionFeatures", "SessionGenerator", "SessionLayout", "Sessions"]
 
 # Each stream is cut into blocks of this many samples; a block's sessions come from a generator seeded by
 # (seed, split, block), so any sample range is generated without its prefix. A session running past a block's
@@ -35,8 +35,8 @@ class Sessions:
         mean_samples: Mean samples per session; the count is ``1 + Geometric`` with this mean. Default 10:
             MovieLens-100k's rating sessions (a user's ratings with gaps under 30 minutes) have a median of 11
             ratings (mean 36).
-        max_history: Most items in a history (the most recent ones are kept). Default 50: DIN's user-behaviour
-            sequences (Taobao) and DIEN's are truncated at 50.
+        max_history: Most items in a history (longer draws are cut). Default 50: DIN's user-behaviour sequences
+            (Taobao) and DIEN's are truncated at 50.
         mean_history: Mean history length before the cut at ``max_history``: ``1 + Geometric`` with this mean.
             Default 65, the median number of ratings per MovieLens-100k user; cut at 50 the mean is about 35
             (MovieLens-100k: a rating's previous ratings of its user, cut at 50, average 38).
@@ -157,7 +157,7 @@ class SessionGenerator:
 
     def features(self, split: str, start: int, stop: int) -> SessionFeatures:
         """The user-level features of samples ``[start, stop)`` of ``split``'s stream."""
-        from lightning_skew.data.synthetic.generator import hashed_gaussian
+        from lightning_skew.data.synthetic.generator import hashed_gaussian  # that module imports this one
 
         sessions, users, lengths, items = [], [], [], []
         for block in range(start // SESSION_BLOCK_SAMPLES, (stop - 1) // SESSION_BLOCK_SAMPLES + 1):
