@@ -347,3 +347,15 @@ def test_out_of_range_ids_in_deduplicated_features_are_caught_or_clamped_in_both
     clamped = narrow.check_ids(batch)
     for form in (clamped.deduped.bags, clamped.deduped.merged):
         assert all(int(form.to_dict()[key].values().max()) < 5 for key in USER)
+
+
+def test_dedup_runs_in_the_dataloader_workers_collate_step():
+    from lightning_skew.dedup import DedupingCollate
+
+    data = DedupDataModule(SyntheticDataModule(max_rows_per_table=1000, num_train_samples=2048, batch_size=512,
+                                               num_workers=1, sessions=Sessions()), USER)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    assert isinstance(loader.collate_fn, DedupingCollate)
+    batches = list(loader)
+    assert len(batches) == 4 and all(b.deduped is not None and b.deduped.merged is not None for b in batches)
