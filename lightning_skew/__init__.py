@@ -3,7 +3,14 @@
 from lightning_skew.core.divergence import NonFiniteLossStop
 from lightning_skew.core.monitor import SamplesPerSecond
 from lightning_skew.core.rowsets import RowSet
-from lightning_skew.data import ColumnarDataModule, CriteoDataModule, RecDataModule, SyntheticDataModule
+from lightning_skew.data import (
+    ColumnarDataModule,
+    CriteoDataModule,
+    RecDataModule,
+    Sessions,
+    SyntheticDataModule,
+)
+from lightning_skew.dedup import DedupDataModule
 from lightning_skew.hotcold import HotColdStrategy, PlainHotColdPlacement, place_hot_cold
 from lightning_skew.models import DLRMModule
 from lightning_skew.popularity import PopularityBatch, PopularityDataModule
@@ -30,6 +37,7 @@ __all__ = [
     "ColumnarDataModule",
     "CriteoDataModule",
     "DLRMModule",
+    "DedupDataModule",
     "HotColdStrategy",
     "NonFiniteLossStop",
     "PlainHotColdPlacement",
@@ -40,6 +48,7 @@ __all__ = [
     "RepackedDataModule",
     "RowSet",
     "SamplesPerSecond",
+    "Sessions",
     "StaleEmbeddingSkipper",
     "SyntheticDataModule",
     "TorchRecStrategy",

@@ -49,6 +49,7 @@ TECHNIQUE_BENCH_MODULES = (
     "lightning_skew.hotcold.bench",
     "lightning_skew.torchrec.bench",
     "lightning_skew.tiers.bench",
+    "lightning_skew.dedup.bench",
     "lightning_skew.bench.composed",
 )
 for _module in TECHNIQUE_BENCH_MODULES:

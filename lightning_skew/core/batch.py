@@ -20,10 +20,11 @@ from torch import Tensor
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_skew.core.deduped import DedupedLookups
 from lightning_skew.core.rowsets import is_one_hot
 
-__all__ = ["Batch", "RoutedSparse", "SkewBatch", "batch_size_of", "concat_batches", "frozen_lookups", "input_weights",
-           "select_inputs", "set_decisions", "slice_inputs", "split_lookups"]
+__all__ = ["Batch", "RoutedSparse", "SkewBatch", "batch_size_of", "concat_batches", "deduped_lookups",
+           "frozen_lookups", "input_weights", "select_inputs", "set_decisions", "slice_inputs", "split_lookups"]
 
 
 @dataclass
@@ -50,6 +51,10 @@ class SkewBatch(Batch):
         routed_sparse: ``sparse_features`` already routed in the data pipeline for the placement that serves it
             (``None``: not routed): a :class:`RoutedSparse`, valid only while ``sparse_features`` is the very object
             it was routed from (an operation that changes the inputs, or replaces ``sparse_features``, voids it).
+        deduped: Lookups sent once per distinct bag (``None``: none), a
+            :class:`~lightning_skew.core.deduped.DedupedLookups`: ``sparse_features`` then holds empty bags for
+            its features, which a model that honours it pools from its ``bags`` and expands with its ``inverse``.
+            It stays with the batch through :meth:`of`, :func:`select_inputs` and :func:`concat_batches`.
 
     Example::
 
@@ -66,19 +71,22 @@ class SkewBatch(Batch):
     hot_rows: Any = None
     weights: Tensor | None = None
     frozen_sparse: KeyedJaggedTensor | None = None
+    deduped: DedupedLookups | None = None
     routed_sparse: RoutedSparse | None = None
 
     @classmethod
     def of(cls, batch: Batch, is_hot: bool, num_hot: int, hot_rows: Any = None, weights: Tensor | None = None,
-           frozen_sparse: KeyedJaggedTensor | None = None) -> SkewBatch:
+           frozen_sparse: KeyedJaggedTensor | None = None, deduped: DedupedLookups | None = None) -> SkewBatch:
+        # The deduplicated lookups are part of the inputs (their bags are empty in sparse_features): kept by default.
+        deduped = deduped if deduped is not None else deduped_lookups(batch)
         return cls(batch.dense_features, batch.sparse_features, batch.labels, is_hot=is_hot, num_hot=num_hot,
-                   hot_rows=hot_rows, weights=weights, frozen_sparse=frozen_sparse)
+                   hot_rows=hot_rows, weights=weights, frozen_sparse=frozen_sparse, deduped=deduped)
 
     def _with_tensors(self, batch: Batch, weights: Tensor | None, frozen_sparse: KeyedJaggedTensor | None,
-                      move_routed: Any = None) -> SkewBatch:
+                      deduped: DedupedLookups | None = None, move_routed: Any = None) -> SkewBatch:
         # dataclasses.replace keeps every other field, a subclass's own included.
         out = dataclasses.replace(self, dense_features=batch.dense_features, sparse_features=batch.sparse_features,
-                                  labels=batch.labels, weights=weights, frozen_sparse=frozen_sparse,
+                                  labels=batch.labels, weights=weights, frozen_sparse=frozen_sparse, deduped=deduped,
                                   routed_sparse=None)
         if move_routed is not None and self.routed_sparse is not None \
                 and self.routed_sparse.source is self.sparse_features:
@@ -94,12 +102,14 @@ class SkewBatch(Batch):
             super().to(device, non_blocking),
             None if self.weights is None else self.weights.to(device, non_blocking=non_blocking),
             None if self.frozen_sparse is None else self.frozen_sparse.to(device, non_blocking=non_blocking),
+            None if self.deduped is None else self.deduped.to(device, non_blocking=non_blocking),
             lambda routed, source: routed.to(device, non_blocking, source))
 
     def pin_memory(self) -> SkewBatch:
         return self._with_tensors(super().pin_memory(),
                                   None if self.weights is None else self.weights.pin_memory(),
                                   None if self.frozen_sparse is None else self.frozen_sparse.pin(),
+                                  None if self.deduped is None else self.deduped.pin_memory(),
                                   lambda routed, source: routed.pin_memory(source))
 
     def hot_part(self) -> Batch:
@@ -196,10 +206,12 @@ def select_inputs(batch: Batch, index: Tensor | Sequence[int]) -> Batch:
         return picked
     weights = None if weights is None else weights[index.to(weights.device)]
     frozen = None if frozen is None else _select_kjt(frozen, index)
+    deduped = deduped_lookups(batch)
+    deduped = None if deduped is None else deduped.select(index)
     if not isinstance(batch, SkewBatch):
         return SkewBatch.of(picked, False, 0, None, weights, frozen)
     num_hot = index.numel() if batch.is_hot else _leading_hot(index.cpu() < batch.num_hot)
-    return SkewBatch.of(picked, batch.is_hot, num_hot, batch.hot_rows, weights, frozen)
+    return SkewBatch.of(picked, batch.is_hot, num_hot, batch.hot_rows, weights, frozen, deduped)
 
 
 def _slice_kjt(sparse: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedTensor:
@@ -234,10 +246,12 @@ def slice_inputs(batch: Batch, start: int, stop: int) -> Batch:
         return picked
     weights = None if weights is None else weights[start:stop]
     frozen = None if frozen is None else _slice_kjt(frozen, start, stop)
+    deduped = deduped_lookups(batch)
+    deduped = None if deduped is None else deduped.select(torch.arange(start, stop))
     if not isinstance(batch, SkewBatch):
         return SkewBatch.of(picked, False, 0, None, weights, frozen)
     num_hot = stop - start if batch.is_hot else max(0, min(batch.num_hot, stop) - start)
-    return SkewBatch.of(picked, batch.is_hot, num_hot, batch.hot_rows, weights, frozen)
+    return SkewBatch.of(picked, batch.is_hot, num_hot, batch.hot_rows, weights, frozen, deduped)
 
 
 def concat_batches(batches: Sequence[Batch]) -> Batch:
@@ -267,6 +281,10 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
     if not any(isinstance(batch, SkewBatch) for batch in batches) and all(w is None for w in weighted) \
             and all(f is None for f in frozen):
         return joined
+    deduped = [deduped_lookups(batch) for batch in batches]
+    if any(d is None for d in deduped) and any(d is not None for d in deduped):
+        raise ValueError("concat_batches: some batches carry deduplicated lookups and some do not; deduplicate all "
+                         "or none")
     weights = None
     if any(w is not None for w in weighted):
         weights = torch.cat([torch.ones(batch_size_of(b), device=b.labels.device) if w is None else w
@@ -275,7 +293,8 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
     if any(f is not None for f in frozen):
         frozen_sparse = _concat_kjts([_no_lookups(b.sparse_features) if f is None else f
                                       for b, f in zip(batches, frozen, strict=True)])
-    return SkewBatch.of(joined, *joined_decisions(batches), weights, frozen_sparse)
+    return SkewBatch.of(joined, *joined_decisions(batches), weights, frozen_sparse,
+                        None if deduped[0] is None else DedupedLookups.concat(deduped))
 
 
 def _concat_kjts(sparse: Sequence[KeyedJaggedTensor]) -> KeyedJaggedTensor:
@@ -310,6 +329,11 @@ def _no_lookups(sparse: KeyedJaggedTensor) -> KeyedJaggedTensor:
 def input_weights(batch: Any) -> Tensor | None:
     """The per-input loss weights a batch carries (``None``: every input counts once)."""
     return getattr(batch, "weights", None)
+
+
+def deduped_lookups(batch: Any) -> DedupedLookups | None:
+    """The lookups a batch sends once per distinct bag (``None``: none)."""
+    return getattr(batch, "deduped", None)
 
 
 def frozen_lookups(batch: Any) -> KeyedJaggedTensor | None:

@@ -4,6 +4,6 @@ data of any shape."""
 from lightning_skew.data.base import Batch, RecDataModule
 from lightning_skew.data.columnar import ColumnarDataModule
 from lightning_skew.data.criteo import CriteoDataModule
-from lightning_skew.data.synthetic import SyntheticDataModule
+from lightning_skew.data.synthetic import Sessions, SyntheticDataModule
 
-__all__ = ["Batch", "ColumnarDataModule", "CriteoDataModule", "RecDataModule", "SyntheticDataModule"]
+__all__ = ["Batch", "ColumnarDataModule", "CriteoDataModule", "RecDataModule", "Sessions", "SyntheticDataModule"]

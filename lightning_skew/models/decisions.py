@@ -1,4 +1,5 @@
-"""How a model honours the decisions a batch carries: per-input loss weights and lookups served without gradient.
+"""How a model honours the decisions a batch carries: per-input loss weights, lookups served without gradient, and
+lookups sent once per distinct bag.
 
 A model declares the decisions it honours in ``honoured_batch_decisions`` (a set of
 :class:`~lightning_skew.core.batch.SkewBatch` field names); a part that puts a decision on the batch calls
@@ -16,9 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-__all__ = ["require_decisions", "serve_frozen", "serving_frozen", "weighted_bce"]
+from lightning_skew.core.deduped import DedupedLookups
+
+__all__ = ["lookups_to_pool", "require_decisions", "serve_deduped", "serve_frozen", "serving_deduped", "serving_frozen", "weighted_bce"]
 
 _FROZEN: ContextVar[KeyedJaggedTensor | None] = ContextVar("lightning_skew_frozen_lookups", default=None)
+_DEDUPED: ContextVar[DedupedLookups | None] = ContextVar("lightning_skew_deduped_lookups", default=None)
 
 
 def weighted_bce(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -42,17 +46,77 @@ def serve_frozen(sparse_arch: nn.Module) -> None:
     sparse_arch.register_forward_hook(_add_frozen)
 
 
+def _alone(module: nn.Module, features: KeyedJaggedTensor) -> Tensor:
+    """``module(features)`` with no frozen or deduplicated lookups in force (the hooks must not add them again)."""
+    frozen, deduped = _FROZEN.set(None), _DEDUPED.set(None)
+    try:
+        return module(features)
+    finally:
+        _FROZEN.reset(frozen)
+        _DEDUPED.reset(deduped)
+
+
 def _add_frozen(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
     frozen = _FROZEN.get()
     if frozen is None:
         return None
-    token = _FROZEN.set(None)  # the nested call below must not add them again
-    try:
-        with torch.no_grad():
-            extra = module(frozen)
-    finally:
-        _FROZEN.reset(token)
+    with torch.no_grad():
+        extra = _alone(module, frozen)
     return output + extra
+
+
+def serve_deduped(sparse_arch: nn.Module) -> None:
+    """Make ``sparse_arch`` (TorchRec's ``SparseArch``, sharded or not: a module mapping a KeyedJaggedTensor to
+    pooled embeddings ``[B, F, D]`` in the order of its ``sparse_feature_names``) serve the deduplicated lookups in
+    force (:func:`serving_deduped`): it pools their distinct bags (``[U, F, D]``) through the same collection,
+    and puts the rows of the deduplicated features, expanded with the inverse indices (``index_select``), in
+    place of those features' (empty) slots of its output. Each distinct bag is looked up and pooled once; its
+    gradient is the sum of those of the inputs it serves, as pooling every copy would give."""
+    sparse_arch.register_forward_hook(_add_deduped)
+
+
+def _feature_slots(module: nn.Module, features: tuple[str, ...], device: torch.device) -> Tensor:
+    names = list(getattr(module, "sparse_feature_names", ()))
+    missing = [name for name in features if name not in names]
+    if missing:
+        raise ValueError(f"deduplicated features {missing} are not among the features of {type(module).__name__} "
+                         f"({names})")
+    cache = module.__dict__.setdefault("_lightning_skew_dedup_slots", {})
+    key = (features, str(device))
+    if key not in cache:
+        cache[key] = torch.tensor([names.index(name) for name in features], device=device)
+    return cache[key]
+
+
+def _add_deduped(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+    deduped = _DEDUPED.get()
+    if deduped is None:
+        return None
+    slots = _feature_slots(module, deduped.features, output.device)
+    # Given the one-lookup form, this forward pooled it: the distinct bags' rows lead the features' slots.
+    merged = deduped.merged is not None and inputs and inputs[0] is deduped.merged
+    distinct = output if merged else _alone(module, deduped.bags)  # [B or U, F, D]
+    rows = distinct.index_select(1, slots).index_select(0, deduped.inverse)  # [B, K, D]
+    return output.index_copy(1, slots, rows)
+
+
+def lookups_to_pool(sparse_features: KeyedJaggedTensor, deduped: DedupedLookups | None) -> KeyedJaggedTensor:
+    """What a :func:`serve_deduped` sparse arch is given: the one-lookup form of ``deduped`` when it carries one,
+    else ``sparse_features`` (the distinct bags are then pooled in a second lookup)."""
+    if isinstance(deduped, DedupedLookups) and deduped.merged is not None:
+        return deduped.merged
+    return sparse_features
+
+
+@contextmanager
+def serving_deduped(deduped: DedupedLookups | None) -> Iterator[None]:
+    """Within, a model's :func:`serve_deduped` sparse arch serves ``deduped`` (``None``: nothing). Anything but a
+    :class:`~lightning_skew.core.deduped.DedupedLookups` counts as nothing (a symbolic tracer hands proxies)."""
+    token = _DEDUPED.set(deduped if isinstance(deduped, DedupedLookups) else None)
+    try:
+        yield
+    finally:
+        _DEDUPED.reset(token)
 
 
 @contextmanager

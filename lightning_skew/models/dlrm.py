@@ -13,9 +13,16 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
-from lightning_skew.core.batch import frozen_lookups, input_weights
+from lightning_skew.core.batch import deduped_lookups, frozen_lookups, input_weights
 from lightning_skew.core.tables import check_tables_fit_memory
-from lightning_skew.models.decisions import serve_frozen, serving_frozen, weighted_bce
+from lightning_skew.models.decisions import (
+    lookups_to_pool,
+    serve_deduped,
+    serve_frozen,
+    serving_deduped,
+    serving_frozen,
+    weighted_bce,
+)
 from lightning_skew.models.sparse_dlrm import SparseDLRM
 from lightning_skew.torchrec.optim import dense_parameters, fuse_embedding_optimizer
 
@@ -57,8 +64,10 @@ class DLRMModule(pl.LightningModule):
         lr_scheduler: builds an LR scheduler (stepped every optimizer step) from the dense optimizer.
 
     It honours the decisions a :class:`~lightning_skew.core.batch.SkewBatch` carries (``honoured_batch_decisions``):
-    per-input loss ``weights`` (the training loss is their weighted mean) and ``frozen_sparse`` lookups, whose
-    pooled embeddings are added without gradient (so those rows and their optimizer state stay as they are).
+    per-input loss ``weights`` (the training loss is their weighted mean), ``frozen_sparse`` lookups, whose
+    pooled embeddings are added without gradient (so those rows and their optimizer state stay as they are), and
+    ``deduped`` lookups (:class:`~lightning_skew.dedup.DedupDataModule`): each distinct bag pooled once and
+    expanded to the inputs it serves.
 
     Example::
 
@@ -67,7 +76,7 @@ class DLRMModule(pl.LightningModule):
         pl.Trainer(strategy=TorchRecStrategy(), max_epochs=1).fit(model, data)
     """
 
-    honoured_batch_decisions = frozenset({"weights", "frozen_sparse"})
+    honoured_batch_decisions = frozenset({"weights", "frozen_sparse", "deduped"})
 
     def __init__(
         self,
@@ -108,6 +117,7 @@ class DLRMModule(pl.LightningModule):
         else:
             self.model = DLRM_DCN(**common, dcn_num_layers=dcn_num_layers, dcn_low_rank_dim=dcn_low_rank_dim)
         serve_frozen(self.model.sparse_arch)
+        serve_deduped(self.model.sparse_arch)
         fuse_embedding_optimizer(self.model, embedding_optimizer, embedding_lr)
         self.dense_optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -115,9 +125,11 @@ class DLRMModule(pl.LightningModule):
         self.val_logloss, self.test_logloss = MeanMetric(), MeanMetric()
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Click logits, shape ``[B]`` (the batch's frozen lookups, if any, pooled in without gradient)."""
-        with serving_frozen(frozen_lookups(batch)):
-            return self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
+        """Click logits, shape ``[B]`` (the batch's frozen lookups, if any, pooled in without gradient; its
+        deduplicated lookups, if any, pooled once per distinct bag and expanded)."""
+        deduped = deduped_lookups(batch)
+        with serving_frozen(frozen_lookups(batch)), serving_deduped(deduped):
+            return self.model(batch.dense_features, lookups_to_pool(batch.sparse_features, deduped)).squeeze(-1)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = weighted_bce(self(batch), batch.labels.float(), input_weights(batch))

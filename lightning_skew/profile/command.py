@@ -235,6 +235,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads; profiling is a stream of small tensor ops, which a second "
                              "thread slows down on a busy machine (default 1)")
+    parser.add_argument("--repeat-batches", type=int, default=8,
+                        help="training batches whose repeated bags per feature are reported (0: none)")
     parser.add_argument("--output-dir", default="runs/profile", help="where the profile, plots and summary go")
     parser.add_argument("--no-wandb", action="store_true", help="do not log to wandb")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -307,6 +309,13 @@ def main(argv: list[str] | None = None) -> AccessProfile:
         print(f"missing values (their own row, hot like any other; skew is over present values): "
               f"{', '.join(missing)}")
 
+    repeats = {}
+    if args.repeat_batches > 0:
+        from lightning_skew.dedup.lookups import batch_repeats, format_repeats
+
+        repeats = batch_repeats(data.train_dataloader(), args.repeat_batches)
+        print("\n" + format_repeats(repeats, getattr(data, "batch_size", None), args.repeat_batches))
+
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     largest = sum(profile.counts(name)[0].numel() * size for name, size in zip(profile.feature_names, sizes,
@@ -330,6 +339,7 @@ def main(argv: list[str] | None = None) -> AccessProfile:
         "tables": [{**asdict(s), "seen_share": s.seen_share, "missing_share": s.missing_share, "hot_rows": h,
                     "coverage": c} for s, h, c in zip(stats, hot_per_table, coverage_per_table, strict=True)],
         "curve": [asdict(p) for p in points],
+        "distinct_bag_share": repeats,
     }
     if args.tiers:
         from lightning_skew.tiers.command import simulate_tiers

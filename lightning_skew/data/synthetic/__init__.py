@@ -21,10 +21,12 @@ from lightning_skew.data.synthetic.powerlaw import (
     sample_power_law_ranks,
     scatter_multiplier,
 )
+from lightning_skew.data.synthetic.sessions import Sessions
 
 __all__ = [
     "ClickLogSamples",
     "PowerLawTables",
+    "Sessions",
     "SyntheticClickLog",
     "SyntheticClickStream",
     "SyntheticDataModule",

@@ -19,6 +19,10 @@ from lightning_skew.data.features import (
 )
 from lightning_skew.data.position import ResumableTrainStream, StreamPosition
 from lightning_skew.data.synthetic.generator import SPLITS, SyntheticClickLog
+from lightning_skew.data.synthetic.sessions import Sessions
+
+# Keys of the user-level features a log with sessions appends after the per-sample ones.
+SESSION_FEATURES = ("user_id", "history")
 
 
 class SyntheticClickStream(IterableDataset):
@@ -121,6 +125,11 @@ class SyntheticDataModule(ResumableTrainStream, RecDataModule):
         click_rate: Mean click probability (Criteo: about 0.25); the teacher's bias is fitted to it on
             16k samples of a separate stream, so splits land within about 0.01 of it (without drift).
         logit_std: Standard deviation of the teacher's logit; sets the best attainable AUC (1.4: ~0.8).
+        sessions: If set (a :class:`~lightning_skew.data.synthetic.sessions.Sessions`), the stream is made of
+            sessions: runs of consecutive samples of one user (sessions in random order), each sample carrying
+            two more sparse features that stay constant within its session, ``user_id`` (one-hot) and
+            ``history`` (a bag of item IDs drawn from the item popularity), and that enter the teacher's click
+            probability. ``None`` (default): independent samples, as without this option.
 
     .. note::
         Sample ``i`` of a split never changes, so ``1`` process with ``batch_size=2B`` sees the same global
@@ -164,6 +173,7 @@ class SyntheticDataModule(ResumableTrainStream, RecDataModule):
         drift_fraction: float = 0.01,
         click_rate: float = 0.25,
         logit_std: float = 1.4,
+        sessions: Sessions | None = None,
     ) -> None:
         super().__init__()
         if num_embeddings_per_feature is None:
@@ -201,13 +211,21 @@ class SyntheticDataModule(ResumableTrainStream, RecDataModule):
         self.num_samples = {"train": num_train_samples, "val": num_val_samples, "test": num_test_samples}
         self.batch_size = batch_size
         self.num_workers = num_workers
+        _check(sessions is None or isinstance(sessions, Sessions),
+               f"sessions must be None or a lightning_skew.data.synthetic.Sessions, got {sessions!r}")
+        session_rows = None
+        if sessions is not None:
+            session_rows = tuple(capped_cardinalities([sessions.num_users, sessions.num_items], max_rows_per_table))
         self.log = SyntheticClickLog(
             self._num_embeddings, exponents, hots, num_dense=num_dense, seed=seed,
             drift_every_samples=drift_every_samples, drift_fraction=drift_fraction,
-            click_rate=click_rate, logit_std=logit_std,
+            click_rate=click_rate, logit_std=logit_std, sessions=sessions, session_rows=session_rows,
         )
         extra_names = [f"cat_{i}" for i in range(len(CRITEO_SPARSE_NAMES), num_features)]
         self._names = CRITEO_SPARSE_NAMES[:num_features] + extra_names
+        if session_rows is not None:
+            self._num_embeddings = self._num_embeddings + list(session_rows)
+            self._names = self._names + list(SESSION_FEATURES)
         self.rank, self.world_size = 0, 1
         self.position = StreamPosition()
 

@@ -20,6 +20,7 @@ from lightning_skew.data.synthetic.powerlaw import (
     rank_to_row,
     scatter_multiplier,
 )
+from lightning_skew.data.synthetic.sessions import SessionFeatures, SessionGenerator, Sessions
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -75,6 +76,7 @@ class ClickLogSamples:
     rows: Tensor  # [num_id_columns, n] int64, feature f owns multi_hot[f] consecutive columns
     labels: Tensor  # [n] float32, 0/1
     click_probability: Tensor  # [n] float32, sigmoid of the teacher's logit
+    sessions: SessionFeatures | None = None  # user-level features, when the log has sessions
 
 
 class SyntheticClickLog:
@@ -97,6 +99,8 @@ class SyntheticClickLog:
         drift_fraction: float = 0.01,
         click_rate: float = 0.25,
         logit_std: float = 1.4,
+        sessions: Sessions | None = None,
+        session_rows: tuple[int, int] | None = None,
     ) -> None:
         self.num_embeddings_per_feature = list(num_embeddings_per_feature)
         self.multi_hot = list(multi_hot)
@@ -127,6 +131,9 @@ class SyntheticClickLog:
         self.column_shift = torch.tensor(shifts, dtype=torch.int64)[index][:, None]
         self.column_salt = salts[index][:, None]
         # Per-feature effect std, divided by sqrt(multi_hot) so multi-hot keeps the logit's variance.
+        # With sessions, the user and the history carry logit_share of the logit's variance.
+        session_std = logit_std * math.sqrt(sessions.logit_share / 2) if sessions is not None else 0.0
+        logit_std = logit_std * math.sqrt(1.0 - sessions.logit_share) if sessions is not None else logit_std
         sparse_std = logit_std * math.sqrt((1.0 - DENSE_LOGIT_SHARE) / num_features)
         self.column_scale = torch.tensor(
             [sparse_std / math.sqrt(self.multi_hot[f]) for f in column_feature], dtype=torch.float32
@@ -140,6 +147,12 @@ class SyntheticClickLog:
         # 80% of the dense variance linear, 20% a mild interaction of the first two features.
         self.dense_weights = weights / weights.norm().clamp(min=1e-12) * dense_std * math.sqrt(0.8)
         self.dense_interaction = dense_std * math.sqrt(0.2) if num_dense >= 2 else 0.0
+        self.sessions: SessionGenerator | None = None
+        if sessions is not None:
+            if session_rows is None:
+                raise ValueError("SyntheticClickLog: sessions need session_rows (user and item table rows)")
+            self.sessions = SessionGenerator(sessions, *session_rows, lambda split, chunk: _chunk_seed(
+                seed, split, chunk), structure, user_std=session_std, history_std=session_std)
         self._chunk_cache: OrderedDict[tuple[str, int], tuple[Tensor, Tensor, Tensor]] = OrderedDict()
         # The hottest rows' fixed effects shift the mean click rate by a seed-dependent amount, so the
         # bias is fitted on a sample of a separate stream rather than derived from logit_std alone.
@@ -190,12 +203,18 @@ class SyntheticClickLog:
             logit = logit + self.dense_interaction * torch.tanh(standardized[:, 0]) * torch.tanh(standardized[:, 1])
         return logit
 
-    def _features(self, stream: str, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _features(self, stream: str, start: int, stop: int
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, SessionFeatures | None]:
         id_uniforms, dense_normals, label_uniforms = self._randomness(stream, start, stop)
         ranks = self.tables.sample(id_uniforms)
         rows = self.rows_of_ranks(ranks, torch.arange(start, stop))
         dense = torch.log1p(torch.floor(torch.exp(self.dense_mu + self.dense_sigma * dense_normals)))
-        return dense, rows, self.click_logit(dense, rows), label_uniforms
+        logit = self.click_logit(dense, rows)
+        sessions = None
+        if self.sessions is not None:
+            sessions = self.sessions.features(stream, start, stop)
+            logit = logit + sessions.logit
+        return dense, rows, logit, label_uniforms, sessions
 
     def _logits(self, stream: str, start: int, stop: int) -> Tensor:
         return self._features(stream, start, stop)[2]
@@ -206,10 +225,11 @@ class SyntheticClickLog:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not 0 <= start < stop:
             raise ValueError(f"need 0 <= start < stop, got start={start}, stop={stop}")
-        dense, rows, logit, label_uniforms = self._features(split, start, stop)
+        dense, rows, logit, label_uniforms, sessions = self._features(split, start, stop)
         probability = torch.sigmoid(logit)
         labels = (label_uniforms < probability).float()
-        return ClickLogSamples(dense=dense, rows=rows, labels=labels, click_probability=probability)
+        return ClickLogSamples(dense=dense, rows=rows, labels=labels, click_probability=probability,
+                               sessions=sessions)
 
     def to_batch(self, samples: ClickLogSamples, keys: list[str]) -> Batch:
         """A torchrec Batch: KJT values feature-major, each input's ``multi_hot[f]`` IDs consecutive."""
@@ -220,6 +240,10 @@ class SyntheticClickLog:
             columns = torch.split(samples.rows, self.multi_hot, dim=0)
             values = torch.cat([block.t().reshape(-1) for block in columns])
         lengths = torch.tensor(self.multi_hot, dtype=torch.int32).repeat_interleave(num_samples)
+        if samples.sessions is not None:  # the user-level features follow the per-sample ones: user_id, history
+            values = torch.cat([values, samples.sessions.user, samples.sessions.history_values])
+            lengths = torch.cat([lengths, torch.ones(num_samples, dtype=torch.int32),
+                                 samples.sessions.history_lengths.to(torch.int32)])
         sparse = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths)
         return Batch(dense_features=samples.dense, sparse_features=sparse, labels=samples.labels)
 

@@ -1,0 +1,6 @@
+"""Deduplicated features (RecD): a session's repeated user-level bags looked up and pooled once per batch."""
+
+from lightning_skew.dedup.datamodule import DedupDataModule, DedupingCollate
+from lightning_skew.dedup.lookups import dedup_batch, dedup_factors, distinct_inputs, split_deduped
+
+__all__ = ["DedupDataModule", "DedupingCollate", "dedup_batch", "dedup_factors", "distinct_inputs", "split_deduped"]
