@@ -20,6 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import launch  # noqa: E402
 
+from lightning_skew.core.batch import slice_inputs  # noqa: E402
 from lightning_skew.core.rowsets import RowSet, lookups_in  # noqa: E402
 from lightning_skew.data.base import Batch  # noqa: E402
 from lightning_skew.data.synthetic import SyntheticDataModule  # noqa: E402
@@ -105,6 +106,29 @@ def test_select_inputs_of_one_hot_features_keeps_ids_weights_and_lengths_per_inp
     assert jagged(picked) == {"a": ([1, 1, 1], [12, 10, 12], [2.0, 0.0, 2.0]),
                               "b": ([1, 1, 1], [22, 20, 22], [5.0, 3.0, 5.0])}
     assert picked.sparse_features.lengths().dtype == torch.int32
+
+
+def test_slice_inputs_equals_selecting_the_range_and_keeps_the_leading_hot_split():
+    batch = hand_batch()
+    assert slice_inputs(batch, 2, 2).sparse_features.values().numel() == 0
+    for start, stop in ((0, 3), (1, 3), (0, 1), (1, 2)):
+        sliced, picked = slice_inputs(batch, start, stop), select_inputs(batch, torch.arange(start, stop))
+        assert jagged(sliced) == jagged(picked)
+        assert sliced.dense_features.tolist() == picked.dense_features.tolist()
+        assert sliced.labels.tolist() == picked.labels.tolist()
+    stitched = PopularityBatch.of(batch, is_hot=False, num_hot=2)
+    assert [slice_inputs(stitched, a, b).num_hot for a, b in ((0, 3), (1, 3), (2, 3), (0, 1))] == [2, 1, 0, 1]
+    with pytest.raises(ValueError, match=r"\[2, 4\)"):
+        slice_inputs(batch, 2, 4)
+    # One ID per feature and input, as in Criteo, joined from several batches: the same inputs come back.
+    one_hot = Batch(torch.arange(4.0)[:, None], KeyedJaggedTensor(
+        keys=["a", "b"], values=torch.tensor([10, 11, 12, 13, 20, 21, 22, 23]), lengths=torch.ones(8, dtype=torch.int32)),
+        torch.zeros(4))
+    joined = concat_batches([slice_inputs(one_hot, 2, 4), slice_inputs(one_hot, 0, 2)])
+    expected = select_inputs(one_hot, torch.tensor([2, 3, 0, 1]))
+    assert joined.sparse_features.values().tolist() == expected.sparse_features.values().tolist() \
+        == [12, 13, 10, 11, 22, 23, 20, 21]
+    assert joined.sparse_features.lengths().tolist() == [1] * 8
 
 
 def test_concat_batches_inverts_a_split():
