@@ -17,8 +17,8 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-__all__ = ["TablePart", "WatchedTable", "bag_configs", "embedding_modules", "is_embedding_module",
-           "table_configs", "watched_tables", "weight_pieces"]
+__all__ = ["TablePart", "TableSize", "WatchedTable", "bag_configs", "embedding_modules", "is_embedding_module",
+           "table_configs", "table_sizes", "watched_tables", "weight_pieces"]
 
 
 def is_embedding_module(module: nn.Module) -> bool:
@@ -139,3 +139,31 @@ def watched_tables(module: nn.Module) -> list[WatchedTable]:
             tables.append(WatchedTable(config.name, list(config.feature_names), config.num_embeddings,
                                        config.embedding_dim, lambda part=part: part))
     return tables
+
+
+@dataclass(frozen=True)
+class TableSize:
+    """The shape of one embedding table as the data sees it: its name, the features that look it up, its rows."""
+
+    name: str
+    features: tuple[str, ...]
+    num_rows: int
+    dim: int
+
+
+def table_sizes(module: nn.Module) -> list[TableSize]:
+    """The tables of ``module`` as :func:`watched_tables` finds them (plain, sharded and hot/cold collections), read
+    from their configs only (nothing is copied): what a batch's IDs must fit."""
+    sizes: list[TableSize] = []
+    described: list[str] = []
+    for name, child in module.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in described):
+            continue
+        own = getattr(child, "watched_tables", None)
+        if callable(own) and child is not module:
+            sizes.extend(TableSize(t.name, tuple(t.features), t.num_rows, t.dim) for t in own())
+            described.append(name)
+        elif is_embedding_module(child):
+            sizes.extend(TableSize(c.name, tuple(c.feature_names), c.num_embeddings, c.embedding_dim)
+                         for c in (bag_configs(child) or table_configs(child)))
+    return sizes

@@ -14,6 +14,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
 from lightning_skew.core.batch import frozen_lookups, input_weights
+from lightning_skew.core.id_ranges import check_table_ids
 from lightning_skew.models.decisions import serve_frozen, serving_frozen, weighted_bce
 from lightning_skew.models.sparse_dlrm import SparseDLRM
 from lightning_skew.torchrec.optim import dense_parameters, fuse_embedding_optimizer
@@ -116,6 +117,10 @@ class DLRMModule(pl.LightningModule):
         """Click logits, shape ``[B]`` (the batch's frozen lookups, if any, pooled in without gradient)."""
         with serving_frozen(frozen_lookups(batch)):
             return self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
+
+    def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int) -> Batch:
+        """Refuse IDs outside the tables (on the host, before the copy; any DataModule, any strategy)."""
+        return super().transfer_batch_to_device(check_table_ids(self, batch), device, dataloader_idx)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = weighted_bce(self(batch), batch.labels.float(), input_weights(batch))
