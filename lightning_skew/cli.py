@@ -12,7 +12,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from lightning_skew.torchrec.atomic import resolve_last
 
@@ -29,6 +30,18 @@ class LoggedSaveConfig(SaveConfigCallback):
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
             logger.log_hyperparams(self.config.as_dict())
+
+
+class LastValidation(pl.Callback):
+    """Remembers the training step at which validation last ran (sanity checks aside), so that the command can
+    tell whether the final weights were validated."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
 
 
 class SkewCLI(LightningCLI):
@@ -63,6 +76,8 @@ class SkewCLI(LightningCLI):
             raise
 
     def before_fit(self) -> None:
+        self._last_validation = LastValidation()
+        self.trainer.callbacks.append(self._last_validation)
         # Lightning's ckpt_path="last" finds only last*.ckpt and starts afresh without one (a kill during the first
         # save of last.ckpt, or save_last off): resume from the newest complete checkpoint instead, with a warning.
         config = self.config_init[self.subcommand]
@@ -74,7 +89,23 @@ class SkewCLI(LightningCLI):
                 config["ckpt_path"] = str(chosen)
 
     def after_fit(self) -> None:
+        self._validate_final_weights()
         self._print_quality("val")
+
+    def _validate_final_weights(self) -> None:
+        """Validate once more when no validation ran after the last training step (a run shorter than its
+        ``val_check_interval``, or one that validates by batch count), so that every fit ends with the metrics of
+        the weights it leaves behind."""
+        trainer = self.trainer
+        if trainer.interrupted or not trainer.limit_val_batches or trainer.global_step == 0:
+            return
+        if self._last_validation.step == trainer.global_step:
+            return
+        if not is_overridden("val_dataloader", self.datamodule) or self.datamodule.val_dataloader() is None:
+            return
+        rank_zero_info(f"Validating the final weights (step {trainer.global_step}): no validation ran after the "
+                       "last training step")
+        trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
 
     def after_validate(self) -> None:
         self._print_quality("val")
