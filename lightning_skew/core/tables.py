@@ -153,17 +153,36 @@ class TableSize:
 
 def table_sizes(module: nn.Module) -> list[TableSize]:
     """The tables of ``module`` as :func:`watched_tables` finds them (plain, sharded and hot/cold collections), read
-    from their configs only (nothing is copied): what a batch's IDs must fit."""
+    from their configs only (nothing is copied): what a batch's IDs must fit.
+
+    Plain ``torch.nn.EmbeddingBag`` / ``nn.Embedding`` tables are found too when their features can be told: a
+    table in an ``nn.ModuleDict`` under its feature's name (``self.bags = nn.ModuleDict({feature: EmbeddingBag})``),
+    or one that carries ``feature_names`` (a list of KeyedJaggedTensor keys) as an attribute.
+    """
     sizes: list[TableSize] = []
-    described: list[str] = []
+    inside: list[str] = []  # modules whose tables are described already (collections hold plain bags inside)
     for name, child in module.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in described):
+        if any(name.startswith(prefix + ".") for prefix in inside):
             continue
         own = getattr(child, "watched_tables", None)
         if callable(own) and child is not module:
             sizes.extend(TableSize(t.name, tuple(t.features), t.num_rows, t.dim) for t in own())
-            described.append(name)
+            inside.append(name)
         elif is_embedding_module(child):
             sizes.extend(TableSize(c.name, tuple(c.feature_names), c.num_embeddings, c.embedding_dim)
                          for c in (bag_configs(child) or table_configs(child)))
+            inside.append(name)
+        elif isinstance(child, (nn.EmbeddingBag, nn.Embedding)):
+            features = _plain_table_features(module, name, child)
+            if features:
+                sizes.append(TableSize(name, features, child.num_embeddings, child.embedding_dim))
     return sizes
+
+
+def _plain_table_features(module: nn.Module, name: str, table: nn.Module) -> tuple[str, ...]:
+    given = getattr(table, "feature_names", None)
+    if given is not None:
+        return tuple([given] if isinstance(given, str) else given)
+    parent_name, _, key = name.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
+    return (key,) if isinstance(parent, nn.ModuleDict) else ()

@@ -180,9 +180,19 @@ class HotColdStrategy(TorchRecStrategy):
             self._place(module)
         self._collections = hot_cold_collections(module)  # looked up once, not at every step
         kernels = self._kernels()
-        kernel_by_table = {name: kernels[part] for c in self._collections.values()
-                           for name, (_, part) in c.inner_tables().items()}
-        return shard_module(module, self.root_device, **self._shard_options(), kernel_by_table=kernel_by_table)
+        inner = {name: table for c in self._collections.values() for name, table in c.inner_tables().items()}
+        kernel_by_table = {name: kernels[part] for name, (_, part) in inner.items()}
+        options = self._shard_options()
+        # Constraints given for a table follow it into its hot and cold parts (<table>__hot, <table>__cold).
+        given = dict(options["table_constraints"] or {})
+        unknown = sorted(set(given) - {table for table, _ in inner.values()} - set(inner))
+        if unknown:
+            raise MisconfigurationException(
+                f"HotColdStrategy: table_constraints name tables the model does not have: {unknown}; its tables: "
+                f"{sorted({table for table, _ in inner.values()})}")
+        options["table_constraints"] = {name: {**given.get(table, {}), **given.get(name, {})}
+                                        for name, (table, _) in inner.items() if table in given or name in given}
+        return shard_module(module, self.root_device, **options, kernel_by_table=kernel_by_table)
 
     def _kernels(self) -> dict[str, str]:
         cuda = self.root_device.type == "cuda"
@@ -222,8 +232,12 @@ class HotColdStrategy(TorchRecStrategy):
         # A saved profile is checked against the data it claims to describe (tables and data description).
         profile = source.profile_for(datamodule) if datamodule is not None else AccessProfile.load(self.profile_path)
         check_profile(profile, specs)
-        # Features of the profile that no table here looks up are never hot.
-        size_of = {f: size for spec, size in zip(specs, sizes, strict=True) for f in spec.feature_names}
+        # Features of the profile that no table here looks up are never hot. A hot row of a feature is hot in every
+        # table the feature looks up (DeepFM's first-order and embedding tables): its bytes are those of all of them.
+        size_of: dict[str, int] = {}
+        for spec, size in zip(specs, sizes, strict=True):
+            for f in spec.feature_names:
+                size_of[f] = size_of.get(f, 0) + size
         empty = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
         candidates = [profile.counts(f) if f in size_of else empty for f in profile.feature_names]
         row_sizes = [size_of.get(f, max(sizes)) for f in profile.feature_names]
