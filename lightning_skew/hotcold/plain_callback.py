@@ -15,13 +15,13 @@ from lightning_skew.hotcold.placement import Placement
 from lightning_skew.hotcold.plain import place_hot_cold
 from lightning_skew.hotcold.planning import embedding_bag_collections
 from lightning_skew.hotcold.state import hot_cold_collections
-from lightning_skew.torchrec.optim import embedding_modules
 from lightning_skew.profile.sources import (
     HotSetSource,
     ProfiledHotRows,
     check_source_arguments,
     resolve_hot_rows,
 )
+from lightning_skew.torchrec.optim import embedding_modules
 from lightning_skew.torchrec.strategy import TorchRecStrategy
 
 __all__ = ["PlainHotColdPlacement"]
