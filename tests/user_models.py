@@ -12,7 +12,10 @@ from torchmetrics.classification import BinaryAUROC
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 
+from lightning_skew import RecDataModule
 from lightning_skew.torchrec.optim import dense_parameters, fuse_embedding_optimizer
+
+FEATURES = ("user", "item", "category")
 
 
 class ClickModel(pl.LightningModule):
@@ -111,7 +114,7 @@ class PlainBags(ClickModel):
     def build(self) -> None:
         names, sizes, dim = (self.hparams.sparse_feature_names, self.hparams.num_embeddings_per_feature,
                              self.hparams.embedding_dim)
-        self.bags = nn.ModuleDict({n: nn.EmbeddingBag(r, dim, mode="sum") for n, r in zip(names, sizes, strict=True)})
+        self.bags = nn.ModuleDict({n: nn.EmbeddingBag(r, dim, mode="sum", include_last_offset=True) for n, r in zip(names, sizes, strict=True)})
         self.top = nn.Sequential(nn.Linear(dim * len(names) + (self.hparams.dense_in_features or 0), 16), nn.ReLU(),
                                  nn.Linear(16, 1))
         self.built = True
@@ -123,3 +126,71 @@ class PlainBags(ClickModel):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def click_batches(sizes: list[int], num_inputs: int, batch_size: int, seed: int) -> list[Batch]:
+    """Skewed click data in memory: IDs drawn as ``size * u**3`` (a few rows take most lookups), two dense
+    features, and labels drawn from a logistic model of the rows (so that a model can learn them)."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = [(torch.rand(num_inputs, generator=generator) ** 3 * size).long() for size in sizes]
+    effects = [torch.randn(size, generator=torch.Generator().manual_seed(100 + i)) for i, size in enumerate(sizes)]
+    dense = torch.rand(num_inputs, 2, generator=generator)
+    logit = sum(e[i] for e, i in zip(effects, ids, strict=True)) + dense[:, 0] - 0.5
+    labels = (torch.rand(num_inputs, generator=generator) < torch.sigmoid(logit)).float()
+    batches = []
+    for start in range(0, num_inputs, batch_size):
+        stop = min(start + batch_size, num_inputs)
+        values = torch.cat([i[start:stop] for i in ids])
+        sparse = KeyedJaggedTensor(keys=list(FEATURES), values=values,
+                                   lengths=torch.ones(len(values), dtype=torch.int32))
+        batches.append(Batch(dense_features=dense[start:stop], sparse_features=sparse, labels=labels[start:stop]))
+    return batches
+
+
+class PlainClicks(pl.LightningDataModule):
+    """A user's plain LightningDataModule (not a lightning-skew one) yielding torchrec Batches."""
+
+    SIZES = [60, 40, 20]
+
+    def __init__(self, num_train: int = 1024, num_val: int = 256, batch_size: int = 128) -> None:
+        super().__init__()
+        self.num_train, self.num_val, self.batch_size = num_train, num_val, batch_size
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(click_batches(self.SIZES, self.num_train, self.batch_size, 0),
+                                           batch_size=None)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(click_batches(self.SIZES, self.num_val, self.batch_size, 1),
+                                           batch_size=None)
+
+
+class UserClicks(RecDataModule):
+    """A user's own RecDataModule: the same clicks, with the feature names and table sizes it declares, so
+    that models can size their tables from it and profiles can count it."""
+
+    def __init__(self, num_train: int = 1024, num_val: int = 256, batch_size: int = 128) -> None:
+        super().__init__()
+        self.num_train, self.num_val, self.batch_size = num_train, num_val, batch_size
+
+    @property
+    def dense_in_features(self) -> int:
+        return 2
+
+    @property
+    def sparse_feature_names(self) -> list[str]:
+        return list(FEATURES)
+
+    @property
+    def num_embeddings_per_feature(self) -> list[int]:
+        return list(PlainClicks.SIZES)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(click_batches(PlainClicks.SIZES, self.num_train, self.batch_size, 0),
+                                           batch_size=None)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(click_batches(PlainClicks.SIZES, self.num_val, self.batch_size, 1),
+                                           batch_size=None)

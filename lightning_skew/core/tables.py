@@ -113,10 +113,12 @@ class WatchedTable:
 
 
 def watched_tables(module: nn.Module) -> list[WatchedTable]:
-    """Every embedding-bag table of ``module``: plain and sharded collections, and modules that describe their
-    own tables (``watched_tables()``, such as the hot/cold collection). Sequence embeddings are not included."""
+    """Every embedding-bag table of ``module``: plain and sharded collections, modules that describe their
+    own tables (``watched_tables()``, such as the hot/cold collection), and plain ``torch.nn.EmbeddingBag`` tables
+    whose features can be told (see :func:`table_sizes`). Sequence embeddings are not included."""
     tables: list[WatchedTable] = []
     described: list[str] = []
+    collections: list[str] = []  # TorchRec collections, which hold plain bags of their own
     for name, child in module.named_modules():
         if any(name.startswith(prefix + ".") for prefix in described):
             continue  # inside a module that described its tables itself
@@ -125,8 +127,16 @@ def watched_tables(module: nn.Module) -> list[WatchedTable]:
             tables.extend(own())
             described.append(name)
             continue
+        if isinstance(child, nn.EmbeddingBag) and not any(name.startswith(p + ".") for p in collections):
+            features = _plain_table_features(module, name, child)
+            if features:
+                part = [TablePart(child, "weight")]
+                tables.append(WatchedTable(name, list(features), child.num_embeddings, child.embedding_dim,
+                                           lambda part=part: part))
+            continue
         if not is_embedding_module(child):
             continue
+        collections.append(name)
         configs = bag_configs(child)
         if configs is None:
             continue

@@ -17,6 +17,7 @@ from torchrec.distributed import DistributedModelParallel
 
 from lightning_skew.core.batch import SkewBatch
 from lightning_skew.core.rowsets import RowSet
+from lightning_skew.data.base import RecDataModule
 from lightning_skew.hotcold.collection import (
     HotColdEmbeddingBagCollection,
     hot_only_step,
@@ -208,8 +209,21 @@ class HotColdStrategy(TorchRecStrategy):
         found = embedding_bag_collections(module)
         specs = [spec for _, ebc in found for spec in table_specs(ebc)]
         sizes = bytes_per_row(module, specs, self.embedding_optimizer)
-        place_collections(module, found, self._hot_set(specs, sizes), self.budget_bytes, sizes,
-                          HotColdEmbeddingBagCollection)
+        hot_set = self._hot_set(specs, sizes)
+        try:
+            place_collections(module, found, hot_set, self.budget_bytes, sizes, HotColdEmbeddingBagCollection)
+        except ValueError as error:
+            if self.hot_rows is None or "more than the budget" not in str(error):
+                raise
+            shared = sorted({f for spec in specs for f in spec.feature_names
+                             if sum(f in other.feature_names for other in specs) > 1})
+            raise MisconfigurationException(
+                f"HotColdStrategy(budget_bytes={self.budget_bytes}): {error}: the hot set given by {self.hot_set_source} "
+                "is placed as it is (so that the parts sharing it agree), and it was cut for smaller rows than this "
+                "model's" + (f" (features {shared} look up several tables each, and a hot row is hot in all of "
+                             "them)" if shared else "") + ". Give the source a smaller budget_bytes (or the "
+                "embedding_dim and optimizer of the model's tables), or raise HotColdStrategy's budget_bytes.") \
+                from error
 
     def _hot_set(self, specs: list[TableSpec], sizes: list[int]) -> RowSet:
         """The hot set from the source: a given one as it is (the answer every part of the fit shares), else a
@@ -226,6 +240,13 @@ class HotColdStrategy(TorchRecStrategy):
             features = [f for spec in specs for f in spec.feature_names]
             rows = [spec.num_rows for spec in specs for _ in spec.feature_names]
             return RowSet(features, rows, [torch.zeros(0, dtype=torch.int64) for _ in features])
+        if datamodule is not None and self.profile_path is None and \
+                not isinstance(getattr(datamodule, "unwrapped", None), RecDataModule):
+            raise MisconfigurationException(
+                f"HotColdStrategy profiles the training data to find hot rows, and {type(datamodule).__name__} is "
+                "not a lightning-skew RecDataModule (which names its features and table sizes). Derive it from "
+                "lightning_skew.RecDataModule (docs/models.md), or give HotColdStrategy hot_rows (a RowSet) or "
+                "profile_path.")
         source = ProfiledHotRows(self.budget_bytes, profile_path=self.profile_path,
                                  sample_fraction=self.sample_fraction)
         self.hot_set_source = source.describe()
