@@ -258,6 +258,12 @@ def test_time_boundaries_take_shares_of_the_rows_in_time_order():
         single = TimeCounts()
         single.update(np.array([1.0, 2.0, 2.0, 2.0]))
         time_boundaries(single, 0.3, 0.2, "t")
+    # An Avazu file of one hour: no fraction can help; the error says what can.
+    one_hour = TimeCounts()
+    one_hour.update(np.full(8, 14102100.0))
+    with pytest.raises(ValueError, match=r"all rows share one 'hour' value, so a time split cannot cut them: give "
+                                         r"val_paths / test_paths"):
+        time_boundaries(one_hour, 0.1, 0.0, "hour")
 
 
 def test_every_rank_gets_as_many_batches_and_validation_sees_every_input_once(tmp_path):
