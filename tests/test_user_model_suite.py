@@ -188,3 +188,10 @@ data:
     assert "val: auc 0." in first and "first_order_user__" in first and "data_parallel" in first
     resumed = run("--trainer.max_epochs", "2", "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"))
     assert "val: auc 0." in resumed
+
+
+def test_a_plain_embedding_bag_model_on_a_plain_datamodule_names_its_table_when_an_id_is_out_of_range(tmp_path):
+    model = PlainBags(list(FEATURES), [5, *PlainClicks.SIZES[1:]], 2)  # 'user' IDs reach 59
+    with pytest.raises(ValueError, match=r"PlainClicks \(train batch\): feature 'user' has ID \d+ outside its table "
+                                         r"of 5 rows .*table 'bags.user'"):
+        fit(model, PlainClicks(), "auto", [], tmp_path)

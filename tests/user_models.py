@@ -13,6 +13,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 
 from lightning_skew import RecDataModule
+from lightning_skew.core.id_ranges import check_table_ids
 from lightning_skew.torchrec.optim import dense_parameters, fuse_embedding_optimizer
 
 FEATURES = ("user", "item", "category")
@@ -123,6 +124,10 @@ class PlainBags(ClickModel):
         sparse = batch.sparse_features.to_dict()
         pooled = [bag(sparse[n].values(), sparse[n].offsets()) for n, bag in self.bags.items()]
         return self.top(torch.cat([*pooled, batch.dense_features], dim=1)).squeeze(-1)
+
+    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        # Under plain Lightning with a plain DataModule nothing of lightning-skew sees the batch: check it here.
+        return check_table_ids(self, batch)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
