@@ -32,6 +32,38 @@ class LoggedSaveConfig(SaveConfigCallback):
             logger.log_hyperparams(self.config.as_dict())
 
 
+# The run folder rank zero chose, for the processes Lightning starts after it (they parse the same command again).
+RUN_DIR_ENV = "LIGHTNING_SKEW_RUN_DIR"
+
+
+def fresh_run_dir(root: str) -> str:
+    """``root`` when it is absent or empty, else the first of ``root-2``, ``root-3``, ... that is: a fit never writes
+    into another run's folder (its config, plans, checkpoints and logs stay whole)."""
+    def free(path: Path) -> bool:
+        return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+    if free(Path(root)):
+        return root
+    n = 2
+    while not free(Path(f"{root}-{n}")):
+        n += 1
+    return f"{root}-{n}"
+
+
+def _moved(value: Any, old: str, new: str) -> Any:
+    """``value`` (a config tree) with every path string under ``old`` moved under ``new``."""
+    if isinstance(value, str):
+        return new + value[len(old):] if value == old or value.startswith(old.rstrip("/") + "/") else value
+    if isinstance(value, list):
+        return [_moved(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: _moved(v, old, new) for k, v in value.items()}
+    if hasattr(value, "__dict__") and not callable(value):  # jsonargparse's Namespace
+        for key, item in vars(value).items():
+            setattr(value, key, _moved(item, old, new))
+    return value
+
+
 class LastValidation(pl.Callback):
     """Remembers the training step at which validation last ran (sanity checks aside), so that the command can
     tell whether the final weights were validated."""
@@ -75,6 +107,27 @@ class SkewCLI(LightningCLI):
             sys.stderr.write(f"Parsing the hyperparameters of {ckpt_path} failed\n")
             raise
 
+    def before_instantiate_classes(self) -> None:
+        """A new fit (not a resume) gets a folder of its own when its recipe's ``default_root_dir`` holds another
+        run already: that path is replaced by :func:`fresh_run_dir`'s in every path of the trainer's config."""
+        self.run_dir: str | None = None
+        if self.subcommand != "fit":
+            return
+        config = self.config[self.subcommand]
+        root = config.trainer.get("default_root_dir") if config.get("trainer") is not None else None
+        if not root:
+            return
+        if config.get("ckpt_path"):  # a resumed run goes on in its own folder
+            self.run_dir = str(root)
+            return
+        started_by_rank_zero = os.environ.get("LOCAL_RANK", "0") != "0"
+        chosen = os.environ.get(RUN_DIR_ENV) if started_by_rank_zero else None
+        chosen = chosen or fresh_run_dir(str(root))
+        os.environ[RUN_DIR_ENV] = chosen
+        if chosen != str(root):
+            _moved(config.trainer, str(root), chosen)
+        self.run_dir = chosen
+
     def before_fit(self) -> None:
         self._last_validation = LastValidation()
         self.trainer.callbacks.append(self._last_validation)
@@ -91,6 +144,12 @@ class SkewCLI(LightningCLI):
     def after_fit(self) -> None:
         self._validate_final_weights()
         self._print_quality("val")
+        self._print_run_dir()
+
+    @rank_zero_only
+    def _print_run_dir(self) -> None:
+        if self.run_dir:
+            print(f"run folder: {self.run_dir} (config.yaml, plans, checkpoints and logs)", flush=True)
 
     def _validate_final_weights(self) -> None:
         """Validate once more when no validation ran after the last training step (a run shorter than its
