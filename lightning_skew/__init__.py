@@ -2,6 +2,7 @@
 
 from lightning_skew.core.monitor import SamplesPerSecond
 from lightning_skew.core.rowsets import RowSet
+from lightning_skew.core.upstream import quiet_upstream_warnings
 from lightning_skew.data import ColumnarDataModule, CriteoDataModule, RecDataModule, SyntheticDataModule
 from lightning_skew.hotcold import HotColdStrategy, PlainHotColdPlacement, place_hot_cold
 from lightning_skew.models import DLRMModule
@@ -23,6 +24,7 @@ def _register_strategies() -> None:
 
 
 _register_strategies()
+quiet_upstream_warnings()
 
 __all__ = [
     "AccessProfile",
