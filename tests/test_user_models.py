@@ -37,6 +37,13 @@ def fit(model: pl.LightningModule, data: pl.LightningDataModule, strategy, callb
     return trainer
 
 
+class RecordAtTrainStart(pl.Callback):
+    """The whole tables as training starts (after sharding and any initialization)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.weights = {k: v.clone() for k, v in trainer.strategy.unsharded_state_dict().items()}
+
+
 def plan_of(trainer: pl.Trainer) -> dict[str, tuple[str, str]]:
     from lightning_skew.torchrec.sharding import plan_rows
 
@@ -50,7 +57,8 @@ def test_deepfm_first_order_tables_of_dimension_one_train_out_of_the_box(strateg
     # and the plan says so. The model sizes its tables from the DataModule and may build them on the meta device.
     model = DeepFM(meta_device=meta_device)
     strategy_ = TorchRecStrategy() if strategy == "torchrec" else HotColdStrategy(budget_bytes=2000)
-    trainer = fit(model, synthetic(), strategy_)
+    start = RecordAtTrainStart()
+    trainer = fit(model, synthetic(), strategy_, [start])
     assert trainer.global_step == 8 and 0 < float(trainer.callback_metrics["val_auc"]) < 1
     plan = plan_of(trainer)
     parts = ("__hot", "__cold") if strategy == "hotcold" else ("",)
@@ -60,6 +68,8 @@ def test_deepfm_first_order_tables_of_dimension_one_train_out_of_the_box(strateg
     weights = trainer.strategy.unsharded_state_dict()
     first = weights["ebc.embedding_bags.first_order_cat_0.weight"]
     assert first.shape == (50, 1) and torch.isfinite(first).all() and first.abs().sum() > 0
+    # Trained: replicated tables come out of sharding without a fused optimizer; the dense optimizer takes them.
+    assert not torch.allclose(first, start.weights["ebc.embedding_bags.first_order_cat_0.weight"])
 
 
 def test_hot_cold_budget_counts_every_table_of_a_feature():
