@@ -72,8 +72,8 @@ class TableBounds:
     """Per feature, the table its IDs must fit: ``{feature: (table name or None, rows)}``.
 
     :meth:`find` checks a whole ``KeyedJaggedTensor`` with one comparison of its values against a per-lookup bound
-    (the feature's table size repeated ``length_per_key`` times, kept while the keys and lengths repeat, as in
-    one-hot batches): no per-feature loop unless something is out of range. It runs on host tensors only: a batch
+    (the last row of the feature's table repeated ``length_per_key`` times, kept while the keys and lengths repeat,
+    as in one-hot batches): no per-feature loop unless something is out of range. It runs on host tensors only: a batch
     already on an accelerator is not checked (reading the answer would make the host wait for the device).
 
     Args:
@@ -100,10 +100,11 @@ class TableBounds:
         return bool(self.tables)
 
     def _per_lookup_bound(self, keys: Sequence[str], lengths: Sequence[int]) -> Tensor:
+        """Per lookup, the last row of its feature's table."""
         key = (tuple(keys), tuple(lengths))
         if key != self._bound_key or self._bound is None:
             sizes = torch.tensor([self.tables.get(k, (None, _NO_BOUND))[1] for k in keys], dtype=torch.int64)
-            self._bound = torch.repeat_interleave(sizes, torch.tensor(lengths, dtype=torch.int64))
+            self._bound = torch.repeat_interleave(sizes - 1, torch.tensor(lengths, dtype=torch.int64))
             self._bound_key = key
         return self._bound
 
@@ -113,8 +114,9 @@ class TableBounds:
         if values.numel() == 0 or values.device.type != "cpu" or not self.tables:
             return []
         keys, lengths = sparse.keys(), sparse.length_per_key()
-        bound = self._per_lookup_bound(keys, lengths)
-        if not bool(torch.logical_or(values.lt(0), values.ge(bound)).any()):
+        last_row = self._per_lookup_bound(keys, lengths)
+        # An ID lies in [0, rows) exactly when both it and (rows - 1 - ID) are >= 0: one sign test of their OR.
+        if int(torch.bitwise_or(values, last_row - values).min()) >= 0:
             return []
         found = []
         for key, offset, length in zip(keys, _offsets(lengths), lengths, strict=True):
