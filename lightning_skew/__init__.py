@@ -3,6 +3,7 @@
 from lightning_skew.core.divergence import NonFiniteLossStop
 from lightning_skew.core.monitor import SamplesPerSecond
 from lightning_skew.core.rowsets import RowSet
+from lightning_skew.core.upstream import quiet_upstream_warnings
 from lightning_skew.data import (
     ColumnarDataModule,
     CriteoDataModule,
@@ -31,6 +32,7 @@ def _register_strategies() -> None:
 
 
 _register_strategies()
+quiet_upstream_warnings()
 
 __all__ = [
     "AccessProfile",

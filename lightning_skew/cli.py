@@ -11,7 +11,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from lightning_skew.core.divergence import NonFiniteLossStop
 from lightning_skew.core.safe_load import load_data
@@ -30,6 +31,50 @@ class LoggedSaveConfig(SaveConfigCallback):
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
             logger.log_hyperparams(self.config.as_dict())
+
+
+# The run folder rank zero chose, for the processes Lightning starts after it (they parse the same command again).
+RUN_DIR_ENV = "LIGHTNING_SKEW_RUN_DIR"
+
+
+def fresh_run_dir(root: str) -> str:
+    """``root`` when it is absent or empty, else the first of ``root-2``, ``root-3``, ... that is: a fit never writes
+    into another run's folder (its config, plans, checkpoints and logs stay whole)."""
+    def free(path: Path) -> bool:
+        return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+    if free(Path(root)):
+        return root
+    n = 2
+    while not free(Path(f"{root}-{n}")):
+        n += 1
+    return f"{root}-{n}"
+
+
+def _moved(value: Any, old: str, new: str) -> Any:
+    """``value`` (a config tree) with every path string under ``old`` moved under ``new``."""
+    if isinstance(value, str):
+        return new + value[len(old):] if value == old or value.startswith(old.rstrip("/") + "/") else value
+    if isinstance(value, list):
+        return [_moved(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: _moved(v, old, new) for k, v in value.items()}
+    if hasattr(value, "__dict__") and not callable(value):  # jsonargparse's Namespace
+        for key, item in vars(value).items():
+            setattr(value, key, _moved(item, old, new))
+    return value
+
+
+class LastValidation(pl.Callback):
+    """Remembers the training step at which validation last ran (sanity checks aside), so that the command can
+    tell whether the final weights were validated."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
 
 
 class SkewCLI(LightningCLI):
@@ -63,7 +108,30 @@ class SkewCLI(LightningCLI):
             sys.stderr.write(f"Parsing the hyperparameters of {ckpt_path} failed\n")
             raise
 
+    def before_instantiate_classes(self) -> None:
+        """A new fit (not a resume) gets a folder of its own when its recipe's ``default_root_dir`` holds another
+        run already: that path is replaced by :func:`fresh_run_dir`'s in every path of the trainer's config."""
+        self.run_dir: str | None = None
+        if self.subcommand != "fit":
+            return
+        config = self.config[self.subcommand]
+        root = config.trainer.get("default_root_dir") if config.get("trainer") is not None else None
+        if not root:
+            return
+        if config.get("ckpt_path"):  # a resumed run goes on in its own folder
+            self.run_dir = str(root)
+            return
+        started_by_rank_zero = os.environ.get("LOCAL_RANK", "0") != "0"
+        chosen = os.environ.get(RUN_DIR_ENV) if started_by_rank_zero else None
+        chosen = chosen or fresh_run_dir(str(root))
+        os.environ[RUN_DIR_ENV] = chosen
+        if chosen != str(root):
+            _moved(config.trainer, str(root), chosen)
+        self.run_dir = chosen
+
     def before_fit(self) -> None:
+        self._last_validation = LastValidation()
+        self.trainer.callbacks.append(self._last_validation)
         # Lightning's ckpt_path="last" finds only last*.ckpt and starts afresh without one (a kill during the first
         # save of last.ckpt, or save_last off): resume from the newest complete checkpoint instead, with a warning.
         config = self.config_init[self.subcommand]
@@ -75,7 +143,29 @@ class SkewCLI(LightningCLI):
                 config["ckpt_path"] = str(chosen)
 
     def after_fit(self) -> None:
+        self._validate_final_weights()
         self._print_quality("val")
+        self._print_run_dir()
+
+    @rank_zero_only
+    def _print_run_dir(self) -> None:
+        if self.run_dir:
+            print(f"run folder: {self.run_dir} (config.yaml, plans, checkpoints and logs)", flush=True)
+
+    def _validate_final_weights(self) -> None:
+        """Validate once more when no validation ran after the last training step (a run shorter than its
+        ``val_check_interval``, or one that validates by batch count), so that every fit ends with the metrics of
+        the weights it leaves behind."""
+        trainer = self.trainer
+        if trainer.interrupted or not trainer.limit_val_batches or trainer.global_step == 0:
+            return
+        if self._last_validation.step == trainer.global_step:
+            return
+        if not is_overridden("val_dataloader", self.datamodule) or self.datamodule.val_dataloader() is None:
+            return
+        rank_zero_info(f"Validating the final weights (step {trainer.global_step}): no validation ran after the "
+                       "last training step")
+        trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
 
     def after_validate(self) -> None:
         self._print_quality("val")

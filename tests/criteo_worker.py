@@ -30,7 +30,8 @@ class RecordBatches(pl.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.val.append(len(batch.labels))
-        self.val_ids.extend(batch.sparse_features["C1"].values().tolist())
+        # The line index of numbered lines: hashing puts a present value v on row 1 + v (row 0 is the missing row).
+        self.val_ids.extend((batch.sparse_features["C1"].values() - 1).tolist())
 
 
 def main() -> None:

@@ -227,7 +227,7 @@ def test_the_time_split_holds_out_the_latest_rows_and_ties_go_to_the_later_split
     rows = [(u, 10 + u, 5, t) for u, t in enumerate(times)]
     path = ratings_file(tmp_path / "r.inter", rows)
     module = ratings_module(str(path), time_column="timestamp", val_fraction=0.2, test_fraction=0.1, batch_size=2,
-                            dense_features=[{"column": "timestamp", "transform": "none"}])
+                            dense_features=[{"column": "timestamp", "transform": "none"}], drop_last=True)
     boundaries = module.preparation.boundaries
     assert (boundaries.val_start, boundaries.test_start) == (7.0, 9.0)
     assert module.preparation.num_rows == {"train": 7, "val": 2, "test": 1}
@@ -258,6 +258,12 @@ def test_time_boundaries_take_shares_of_the_rows_in_time_order():
         single = TimeCounts()
         single.update(np.array([1.0, 2.0, 2.0, 2.0]))
         time_boundaries(single, 0.3, 0.2, "t")
+    # An Avazu file of one hour: no fraction can help; the error says what can.
+    one_hour = TimeCounts()
+    one_hour.update(np.full(8, 14102100.0))
+    with pytest.raises(ValueError, match=r"all rows share one 'hour' value, so a time split cannot cut them: give "
+                                         r"val_paths / test_paths"):
+        time_boundaries(one_hour, 0.1, 0.0, "hour")
 
 
 def test_every_rank_gets_as_many_batches_and_validation_sees_every_input_once(tmp_path):
@@ -269,7 +275,7 @@ def test_every_rank_gets_as_many_batches_and_validation_sees_every_input_once(tm
         for rank in range(world_size):
             module = ColumnarDataModule(train_paths=str(path), val_paths=str(val), label="click",
                                         sparse_features=AVAZU_CATEGORICAL, encoding="hash", num_embeddings=10**6,
-                                        batch_size=4)
+                                        batch_size=4, drop_last=True)
             module.trainer = None
             module.rank_and_world_size = lambda r=rank, w=world_size: (r, w)  # as a Trainer would say
             module.setup("fit")
@@ -288,7 +294,7 @@ def test_every_rank_gets_as_many_batches_and_validation_sees_every_input_once(tm
 def test_dataloader_workers_yield_the_batches_of_one_process(tmp_path):
     path = write_avazu(tmp_path / "train.csv", avazu_rows(200))
     module = ColumnarDataModule(train_paths=str(path), label="click", sparse_features=AVAZU_CATEGORICAL,
-                                encoding="hash", num_embeddings=5000, batch_size=16)
+                                encoding="hash", num_embeddings=5000, batch_size=16, drop_last=True)
     module.setup("fit")
     plain = batches(module)
     module.num_workers = 2
@@ -384,7 +390,8 @@ def test_two_processes_train_as_many_steps_and_validate_every_input_even_with_an
     launch(Path(__file__).parent / "columnar_worker.py", 2,
            ["--train", str(train), "--val", str(val), "--out", str(tmp_path)])
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0]["train"] == ranks[1]["train"] == [64] * (1000 // 128)
+    # Every training row too: 7 global batches of 128, then 104 rows shared 52 / 52.
+    assert ranks[0]["train"] == ranks[1]["train"] == [64] * (1000 // 128) + [52]
     assert [r["val"] for r in ranks] == [[64, 64, 0], [64, 64, 1]]
     assert ranks[0]["metrics"] == ranks[1]["metrics"] and 0 < ranks[0]["metrics"]["val_auc"] < 1
 
@@ -411,12 +418,51 @@ def test_a_folder_or_a_glob_names_its_files_in_natural_order_and_their_rows_foll
 def test_a_csv_fit_resumed_mid_epoch_with_workers_goes_on_as_the_uninterrupted_run(tmp_path):
     from resume_fit import assert_resumes_mid_epoch
 
-    path = write_avazu(tmp_path / "train.csv", avazu_rows(52))  # 6 global batches of 8 (training drops the 4 left)
+    path = write_avazu(tmp_path / "train.csv", avazu_rows(52))  # 6 global batches of 8 (drop_last drops the 4 left)
 
     def make_data(num_workers: int = 0) -> ColumnarDataModule:
         return ColumnarDataModule(train_paths=str(path), label="click", sparse_features=AVAZU_CATEGORICAL[:6],
                                   dense_features=["C15", "C16"], encoding="hash", num_embeddings=200, batch_size=8,
-                                  num_workers=num_workers)
+                                  num_workers=num_workers, drop_last=True)
 
     # Stopped after step 3 under 2 workers: worker 0 must go on with batch 3, worker 1 with batch 4.
     assert_resumes_mid_epoch(make_data, tmp_path, steps_per_epoch=6, stop_at=3, num_workers=2)
+
+
+def test_training_reads_every_row_by_default_and_drop_last_leaves_the_partial_batch_out(tmp_path, caplog):
+    # 21 rows in batches of 8: 8, 8 and 5 (an Avazu file of 8,087 rows lost its last 1,943 before).
+    from lightning_skew.profile import AccessProfile, profile_dataloader
+
+    path = write_avazu(tmp_path / "train.csv", avazu_rows(21))
+
+    def module(**kwargs) -> ColumnarDataModule:
+        data = ColumnarDataModule(train_paths=str(path), label="click", sparse_features=AVAZU_CATEGORICAL[:3],
+                                  encoding="hash", num_embeddings=100, batch_size=8, **kwargs)
+        data.setup("fit")
+        return data
+
+    data = module()
+    assert [len(b.labels) for b in data.train_dataloader()] == [8, 8, 5] and len(data.train_dataloader()) == 3
+    profile = profile_dataloader(AccessProfile.for_datamodule(data, sample_fraction=1.0), data.train_dataloader(),
+                                 progress=False)
+    assert (profile.num_inputs_seen, profile.num_inputs_counted) == (21, 21)
+    dropping = module(drop_last=True)
+    assert [len(b.labels) for b in dropping.train_dataloader()] == [8, 8]
+    assert "5 rows after the last complete global batch of 8 were left out" in caplog.text
+
+
+def test_every_rank_trains_as_many_nonempty_batches_and_together_they_read_every_row(tmp_path):
+    # 21 rows, 8 per rank: 2 ranks share the last 5 as 2 + 3, 3 ranks take 7 each. 17 rows over 2 ranks leave 1 row
+    # after the last global batch, fewer than ranks: it cannot make a batch on every rank and is left out.
+    for rows, world_size, expected in ((21, 2, [[8, 2], [8, 3]]), (21, 3, [[7], [7], [7]]), (17, 2, [[8], [8]])):
+        path = write_avazu(tmp_path / f"train{rows}.csv", avazu_rows(rows))
+        per_rank = []
+        for rank in range(world_size):
+            module = ColumnarDataModule(train_paths=str(path), label="click", sparse_features=AVAZU_CATEGORICAL,
+                                        encoding="hash", num_embeddings=10**6, batch_size=8)
+            module.trainer = None
+            module.rank_and_world_size = lambda r=rank, w=world_size: (r, w)
+            module.setup("fit")
+            per_rank.append([len(b.labels) for b in batches(module)])
+            assert len(module.train_dataloader()) == len(expected[0])
+        assert per_rank == expected

@@ -88,10 +88,11 @@ def test_line_with_missing_and_negative_fields_parses_to_documented_values():
 
     assert parsed.categorical[0, 1] == 0x0A1B2C3D
     np.testing.assert_array_equal(parsed.categorical_missing[0, :4], [True, False, False, False])
-    ids = hash_categorical(parsed.categorical, SIZES)
-    # Missing is the value 0 before hashing (DLRM reference), so it lands on row 0.
-    np.testing.assert_array_equal(ids[0, :4], [0, 0x0A1B2C3D % 1000, 0xFFFFFFFF % 13, 0])
-    assert ids[0, 4] == 0x68FD1E64 % 50
+    ids = hash_categorical(parsed.categorical, SIZES, parsed.categorical_missing)
+    # Missing lands on row 0, which no present value shares: present values take 1 + value % (rows - 1), the
+    # value 0 ("00000000") included.
+    np.testing.assert_array_equal(ids[0, :4], [0, 1 + 0x0A1B2C3D % 999, 1 + 0xFFFFFFFF % 12, 1])
+    assert ids[0, 4] == 1 + 0x68FD1E64 % 49
 
 
 def test_parser_reports_each_kind_of_malformed_line():
@@ -367,7 +368,7 @@ def test_vocabulary_command_writes_a_file_the_datamodule_reads(tmp_path):
 
 
 def numbered_lines(count: int, seed: int = 0) -> list[str]:
-    """Random lines whose C1 field is the line's index (so the hashed ID of C1 is the index below 1000)."""
+    """Random lines whose C1 field is the line's index (so the hashed ID of C1 is 1 + the index, below 96)."""
     numbered = []
     for i, line in enumerate(random_lines(count, seed)):
         fields = line.split("\t")
@@ -377,7 +378,9 @@ def numbered_lines(count: int, seed: int = 0) -> list[str]:
 
 
 def c1_ids(batches) -> list[int]:
-    return [int(x) for batch in batches for x in batch.sparse_features["C1"].values()]
+    """The C1 values of :func:`numbered_lines` (line indices): hashing puts a present value ``v`` below the table's
+    size less one on row ``1 + v`` (row 0 is the missing row)."""
+    return [int(x) - 1 for batch in batches for x in batch.sparse_features["C1"].values()]
 
 
 @pytest.mark.parametrize(
@@ -581,3 +584,22 @@ def test_a_tsv_fit_resumed_mid_epoch_with_workers_goes_on_as_the_uninterrupted_r
     # worker 1 with batch 4. The TSV's length is unknown before it is read: after step 6 (the epoch's last batch)
     # epoch 1 must start whole.
     assert_resumes_mid_epoch(make_data, tmp_path, steps_per_epoch=6, stop_at=3, from_epoch_end=True, num_workers=2)
+
+
+def test_a_value_hashing_to_the_missing_slot_is_not_counted_as_missing(tmp_path):
+    # Criteo C9's most frequent value a73ee510 is 0 modulo 16: the DLRM reference's `value % rows` put it on row 0,
+    # the missing row, and the profile called it missing. Present values now keep off the missing row.
+    from lightning_skew.profile import AccessProfile, profile_dataloader
+
+    assert 0xA73EE510 % 16 == 0
+    cats = [[f"{i:08x}"] * 8 + ["a73ee510"] + [f"{i:08x}"] * 17 for i in range(9)] + [["1"] * 8 + [""] + ["1"] * 17]
+    path = write_tsv(tmp_path / "day_0", [criteo_line("1", ["1"] * 13, c) for c in cats])
+    sizes = [50] * 8 + [16] + [50] * 17
+    datamodule = CriteoDataModule(train_paths=[path], batch_size=5, num_embeddings_per_feature=sizes)
+    datamodule.setup("fit")
+    c9 = torch.cat([batch.sparse_features["C9"].values() for batch in datamodule.train_dataloader()])
+    assert c9.tolist() == [1 + 0xA73EE510 % 15] * 9 + [0]
+    profile = profile_dataloader(AccessProfile.for_datamodule(datamodule), datamodule.train_dataloader(),
+                                 progress=False)
+    stats = {s.table: s for s in profile.skew()}
+    assert stats["C9"].missing_lookups == 1 and stats["C9"].missing_share == pytest.approx(0.1)

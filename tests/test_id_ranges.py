@@ -13,8 +13,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew import DLRMModule, HotColdStrategy, PlainHotColdPlacement, RowSet, TorchRecStrategy
 from lightning_skew.core.batch import SkewBatch
+from lightning_skew.core.id_ranges import clamp_out_of_range, find_out_of_range
 from lightning_skew.data.base import RecDataModule, WrappedDataModule
-from lightning_skew.data.id_ranges import clamp_out_of_range, find_out_of_range
 
 NAMES, SIZES = ["a", "b"], [5, 10]
 BATCH, NUM_BATCHES = 4, 3

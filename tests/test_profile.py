@@ -379,7 +379,8 @@ def test_profile_command_on_a_criteo_file_agrees_with_a_plain_count(tmp_path, ca
     expected = [[0] * size for size in sizes]
     for line in lines:
         for column, (field, size) in enumerate(zip(line.rstrip("\n").split("\t")[14:], sizes, strict=True)):
-            expected[column][int(field, 16) % size if field else 0] += 1
+            # Missing on row 0; present values on 1 + value % (rows - 1), off the missing row.
+            expected[column][1 + int(field, 16) % (size - 1) if field else 0] += 1
     for column, name in enumerate(profile.feature_names):
         assert profile.dense_counts(name).tolist() == expected[column], name
     assert profile.num_inputs_seen == 600 and profile.dataset["class"].endswith("CriteoDataModule")

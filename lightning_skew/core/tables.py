@@ -18,8 +18,9 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-__all__ = ["TablePart", "WatchedTable", "available_memory", "bag_configs", "check_tables_fit_memory",
-           "embedding_modules", "is_embedding_module", "table_configs", "watched_tables", "weight_pieces"]
+__all__ = ["TablePart", "TableSize", "WatchedTable", "available_memory", "bag_configs", "check_tables_fit_memory",
+           "embedding_modules", "is_embedding_module", "table_configs", "table_sizes", "watched_tables",
+           "weight_pieces"]
 
 
 def available_memory() -> int | None:
@@ -149,10 +150,12 @@ class WatchedTable:
 
 
 def watched_tables(module: nn.Module) -> list[WatchedTable]:
-    """Every embedding-bag table of ``module``: plain and sharded collections, and modules that describe their
-    own tables (``watched_tables()``, such as the hot/cold collection). Sequence embeddings are not included."""
+    """Every embedding-bag table of ``module``: plain and sharded collections, modules that describe their
+    own tables (``watched_tables()``, such as the hot/cold collection), and plain ``torch.nn.EmbeddingBag`` tables
+    whose features can be told (see :func:`table_sizes`). Sequence embeddings are not included."""
     tables: list[WatchedTable] = []
     described: list[str] = []
+    collections: list[str] = []  # TorchRec collections, which hold plain bags of their own
     for name, child in module.named_modules():
         if any(name.startswith(prefix + ".") for prefix in described):
             continue  # inside a module that described its tables itself
@@ -161,8 +164,16 @@ def watched_tables(module: nn.Module) -> list[WatchedTable]:
             tables.extend(own())
             described.append(name)
             continue
+        if isinstance(child, nn.EmbeddingBag) and not any(name.startswith(p + ".") for p in collections):
+            features = _plain_table_features(module, name, child)
+            if features:
+                part = [TablePart(child, "weight")]
+                tables.append(WatchedTable(name, list(features), child.num_embeddings, child.embedding_dim,
+                                           lambda part=part: part))
+            continue
         if not is_embedding_module(child):
             continue
+        collections.append(name)
         configs = bag_configs(child)
         if configs is None:
             continue
@@ -175,3 +186,50 @@ def watched_tables(module: nn.Module) -> list[WatchedTable]:
             tables.append(WatchedTable(config.name, list(config.feature_names), config.num_embeddings,
                                        config.embedding_dim, lambda part=part: part))
     return tables
+
+
+@dataclass(frozen=True)
+class TableSize:
+    """The shape of one embedding table as the data sees it: its name, the features that look it up, its rows."""
+
+    name: str
+    features: tuple[str, ...]
+    num_rows: int
+    dim: int
+
+
+def table_sizes(module: nn.Module) -> list[TableSize]:
+    """The tables of ``module`` as :func:`watched_tables` finds them (plain, sharded and hot/cold collections), read
+    from their configs only (nothing is copied): what a batch's IDs must fit.
+
+    Plain ``torch.nn.EmbeddingBag`` / ``nn.Embedding`` tables are found too when their features can be told: a
+    table in an ``nn.ModuleDict`` under its feature's name (``self.bags = nn.ModuleDict({feature: EmbeddingBag})``),
+    or one that carries ``feature_names`` (a list of KeyedJaggedTensor keys) as an attribute.
+    """
+    sizes: list[TableSize] = []
+    inside: list[str] = []  # modules whose tables are described already (collections hold plain bags inside)
+    for name, child in module.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        own = getattr(child, "watched_tables", None)
+        if callable(own) and child is not module:
+            sizes.extend(TableSize(t.name, tuple(t.features), t.num_rows, t.dim) for t in own())
+            inside.append(name)
+        elif is_embedding_module(child):
+            sizes.extend(TableSize(c.name, tuple(c.feature_names), c.num_embeddings, c.embedding_dim)
+                         for c in (bag_configs(child) or table_configs(child)))
+            inside.append(name)
+        elif isinstance(child, (nn.EmbeddingBag, nn.Embedding)):
+            features = _plain_table_features(module, name, child)
+            if features:
+                sizes.append(TableSize(name, features, child.num_embeddings, child.embedding_dim))
+    return sizes
+
+
+def _plain_table_features(module: nn.Module, name: str, table: nn.Module) -> tuple[str, ...]:
+    given = getattr(table, "feature_names", None)
+    if given is not None:
+        return tuple([given] if isinstance(given, str) else given)
+    parent_name, _, key = name.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
+    return (key,) if isinstance(parent, nn.ModuleDict) else ()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from abc import abstractmethod
 from typing import Any
@@ -10,15 +9,9 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torchrec.datasets.utils import Batch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.core.distributed import rank, world_size
-from lightning_skew.data.id_ranges import (
-    check_policy,
-    clamp_out_of_range,
-    find_out_of_range,
-    out_of_range_error,
-)
+from lightning_skew.core.id_ranges import OutOfRangeIds, TableBounds, batch_source, check_policy, model_bounds
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +28,16 @@ class RecDataModule(pl.LightningDataModule):
     Models read the feature shapes from these properties (LightningCLI links them), so that table
     sizes are written once, in the data's configuration.
 
-    **IDs out of range.** Under a Trainer every batch's sparse IDs are checked against
-    :attr:`num_embeddings_per_feature` after it reaches its device (``on_after_batch_transfer``: one min/max
-    per feature, about 0.1 ms for a 2048 x 26 batch on one CPU core; on a GPU the bounds travel to the host,
-    a synchronisation per batch). By default (``out_of_range_ids="error"``) a batch with an ID below 0 or at or past its table's
-    size raises a ``ValueError`` naming the feature, the table size and the ID, whatever the strategy:
-    FBGEMM's kernels would instead map the ID to row 0 and train on, and plain embedding bags would fail
-    without naming the feature. ``out_of_range_ids="clamp"`` maps such IDs to row 0 instead, counts them per
-    feature (:attr:`clamped_ids`), logs a warning the first time a feature has one and a summary at
-    ``teardown``.
+    **IDs out of range.** Every batch's sparse IDs are checked on the host, before the batch moves to its device,
+    against the tables the Trainer's LightningModule holds (:func:`~lightning_skew.core.id_ranges.model_bounds`: its
+    TorchRec collections, sharded or hot/cold; the sizes declared here when the model shows none): one vectorized
+    comparison per batch, nothing on the device. By default (``out_of_range_ids="error"``) a batch with an ID below
+    0 or at or past its table's size raises a ``ValueError`` naming the feature, the table, its size and the ID,
+    whatever the strategy: FBGEMM's kernels would instead map the ID to row 0 and train on, and plain embedding
+    bags would fail without naming the feature. ``out_of_range_ids="clamp"`` maps such IDs to row 0 instead,
+    counts them per feature (:attr:`clamped_ids`), logs a warning the first time a feature has one and a summary
+    at ``teardown``. (Lightning-skew's strategies run the same check for any DataModule; a batch is compared
+    once.)
 
     Args:
         out_of_range_ids: ``"error"`` or ``"clamp"``; ``None`` keeps the class default (``"error"``).
@@ -52,9 +46,9 @@ class RecDataModule(pl.LightningDataModule):
 
     .. note::
         Only ``trainer.datamodule`` receives Lightning's hooks, so the check runs once per batch on whichever
-        module that is: a :class:`WrappedDataModule` checks with its inner module's sizes and setting.
-        Subclasses that override ``on_after_batch_transfer`` call ``super()``; a LightningModule's own
-        ``on_after_batch_transfer`` still runs, after the check (Lightning warns that the DataModule's hook
+        module that is: a :class:`WrappedDataModule` checks with its inner module's setting.
+        Subclasses that override ``on_before_batch_transfer`` call ``super()``; a LightningModule's own
+        ``on_before_batch_transfer`` still runs, after the check (Lightning warns that the DataModule's hook
         is used: it calls the module's).
     """
 
@@ -106,35 +100,34 @@ class RecDataModule(pl.LightningDataModule):
     def out_of_range_ids(self, policy: str) -> None:
         self._out_of_range_ids = check_policy(policy)
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         batch = self.check_ids(batch)
         model = self.trainer.lightning_module if self.trainer is not None else None
-        if model is not None and is_overridden("on_after_batch_transfer", model):
-            batch = model.on_after_batch_transfer(batch, dataloader_idx)
+        if model is not None and is_overridden("on_before_batch_transfer", model):
+            batch = model.on_before_batch_transfer(batch, dataloader_idx)
         return batch
 
     def check_ids(self, batch: Any) -> Any:
         """``batch`` when all its sparse IDs lie in their tables; else an error, or (``"clamp"``) the batch with
-        those IDs on row 0. Batches without a ``KeyedJaggedTensor`` of ``sparse_features`` pass unchecked."""
-        sparse = getattr(batch, "sparse_features", None)
-        if not isinstance(sparse, KeyedJaggedTensor):
-            return batch
-        sizes = dict(zip(self.sparse_feature_names, self.num_embeddings_per_feature, strict=True))
-        found = find_out_of_range(sparse, sizes)
-        if not found:
-            return batch
-        if self.out_of_range_ids == "error":
-            stage = self.trainer.state.stage if self.trainer is not None else None
-            where = type(self).__name__ + (f" around {type(self.unwrapped).__name__}" if self.unwrapped is not self
-                                           else "") + (f" ({stage.value} batch)" if stage is not None else "")
-            raise out_of_range_error(found, where)
+        those IDs on row 0. The tables are the Trainer's LightningModule's
+        (:func:`~lightning_skew.core.id_ranges.model_bounds`); without a Trainer, or for a model in which no table
+        is found, the sizes this DataModule declares. Batches without a ``KeyedJaggedTensor`` of
+        ``sparse_features`` pass unchecked."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        bounds = model_bounds(model) if model is not None else None
+        if not bounds:
+            bounds = TableBounds({f: (None, n) for f, n in zip(self.sparse_feature_names,
+                                                                self.num_embeddings_per_feature, strict=True)})
+        return bounds.check(batch, lambda: batch_source(self.trainer) if self.trainer is not None
+                            else type(self).__name__, self.out_of_range_ids, self._count_clamped)
+
+    def _count_clamped(self, found: list[OutOfRangeIds]) -> None:
         clamped = self.clamped_ids
         for bad in found:
             if bad.feature not in clamped:
                 log.warning("%s (rank %d): clamping to row 0: %s; further ones are counted in clamped_ids",
                             type(self).__name__, self.rank_and_world_size()[0], bad.describe())
             clamped[bad.feature] = clamped.get(bad.feature, 0) + bad.count
-        return dataclasses.replace(batch, sparse_features=clamp_out_of_range(sparse, found))
 
     def _report_clamped_ids(self) -> None:
         clamped = self.clamped_ids

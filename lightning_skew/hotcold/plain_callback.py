@@ -21,6 +21,7 @@ from lightning_skew.profile.sources import (
     check_source_arguments,
     resolve_hot_rows,
 )
+from lightning_skew.torchrec.optim import embedding_modules
 from lightning_skew.torchrec.strategy import TorchRecStrategy
 
 __all__ = ["PlainHotColdPlacement"]
@@ -77,6 +78,10 @@ class PlainHotColdPlacement(pl.Callback):
             raise MisconfigurationException(
                 f"PlainHotColdPlacement runs on one process (world size {trainer.world_size}); for several use "
                 "HotColdStrategy")
+        # Callbacks are set up before Lightning calls configure_model: a model that builds its tables there (sized
+        # from trainer.datamodule) builds them now. Lightning asks configure_model to be idempotent, and calls it again.
+        if not any(True for _ in embedding_modules(pl_module)):
+            pl_module.configure_model()
         if trainer.datamodule is None and self.profile_path is None and self.hot_rows is None:
             raise MisconfigurationException("PlainHotColdPlacement needs a DataModule to profile, or profile_path")
         specs = [spec for _, ebc in embedding_bag_collections(pl_module) for spec in table_specs(ebc)]

@@ -26,7 +26,9 @@ def embedding_bag_collections(module: nn.Module) -> list[tuple[str, EmbeddingBag
     found = [(name, m) for name, m in embedding_modules(module) if isinstance(m, EmbeddingBagCollection)]
     if not found:
         raise MisconfigurationException(
-            f"{type(module).__name__} holds no TorchRec EmbeddingBagCollection; there is nothing to place hot or cold")
+            f"{type(module).__name__} holds no TorchRec EmbeddingBagCollection; there is nothing to place hot or cold "
+            "(hot/cold placement splits TorchRec collections; plain torch.nn.EmbeddingBag tables are not placed: "
+            "hold them in an EmbeddingBagCollection, docs/models.md)")
     names = [spec.name for _, ebc in found for spec in table_specs(ebc)]
     if len(set(names)) != len(names):
         raise MisconfigurationException(f"hot/cold placement needs unique table names across collections: {names}")

@@ -17,8 +17,10 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.core.batch import Batch, RoutedSparse, SkewBatch
+from lightning_skew.core.id_ranges import check_table_ids
 from lightning_skew.core.loaders import MappedLoader
 from lightning_skew.core.rowsets import RowSet
+from lightning_skew.data.base import RecDataModule
 from lightning_skew.hotcold.collection import (
     HotColdEmbeddingBagCollection,
     hot_only_step,
@@ -194,9 +196,19 @@ class HotColdStrategy(TorchRecStrategy):
             self._place(module)
         self._collections = hot_cold_collections(module)  # looked up once, not at every step
         kernels = self._kernels()
-        kernel_by_table = {name: kernels[part] for c in self._collections.values()
-                           for name, (_, part) in c.inner_tables().items()}
-        return shard_module(module, self.root_device, **self._shard_options(), kernel_by_table=kernel_by_table)
+        inner = {name: table for c in self._collections.values() for name, table in c.inner_tables().items()}
+        kernel_by_table = {name: kernels[part] for name, (_, part) in inner.items()}
+        options = self._shard_options()
+        # Constraints given for a table follow it into its hot and cold parts (<table>__hot, <table>__cold).
+        given = dict(options["table_constraints"] or {})
+        unknown = sorted(set(given) - {table for table, _ in inner.values()} - set(inner))
+        if unknown:
+            raise MisconfigurationException(
+                f"HotColdStrategy: table_constraints name tables the model does not have: {unknown}; its tables: "
+                f"{sorted({table for table, _ in inner.values()})}")
+        options["table_constraints"] = {name: {**given.get(table, {}), **given.get(name, {})}
+                                        for name, (table, _) in inner.items() if table in given or name in given}
+        return shard_module(module, self.root_device, **options, kernel_by_table=kernel_by_table)
 
     def _kernels(self) -> dict[str, str]:
         cuda = self.root_device.type == "cuda"
@@ -212,8 +224,21 @@ class HotColdStrategy(TorchRecStrategy):
         found = embedding_bag_collections(module)
         specs = [spec for _, ebc in found for spec in table_specs(ebc)]
         sizes = bytes_per_row(module, specs, self.embedding_optimizer)
-        place_collections(module, found, self._hot_set(specs, sizes), self.budget_bytes, sizes,
-                          HotColdEmbeddingBagCollection)
+        hot_set = self._hot_set(specs, sizes)
+        try:
+            place_collections(module, found, hot_set, self.budget_bytes, sizes, HotColdEmbeddingBagCollection)
+        except ValueError as error:
+            if self.hot_rows is None or "more than the budget" not in str(error):
+                raise
+            shared = sorted({f for spec in specs for f in spec.feature_names
+                             if sum(f in other.feature_names for other in specs) > 1})
+            raise MisconfigurationException(
+                f"HotColdStrategy(budget_bytes={self.budget_bytes}): {error}: the hot set given by {self.hot_set_source} "
+                "is placed as it is (so that the parts sharing it agree), and it was cut for smaller rows than this "
+                "model's" + (f" (features {shared} look up several tables each, and a hot row is hot in all of "
+                             "them)" if shared else "") + ". Give the source a smaller budget_bytes (or the "
+                "embedding_dim and optimizer of the model's tables), or raise HotColdStrategy's budget_bytes.") \
+                from error
 
     def _hot_set(self, specs: list[TableSpec], sizes: list[int]) -> RowSet:
         """The hot set from the source: a given one as it is (the answer every part of the fit shares), else a
@@ -230,14 +255,25 @@ class HotColdStrategy(TorchRecStrategy):
             features = [f for spec in specs for f in spec.feature_names]
             rows = [spec.num_rows for spec in specs for _ in spec.feature_names]
             return RowSet(features, rows, [torch.zeros(0, dtype=torch.int64) for _ in features])
+        if datamodule is not None and self.profile_path is None and \
+                not isinstance(getattr(datamodule, "unwrapped", None), RecDataModule):
+            raise MisconfigurationException(
+                f"HotColdStrategy profiles the training data to find hot rows, and {type(datamodule).__name__} is "
+                "not a lightning-skew RecDataModule (which names its features and table sizes). Derive it from "
+                "lightning_skew.RecDataModule (docs/models.md), or give HotColdStrategy hot_rows (a RowSet) or "
+                "profile_path.")
         source = ProfiledHotRows(self.budget_bytes, profile_path=self.profile_path,
                                  sample_fraction=self.sample_fraction)
         self.hot_set_source = source.describe()
         # A saved profile is checked against the data it claims to describe (tables and data description).
         profile = source.profile_for(datamodule) if datamodule is not None else AccessProfile.load(self.profile_path)
         check_profile(profile, specs)
-        # Features of the profile that no table here looks up are never hot.
-        size_of = {f: size for spec, size in zip(specs, sizes, strict=True) for f in spec.feature_names}
+        # Features of the profile that no table here looks up are never hot. A hot row of a feature is hot in every
+        # table the feature looks up (DeepFM's first-order and embedding tables): its bytes are those of all of them.
+        size_of: dict[str, int] = {}
+        for spec, size in zip(specs, sizes, strict=True):
+            for f in spec.feature_names:
+                size_of[f] = size_of.get(f, 0) + size
         empty = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
         candidates = [profile.counts(f) if f in size_of else empty for f in profile.feature_names]
         row_sizes = [size_of.get(f, max(sizes)) for f in profile.feature_names]
@@ -266,6 +302,7 @@ class HotColdStrategy(TorchRecStrategy):
     def _route_batch(self, batch: Any) -> Any:
         """``batch`` with its lookups routed for every collection's current placement (unchanged while
         rebalancing counts lookups: those are counted, and split, in the step)."""
+        batch = check_table_ids(self.lightning_module, batch)  # an ID past its table must not be routed
         sparse = getattr(batch, "sparse_features", None)
         collections = self.collections()
         if not isinstance(sparse, KeyedJaggedTensor) or not isinstance(batch, Batch) or not collections \

@@ -14,6 +14,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
 from lightning_skew.core.batch import deduped_lookups, frozen_lookups, input_weights
+from lightning_skew.core.id_ranges import check_table_ids
 from lightning_skew.core.tables import check_tables_fit_memory
 from lightning_skew.models.decisions import (
     lookups_to_pool,
@@ -130,6 +131,10 @@ class DLRMModule(pl.LightningModule):
         deduped = deduped_lookups(batch)
         with serving_frozen(frozen_lookups(batch)), serving_deduped(deduped):
             return self.model(batch.dense_features, lookups_to_pool(batch.sparse_features, deduped)).squeeze(-1)
+
+    def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int) -> Batch:
+        """Refuse IDs outside the tables (on the host, before the copy; any DataModule, any strategy)."""
+        return super().transfer_batch_to_device(check_table_ids(self, batch), device, dataloader_idx)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = weighted_bce(self(batch), batch.labels.float(), input_weights(batch))

@@ -346,7 +346,7 @@ class PopularityDataModule(WrappedDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training and isinstance(batch, PopularityBatch):
             self._consumed += 1
-        return batch
+        return super().on_before_batch_transfer(batch, dataloader_idx)  # the ID check
 
     @property
     def position(self) -> int:

@@ -109,6 +109,11 @@ class ProfiledHotRows:
         """The access profile of ``datamodule``'s data (saved or counted now; shared by equal sources). Collective
         when it profiles: every rank must ask."""
         data = profiled_data(datamodule)
+        if not isinstance(data, RecDataModule):
+            raise TypeError(
+                f"ProfiledHotRows profiles the training data of a lightning-skew RecDataModule (it reads "
+                f"sparse_feature_names and num_embeddings_per_feature); {type(data).__name__} is not one. Derive your "
+                "DataModule from lightning_skew.RecDataModule (docs/models.md), or give the hot set as a RowSet.")
         key = (self.profile_path, None if self.profile_path else (self.sample_fraction, self.seed), _data_key(data))
         if key in _RESOLVED:
             _RESOLVED.move_to_end(key)

@@ -221,8 +221,8 @@ class RepackedDataModule(WrappedDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training and self._loader is not None and self._loader.reads:
             _, inner_batches = self._loader.reads.popleft()
-            for _ in range(inner_batches):
-                self.datamodule.on_before_batch_transfer(batch, dataloader_idx)
+            for _ in range(inner_batches):  # counts each inner batch read; checks (or clamps) the IDs once
+                batch = self.datamodule.on_before_batch_transfer(batch, dataloader_idx)
             return batch
         return self.datamodule.on_before_batch_transfer(batch, dataloader_idx)
 

@@ -35,9 +35,15 @@ EMBEDDING_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 
 
 def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """Parameters that the dense optimizer owns: all but those of TorchRec embedding collections."""
-    embedding_ids = {id(p) for _, m in embedding_modules(module) for p in m.parameters()}
-    return [p for p in module.parameters() if id(p) not in embedding_ids and p.requires_grad]
+    """Parameters that the dense optimizer owns: all but those an embedding optimizer updates in backward (fused
+    into TorchRec's kernels, or applied in backward to unsharded tables).
+
+    Tables that TorchRec shards data-parallel with its dense kernel (the default for widths that are not a multiple
+    of 4, such as dimension-1 first-order tables) come out of sharding without an embedding optimizer, as TorchRec
+    intends: they are replicated weights, so the dense optimizer trains them (and checkpoints its state with them).
+    """
+    return [p for p in module.parameters() if p.requires_grad and not getattr(p, "_in_backward_optimizers", None)
+            and not getattr(p, "_optimizer_classes", None)]
 
 
 def embedding_optimizer_names(module: nn.Module) -> set[str]:

@@ -32,7 +32,8 @@ from lightning_skew.torchrec.planning import (
     save_plan,
 )
 
-__all__ = ["DEFAULT_SHARDING_TYPES", "fbgemm_has_cuda", "plan_rows", "plan_sharding", "shard_module"]
+__all__ = ["DEFAULT_SHARDING_TYPES", "NARROW_TABLE_CONSTRAINTS", "fbgemm_has_cuda", "plan_rows", "plan_sharding",
+           "shard_module", "with_narrow_table_defaults"]
 
 # Sharding types TorchRec offers on every device. Row-wise sharding and the UVM kernels need CUDA;
 # data-parallel tables would keep their optimizer state outside the fused optimizer.
@@ -54,6 +55,7 @@ def plan_sharding(module: nn.Module, env: ShardingEnv, device: torch.device, sha
     new plan is saved there.
     """
     tables = [cfg.name for _, m in embedding_modules(module) for cfg in table_configs(m)]
+    table_constraints = with_narrow_table_defaults(module, table_constraints)
     if plan_path is not None and Path(plan_path).is_file():
         rank_zero_info(f"TorchRec sharding plan: reusing {plan_path}")
         return load_plan(plan_path, tables, env.world_size)
@@ -64,6 +66,25 @@ def plan_sharding(module: nn.Module, env: ShardingEnv, device: torch.device, sha
     if plan_path is not None and env.rank == 0:
         save_plan(plan, plan_path, env.world_size)
     return plan
+
+
+#: How a table whose width FBGEMM's batched kernels cannot take (not a multiple of 4, e.g. the dimension-1
+#: first-order tables of FM, DeepFM and Wide & Deep) is sharded unless its constraints say otherwise: replicated
+#: on every rank (data-parallel, gradients all-reduced) with TorchRec's dense kernel. Such tables are small (one
+#: float per row), so a copy on every rank costs little.
+NARROW_TABLE_CONSTRAINTS: dict[str, list[str]] = {"sharding_types": ["data_parallel"], "compute_kernels": ["dense"]}
+
+
+def with_narrow_table_defaults(module: nn.Module, table_constraints: dict[str, dict[str, Any]] | None) -> \
+        dict[str, dict[str, Any]]:
+    """``table_constraints`` with :data:`NARROW_TABLE_CONSTRAINTS` under those of every table of ``module`` whose
+    embedding dimension is not a multiple of 4 (a table's own constraints win, key by key)."""
+    constraints = dict(table_constraints or {})
+    for _, m in embedding_modules(module):
+        for cfg in table_configs(m):
+            if cfg.embedding_dim % 4:
+                constraints[cfg.name] = {**NARROW_TABLE_CONSTRAINTS, **constraints.get(cfg.name, {})}
+    return constraints
 
 
 def plan_rows(plan: ShardingPlan) -> list[list[str]]:

@@ -20,6 +20,7 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.train_pipeline.train_pipelines import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer
 
+from lightning_skew.core.id_ranges import check_table_ids, model_bounds
 from lightning_skew.core.safe_load import load_data
 from lightning_skew.torchrec.atomic import remove
 from lightning_skew.torchrec.checkpoint import (
@@ -202,6 +203,7 @@ class TorchRecStrategy(DDPStrategy):
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model = self._shard(self.lightning_module)
+        model_bounds(self.lightning_module, refresh=True)  # the tables batches must fit, as sharded
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
             self._embedding_base_lrs = [group["lr"] for group in self.fused_optimizer.param_groups]
@@ -358,6 +360,8 @@ class TorchRecStrategy(DDPStrategy):
             self._train_pipeline.reset()  # batches read ahead in an epoch cut short (limit_train_batches)
 
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        # IDs are checked against the tables the module holds on the host, before the copy (any DataModule).
+        batch = check_table_ids(self.lightning_module, batch)
         if self._pipelining():
             # The pipeline copies the batch itself; the hooks (and the batch Lightning shows) stay on the host.
             device = torch.device("cpu")

@@ -40,8 +40,8 @@ class ColumnarDataModule(FileSplitLoaders, RecDataModule):
 
     Splits: by files (``val_paths``, ``test_paths``), or by time: with ``time_column`` and ``val_fraction`` /
     ``test_fraction``, the last shares of the training files' rows in time order are held out (ties in time go
-    to the later split). Training yields complete global batches (every rank the same number); validation and
-    test yield every row, the last batch smaller.
+    to the later split). Every split yields every row, the last batch smaller (every rank takes the same
+    number of steps); ``drop_last=True`` leaves the training rows after the last complete global batch out.
 
     Before the first loader (or the first table size, for vocabularies), a preparation pass reads the files once
     (twice for a time split with vocabularies): it counts each split's rows, finds the time boundaries and
@@ -75,6 +75,8 @@ class ColumnarDataModule(FileSplitLoaders, RecDataModule):
             ``"error"`` (default: a malformed row, naming file, row and column) or ``"zero"`` (read as 0, counted
             in the pass's log line).
         pin_memory: Pin batches in the DataLoader (for GPU training).
+        drop_last: Leave out the training rows after the last complete global batch (logged with their count).
+            Default ``False``: one epoch trains on every row, the last batch smaller (as ``CriteoDataModule``).
 
     .. note::
         ``batch_size`` is per rank: a global batch has ``world_size * batch_size`` rows. Nothing is shuffled:
@@ -119,6 +121,7 @@ class ColumnarDataModule(FileSplitLoaders, RecDataModule):
         skip_malformed: bool = False,
         non_finite: str = "error",
         pin_memory: bool = False,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -141,7 +144,7 @@ class ColumnarDataModule(FileSplitLoaders, RecDataModule):
         self.file_format = FileFormat(**file_format) if isinstance(file_format, dict) else file_format or FileFormat()
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.skip_malformed, self.pin_memory = skip_malformed, pin_memory
+        self.skip_malformed, self.pin_memory, self.drop_last = skip_malformed, pin_memory, drop_last
         check_non_finite(non_finite)
         self.non_finite = non_finite
         self.save_hyperparameters({
@@ -246,7 +249,7 @@ class ColumnarDataModule(FileSplitLoaders, RecDataModule):
             boundaries = preparation.boundaries if (by_time or split == "train") else None
             self.datasets[split] = ColumnarDataset(
                 split_files, self.decoder(), encoders, split, preparation.num_rows[split], self.batch_size,
-                boundaries, self.rank, self.world_size, keep_last=split != "train")
+                boundaries, self.rank, self.world_size, keep_last=split != "train" or not self.drop_last)
         if "train" in self.datasets and len(self.datasets["train"]) == 0:
             rank_zero_warn(f"the training split has {preparation.num_rows['train']} rows, less than one global batch "
                            f"({self.batch_size} x {self.world_size} ranks): the train loader is empty")

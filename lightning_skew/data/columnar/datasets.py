@@ -124,9 +124,11 @@ class ColumnarDataset(IterableDataset):
     The rows of all files, in order (only the split's rows for a time-ordered split), are cut into global
     batches of ``world_size * batch_size`` rows, as :class:`~lightning_skew.data.criteo.GlobalBatchSharding`
     says: rank ``r`` takes rows ``[r B, (r + 1) B)`` of each, worker ``w`` of ``n`` the global batches
-    ``j % n == w``. Training (``keep_last=False``) yields complete global batches only, so every rank yields
-    the same number; validation and test (``keep_last=True``) also yield the rows after the last complete one,
-    shared as evenly as the ranks allow (a rank may get an empty batch, so that every rank takes as many steps).
+    ``j % n == w``. With ``keep_last`` (the default) the rows after the last complete global batch are yielded
+    too, shared as evenly as the ranks allow (a rank may get an empty batch, so that every rank takes as many
+    steps; for training, where an empty batch cannot train, fewer rows than ranks are left out and logged);
+    ``keep_last=False`` yields complete global batches only (training's ``drop_last``; the rows left out are
+    logged).
 
     Memory is bounded by a few chunks of the files (pyarrow's blocks) and one global batch. Every worker reads
     and decodes every row (so that all find the same rows and the same errors); each encodes only its own.
@@ -153,6 +155,11 @@ class ColumnarDataset(IterableDataset):
         self.files, self.decoder, self.encoders = list(files), decoder, list(encoders)
         self.split, self.num_rows, self.boundaries, self.keep_last = split, num_rows, boundaries, keep_last
         self.sharding = GlobalBatchSharding(batch_size, rank, world_size)
+        remainder = num_rows % self.sharding.global_batch_size
+        if keep_last and split == "train" and remainder < world_size:
+            self.keep_last = False  # some rank's share would be empty, and an empty batch cannot train
+        #: Rows of the split no batch holds (the partial last global batch, when it is left out).
+        self.num_dropped_rows = 0 if self.keep_last else remainder
         self.last_pass_counts = PassCounts()
         self.skip_first = 0  # global batches the first pass leaves out (a run resumed mid-epoch trained them)
 
@@ -239,6 +246,10 @@ class ColumnarDataset(IterableDataset):
                                "preparation pass read them: did they change? Start again to read them anew")
         if yielded < owned:  # the last share, when this rank's is empty
             yield _empty(self.encoders, self.decoder)
+        if self.num_dropped_rows and sharding.worker_id == 0 and sharding.rank == 0:
+            log.warning("columnar %s data: %d rows after the last complete global batch of %d were left out "
+                        "(drop_last, or fewer rows than ranks)", self.split, self.num_dropped_rows,
+                        sharding.global_batch_size)
         if counts.summary():
             log.warning("columnar %s data (rank %d, worker %d): %s in this pass", self.split, sharding.rank,
                         sharding.worker_id, counts.summary())

@@ -84,11 +84,16 @@ def time_boundaries(counts: TimeCounts, val_fraction: float, test_fraction: floa
     num_rows = {split: int(totals[codes == i].sum()) for i, split in enumerate(SPLITS)}
     for split, fraction in (("val", val_fraction), ("test", test_fraction)):
         if fraction > 0 and num_rows[split] == 0:
+            hint = (f"all rows share one {column!r} value, so no time split can hold any out: give {split}_paths (a "
+                    "file of its own), or a finer time column" if len(times) == 1 else f"raise {split}_fraction")
             raise ValueError(f"the {split} split by {column!r} is empty: the last {fraction:.0%} of the rows share "
-                             f"their time with earlier ones ({len(times)} distinct times); raise {split}_fraction")
+                             f"their time with earlier ones ({len(times)} distinct times); {hint}")
     if num_rows["train"] == 0:
+        hint = (f"all rows share one {column!r} value, so a time split cannot cut them: give val_paths / test_paths "
+                "(files of their own), or a finer time column" if len(times) == 1 else
+                "lower val_fraction / test_fraction")
         raise ValueError(f"the training split by {column!r} is empty: every row shares the time where the held-out "
-                         f"splits begin ({len(times)} distinct times); lower val_fraction / test_fraction")
+                         f"splits begin ({len(times)} distinct times); {hint}")
     return TimeBoundaries(val_start, test_start, num_rows)
 
 

@@ -15,8 +15,9 @@ Feature transforms (pure functions, tested on their own):
 * dense (TSV, or integer npy): missing -> 0, negatives clamped to 0, then ``log(1 + x)``
   (:func:`transform_dense`). Float npy dense is taken as is: TorchRec already wrote
   ``log(x - min + 2)`` there, and applying a second transform would change the data's meaning.
-* categorical by hashing: ``int(hex, 16) % num_embeddings[i]``; a missing value is the value 0 before
-  hashing, as the DLRM reference preprocessing does, so it lands on row 0 (:func:`hash_categorical`).
+* categorical by hashing: ``1 + int(hex, 16) % (num_embeddings[i] - 1)``; a missing value lands on row 0,
+  which no present value shares (:func:`hash_categorical`; the DLRM reference's ``% num_embeddings`` would put
+  every value that hashes to 0, e.g. C9's frequent ``a73ee510`` in a table of 10 rows, on the missing row).
 * categorical by vocabulary (:func:`build_vocabulary`, a separate pass): values seen at least
   ``min_frequency`` times get rows ``1..V`` (most frequent first), every other value (rare, unseen or
   missing) gets row 0.

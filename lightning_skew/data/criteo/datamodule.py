@@ -55,10 +55,10 @@ class CriteoDataModule(FileSplitLoaders, RecDataModule):
         lines already trained are skipped unparsed; a file shorter than the checkpoint says is an error.
 
     .. note::
-        **Missing values** (empty categorical fields) land on row 0 of every table (:attr:`missing_rows`):
-        hashing treats them as the value 0, as the DLRM reference does, so row 0 also holds the present
-        values that hash to it; with a vocabulary row 0 is shared with every value the vocabulary does not
-        keep (rare, unseen, or past ``max_rows_per_table``).
+        **Missing values** (empty categorical fields) land on row 0 of every table (:attr:`missing_rows`).
+        Hashing keeps that row for them alone (present values take rows ``1 + value % (rows - 1)``; in npy
+        files, where empty fields were written as 0, the value 0 counts as missing); with a vocabulary row 0 is
+        shared with every value the vocabulary does not keep (rare, unseen, or past ``max_rows_per_table``).
 
     Args:
         train_paths: Training files: TSV files, directories or globs; for ``npy``, day prefixes

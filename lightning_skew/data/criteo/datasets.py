@@ -156,7 +156,7 @@ class _CategoricalEncoder:
 
     def __call__(self, raw: np.ndarray, missing: np.ndarray | None) -> np.ndarray:
         if self.vocabulary is None:
-            return hash_categorical(raw, self.num_embeddings_per_feature)
+            return hash_categorical(raw, self.num_embeddings_per_feature, missing)
         ids = self.vocabulary.lookup(raw, missing)
         # Rows are in frequency order, so a cap keeps the most frequent values.
         return np.where(ids < np.asarray(self.num_embeddings_per_feature), ids, 0)

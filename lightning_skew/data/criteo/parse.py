@@ -21,6 +21,8 @@ from lightning_skew.data.features import (
 TSV_NUM_FIELDS = 1 + CRITEO_NUM_DENSE + CRITEO_NUM_SPARSE
 # Criteo's own column names: the errors, the batches' feature keys and the tables speak the dataset's README.
 TSV_FIELD_NAMES: list[str] = ["label"] + CRITEO_INTEGER_COLUMNS + CRITEO_CATEGORICAL_COLUMNS
+# The row of every table that stands for a missing (empty) categorical field, hashed or by vocabulary.
+MISSING_ROW = 0
 # 16 hex digits fill a uint64; 16 decimal characters ('-' and 15 digits) fit an int64.
 MAX_FIELD_BYTES = 16
 
@@ -208,14 +210,23 @@ def transform_dense(raw: np.ndarray) -> np.ndarray:
     return np.log1p(np.maximum(raw, 0).astype(np.float64)).astype(np.float32)
 
 
-def hash_categorical(raw: np.ndarray, num_embeddings_per_feature: Sequence[int]) -> np.ndarray:
-    """Rows by hashing: ``raw % num_embeddings[i]`` per column, as ``int64``.
+def hash_categorical(raw: np.ndarray, num_embeddings_per_feature: Sequence[int],
+                     missing: np.ndarray | None = None) -> np.ndarray:
+    """Rows by hashing, as ``int64 [n, 26]``: a missing value on row 0 (:data:`MISSING_ROW`), every present value
+    on ``1 + raw % (num_embeddings[i] - 1)``, so that no present value shares the missing row (a table of one row
+    holds everything on row 0).
 
-    ``raw`` is ``[n, 26]`` of non-negative integers (the parsed hexadecimal values, where a missing
-    value is 0 and so hashes to row 0).
+    ``raw`` is ``[n, 26]`` of non-negative integers (the parsed hexadecimal values); ``missing`` marks the empty
+    fields (``None``: the value 0 stands for missing, as in TorchRec's npy files, where empty fields were written
+    as 0).
     """
     sizes = np.asarray(num_embeddings_per_feature, dtype=np.uint64)
-    return (raw.astype(np.uint64, copy=False) % sizes).astype(np.int64)
+    raw = raw.astype(np.uint64, copy=False)
+    present_rows = np.maximum(sizes, np.uint64(2)) - np.uint64(1)
+    rows = (raw % present_rows).astype(np.int64) + 1
+    if missing is None:
+        missing = raw == 0
+    return np.where(missing | (sizes == 1), MISSING_ROW, rows)
 
 
 def make_batch(
