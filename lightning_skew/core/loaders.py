@@ -1,12 +1,12 @@
-"""Views of a training loader that a strategy hands to Lightning's loop: the inner loader's length, sampler and
-every other attribute, with each batch passed through a function of the strategy's."""
+"""A view of a training loader that a strategy hands to Lightning's loop: the inner loader's length, sampler and
+every other attribute, iterated its own way."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["LoaderView", "MappedLoader"]
+__all__ = ["LoaderView"]
 
 
 class LoaderView:
@@ -27,17 +27,3 @@ class LoaderView:
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.loader, name, value)  # e.g. Lightning's worker_init_fn belongs to the inner loader
-
-
-class MappedLoader(LoaderView):
-    """``loader`` with every batch replaced by ``transform(batch)`` as it is read (in the process that reads it,
-    before Lightning moves the batch to the device)."""
-
-    def __init__(self, loader: Any, transform: Callable[[Any], Any]) -> None:
-        super().__init__(loader)
-        self.__dict__["_transform"] = transform
-
-    def __iter__(self) -> Iterator[Any]:
-        transform = self._transform
-        for batch in self.loader:
-            yield transform(batch)

@@ -18,7 +18,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.core.batch import Batch, RoutedSparse, SkewBatch
 from lightning_skew.core.id_ranges import check_table_ids
-from lightning_skew.core.loaders import MappedLoader
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.data.base import RecDataModule
 from lightning_skew.hotcold.collection import (
@@ -290,19 +289,18 @@ class HotColdStrategy(TorchRecStrategy):
 
     # ------------------------------------------------------------------------------------- training
 
-    def process_dataloader(self, dataloader: object) -> object:
-        dataloader = super().process_dataloader(dataloader)
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         trainer = self.lightning_module.trainer
-        if not trainer.training:
-            return dataloader
-        # The hot/cold split of each training batch happens as the batch is read, on the host, so the step
-        # itself splits nothing (on a GPU the split's data-dependent sizes would stall the device every step).
-        return MappedLoader(dataloader, self._route_batch)
+        if trainer is not None and trainer.training:
+            # The hot/cold split of each training batch is made here, on the host, after the DataModule's hooks
+            # and the ID check and before the copy, so the step itself splits nothing (on a GPU the split's
+            # data-dependent sizes would stall the device every step; here the device still runs the last step).
+            batch = self._route_batch(check_table_ids(self.lightning_module, batch))
+        return super().batch_to_device(batch, device, dataloader_idx)
 
     def _route_batch(self, batch: Any) -> Any:
         """``batch`` with its lookups routed for every collection's current placement (unchanged while
         rebalancing counts lookups: those are counted, and split, in the step)."""
-        batch = check_table_ids(self.lightning_module, batch)  # an ID past its table must not be routed
         sparse = getattr(batch, "sparse_features", None)
         collections = self.collections()
         if not isinstance(sparse, KeyedJaggedTensor) or not isinstance(batch, Batch) or not collections \

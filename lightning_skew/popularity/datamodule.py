@@ -79,6 +79,19 @@ class _TrainStream(IterableDataset):
         return self.owner._num_inner_batches()
 
 
+class _PopularityLoader(DataLoader):
+    """The training loader, stateful in Lightning's terms: its position is the DataModule's, which the same
+    checkpoint restores (``PopularityDataModule.load_state_dict``) before the loop reads a batch, so loading the
+    loader's copy has nothing left to do; a mid-epoch resume goes on with the next batch."""
+
+    def state_dict(self) -> dict[str, Any]:
+        owner = self.dataset.owner  # type: ignore[attr-defined]
+        return {"epoch": owner._epoch, "position": owner.position}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # restored with the DataModule's state (see the class docstring)
+
+
 class PopularityDataModule(WrappedDataModule):
     """Wraps a :class:`RecDataModule` and regroups its training inputs into hot-only and cold batches.
 
@@ -221,7 +234,7 @@ class PopularityDataModule(WrappedDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._train_loader = self.datamodule.train_dataloader()
-        return DataLoader(_TrainStream(self), batch_size=None, num_workers=0)
+        return _PopularityLoader(_TrainStream(self), batch_size=None, num_workers=0)
 
     # -- hot sets -----------------------------------------------------------------------------------------
 
