@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_skew.tiers.policies import StepRecord, Traffic, _traffic
+from lightning_skew.tiers.policies import StepRecord, Traffic, _traffic, count_link_traffic, step_record
 from lightning_skew.tiers.stream import AccessStream
 
 __all__ = ["DEFAULT_ASSOC", "cache_set_of", "cache_sets_for", "fbgemm_cache", "load_factor_for"]
@@ -158,14 +158,9 @@ def fbgemm_cache(stream: AccessStream, budget_bytes: int | None = None, algorith
         step_hits = found & cached_now
         direct = rows[~cached_now]  # conflict misses (and, for LFU, found rows evicted by this batch's inserts)
         hits[t] = int(step_hits.sum())
-        read[t] = incoming.numel() + direct.numel()
-        written[t] = evicted.numel() + direct.numel()
-        direct_bytes = int(sizes[direct].sum())
-        read_b[t] = int(sizes[incoming].sum()) + direct_bytes
-        written_b[t] = int(sizes[evicted].sum()) + direct_bytes
+        count_link_traffic(t, incoming, evicted, direct, sizes, read, read_b, written, written_b)
         if records is not None:
-            records.append((universe[rows[step_hits]], universe[torch.sort(torch.cat([incoming, direct])).values],
-                            universe[torch.sort(torch.cat([evicted, direct])).values]))
+            records.append(step_record(universe, rows[step_hits], incoming, evicted, direct))
     name = f"FBGEMM UVM cache, {algorithm.upper()} ({full_sets} sets x {assoc}, load factor {load_factor:.4g})"
     return _traffic(name, stream, fast_bytes, hits, read, read_b, written, written_b, records=records,
                     filled_at=filled_at)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_skew.tiers.policies import StepRecord, Traffic, _traffic
+from lightning_skew.tiers.policies import StepRecord, Traffic, _traffic, count_link_traffic, step_record
 from lightning_skew.tiers.stream import AccessStream, shards_keep
 
 __all__ = ["lookahead_cache", "lookahead_hot_set", "next_use_steps", "refresh_plan"]
@@ -107,14 +107,9 @@ def lookahead_cache(stream: AccessStream, budget_bytes: int, window: int = 8, re
         next_use[rows] = coming
         last_use[rows] = t
         hits[t] = int(found.sum())
-        read[t] = incoming.numel() + direct.numel()
-        written[t] = evicted.numel() + direct.numel()
-        direct_bytes = int(sizes[direct].sum())
-        read_b[t] = int(sizes[incoming].sum()) + direct_bytes
-        written_b[t] = int(sizes[evicted].sum()) + direct_bytes
+        count_link_traffic(t, incoming, evicted, direct, sizes, read, read_b, written, written_b)
         if records is not None:
-            records.append((universe[rows[found]], universe[torch.sort(torch.cat([incoming, direct])).values],
-                            universe[torch.sort(torch.cat([evicted, direct])).values]))
+            records.append(step_record(universe, rows[found], incoming, evicted, direct))
     fast_bytes = int(full_capacity * mean_row)
     return _traffic(f"lookahead (Bagpipe-style), window {window}", stream, fast_bytes, hits, read, read_b, written,
                     written_b, ahead=True, records=records, filled_at=filled_at)

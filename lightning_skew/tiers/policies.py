@@ -93,6 +93,23 @@ def _traffic(policy: str, stream: AccessStream, fast_bytes: int, hits: Tensor, r
                    ahead, stream.sample_rate, records, filled_at)
 
 
+def count_link_traffic(t: int, incoming: Tensor, evicted: Tensor, direct: Tensor, sizes: Tensor, read: Tensor,
+                       read_bytes: Tensor, written: Tensor, written_bytes: Tensor) -> None:
+    """Step ``t``'s rows and bytes over the host link, into the per-step counts: rows filled into fast memory and
+    rows served straight from host memory (``direct``) are read; evicted rows and the direct ones are written back."""
+    read[t] = incoming.numel() + direct.numel()
+    written[t] = evicted.numel() + direct.numel()
+    direct_bytes = int(sizes[direct].sum())
+    read_bytes[t] = int(sizes[incoming].sum()) + direct_bytes
+    written_bytes[t] = int(sizes[evicted].sum()) + direct_bytes
+
+
+def step_record(universe: Tensor, hit: Tensor, incoming: Tensor, evicted: Tensor, direct: Tensor) -> StepRecord:
+    """A step's rows in the stream's own IDs: hits, rows read, rows written (as the references list them)."""
+    return (universe[hit], universe[torch.sort(torch.cat([incoming, direct])).values],
+            universe[torch.sort(torch.cat([evicted, direct])).values])
+
+
 def all_host(stream: AccessStream, record: bool = False) -> Traffic:
     """Every table in host memory: every row a step needs is read and written back."""
     steps, sizes = stream.step_ids(), stream.row_bytes(stream.rows)
