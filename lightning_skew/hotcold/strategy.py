@@ -65,7 +65,7 @@ __all__ = ["HotColdStrategy", "ORIGINAL_IDS_FORMAT"]
 ORIGINAL_IDS_FORMAT = "original-ids-v1"
 
 #: What the split costs where both parts share one memory: `hotcold` against `lightning` in docs/benchmarks.md.
-CPU_SPLIT_RATIO = "about 0.8x"
+CPU_SPLIT_RATIO = "0.8-0.9x"
 
 
 class HotColdStrategy(TorchRecStrategy):
