@@ -423,3 +423,16 @@ def test_a_profile_of_other_data_with_the_same_tables_is_refused(tmp_path):
     profile.save(tmp_path / "other_seed.pt")
     with pytest.raises(ValueError, match="seed"):
         _fit(HotColdStrategy(budget_bytes=36 * 100, profile_path=str(tmp_path / "other_seed.pt")), tmp_path)
+
+
+def test_on_cpu_the_strategy_says_once_that_the_split_cannot_pay(tmp_path):
+    data = make_data(1)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=HotColdStrategy(budget_bytes=36 * 100), max_steps=2,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         default_root_dir=str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(make_model(data, "rowwise_adagrad"), data)
+    said = [str(w.message) for w in caught if "live in the same memory" in str(w.message)]
+    assert len(said) == 1 and "TorchRecStrategy" in said[0] and "of TorchRecStrategy's speed" in said[0]
