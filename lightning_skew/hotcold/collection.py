@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -34,9 +33,9 @@ from lightning_skew.hotcold.placement import (
     merge_rows,
     split_rows,
 )
+from lightning_skew.hotcold.routing import RoutedLookups, routed_in_step
 
-__all__ = ["HOT_SUFFIX", "COLD_SUFFIX", "HotColdEmbeddingBagCollection", "RoutedLookups", "hot_only_step",
-           "routed_step", "table_specs"]
+__all__ = ["HOT_SUFFIX", "COLD_SUFFIX", "HotColdEmbeddingBagCollection", "hot_only_step", "table_specs"]
 
 HOT_SUFFIX, COLD_SUFFIX = "__hot", "__cold"
 
@@ -54,40 +53,6 @@ def hot_only_step(hot_only: bool = True) -> Iterator[None]:
         yield
     finally:
         _HOT_ONLY.reset(token)
-
-
-@dataclass(frozen=True)
-class RoutedLookups:
-    """A batch's lookups split for one collection's placement ahead of the step (in the data pipeline, on the
-    host): the ``hot`` and ``cold`` KeyedJaggedTensors of shard slots, and the placement ``version`` they follow."""
-
-    hot: KeyedJaggedTensor
-    cold: KeyedJaggedTensor
-    version: int
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> RoutedLookups:
-        return RoutedLookups(self.hot.to(device, non_blocking=non_blocking),
-                             self.cold.to(device, non_blocking=non_blocking), self.version)
-
-    def pin_memory(self) -> RoutedLookups:
-        return RoutedLookups(self.hot.pin(), self.cold.pin(), self.version)
-
-
-# The lookups of the step in progress already routed per collection (by id), with the KeyedJaggedTensor they
-# route: a collection called with exactly that object takes its routed lookups instead of splitting them itself.
-_ROUTED: ContextVar[tuple[KeyedJaggedTensor, dict[int, RoutedLookups]] | None] = ContextVar(
-    "lightning_skew_routed_step", default=None)
-
-
-@contextmanager
-def routed_step(features: KeyedJaggedTensor | None, routed: dict[int, RoutedLookups]) -> Iterator[None]:
-    """Within it, the collection with ``id(collection)`` in ``routed``, called with ``features`` (that very object),
-    uses the routed lookups when they follow its current placement, so the step splits nothing."""
-    token = _ROUTED.set((features, routed))
-    try:
-        yield
-    finally:
-        _ROUTED.reset(token)
 
 
 def table_specs(ebc: EmbeddingBagCollection) -> list[TableSpec]:
@@ -371,12 +336,10 @@ class HotColdEmbeddingBagCollection(nn.Module):
         return RoutedLookups(hot, cold, self.placement_version)
 
     def _lookups(self, features: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
-        step = _ROUTED.get()
-        if step is not None and step[0] is features:
-            routed = step[1].get(id(self))
-            if routed is not None and routed.version == self.placement_version:
-                self.routed_forwards += 1
-                return routed.hot, routed.cold
+        routed = routed_in_step(self, features)
+        if routed is not None and routed.version == self.placement_version:
+            self.routed_forwards += 1
+            return routed.hot, routed.cold
         return self.split_features(features)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:

@@ -14,16 +14,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchrec.distributed import DistributedModelParallel
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_skew.core.batch import Batch, RoutedSparse, SkewBatch
+from lightning_skew.core.batch import SkewBatch
 from lightning_skew.core.id_ranges import check_table_ids
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.data.base import RecDataModule
 from lightning_skew.hotcold.collection import (
     HotColdEmbeddingBagCollection,
     hot_only_step,
-    routed_step,
     table_specs,
 )
 from lightning_skew.hotcold.placement import Placement, TableSpec
@@ -35,6 +33,7 @@ from lightning_skew.hotcold.planning import (
     place_collections,
 )
 from lightning_skew.hotcold.rebalance import all_reduced_counts, move_rows, plan_rebalance
+from lightning_skew.hotcold.routing import route_batch, routed_batch_step
 from lightning_skew.hotcold.state import (
     flatten_optimizer_state,
     from_original_ids,
@@ -299,27 +298,14 @@ class HotColdStrategy(TorchRecStrategy):
         return super().batch_to_device(batch, device, dataloader_idx)
 
     def _route_batch(self, batch: Any) -> Any:
-        """``batch`` with its lookups routed for every collection's current placement (unchanged while
-        rebalancing counts lookups: those are counted, and split, in the step)."""
-        sparse = getattr(batch, "sparse_features", None)
-        collections = self.collections()
-        if not isinstance(sparse, KeyedJaggedTensor) or not isinstance(batch, Batch) or not collections \
-                or any(c.counting for c in collections.values()):
-            return batch
-        routed = batch if isinstance(batch, SkewBatch) else SkewBatch.of(batch, False, 0)
-        routed.routed_sparse = RoutedSparse(sparse, {path: c.route(sparse) for path, c in collections.items()})
-        if routed.is_hot and routed.hot_rows is not None:
+        routed = route_batch(self.collections(), batch)
+        if isinstance(routed, SkewBatch) and routed.is_hot and routed.hot_rows is not None:
             self._hot_set_placed(routed.hot_rows)  # checked here, on the host, not in the step
         return routed
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else kwargs.get("batch")
-        routed = getattr(batch, "routed_sparse", None)
-        if routed is not None and not routed.valid_for(batch.sparse_features):
-            routed = None  # a callback changed the inputs after routing: the collections route them again
-        parts = {} if routed is None else {id(c): routed.parts[path] for path, c in self.collections().items()
-                                           if path in routed.parts}
-        with hot_only_step(self._hot_only(batch)), routed_step(None if routed is None else routed.source, parts):
+        with hot_only_step(self._hot_only(batch)), routed_batch_step(self.collections(), batch):
             return super().training_step(*args, **kwargs)
 
     def _hot_only(self, batch: Any) -> bool:
