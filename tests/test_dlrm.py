@@ -52,3 +52,28 @@ def test_short_fit_learns_but_stays_below_the_best_attainable_auc(interaction):
 def test_bad_shapes_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DLRMModule(**kwargs)
+
+
+def test_dot_interaction_is_torchrecs_with_the_same_gradients():
+    # DLRMModule swaps TorchRec's InteractionArch for DotInteraction (a cheaper backward): a user's checkpoints
+    # and results must not notice.
+    import torch
+    from torchrec.models.dlrm import InteractionArch
+
+    from lightning_skew.models.interaction import DotInteraction
+
+    torch.manual_seed(0)
+    dense = torch.randn(64, 8, requires_grad=True)
+    sparse = torch.randn(64, 5, 8, requires_grad=True)
+    grad = torch.randn(64, 8 + 6 * 5 // 2)
+    outputs = []
+    for arch in (InteractionArch(5), DotInteraction(5)):
+        dense.grad = sparse.grad = None
+        out = arch(dense, sparse)
+        out.backward(grad)
+        outputs.append((out.detach(), dense.grad.clone(), sparse.grad.clone()))
+        assert arch.state_dict() == {} or set(arch.state_dict()) == set(InteractionArch(5).state_dict())
+    for theirs, ours in zip(*outputs, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    model = DLRMModule([10] * 5, [f"f{i}" for i in range(5)], 13, embedding_dim=8, dense_arch_layer_sizes=[8])
+    assert isinstance(model.model.inter_arch, DotInteraction)

@@ -24,6 +24,7 @@ from lightning_skew.models.decisions import (
     serving_frozen,
     weighted_bce,
 )
+from lightning_skew.models.interaction import DotInteraction
 from lightning_skew.models.sparse_dlrm import SparseDLRM
 from lightning_skew.torchrec.optim import dense_parameters, fuse_embedding_optimizer
 
@@ -115,6 +116,7 @@ class DLRMModule(pl.LightningModule):
             self.model = SparseDLRM(ebc, over_arch_layer_sizes, interaction, dcn_num_layers, dcn_low_rank_dim)
         elif interaction == "dot":
             self.model = DLRM(**common)
+            self.model.inter_arch = DotInteraction(len(self.model.sparse_arch.sparse_feature_names))
         else:
             self.model = DLRM_DCN(**common, dcn_num_layers=dcn_num_layers, dcn_low_rank_dim=dcn_low_rank_dim)
         serve_frozen(self.model.sparse_arch)

@@ -9,6 +9,8 @@ from torchrec.models.dlrm import OverArch, SparseArch
 from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_skew.models.interaction import pairwise_dots, upper_triangle_index
+
 __all__ = ["SparseDLRM"]
 
 
@@ -57,8 +59,7 @@ class SparseDLRM(nn.Module):
         dim = dims.pop()
         self.interaction = interaction
         if interaction == "dot":
-            self.register_buffer("triu_indices", torch.triu_indices(num_features, num_features, offset=1),
-                                 persistent=False)
+            self.register_buffer("flat_triu_index", upper_triangle_index(num_features), persistent=False)
             over_in = num_features * dim + num_features * (num_features - 1) // 2
         else:
             self.crossnet = LowRankCrossNet(in_features=num_features * dim, num_layers=dcn_num_layers,
@@ -72,5 +73,5 @@ class SparseDLRM(nn.Module):
         flat = embedded.flatten(1)
         if self.interaction == "dcn":
             return self.over_arch(self.crossnet(flat))
-        dots = torch.bmm(embedded, embedded.transpose(1, 2))[:, self.triu_indices[0], self.triu_indices[1]]
+        dots = pairwise_dots(embedded, self.flat_triu_index)
         return self.over_arch(torch.cat((flat, dots), dim=1))
