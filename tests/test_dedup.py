@@ -127,6 +127,31 @@ def test_distinct_inputs_is_exact_by_id_and_finds_repeats_anywhere_in_the_batch_
         distinct_inputs(kjt, ["nope"])
 
 
+def test_dedup_keeps_per_id_weights_with_their_ids_in_every_form():
+    # Weighted bags (a user's history weighted by recency, say) between, before and after other keys: the
+    # weights travel with their IDs through the deduplicated, the rest and the one-lookup form.
+    kjt = KeyedJaggedTensor(
+        keys=["a", "h", "b", "u"],
+        values=torch.tensor([1, 2, 3, 4, 7, 9, 7, 9, 7, 5, 5, 6, 6, 8, 8, 8, 3]),
+        lengths=torch.tensor([1, 1, 1, 1, 2, 2, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1]),
+        weights=torch.arange(17, dtype=torch.float) / 16)
+    batch = Batch(torch.zeros(4, 1), kjt, torch.zeros(4))
+    deduped = dedup_batch(batch, ["h", "u"])
+    lookups = deduped.deduped
+    assert lookups.inverse.tolist() == [0, 0, 1, 2]
+    bags = lookups.bags.to_dict()
+    assert [b.tolist() for b in bags["h"].to_dense()] == [[7, 9], [7], []]
+    assert [b.tolist() for b in bags["h"].to_dense_weights()] == [[0.25, 0.3125], [0.5], []]
+    assert [b.tolist() for b in bags["u"].to_dense_weights()] == [[0.8125], [0.9375], [1.0]]
+    rest = deduped.sparse_features.to_dict()
+    assert rest["b"].values().tolist() == [5, 5, 6, 6] and rest["h"].values().numel() == 0
+    assert rest["b"].weights().tolist() == [0.5625, 0.625, 0.6875, 0.75]
+    merged = lookups.merged.to_dict()
+    assert [b.tolist() for b in merged["h"].to_dense()] == [[7, 9], [7], [], []]
+    assert merged["a"].weights().tolist() == kjt.to_dict()["a"].weights().tolist()
+    assert [b.tolist() for b in merged["u"].to_dense_weights()] == [[0.8125], [0.9375], [1.0], []]
+
+
 def test_dedup_trains_exactly_as_without_under_torchrec_strategy_and_resumes(tmp_path):
     plain_losses, plain_weights = fit(lambda: make_data(GLOBAL_BATCH), tmp_path / "plain", epochs=1)
     dedup_losses, dedup_weights = fit(lambda: DedupDataModule(make_data(GLOBAL_BATCH), USER), tmp_path / "dedup",

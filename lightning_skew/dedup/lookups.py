@@ -98,13 +98,12 @@ def _same_as_previous(lengths: Tensor, offsets: Tensor, values: Tensor) -> Tenso
     if lengths.numel() < 2:
         return same
     same[1:] = lengths[1:] == lengths[:-1]
-    owner = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
-    # Where the lengths agree, lookup k of input i faces lookup k of input i - 1, `lengths[i]` places back.
-    back = torch.arange(values.numel()) - lengths[owner]
-    comparable = same[owner]
-    differs = comparable & (values != values[back.clamp(min=0)])
-    mismatches = torch.zeros_like(lengths).index_add_(0, owner, differs.long())
-    return same & (mismatches == 0)
+    # Where the lengths agree, lookup k of input i faces lookup k of input i - 1, `lengths[i]` places back (where
+    # they do not, `same` is False already and the comparison is not read).
+    back = (torch.arange(values.numel()) - torch.repeat_interleave(lengths, lengths, output_size=values.numel()))
+    differs = values != values.index_select(0, back.clamp_(min=0))
+    running = torch.cat([differs.new_zeros(1, dtype=torch.long), torch.cumsum(differs, 0)])
+    return same & (running.index_select(0, offsets + lengths) == running.index_select(0, offsets))
 
 
 def _runs(bags: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
@@ -132,58 +131,53 @@ def distinct_inputs(sparse: KeyedJaggedTensor, features: Sequence[str],
     return _runs(bags) if consecutive else _distinct(bags)
 
 
-def _gathered(values: Tensor, lengths: Tensor, starts: Tensor) -> Tensor:
-    """The IDs of bags given by their lengths and start offsets, one bag after the other."""
-    counts = lengths.long()
-    segment = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-    return values[starts.long()[segment] + torch.arange(segment.numel()) - (torch.cumsum(counts, 0) - counts)[segment]]
+def _gather_bags(values: Tensor, starts: Tensor, lengths: Tensor) -> Tensor:
+    """The IDs (or weights) of the bags at ``starts`` of ``lengths`` in ``values``, one bag after the other."""
+    total = int(lengths.sum())
+    bag = torch.repeat_interleave(torch.arange(lengths.numel()), lengths, output_size=total)
+    shift = starts - (torch.cumsum(lengths, 0) - lengths)
+    return values.index_select(0, shift.index_select(0, bag) + torch.arange(total))
 
 
 def _three_forms(sparse: KeyedJaggedTensor, features: Sequence[str], first: Tensor
                  ) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor, KeyedJaggedTensor]:
-    """``(rest, bags, merged)``: see :func:`split_deduped` and :func:`merged_lookups`. The other keys' IDs are
-    taken as whole segments; only the deduplicated bags are gathered, once for both forms that hold them."""
-    positions = set(_check_features(sparse, features, "split_deduped"))
-    keys, batch = sparse.keys(), sparse.stride()
-    distinct = first.numel()
-    lengths = sparse.lengths().view(len(keys), batch)
-    per_key = sparse.length_per_key()
-    values = torch.split(sparse.values(), per_key)
-    weights = sparse.weights_or_none()
-    weight_parts = None if weights is None else torch.split(weights, per_key)
-    zeros_b, zeros_u, pad = lengths.new_zeros(batch), lengths.new_zeros(distinct), lengths.new_zeros(batch - distinct)
-    rest_v, rest_w, rest_l, bag_v, bag_w, bag_l, merged_v, merged_w, merged_l = ([] for _ in range(9))
-    for key in range(len(keys)):
-        if key in positions:
-            picked = lengths[key][first]
-            starts = (torch.cumsum(lengths[key], 0) - lengths[key])[first]
-            ids = _gathered(values[key], picked, starts)
-            bag_v.append(ids)
-            merged_v.append(ids)
-            if weight_parts is not None:
-                bag_w.append(_gathered(weight_parts[key], picked, starts))
-                merged_w.append(bag_w[-1])
-            rest_l.append(zeros_b)
-            bag_l.append(picked)
-            merged_l.append(torch.cat([picked, pad]))
-        else:
-            rest_v.append(values[key])
-            merged_v.append(values[key])
-            if weight_parts is not None:
-                rest_w.append(weight_parts[key])
-                merged_w.append(weight_parts[key])
-            rest_l.append(lengths[key])
-            bag_l.append(zeros_u)
-            merged_l.append(lengths[key])
+    """``(rest, bags, merged)``: see :func:`split_deduped` and :func:`merged_lookups`. Lengths for all keys at
+    once (``[keys, inputs]`` grids); the deduplicated features' bags gathered in one pass; the other keys' IDs
+    taken as the whole runs of segments between them (a loop over the named features, not over the keys)."""
+    positions = sorted(set(_check_features(sparse, features, "split_deduped")))
+    named = torch.zeros(len(sparse.keys()), dtype=torch.bool)
+    named[positions] = True
+    batch, distinct = sparse.stride(), first.numel()
+    lengths = sparse.lengths().view(-1, batch).long()
+    starts = (torch.cumsum(lengths.flatten(), 0) - lengths.flatten()).view_as(lengths)
+    bag_lengths = lengths[positions].index_select(1, first)  # [named, U]
+    full_bag_lengths = lengths.new_zeros(lengths.shape[0], distinct)
+    full_bag_lengths[positions] = bag_lengths
+    rest_lengths = lengths.masked_fill(named[:, None], 0)
+    merged_lengths = rest_lengths.clone()
+    merged_lengths[:, :distinct] += full_bag_lengths
+    bag_starts = starts[positions].index_select(1, first)
+    bag_sizes = bag_lengths.sum(1).tolist()
+    key_edges = [0, *torch.tensor(sparse.length_per_key()).cumsum(0).tolist()]
 
-    def kjt(parts: list[Tensor], weight_list: list[Tensor], length_list: list[Tensor]) -> KeyedJaggedTensor:
-        empty = sparse.values()[:0]
-        return KeyedJaggedTensor(keys=keys, values=torch.cat(parts) if parts else empty,
-                                 lengths=torch.cat(length_list),
-                                 weights=None if weights is None else
-                                 (torch.cat(weight_list) if weight_list else weights[:0]))
+    def parts(flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        gathered = torch.split(_gather_bags(flat, bag_starts.flatten(), bag_lengths.flatten()), bag_sizes)
+        rest, merged, previous_end = [], [], 0
+        for position, ids in zip(positions, gathered, strict=True):
+            kept = flat[previous_end:key_edges[position]]
+            rest.append(kept)
+            merged += [kept, ids]
+            previous_end = key_edges[position + 1]
+        rest.append(flat[previous_end:])
+        merged.append(flat[previous_end:])
+        return torch.cat(rest), torch.cat(gathered), torch.cat(merged)
 
-    return kjt(rest_v, rest_w, rest_l), kjt(bag_v, bag_w, bag_l), kjt(merged_v, merged_w, merged_l)
+    values = parts(sparse.values())
+    weights = None if sparse.weights_or_none() is None else parts(sparse.weights())
+    dtype = sparse.lengths().dtype
+    return tuple(KeyedJaggedTensor(keys=sparse.keys(), values=values[form], lengths=form_lengths.flatten().to(dtype),
+                                   weights=None if weights is None else weights[form])
+                 for form, form_lengths in enumerate((rest_lengths, full_bag_lengths, merged_lengths)))
 
 
 def split_deduped(sparse: KeyedJaggedTensor, features: Sequence[str], first: Tensor
