@@ -1,6 +1,7 @@
-"""One rank of a short TorchRecStrategy fit on synthetic sessions, with or without deduplicated user features,
-started by tests/test_dedup.py. Writes ``plain_rank0.pt`` (or with ``--dedup``, ``dedup_rank0.pt``): the loss of
-every step and the unsharded weights."""
+"""One rank of a short TorchRecStrategy fit on synthetic sessions (or, with ``--movielens ROOT``, MovieLens-100k with
+a history feature, from its recipe), with or without deduplicated user features, started by tests/test_dedup.py.
+Writes ``plain_rank0.pt`` (or with ``--dedup``, ``dedup_rank0.pt``): the loss of every step and the unsharded
+weights."""
 
 from __future__ import annotations
 
@@ -43,15 +44,26 @@ class RecordLosses(pl.Callback):
         self.deduped.append(getattr(batch, "deduped", None) is not None)
 
 
-def run(out: Path, dedup: bool) -> None:
+RECIPE_WITH_HISTORY = Path(__file__).resolve().parents[1] / "recipes" / "dlrm_movielens_history.yaml"
+
+
+def movielens_data(root: str, batch_size: int):
+    from lightning_skew.profile.command import build_datamodule
+
+    return build_datamodule(["--config", str(RECIPE_WITH_HISTORY), "--data.init_args.root", root,
+                             "--data.init_args.batch_size", str(batch_size)])[0]
+
+
+def run(out: Path, dedup: bool, movielens: str | None = None) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    data = make_data(GLOBAL_BATCH // world_size)
+    data = make_data(GLOBAL_BATCH // world_size) if movielens is None else movielens_data(
+        movielens, GLOBAL_BATCH // world_size)
     model = make_model(data)
     record = RecordLosses()
     trainer = pl.Trainer(accelerator="cpu", devices=world_size, strategy=TorchRecStrategy(), max_epochs=1,
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, default_root_dir=str(out), callbacks=[record],
-                         num_sanity_val_steps=0, limit_val_batches=0)
+                         num_sanity_val_steps=0, limit_val_batches=0, max_steps=6)
     trainer.fit(model, DedupDataModule(data, ["user_id", "history"]) if dedup else data)
     weights = trainer.strategy.unsharded_state_dict()
     if trainer.global_rank == 0:
@@ -64,9 +76,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--dedup", action="store_true")
+    parser.add_argument("--movielens", default=None, help="a folder with ml-100k-history.inter and ml-100k.item")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    run(Path(args.out), args.dedup)
+    run(Path(args.out), args.dedup, args.movielens)
 
 
 if __name__ == "__main__":

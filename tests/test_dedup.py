@@ -168,10 +168,12 @@ def test_dedup_trains_exactly_as_without_under_torchrec_strategy_and_resumes(tmp
     assert_resumes_mid_epoch(lambda: DedupDataModule(make_data(GLOBAL_BATCH, 4), USER), tmp_path / "resume", 4, 2)
 
 
-def test_dedup_trains_exactly_as_without_on_two_ranks(tmp_path):
+@pytest.mark.parametrize("data", ["synthetic", "movielens"])
+def test_dedup_trains_exactly_as_without_on_two_ranks(tmp_path, data):
     worker = Path(__file__).with_name("dedup_worker.py")
-    launch(worker, 2, ["--out", str(tmp_path)], timeout=180)
-    launch(worker, 2, ["--out", str(tmp_path), "--dedup"], timeout=180)
+    extra = [] if data == "synthetic" else ["--movielens", str(_movielens_history(tmp_path))]
+    launch(worker, 2, ["--out", str(tmp_path), *extra], timeout=180)
+    launch(worker, 2, ["--out", str(tmp_path), "--dedup", *extra], timeout=180)
     plain, dedup = torch.load(tmp_path / "plain_rank0.pt"), torch.load(tmp_path / "dedup_rank0.pt")
     assert all(dedup["deduped"]) and not any(plain["deduped"]) and len(plain["losses"]) == 6
     assert dedup["losses"] == pytest.approx(plain["losses"], rel=1e-5, abs=1e-6)
