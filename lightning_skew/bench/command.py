@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lightning_skew.bench.launch import launch_ranks, launched_rank
+from lightning_skew.bench.launch import COMMAND_ENV, launch_ranks, launched_rank
 from lightning_skew.bench.report import format_report, machine_info
 from lightning_skew.bench.runner import build_recipe, run_bench, world_size_of
 from lightning_skew.bench.stats import RATIO_METHOD, summarize
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      progress=(lambda line: print(line, flush=True)) if rank == 0 else None, epochs=args.epochs)
     summaries = summarize(runs, baseline=variants[0].name)
     report = {
-        "command": "lightning-skew bench " + shlex.join(argv),
+        "command": "lightning-skew bench " + os.environ.get(COMMAND_ENV, shlex.join(argv)),
         "machine": machine,
         "settings": {"config": args.config, "overrides": overrides, "variants": [v.name for v in variants],
                      "variant_args": {v.name: list(v.args) for v in variants},

@@ -59,7 +59,7 @@ def run_extras(trainer: pl.Trainer, ends: list[float]) -> dict[str, float]:
     epoch_s = epoch_seconds(ends) if ends else float("nan")
     for data in data_chain(trainer.datamodule):
         if isinstance(data, PopularityDataModule):
-            profile = getattr(data.hot_rows, "profile", None)
+            profile = getattr(getattr(data, "hot_rows_source", None), "profile", None)
             if profile is not None:
                 extras.update(profile_s=profile.seconds, profile_share_of_epoch=profile.seconds / epoch_s)
             stats = data.epoch_stats.get(0)

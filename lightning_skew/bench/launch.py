@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -12,6 +13,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+#: The command as the user gave it, for the ranks' report (they get ``--output`` added when it had none).
+COMMAND_ENV = "LIGHTNING_SKEW_BENCH_COMMAND"
 
 
 def launched_rank() -> int | None:
@@ -44,7 +48,7 @@ def launch_ranks(argv: Sequence[str], world_size: int, output: str | None) -> di
         for rank in range(world_size):
             env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(world_size),
                    "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0",
-                   "LOCAL_WORLD_SIZE": str(world_size)}
+                   "LOCAL_WORLD_SIZE": str(world_size), COMMAND_ENV: shlex.join(argv)}
             env.setdefault("OMP_NUM_THREADS", "1")
             log = None if rank == 0 else open(Path(folder) / f"rank{rank}.log", "w+")  # noqa: SIM115
             logs.append(log)
