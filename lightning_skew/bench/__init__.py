@@ -10,6 +10,7 @@ from lightning_skew.bench.extras import run_extras
 from lightning_skew.bench.report import format_report, machine_info
 from lightning_skew.bench.runner import (
     build_recipe,
+    check_runnable,
     dense_optimizer,
     ensure_process_group,
     evaluate,
@@ -58,6 +59,7 @@ __all__ = [
     "Variant",
     "VariantSummary",
     "build_recipe",
+    "check_runnable",
     "complete_fragment",
     "dense_optimizer",
     "ensure_process_group",
