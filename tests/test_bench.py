@@ -277,11 +277,12 @@ def test_a_variant_given_as_overrides_trains_what_fit_would(tmp_path):
 
 def test_the_remaining_cpu_presets_fit_at_tiny_size():
     argv = ["--config", "recipes/dlrm_synthetic.yaml", "--variants", "lightning,lightning_pipeline,stale,"
-            "hotcold_rebalance", "--repeats", "1", "--train-samples", "2048", "--warmup-steps", "2", *TINY]
+            "stale_repack,hotcold_rebalance", "--repeats", "1", "--train-samples", "2048", "--warmup-steps", "2", *TINY]
     report = bench.main(argv)
     runs = {run["variant"]: run for run in report["runs"]}
     assert runs["lightning_pipeline"]["auc"] == pytest.approx(runs["lightning"]["auc"], abs=1e-4)
     assert 0.0 <= report["variants"]["stale"]["extras"]["drop_share"] < 1.0
+    assert runs["stale_repack"]["timed_samples"] == runs["stale"]["timed_samples"]  # inputs read, dropped or not
     assert runs["hotcold_rebalance"]["auc"] == pytest.approx(runs["lightning"]["auc"], abs=1e-4)
     sessions = ["--data.init_args.num_embeddings_per_feature", "[40, 300, 7]", "--data.init_args.num_dense", "4",
                 "--data.init_args.batch_size", "128", "--data.init_args.num_val_samples", "1024",
@@ -299,7 +300,7 @@ def test_the_remaining_cpu_presets_fit_at_tiny_size():
 
 def test_every_cpu_preset_is_fitted_by_a_test():
     fitted = {"lightning", "lightning_pipeline", "fae", "interleave", "stitch", "hotcold", "hotcold_fae",
-              "hotcold_plain", "hotcold_rebalance", "stale", "all", "dedup", "lightning_shuffled"}
+              "hotcold_plain", "hotcold_rebalance", "stale", "stale_repack", "all", "dedup", "lightning_shuffled"}
     assert {name for name in presets() if not name.startswith("gpu_")} - {"handwritten"} == fitted
 
 

@@ -66,7 +66,7 @@ def presets() -> dict[str, str]:
 def preset_path(name: str) -> Path:
     """The YAML file of preset ``name``; a clear error listing the presets for an unknown one."""
     path = PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
+    if not name.replace("_", "").replace("-", "").isalnum() or not path.is_file():
         raise ValueError(f"unknown benchmark variant or preset {name!r}; presets: {', '.join(presets())} "
                          f"(in {PRESETS_DIR}). Give your own as --variant NAME=FILE.yaml or "
                          "--variant NAME=\"--trainer.X v ...\"")
