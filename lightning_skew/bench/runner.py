@@ -111,8 +111,8 @@ def _cli(args: Sequence[str], mode: str, root_dir: str = "", epochs: int = 1) ->
             config = self.config.clone()
             del config["trainer"]  # the hand-written loop builds no Trainer
             self.config_init = self.parser.instantiate_classes(config)
-            self.datamodule = self._get(self.config_init, "data")
-            self.model = self._get(self.config_init, "model")
+            self.datamodule = self.config_init.get("data")
+            self.model = self.config_init.get("model")
             self.trainer = None
 
     with warnings.catch_warnings():
