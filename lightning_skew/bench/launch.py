@@ -19,8 +19,10 @@ COMMAND_ENV = "LIGHTNING_SKEW_BENCH_COMMAND"
 
 
 def launched_rank() -> int | None:
-    """This process's rank when it is one of several launched ranks (``WORLD_SIZE`` > 1), else ``None``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    """This process's rank when it is one of several ranks that :func:`launch_ranks` (or torchrun) started, else
+    ``None``. Rendezvous variables alone do not count: Lightning leaves them set in a process after a fit."""
+    launched = COMMAND_ENV in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+    if launched and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return int(os.environ.get("RANK", "0"))
     return None
 

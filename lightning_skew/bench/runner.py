@@ -4,7 +4,6 @@ baseline, validation scores, repeated side-by-side runs, on one process or on ev
 from __future__ import annotations
 
 import gc
-import os
 import tempfile
 import time
 import warnings
@@ -25,6 +24,7 @@ from torchmetrics.functional.classification import binary_auroc
 from torchrec.datasets.utils import Batch
 
 from lightning_skew.bench.extras import read_inputs, run_extras
+from lightning_skew.bench.launch import launched_rank
 from lightning_skew.bench.stats import (
     CpuSnapshot,
     foreign_cpu_share,
@@ -155,11 +155,11 @@ def check_runnable(variant: Variant, recipe_args: Sequence[str], recipe: dict[st
 
 
 def ensure_process_group() -> None:
-    """Join the launched ranks (``WORLD_SIZE`` > 1: env:// rendezvous, gloo) or start a one-process gloo group
+    """Join the launched ranks (env:// rendezvous, gloo) or start a one-process gloo group
     (in-memory store), unless a group exists: TorchRec shards over a process group."""
     if dist.is_initialized():
         return
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_rank() is not None:
         dist.init_process_group("gloo")
     else:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -308,7 +308,7 @@ def run_bench(recipe_args: Sequence[str], variants: Sequence[Variant], repeats: 
 
     Every run builds the model and data afresh from the recipe and the variant's arguments (same seed, so the
     same initial weights and the same batches), trains, times the steps after the warm-up, and scores the
-    trained model on the validation split. Under launched ranks (``WORLD_SIZE`` > 1) every rank calls this with
+    trained model on the validation split. Under launched ranks (``--trainer.devices N``) every rank calls this with
     the same arguments; the figures are global (all ranks' inputs).
     """
     if repeats < 1:
@@ -316,7 +316,7 @@ def run_bench(recipe_args: Sequence[str], variants: Sequence[Variant], repeats: 
     names = [v.name for v in variants]
     if not variants or len(set(names)) != len(names):
         raise ValueError(f"variants must be at least one, none named twice: {names}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_rank() is not None:
         ensure_process_group()  # once, before Lightning or TorchRec look for one
     recipe = recipe_config(recipe_args)
     for variant in variants:
