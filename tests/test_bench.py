@@ -138,6 +138,24 @@ def test_a_fragment_wraps_the_recipes_data_and_adds_to_its_callbacks():
     assert bench.complete_fragment(plain, recipe) == plain  # a data class that wraps nothing replaces the data
 
 
+def test_fragments_given_together_compose_in_order(tmp_path):
+    from lightning_skew.bench.variants import completed_args
+
+    recipe = {"data": {"class_path": "lightning_skew.data.SyntheticDataModule", "init_args": {"seed": 3}},
+              "trainer": {"callbacks": [{"class_path": "lightning_skew.SamplesPerSecond"}]}}
+    variant = parse_variant("x=stale_repack --config recipes/variants/fae.yaml --trainer.max_steps 3")
+    args = completed_args(variant, recipe, tmp_path)
+    assert args[-2:] == ["--trainer.max_steps", "3"] and args[0] == args[2] == "--config"
+    last = yaml.safe_load(open(args[3]))
+    chain, data = [], last["data"]
+    while isinstance(data, dict):
+        chain.append(data["class_path"].rsplit(".", 1)[-1])
+        data = data.get("init_args", {}).get("datamodule")
+    assert chain == ["PopularityDataModule", "RepackedDataModule", "SyntheticDataModule"]
+    assert [c["class_path"] for c in yaml.safe_load(open(args[1]))["trainer"]["callbacks"]] == [
+        "lightning_skew.SamplesPerSecond", "lightning_skew.StaleEmbeddingSkipper"]
+
+
 def test_unknown_variants_fail_before_any_run():
     with pytest.raises(ValueError, match="unknown benchmark variant") as error:
         bench.main(["--variants", "handwritten,no_such_variant"])

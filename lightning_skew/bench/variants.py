@@ -147,8 +147,10 @@ def complete_fragment(fragment: dict[str, Any], recipe: dict[str, Any]) -> dict[
 
 
 def completed_args(variant: Variant, recipe: dict[str, Any], folder: Path) -> list[str]:
-    """``variant.args`` with each ``--config`` fragment replaced by its completed copy written under ``folder``."""
+    """``variant.args`` with each ``--config`` fragment replaced by its completed copy written under ``folder``
+    (a second fragment completes against the recipe as the first left it: its wrapper wraps the first's data)."""
     args = list(variant.args)
+    recipe = {"data": recipe.get("data"), "trainer": {"callbacks": (recipe.get("trainer") or {}).get("callbacks")}}
     for i, word in enumerate(args[:-1]):
         if word == "--config":
             source = Path(args[i + 1])
@@ -156,6 +158,12 @@ def completed_args(variant: Variant, recipe: dict[str, Any], folder: Path) -> li
             if not isinstance(fragment, dict):
                 raise ValueError(f"variant {variant.name!r}: {source} is not a YAML mapping")
             target = folder / f"{variant.name}-{i}-{source.name}"
-            target.write_text(yaml.safe_dump(complete_fragment(fragment, recipe), sort_keys=False))
+            done = complete_fragment(fragment, recipe)
+            target.write_text(yaml.safe_dump(done, sort_keys=False))
+            if isinstance(done.get("data"), dict):
+                recipe["data"] = done["data"]
+            callbacks = (done.get("trainer") or {}).get("callbacks") if isinstance(done.get("trainer"), dict) else None
+            if callbacks:
+                recipe["trainer"]["callbacks"] = callbacks
             args[i + 1] = str(target)
     return args
