@@ -186,21 +186,25 @@ class SkewCLI(LightningCLI):
             print(f"{stage}: " + ", ".join(parts), flush=True)
 
 
+def cli_options() -> dict[str, Any]:
+    """The LightningCLI settings that ``fit`` and ``bench`` share: any model and DataModule by class path, the
+    optimizers the model configures, and the callbacks every Trainer gets."""
+    return {
+        "model_class": pl.LightningModule,
+        "datamodule_class": pl.LightningDataModule,
+        "subclass_mode_model": True,
+        "subclass_mode_data": True,
+        "auto_configure_optimizers": False,
+        # Every run stops, with a non-zero exit, when its loss becomes NaN or infinite.
+        "trainer_defaults": {"callbacks": [NonFiniteLossStop()]},
+    }
+
+
 def run_cli(args: list[str] | None = None) -> SkewCLI:
     """Run LightningCLI with lightning-skew's defaults (wandb offline unless configured otherwise)."""
     os.environ.setdefault("WANDB_MODE", "offline")
-    return SkewCLI(
-        model_class=pl.LightningModule,
-        datamodule_class=pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=LoggedSaveConfig,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        auto_configure_optimizers=False,
-        # Every run stops, with a non-zero exit, when its loss becomes NaN or infinite.
-        trainer_defaults={"callbacks": [NonFiniteLossStop()]},
-    )
+    return SkewCLI(**cli_options(), save_config_callback=LoggedSaveConfig, save_config_kwargs={"overwrite": True},
+                   args=args)
 
 
 def criteo_vocabulary_main(argv: list[str]) -> None:

@@ -1,4 +1,5 @@
-"""The benchmark command: its statistics, its variant registry, and a tiny side-by-side run."""
+"""The benchmark command: its statistics, its variants as configuration (presets, fragments, overrides), tiny
+side-by-side runs on one process and on two gloo ranks."""
 
 from __future__ import annotations
 
@@ -7,18 +8,19 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from lightning_skew import bench
 from lightning_skew.bench import (
-    VARIANTS,
     CpuSnapshot,
     RunResult,
     foreign_cpu_share,
     median,
     median_step_throughput,
     outside_model_ms,
+    parse_variant,
     per_repeat_ratios,
-    register_variant,
+    presets,
     run_order,
     summarize,
     throughput,
@@ -101,15 +103,66 @@ def test_summary_uses_the_median_of_per_repeat_ratios_not_the_ratio_of_medians()
     assert other.median_step_ratio == pytest.approx(0.95) and other.median_step_samples_per_s == 500.0
 
 
-def test_a_variant_name_registers_once():
-    with pytest.raises(ValueError, match="already registered"):
-        register_variant("lightning")(lambda recipe: None)
-    assert list(VARIANTS)[:2] == ["handwritten", "lightning"]
+def test_presets_are_yaml_files_listed_after_the_code_baseline():
+    names = list(presets())
+    assert names[:1] == ["handwritten"] and "lightning" in names
+    assert all((bench.PRESETS_DIR / f"{name}.yaml").is_file() for name in names[1:])
+    assert all(presets().values())  # every preset says what it is (its first comment line)
+    variant = parse_variant("lightning")
+    assert variant.args == ("--config", str(bench.PRESETS_DIR / "lightning.yaml")) and not variant.handwritten
+    assert parse_variant("handwritten").handwritten
+
+
+def test_a_variant_spec_is_a_preset_or_file_then_overrides():
+    assert parse_variant("base=").args == ()
+    own = parse_variant("small=hotcold --trainer.strategy.init_args.budget_bytes 4000")
+    assert own.args == ("--config", str(bench.PRESETS_DIR / "hotcold.yaml"),
+                        "--trainer.strategy.init_args.budget_bytes", "4000")
+    assert parse_variant("f=recipes/variants/fae.yaml").args == ("--config", "recipes/variants/fae.yaml")
+    with pytest.raises(ValueError, match="variants repeat a name"):
+        bench.variants_from("lightning", ["lightning="])
+
+
+def test_a_fragment_wraps_the_recipes_data_and_adds_to_its_callbacks():
+    recipe = {"data": {"class_path": "lightning_skew.data.SyntheticDataModule", "init_args": {"seed": 3}},
+              "trainer": {"callbacks": [{"class_path": "lightning_skew.SamplesPerSecond"}]}}
+    fragment = {"data": {"class_path": "lightning_skew.RepackedDataModule", "init_args": {"datamodule": {
+        "class_path": "lightning_skew.PopularityDataModule", "init_args": {"schedule": "fae"}}}},
+        "trainer": {"callbacks": [{"class_path": "lightning_skew.StaleEmbeddingSkipper"}]}}
+    done = bench.complete_fragment(fragment, recipe)
+    inner = done["data"]["init_args"]["datamodule"]
+    assert inner["init_args"] == {"schedule": "fae", "datamodule": recipe["data"]}
+    assert [c["class_path"] for c in done["trainer"]["callbacks"]] == ["lightning_skew.SamplesPerSecond",
+                                                                        "lightning_skew.StaleEmbeddingSkipper"]
+    plain = {"data": {"class_path": "lightning_skew.data.SyntheticDataModule", "init_args": {"seed": 1}}}
+    assert bench.complete_fragment(plain, recipe) == plain  # a data class that wraps nothing replaces the data
+
+
+def test_fragments_given_together_compose_in_order(tmp_path):
+    from lightning_skew.bench.variants import completed_args
+
+    recipe = {"data": {"class_path": "lightning_skew.data.SyntheticDataModule", "init_args": {"seed": 3}},
+              "trainer": {"callbacks": [{"class_path": "lightning_skew.SamplesPerSecond"}]}}
+    variant = parse_variant("x=stale_repack --config recipes/variants/fae.yaml --trainer.max_steps 3")
+    args = completed_args(variant, recipe, tmp_path)
+    assert args[-2:] == ["--trainer.max_steps", "3"] and args[0] == args[2] == "--config"
+    last = yaml.safe_load(open(args[3]))
+    chain, data = [], last["data"]
+    while isinstance(data, dict):
+        chain.append(data["class_path"].rsplit(".", 1)[-1])
+        data = data.get("init_args", {}).get("datamodule")
+    assert chain == ["PopularityDataModule", "RepackedDataModule", "SyntheticDataModule"]
+    assert [c["class_path"] for c in yaml.safe_load(open(args[1]))["trainer"]["callbacks"]] == [
+        "lightning_skew.SamplesPerSecond", "lightning_skew.StaleEmbeddingSkipper"]
 
 
 def test_unknown_variants_fail_before_any_run():
-    with pytest.raises(ValueError, match="unknown benchmark variant"):
+    with pytest.raises(ValueError, match="unknown benchmark variant") as error:
         bench.main(["--variants", "handwritten,no_such_variant"])
+    assert "no_such_variant" in str(error.value) and "presets: handwritten, " in str(error.value)
+    assert "hotcold_fae" in str(error.value)
+    with pytest.raises(ValueError, match="unknown benchmark variant or preset 'nope'"):
+        bench.main(["--variant", "mine=nope --trainer.max_steps 3"])
 
 
 TINY = ["--data.init_args.num_embeddings_per_feature", "[40, 300, 7]", "--data.init_args.num_dense", "4",
@@ -170,7 +223,7 @@ def test_popularity_variants_report_profiling_cost_and_train_every_input(tmp_pat
         assert 0.0 <= run["auc"] <= 1.0
 
 
-def test_hot_cold_variants_train_the_baselines_model_and_gpu_variants_need_cuda(tmp_path):
+def test_hot_cold_variants_train_the_baselines_model(tmp_path):
     argv = ["--config", "recipes/dlrm_synthetic.yaml", "--variants", "lightning,hotcold,hotcold_fae,hotcold_plain",
             "--repeats", "1", "--train-samples", "2048", "--warmup-steps", "2", *TINY]
     report = bench.main(argv)
@@ -181,16 +234,11 @@ def test_hot_cold_variants_train_the_baselines_model_and_gpu_variants_need_cuda(
         assert runs[name]["auc"] == pytest.approx(runs["lightning"]["auc"], abs=1e-4), name
         assert runs[name]["logloss"] == pytest.approx(runs["lightning"]["logloss"], abs=1e-4), name
     assert report["variants"]["hotcold"]["extras"]["hot_rows"] > 0
-    assert report["variants"]["hotcold"]["extras"]["hot_mb"] <= bench.HOT_COLD_BUDGET_BYTES / 1e6
-    if not torch.cuda.is_available():
-        recipe = bench.build_recipe(["--config", "recipes/dlrm_synthetic.yaml", *TINY])
-        for name in ("gpu_hotcold", "gpu_hotcold_plain", "gpu_handwritten_pipeline", "gpu_lightning_pipeline",
-                     "gpu_host_stale", "gpu_hbm_freeze_t001"):
-            with pytest.raises(RuntimeError, match="need CUDA"):
-                bench.VARIANTS[name].train(recipe)
+    budget = yaml.safe_load((bench.PRESETS_DIR / "hotcold.yaml").read_text())["trainer"]["strategy"]["init_args"]
+    assert report["variants"]["hotcold"]["extras"]["hot_mb"] <= budget["budget_bytes"] / 1e6
 
 
-def test_the_all_variant_composes_every_technique_and_its_gpu_twin_needs_cuda():
+def test_the_all_variant_composes_every_technique():
     argv = ["--config", "recipes/dlrm_synthetic.yaml", "--variants", "lightning,all", "--repeats", "1",
             "--train-samples", "4096", "--warmup-steps", "2", *TINY]
     report = bench.main(argv)
@@ -198,9 +246,7 @@ def test_the_all_variant_composes_every_technique_and_its_gpu_twin_needs_cuda():
     assert 0.0 <= extras["drop_share"] < 1.0 and extras["cold_skipped_steps"] >= 0
     runs = {run["variant"]: run for run in report["runs"]}
     assert 0.0 < runs["all"]["auc"] < 1.0 and runs["all"]["steps"] <= runs["lightning"]["steps"]
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="need CUDA"):
-            bench.VARIANTS["gpu_all"].train(bench.build_recipe(["--config", "recipes/dlrm_synthetic.yaml", *TINY]))
+    assert extras["hot_rows"] > 0 and 0.0 <= extras["hot_input_share"] <= 1.0
 
 
 def test_a_long_run_reports_its_variant_repeat_steps_and_samples_per_second_as_it_goes():
@@ -215,5 +261,78 @@ def test_a_long_run_reports_its_variant_repeat_steps_and_samples_per_second_as_i
     assert StepClock().progress is None  # outside a run nothing is reported
     report: list[str] = []
     bench.run_bench(["--config", "recipes/dlrm_synthetic.yaml", "--data.init_args.num_train_samples", "1024", *TINY],
-                    ["lightning"], repeats=1, warmup_steps=2, progress=report.append)
+                    [parse_variant("lightning")], repeats=1, warmup_steps=2, progress=report.append)
     assert report[0] == "repeat 1/1 lightning: started" and report[-1].startswith("repeat 1/1 lightning: ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_every_gpu_preset_parses_and_needs_cuda():
+    gpu = [name for name in presets() if name.startswith("gpu_")]
+    assert {"gpu_hbm", "gpu_host", "gpu_uvm_cache", "gpu_hotcold", "gpu_hotcold_plain", "gpu_hotcold_plain_lookahead",
+            "gpu_lightning_pipeline", "gpu_all"} <= set(gpu)
+    recipe_args = ["--config", "recipes/dlrm_synthetic.yaml", *TINY]
+    recipe = bench.recipe_config(recipe_args)
+    for name in gpu:  # each is parsed against the recipe (a bad key fails), then refused before any run
+        with pytest.raises(RuntimeError, match="need CUDA"):
+            bench.check_runnable(parse_variant(name), recipe_args, recipe)
+
+
+def test_a_variant_given_as_overrides_trains_what_fit_would(tmp_path):
+    argv = ["--config", "recipes/dlrm_synthetic.yaml", "--variants", "lightning", "--variant", "base=",
+            "--variant", "short=--trainer.max_steps 5", "--variant", "fast=--model.init_args.embedding_lr 0.5",
+            "--variant", "small_hot=hotcold --trainer.strategy.init_args.budget_bytes 2000",
+            "--repeats", "1", "--train-samples", "1536", "--warmup-steps", "2", *TINY]
+    report = bench.main(argv)
+    runs = {run["variant"]: run for run in report["runs"]}
+    assert report["settings"]["variant_args"]["short"] == ["--trainer.max_steps", "5"]
+    # The recipe as it is (base=) is the lightning preset's run; a trainer override stops it early, a model
+    # override trains another model, a preset with an override keeps fewer rows hot.
+    assert runs["base"]["auc"] == pytest.approx(runs["lightning"]["auc"], abs=1e-6)
+    assert (runs["base"]["steps"], runs["short"]["steps"]) == (12, 5)
+    assert runs["fast"]["auc"] != pytest.approx(runs["base"]["auc"], abs=1e-4)
+    assert 0 < runs["small_hot"]["extras"]["hot_mb"] <= 0.002
+
+
+def test_the_remaining_cpu_presets_fit_at_tiny_size():
+    argv = ["--config", "recipes/dlrm_synthetic.yaml", "--variants", "lightning,lightning_pipeline,stale,"
+            "stale_repack,hotcold_rebalance", "--repeats", "1", "--train-samples", "2048", "--warmup-steps", "2", *TINY]
+    report = bench.main(argv)
+    runs = {run["variant"]: run for run in report["runs"]}
+    assert runs["lightning_pipeline"]["auc"] == pytest.approx(runs["lightning"]["auc"], abs=1e-4)
+    assert 0.0 <= report["variants"]["stale"]["extras"]["drop_share"] < 1.0
+    assert runs["stale_repack"]["timed_samples"] == runs["stale"]["timed_samples"]  # inputs read, dropped or not
+    assert runs["hotcold_rebalance"]["auc"] == pytest.approx(runs["lightning"]["auc"], abs=1e-4)
+    sessions = ["--data.init_args.num_embeddings_per_feature", "[40, 300, 7]", "--data.init_args.num_dense", "4",
+                "--data.init_args.batch_size", "128", "--data.init_args.num_val_samples", "1024",
+                "--data.init_args.sessions.num_users", "200", "--data.init_args.sessions.num_items", "300",
+                "--model.init_args.embedding_dim", "8", "--model.init_args.dense_arch_layer_sizes", "[16, 8]",
+                "--model.init_args.over_arch_layer_sizes", "[16, 1]"]
+    report = bench.main(["--config", "recipes/dlrm_synthetic_sessions.yaml", "--variants",
+                         "lightning,lightning_shuffled,dedup", "--repeats", "1", "--train-samples", "1024",
+                         "--warmup-steps", "2", *sessions])
+    dedup = report["variants"]["dedup"]
+    assert 0.0 < dedup["extras"]["dedup_factor"] < 1.0  # sessions repeat their user's bags
+    assert dedup["auc"] == pytest.approx(report["variants"]["lightning"]["auc"], abs=1e-3)
+    assert report["variants"]["lightning_shuffled"]["auc"] > 0
+
+
+def test_every_cpu_preset_is_fitted_by_a_test():
+    fitted = {"lightning", "lightning_pipeline", "fae", "interleave", "stitch", "hotcold", "hotcold_fae",
+              "hotcold_plain", "hotcold_rebalance", "stale", "stale_repack", "all", "dedup", "lightning_shuffled"}
+    assert {name for name in presets() if not name.startswith("gpu_")} - {"handwritten"} == fitted
+
+
+def test_two_ranks_run_every_variant_side_by_side(tmp_path):
+    output = tmp_path / "bench.json"
+    argv = ["--config", "recipes/dlrm_synthetic.yaml", "--variants", "handwritten,lightning", "--repeats", "1",
+            "--train-samples", "1536", "--warmup-steps", "2", "--trainer.devices", "2", "--output", str(output), *TINY]
+    report = bench.main(argv)
+    assert json.loads(output.read_text()) == report and report["settings"]["world_size"] == 2
+    assert report["command"] == "lightning-skew bench " + " ".join(argv[:-len(TINY)]) + " " + \
+        " ".join(f"'{w}'" if " " in w else w for w in TINY)
+    runs = {run["variant"]: run for run in report["runs"]}
+    for run in runs.values():
+        assert run["steps"] == 6  # 1536 inputs, 128 per rank and step on 2 ranks
+        assert run["timed_samples"] == 4 * 256  # global: both ranks' inputs
+    # The hand-written loop on TorchRec's DMP over the same two ranks trains Lightning's model.
+    assert runs["lightning"]["auc"] == pytest.approx(runs["handwritten"]["auc"], abs=1e-4)

@@ -64,3 +64,17 @@ def test_a_saved_plan_is_reused_unchanged_and_checked(tmp_path):
     plan_path.write_bytes(b"not a plan")
     with pytest.raises(ValueError, match="plan.pt is not a sharding plan"):
         _fit(TorchRecStrategy(plan_path=str(plan_path)), tmp_path)
+
+
+def test_a_cache_budget_in_bytes_is_the_load_factor_of_the_models_rows():
+    from lightning_skew.torchrec.sharding import cache_load_factor_for
+
+    data = make_data(1)
+    model = make_model(data, "rowwise_adagrad")
+    rows, dim = sum(data.num_embeddings_per_feature), 8
+    # 4-byte weights plus row-wise Adagrad's one state element per row, as a hot/cold budget counts them.
+    assert cache_load_factor_for(model, 1000) == pytest.approx(1000 / (rows * 4 * (dim + 1)))
+    assert cache_load_factor_for(model, 10**12) == 1.0
+    with pytest.raises(ValueError, match="give one of them"):
+        TorchRecStrategy(cache_budget_bytes=1000, cache_load_factor=0.5)
+

@@ -162,13 +162,3 @@ def test_on_cuda_lookahead_moves_rows_between_gpu_and_host_memory_exactly():
     for name in ("a", "b", "c"):
         torch.testing.assert_close(merged[f"embedding_bags.{name}.weight"], ebc.embedding_bags[name].weight,
                                    atol=1e-5, rtol=0)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
-def test_the_gpu_bench_variant_needs_cuda():
-    from lightning_skew import bench
-
-    recipe = bench.build_recipe(["--config", "recipes/dlrm_synthetic.yaml", "--data.init_args.max_rows_per_table",
-                                 "500", "--data.init_args.num_train_samples", "2048"])
-    with pytest.raises(RuntimeError, match="need CUDA"):
-        bench.VARIANTS["gpu_hotcold_plain_lookahead"].train(recipe)

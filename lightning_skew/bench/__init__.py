@@ -1,15 +1,21 @@
-"""``lightning-skew bench``: training variants side by side, alternating and repeated, with their model quality."""
+"""``lightning-skew bench``: recipe variants side by side, alternating and repeated, with their model quality.
 
-import importlib
+A variant is configuration (a preset under ``recipes/variants/``, a YAML fragment, or LightningCLI overrides of
+the recipe) that the bench builds as ``lightning-skew fit`` builds it; ``handwritten`` (a plain TorchRec loop)
+is the one code baseline.
+"""
 
 from lightning_skew.bench.command import DEFAULT_CONFIG, main
-from lightning_skew.bench.helpers import HOT_COLD_BUDGET_BYTES, POPULARITY_HOT_BUDGET_BYTES
+from lightning_skew.bench.extras import run_extras
 from lightning_skew.bench.report import format_report, machine_info
 from lightning_skew.bench.runner import (
     build_recipe,
+    check_runnable,
+    dense_optimizer,
     ensure_process_group,
     evaluate,
-    fit_with_lightning,
+    fit_variant,
+    recipe_config,
     run_bench,
     train_by_hand,
 )
@@ -26,44 +32,24 @@ from lightning_skew.bench.stats import (
     summarize,
     throughput,
 )
-from lightning_skew.bench.types import (
-    VARIANTS,
-    Quality,
-    Recipe,
-    RunResult,
-    StepClock,
-    TrainedRun,
+from lightning_skew.bench.types import Quality, Recipe, RunResult, StepClock, TrainedRun, VariantSummary
+from lightning_skew.bench.variants import (
+    HANDWRITTEN,
+    PRESETS_DIR,
     Variant,
-    VariantFn,
-    VariantSummary,
-    register_variant,
+    complete_fragment,
+    parse_variant,
+    preset_path,
+    presets,
+    variants_from,
 )
-
-# Every technique registers its variants in its own bench module; importing them here, after the baselines
-# (registered by the runner, above), completes VARIANTS whenever lightning_skew.bench is imported, listed in
-# this order. Plain module imports, no names taken from them: a technique's bench module imported on its own
-# comes back here half-initialised, through its own imports of lightning_skew.bench.*, and finishes afterwards.
-TECHNIQUE_BENCH_MODULES = (
-    "lightning_skew.popularity.bench",
-    "lightning_skew.stale.bench",
-    "lightning_skew.hotcold.bench",
-    "lightning_skew.torchrec.bench",
-    "lightning_skew.tiers.bench",
-    "lightning_skew.dedup.bench",
-    "lightning_skew.bench.composed",
-)
-for _module in TECHNIQUE_BENCH_MODULES:
-    importlib.import_module(_module)
-del _module
 
 __all__ = [
     "DEFAULT_CONFIG",
     "FOREIGN_CPU_WARNING",
-    "HOT_COLD_BUDGET_BYTES",
-    "POPULARITY_HOT_BUDGET_BYTES",
+    "HANDWRITTEN",
+    "PRESETS_DIR",
     "RATIO_METHOD",
-    "TECHNIQUE_BENCH_MODULES",
-    "VARIANTS",
     "CpuSnapshot",
     "Quality",
     "Recipe",
@@ -71,12 +57,14 @@ __all__ = [
     "StepClock",
     "TrainedRun",
     "Variant",
-    "VariantFn",
     "VariantSummary",
     "build_recipe",
+    "check_runnable",
+    "complete_fragment",
+    "dense_optimizer",
     "ensure_process_group",
     "evaluate",
-    "fit_with_lightning",
+    "fit_variant",
     "foreign_cpu_share",
     "format_report",
     "machine_info",
@@ -84,11 +72,16 @@ __all__ = [
     "median",
     "median_step_throughput",
     "outside_model_ms",
+    "parse_variant",
     "per_repeat_ratios",
-    "register_variant",
+    "preset_path",
+    "presets",
+    "recipe_config",
     "run_bench",
+    "run_extras",
     "run_order",
     "summarize",
     "throughput",
     "train_by_hand",
+    "variants_from",
 ]

@@ -1,4 +1,4 @@
-"""The benchmark's vocabulary: recipes, step clocks, trained runs, results, and the registry of variants."""
+"""The benchmark's vocabulary: recipes, step clocks, trained runs and their results."""
 
 from __future__ import annotations
 
@@ -72,51 +72,12 @@ class StepClock:
 
 @dataclass
 class TrainedRun:
-    """What a variant hands back: the trained model (a batch to click logits ``[B]``) and its step times."""
+    """What a training loop hands back: the trained model (a batch to click logits ``[B]``) and its step times."""
 
     model: Callable[[Batch], Tensor]
     clock: StepClock
     extras: dict[str, float] = field(default_factory=dict)  # what a variant reports of itself (medians shown)
     device: str = "cpu"  # where the model takes its batches
-
-
-VariantFn = Callable[[Recipe], TrainedRun]
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A named way of training a :class:`Recipe` for one epoch."""
-
-    name: str
-    train: VariantFn
-    description: str = ""
-
-
-# Filled by register_variant: the baselines in lightning_skew.bench.runner, every technique's variants in
-# lightning_skew/<technique>/bench.py (lightning_skew.bench imports them all).
-VARIANTS: dict[str, Variant] = {}
-
-
-def register_variant(name: str, description: str = "") -> Callable[[VariantFn], VariantFn]:
-    """Register ``fn(recipe) -> TrainedRun`` as the benchmark variant ``name`` (a decorator).
-
-    The function must train ``recipe.model`` on ``recipe.datamodule``'s training split for one epoch, call
-    ``clock.tick(batch_size)`` at the end of every step (after the optimizer step), and return the trained model.
-
-    Example::
-
-        @register_variant("popularity_batches", "Lightning, batches grouped by ID popularity")
-        def popularity_batches(recipe: Recipe) -> TrainedRun:
-            return fit_with_lightning(recipe, callbacks=[PopularityBatching()])
-    """
-
-    def register(fn: VariantFn) -> VariantFn:
-        if name in VARIANTS:
-            raise ValueError(f"a benchmark variant named {name!r} is already registered")
-        VARIANTS[name] = Variant(name, fn, description or (fn.__doc__ or "").strip().split("\n")[0])
-        return fn
-
-    return register
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,12 @@ from lightning_skew.torchrec.pipeline import (
     check_pipeline_name,
     check_same_batch,
 )
-from lightning_skew.torchrec.sharding import DEFAULT_SHARDING_TYPES, plan_rows, shard_module
+from lightning_skew.torchrec.sharding import (
+    DEFAULT_SHARDING_TYPES,
+    cache_load_factor_for,
+    plan_rows,
+    shard_module,
+)
 
 __all__ = ["TorchRecStrategy"]
 
@@ -81,6 +86,9 @@ class TorchRecStrategy(DDPStrategy):
             ``fused_uvm_caching`` need CUDA).
         cache_load_factor: with ``compute_kernel="fused_uvm_caching"``, the share of each table's rows that
             TorchRec's UVM cache keeps on the GPU (TorchRec's default when ``None``).
+        cache_budget_bytes: instead of ``cache_load_factor``, the bytes of rows and optimizer state the cache
+            holds (the load factor is computed from the model's tables at setup,
+            :func:`~lightning_skew.torchrec.sharding.cache_load_factor_for`): a cache of a hot/cold budget.
         embedding_optimizer: optimizer for modules whose embeddings carry none yet (see
             :func:`~lightning_skew.torchrec.optim.fuse_embedding_optimizer`); ``None`` requires the module to choose one.
         embedding_lr: learning rate for ``embedding_optimizer``.
@@ -153,6 +161,7 @@ class TorchRecStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: str = "popen",
+        cache_budget_bytes: int | None = None,
     ) -> None:
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
@@ -163,6 +172,10 @@ class TorchRecStrategy(DDPStrategy):
         if cache_load_factor is not None and not 0 < cache_load_factor <= 1:
             raise ValueError(f"cache_load_factor must lie in (0, 1], got {cache_load_factor}")
         self.cache_load_factor = cache_load_factor
+        if cache_budget_bytes is not None and (cache_load_factor is not None or cache_budget_bytes < 1):
+            raise ValueError(f"cache_budget_bytes ({cache_budget_bytes}) sizes the cache instead of cache_load_factor "
+                             f"({cache_load_factor}): give one of them, a positive number of bytes")
+        self.cache_budget_bytes = cache_budget_bytes
         self.embedding_optimizer = embedding_optimizer
         self.embedding_lr = embedding_lr
         self.table_constraints = table_constraints
@@ -252,7 +265,11 @@ class TorchRecStrategy(DDPStrategy):
                 f"Lightning does not call {', '.join(overridden)}. Remove them, or train without the pipeline.")
 
     def _shard(self, module: pl.LightningModule) -> DistributedModelParallel:
-        return shard_module(module, self.root_device, **self._shard_options())
+        options = self._shard_options()
+        if self.cache_budget_bytes is not None:
+            options["cache_load_factor"] = cache_load_factor_for(module, self.cache_budget_bytes,
+                                                                 self.embedding_optimizer)
+        return shard_module(module, self.root_device, **options)
 
     def _shard_options(self) -> dict[str, Any]:
         """The sharding settings of this strategy, as :func:`~lightning_skew.torchrec.sharding.shard_module` takes
