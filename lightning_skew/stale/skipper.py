@@ -21,7 +21,8 @@ from lightning_skew.core.distributed import distributed
 from lightning_skew.core.rowsets import RowSet, lookup_members
 from lightning_skew.core.tables import WatchedTable, watched_tables
 from lightning_skew.models.decisions import require_decisions
-from lightning_skew.profile.sources import HotSetSource, resolve_hot_rows
+from lightning_skew.profile.row_sizes import trainer_table_bytes
+from lightning_skew.profile.sources import HotSetSource, as_hot_set_source, resolve_hot_rows
 from lightning_skew.stale.guard import AccuracyGuard, backed_off
 from lightning_skew.stale.staleness import (
     IDLE_CEILING,
@@ -166,6 +167,7 @@ class StaleEmbeddingSkipper(pl.Callback):
             raise ValueError(f"repack_min_fill must lie in (0, 1], got {repack_min_fill}")
         _validate(max_candidate_rows, evaluate_every_n_steps, threshold, target_drop_fraction, tolerance,
                   min_stale_lookups, sample_batches, backoff_factor)
+        as_hot_set_source(hot_rows, "StaleEmbeddingSkipper")  # a clear error now for anything else
         self.hot_rows = hot_rows
         self.max_candidate_rows = max_candidate_rows
         self.evaluate_every_n_steps = evaluate_every_n_steps
@@ -263,8 +265,9 @@ class StaleEmbeddingSkipper(pl.Callback):
             raise ValueError(f"StaleEmbeddingSkipper: {type(pl_module).__name__} holds no TorchRec "
                              "EmbeddingBagCollection whose rows it could watch")
         if self.hot_rows is not None and self._fixed_candidates is None:
-            self._fixed_candidates = candidates_from_rowset(resolve_hot_rows(self.hot_rows, trainer.datamodule),
-                                                            self._tables)
+            # The source is asked for this model's tables at their real row sizes, as the other parts sharing it ask.
+            hot_set = resolve_hot_rows(self.hot_rows, trainer.datamodule, trainer_table_bytes(trainer))
+            self._fixed_candidates = candidates_from_rowset(hot_set, self._tables)
         if self.snapshots:  # resumed: the snapshot belongs to the tables found now
             if [s.shape for s in self.snapshots] != [(c.numel(), t.dim) for c, t in
                                                      zip(self.candidates, self._tables, strict=True)]:
