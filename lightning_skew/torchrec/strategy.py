@@ -37,6 +37,7 @@ from lightning_skew.torchrec.pipeline import (
     check_pipeline_name,
     check_same_batch,
 )
+from lightning_skew.torchrec.resume import resolving_last
 from lightning_skew.torchrec.sharding import DEFAULT_SHARDING_TYPES, plan_rows, shard_module
 
 __all__ = ["TorchRecStrategy"]
@@ -178,6 +179,11 @@ class TorchRecStrategy(DDPStrategy):
         self._lr_scale: float | None = None  # None: push the learning rate at the next step
 
     # ----------------------------------------------------------------------------------------- set-up
+
+    def _configure_launcher(self) -> None:
+        # ckpt_path="last" falls back to the newest complete checkpoint (torchrec/resume.py says why it is here).
+        super()._configure_launcher()
+        self._launcher = resolving_last(self._launcher)
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
