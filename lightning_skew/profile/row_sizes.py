@@ -8,7 +8,7 @@ budget at the model's real row size (width x element bytes, plus the embedding o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,19 +38,21 @@ class TableBytes:
     bytes_per_row: int
 
 
-def model_table_bytes(module: nn.Module, optimizer: str | None = None) -> list[TableBytes]:
+def model_table_bytes(module: nn.Module, optimizer: str | Iterable[str] | None = None) -> list[TableBytes]:
     """The embedding tables of ``module`` (plain, sharded or hot/cold; see
     :func:`~lightning_skew.core.tables.table_sizes`) with the bytes one row of each takes.
 
     A row takes ``dim x`` its element bytes plus the state of the optimizer its embeddings carry (the one fused
     into them, see :func:`~lightning_skew.torchrec.optim.fuse_embedding_optimizer`), else of ``optimizer`` (the
-    strategy's ``embedding_optimizer``), else of plain SGD (no state). Several fused optimizers: the largest state.
+    strategy's: one name or several), else of plain SGD (no state). Several optimizers: the largest state.
 
     Args:
         module: the model (a LightningModule or any module holding its tables).
-        optimizer: the embedding optimizer the strategy will fuse when the module carries none yet.
+        optimizer: the embedding optimizer(s) when the module does not carry them (yet, or any more: sharding
+            moves them into TorchRec's kernels).
     """
-    names = sorted(embedding_optimizer_names(module)) or [optimizer or "sgd"]
+    given = [optimizer] if isinstance(optimizer, str) else sorted(optimizer or [])
+    names = sorted(embedding_optimizer_names(module)) or given or ["sgd"]
     tables = []
     for size in table_sizes(module):
         per_row = max(row_bytes(size.dim, size.bytes_per_element, name) for name in names)
@@ -59,12 +61,15 @@ def model_table_bytes(module: nn.Module, optimizer: str | None = None) -> list[T
 
 
 def trainer_table_bytes(trainer: Any) -> list[TableBytes]:
-    """The tables of the model a Trainer fits (:func:`model_table_bytes`, with the strategy's
-    ``embedding_optimizer`` where it has one); ``[]`` without a Trainer or a model with tables."""
+    """The tables of the model a Trainer fits (:func:`model_table_bytes`), with the embedding optimizers its
+    strategy found (``embedding_optimizer_names`` of the TorchRec strategies, set at their setup) or will fuse
+    (``embedding_optimizer``); ``[]`` without a Trainer or a model."""
     module = getattr(trainer, "lightning_module", None) if trainer is not None else None
     if module is None:
         return []
-    return model_table_bytes(module, getattr(trainer.strategy, "embedding_optimizer", None))
+    strategy = trainer.strategy
+    found = getattr(strategy, "embedding_optimizer_names", None)
+    return model_table_bytes(module, found or getattr(strategy, "embedding_optimizer", None))
 
 
 def bytes_by_feature(tables: Sequence[TableBytes]) -> dict[str, int]:

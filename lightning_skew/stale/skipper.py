@@ -10,14 +10,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.core.batch import input_weights, select_inputs, set_decisions, split_lookups
-from lightning_skew.core.distributed import distributed
 from lightning_skew.core.rowsets import RowSet, lookup_members
 from lightning_skew.core.tables import WatchedTable, watched_tables
 from lightning_skew.models.decisions import require_decisions
@@ -191,6 +190,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.pulled_per_batch: list[int] = []  # repack: inputs read from the loader for each batch trained
         self._fed = False  # repack: a RepackedLoader handed on a batch
 
+        self._trainer: pl.Trainer | None = None  # the ranks agree through its strategy
         self._tables: list[WatchedTable] = []
         self._fixed_candidates: list[Tensor] | None = None
         # Decision state (saved): the current window's candidates and snapshots, the stale set in force.
@@ -230,6 +230,7 @@ class StaleEmbeddingSkipper(pl.Callback):
     # ------------------------------------------------------------------------------------------ set-up
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
         if stage != "fit":
             return
         pipeline = getattr(trainer.strategy, "pipeline", None)
@@ -351,7 +352,8 @@ class StaleEmbeddingSkipper(pl.Callback):
             droppable = drop_mask(self.sample[-1], self.stale, self.min_stale_lookups)
             drop = droppable
             if self.keep_one_in > 1:
-                sampled = sampled_inputs(size, self.keep_one_in, self.seed, _rank(), self.inputs_seen)
+                sampled = sampled_inputs(size, self.keep_one_in, self.seed, self._rank(),
+                                         self.inputs_seen)
                 drop, weights = weighted_drop(droppable, sampled, self.keep_one_in)
                 set_decisions(batch, weights=weights.to(batch.labels.device))
             drop = keep_at_least_one(drop)
@@ -398,16 +400,29 @@ class StaleEmbeddingSkipper(pl.Callback):
         self._own_s = 0.0
         self._log_started = now
 
+    # ------------------------------------------------------------------------------------------ ranks
+
+    def _rank(self) -> int:
+        return self._trainer.global_rank if self._trainer is not None else 0
+
+    def _reduce(self, tensor: Tensor, op: str) -> Tensor:
+        """``tensor`` summed or maxed over the ranks, through the Trainer's strategy (as Lightning's callbacks agree)."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return tensor
+        strategy = trainer.strategy
+        return strategy.reduce(tensor.to(strategy.root_device, copy=True), reduce_op=op).to(tensor.device)
+
     # ------------------------------------------------------------------------------------------ decisions
 
     @torch.no_grad()
     def _evaluate(self, step: int) -> None:
         if self.snapshots:
-            changes = row_changes(self._tables, self.candidates, self.snapshots, self.relative)
+            changes = row_changes(self._tables, self.candidates, self.snapshots, self.relative, self._reduce)
             fixed = None if self.fixed_threshold is None else self.fixed_threshold * self.fixed_scale
             self.threshold, self.sample_share, ceiling = search_threshold(
                 self._tables, self.candidates, changes, list(self.sample), self.target, self.tolerance, fixed,
-                self.min_stale_lookups)
+                self.min_stale_lookups, self._reduce)
             self.window = next_window(self.window, self.evaluate_every_n_steps, self.max_idle_windows,
                                       idle=ceiling < IDLE_CEILING and not self.freeze_stale_lookups)
             previous = self.stale
@@ -415,16 +430,24 @@ class StaleEmbeddingSkipper(pl.Callback):
             self.reactivated += rows_left(previous, self.stale)
             self.evaluations += 1
         self.candidates = self._fixed_candidates if self._fixed_candidates is not None else \
-            counted_candidates(self._tables, self.sample, self.max_candidate_rows)
-        self.snapshots = snapshot_rows(self._tables, self.candidates)
+            counted_candidates(self._tables, self.sample, self.max_candidate_rows, self._reduce)
+        self.snapshots = snapshot_rows(self._tables, self.candidates, self._reduce)
         self.last_evaluation_step = step
 
     # ------------------------------------------------------------------------------------------ accuracy guard
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        value = None if trainer.sanity_checking else self.guard.fell(trainer.callback_metrics)
-        if value is None:
+        # Only validations inside a fit judge the skipping: not the sanity check, not a standalone trainer.validate()
+        # (the conditions of Lightning's EarlyStopping).
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
+        value = self.guard.fell(trainer.callback_metrics)
+        # Every rank backs off when any saw the metric fall (as EarlyStopping stops all when any rank would).
+        if not trainer.strategy.reduce_boolean_decision(value is not None, all=False):
+            return
+        if value is None:  # another rank's metric fell: count the back-off here too
+            self.guard.backoffs += 1
+            value = float(trainer.callback_metrics.get(self.guard.metric, float("nan")))
         if self.fixed_threshold is not None:
             self.fixed_scale *= self.backoff_factor
             what = f"threshold now {self.fixed_threshold * self.fixed_scale:.3g}"
@@ -439,11 +462,11 @@ class StaleEmbeddingSkipper(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         local = {"sample": [(kjt.keys(), kjt.values(), kjt.lengths()) for kjt in self.sample]}
-        if distributed():  # every rank's window, so each resumes its own (dump_checkpoint runs on all ranks)
-            per_rank: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(per_rank, local)
-        else:
-            per_rank = [local]
+        # Every rank's window, so each resumes its own (dump_checkpoint runs on all ranks): each rank's in turn.
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        per_rank = [local] if strategy is None or world_size == 1 else \
+            [strategy.broadcast(local, src=r) for r in range(world_size)]
         return {
             "candidates": self.candidates, "snapshots": self.snapshots,
             "stale": None if self.stale is None else (self.stale.feature_names, self.stale.num_rows, self.stale.rows),
@@ -467,8 +490,8 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.window = state_dict.get("window", self.evaluate_every_n_steps)
         self._fixed_candidates = state_dict["fixed_candidates"]
         per_rank = state_dict["per_rank"]
-        rank = dist.get_rank() if distributed() else 0
-        if len(per_rank) != (dist.get_world_size() if distributed() else 1):
+        rank = self._rank()
+        if len(per_rank) != (self._trainer.world_size if self._trainer is not None else 1):
             raise ValueError(f"StaleEmbeddingSkipper: the checkpoint was written by {len(per_rank)} rank(s); resume "
                              "it on the same number")
         own = per_rank[rank]
@@ -479,10 +502,6 @@ class StaleEmbeddingSkipper(pl.Callback):
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _rank() -> int:
-    return dist.get_rank() if distributed() else 0
 
 
 def _validate(max_candidate_rows: int, every: int, threshold: float | None, target: float, tolerance: float,

@@ -29,6 +29,7 @@ from lightning_skew.torchrec.checkpoint import (
     load_sharded_checkpoint,
     save_sharded_checkpoint,
 )
+from lightning_skew.torchrec.optim import embedding_optimizer_names
 from lightning_skew.torchrec.pipeline import (
     PipelinedLoader,
     StepStream,
@@ -177,6 +178,8 @@ class TorchRecStrategy(DDPStrategy):
         self._step_args: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
         self._embedding_base_lrs: list[float] = []
         self._lr_scale: float | None = None  # None: push the learning rate at the next step
+        #: the embedding optimizers of the module (found at setup, before sharding fuses them into the kernels)
+        self.embedding_optimizer_names: set[str] = set()
 
     # ----------------------------------------------------------------------------------------- set-up
 
@@ -208,6 +211,9 @@ class TorchRecStrategy(DDPStrategy):
         self._check_trainer_flags(trainer)
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
+        # What the embeddings will run, read before sharding hides it in the kernels (row sizes of hot sets need it).
+        self.embedding_optimizer_names = embedding_optimizer_names(self.lightning_module) or \
+            ({self.embedding_optimizer} if self.embedding_optimizer else set())
         self.model = self._shard(self.lightning_module)
         model_bounds(self.lightning_module, refresh=True)  # the tables batches must fit, as sharded
         if trainer.state.fn == TrainerFn.FITTING:
