@@ -124,3 +124,16 @@ def test_the_old_arguments_and_the_old_protocol_still_work_and_say_what_replaces
     assert len(rowset) == 2 * len(inner.sparse_feature_names)
     with pytest.raises(TypeError, match="HotColdStrategy: hot_rows must be a RowSet or a hot-set source"):
         HotColdStrategy(budget_bytes=1000, hot_rows="profile.pt")
+
+
+def test_the_skippers_guard_ignores_a_standalone_validate_as_early_stopping_does():
+    inner = data()
+    skipper = StaleEmbeddingSkipper(guard_metric="val_auc", guard_margin=0.0)
+    skipper.guard.best = 0.99  # as after a fit whose best validation reached 0.99
+    trainer = pl.Trainer(accelerator="cpu", devices=1, callbacks=[skipper], limit_val_batches=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.validate(model(inner), inner)
+    assert float(trainer.callback_metrics["val_auc"]) < 0.99  # a fall, had it been a fit's validation
+    assert skipper.guard.backoffs == 0 and skipper.guard.best == 0.99 and skipper.target == 0.3
