@@ -83,9 +83,10 @@ class HotColdStrategy(TorchRecStrategy):
     Args:
         budget_bytes: fast memory for hot rows, optimizer state included (4-byte weights).
         hot_rows: the hot-set source shared with the other parts of the fit (a
-            :class:`~lightning_skew.ProfiledHotRows` or a ``RowSet``): its hot set is placed as it is, so hot
-            batches of a PopularityDataModule with the same source skip the cold rows. ``None``: a profile cut to
-            this budget by the tables' real row sizes (``profile_path`` or ``sample_fraction`` below).
+            :class:`~lightning_skew.ProfiledHotRows`, any :class:`~lightning_skew.profile.HotSetSource`, or a
+            ``RowSet``), asked for the module's tables at their real bytes per row: its hot set is placed as it is,
+            so hot batches of a PopularityDataModule with the same source skip the cold rows. ``None``: a
+            ``ProfiledHotRows`` of this budget (``profile_path`` or ``sample_fraction`` below).
         profile_path: with ``hot_rows=None``, an access profile (``lightning-skew profile``) to cut the hot set
             from; without one the training data is profiled (``sample_fraction`` of its batches, all ranks'
             counts summed; a source equal to it elsewhere in the fit shares that pass).

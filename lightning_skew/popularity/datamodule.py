@@ -112,10 +112,12 @@ class PopularityDataModule(WrappedDataModule):
     Args:
         datamodule: The inner DataModule (any :class:`RecDataModule`).
         schedule: ``"fae"``, ``"interleave"`` or ``"stitch"``.
-        hot_rows: The hot set: a :class:`~lightning_skew.core.rowsets.RowSet`, a :class:`HotSetSource` (its
-            ``hot_rows(datamodule)`` runs in :meth:`setup`), or a callable taking the inner DataModule.
-            ``None`` profiles the inner training loader in :meth:`setup` (exact lookup counts, the
-            ``hot_rows_budget`` most looked-up rows), which needs ``hot_rows_budget``.
+        hot_rows: The hot set's source: a :class:`HotSetSource` (such as
+            :class:`~lightning_skew.profile.ProfiledHotRows`), asked in :meth:`setup` for the tables of the model
+            the Trainer fits (their real bytes per row; none when set up on its own), a
+            :class:`~lightning_skew.core.rowsets.RowSet`, or a callable taking the inner DataModule. ``None``
+            asks :class:`~lightning_skew.profile.LookedUpRows` for the ``hot_rows_budget`` most looked-up rows of
+            the first ``profile_batches`` inner training batches (exact counts, all ranks summed).
         hot_rows_budget: Rows (over all tables) of a hot set the wrapper picks itself: the initial
             profile when ``hot_rows`` is ``None`` and every re-profile.
         window_batches: Inner batches read ahead and scheduled together by ``fae`` and ``interleave``;

@@ -58,8 +58,9 @@ class StaleEmbeddingSkipper(pl.Callback):
     Rows that move again (popularity drift) leave the stale set at the next evaluation, because every
     evaluation decides afresh from the last window.
 
-    Candidate rows are the rows of ``hot_rows`` (a :class:`~lightning_skew.core.rowsets.RowSet` or a source with
-    ``hot_rows(datamodule)``, such as :class:`~lightning_skew.profile.ProfiledHotRows`), or, when it is
+    Candidate rows are the rows of ``hot_rows`` (a :class:`~lightning_skew.core.rowsets.RowSet` or a
+    :class:`~lightning_skew.profile.HotSetSource` such as :class:`~lightning_skew.profile.ProfiledHotRows`, asked
+    for the model's tables at their real bytes per row, as every part sharing it asks), or, when it is
     ``None``, the ``max_candidate_rows`` rows looked up most often in the last ``sample_batches`` batches (all
     ranks): the first snapshot is then taken at step ``evaluate_every_n_steps``, the first decision at twice
     that. A stale set that drops no input of the sample is not applied; while not even every candidate stale
@@ -76,8 +77,8 @@ class StaleEmbeddingSkipper(pl.Callback):
     because they moved again, since the start).
 
     Args:
-        hot_rows: candidate rows (a ``RowSet`` or a source with ``hot_rows(datamodule)``, asked once at the
-            start of training); ``None`` takes the most looked-up rows of each window.
+        hot_rows: candidate rows (a ``RowSet`` or a hot-set source, asked once at the start of training);
+            ``None`` takes the most looked-up rows of each window.
         max_candidate_rows: rows over all tables that are snapshotted when ``hot_rows`` is ``None``.
         evaluate_every_n_steps: window, in optimizer steps, between snapshots and stale-set decisions.
         threshold: fixed staleness threshold; ``None`` searches one for ``target_drop_fraction``.
