@@ -439,8 +439,9 @@ class StaleEmbeddingSkipper(pl.Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Only validations inside a fit judge the skipping: not the sanity check, not a standalone trainer.validate()
-        # (the conditions of Lightning's EarlyStopping).
-        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+        # (the conditions of Lightning's EarlyStopping; a hook called outside any Trainer function, as a unit test
+        # does, still counts).
+        if trainer.state.fn not in (None, TrainerFn.FITTING) or trainer.sanity_checking:
             return
         value = self.guard.fell(trainer.callback_metrics)
         # Every rank backs off when any saw the metric fall (as EarlyStopping stops all when any rank would).
