@@ -54,7 +54,6 @@ def resolve_last_for(trainer: Any, ckpt_path: Any) -> Any:
 class _ResolvesLast:
     """Resolves a ``ckpt_path="last"`` argument of the launched Trainer function before it runs."""
 
-
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         try:
             bound = inspect.signature(function).bind_partial(*args, **kwargs)
