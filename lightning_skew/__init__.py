@@ -15,7 +15,7 @@ from lightning_skew.dedup import DedupDataModule
 from lightning_skew.hotcold import HotColdStrategy, PlainHotColdPlacement, place_hot_cold
 from lightning_skew.models import DLRMModule
 from lightning_skew.popularity import PopularityBatch, PopularityDataModule
-from lightning_skew.profile import AccessProfile, ProfiledHotRows
+from lightning_skew.profile import AccessProfile, GivenRows, HotSetSource, LookedUpRows, ProfiledHotRows
 from lightning_skew.stale import RepackedDataModule, StaleEmbeddingSkipper
 from lightning_skew.torchrec import TorchRecStrategy
 
@@ -40,7 +40,10 @@ __all__ = [
     "CriteoDataModule",
     "DLRMModule",
     "DedupDataModule",
+    "GivenRows",
     "HotColdStrategy",
+    "HotSetSource",
+    "LookedUpRows",
     "NonFiniteLossStop",
     "PlainHotColdPlacement",
     "PopularityBatch",

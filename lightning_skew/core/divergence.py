@@ -8,8 +8,6 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_skew.core.distributed import all_reduce_max
-
 __all__ = ["NonFiniteLossError", "NonFiniteLossStop"]
 
 _NEVER = -1
@@ -89,7 +87,8 @@ class NonFiniteLossStop(pl.Callback):
         # Ranks agree on the earliest bad step: the max of (large - step) over ranks marks it.
         large = torch.iinfo(torch.int64).max // 2
         key = torch.where(self._first_bad == _NEVER, torch.zeros_like(self._first_bad), large - self._first_bad)
-        earliest = int(all_reduce_max(key.reshape(1)).item())
+        # Through the strategy, as Lightning's callbacks agree (a copy: its reduce works in place).
+        earliest = int(trainer.strategy.reduce(key.reshape(1).clone(), reduce_op="max").item())
         if earliest == 0:
             return
         step = large - earliest

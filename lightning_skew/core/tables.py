@@ -190,12 +190,14 @@ def watched_tables(module: nn.Module) -> list[WatchedTable]:
 
 @dataclass(frozen=True)
 class TableSize:
-    """The shape of one embedding table as the data sees it: its name, the features that look it up, its rows."""
+    """The shape of one embedding table as the data sees it: its name, the features that look it up, its rows, its
+    width and the bytes of one weight element (4 for fp32)."""
 
     name: str
     features: tuple[str, ...]
     num_rows: int
     dim: int
+    bytes_per_element: int = 4
 
 
 def table_sizes(module: nn.Module) -> list[TableSize]:
@@ -216,14 +218,25 @@ def table_sizes(module: nn.Module) -> list[TableSize]:
             sizes.extend(TableSize(t.name, tuple(t.features), t.num_rows, t.dim) for t in own())
             inside.append(name)
         elif is_embedding_module(child):
-            sizes.extend(TableSize(c.name, tuple(c.feature_names), c.num_embeddings, c.embedding_dim)
+            sizes.extend(TableSize(c.name, tuple(c.feature_names), c.num_embeddings, c.embedding_dim,
+                                   _element_bytes(c))
                          for c in (bag_configs(child) or table_configs(child)))
             inside.append(name)
         elif isinstance(child, (nn.EmbeddingBag, nn.Embedding)):
             features = _plain_table_features(module, name, child)
             if features:
-                sizes.append(TableSize(name, features, child.num_embeddings, child.embedding_dim))
+                sizes.append(TableSize(name, features, child.num_embeddings, child.embedding_dim,
+                                       child.weight.element_size()))
     return sizes
+
+
+def _element_bytes(config: Any) -> int:
+    """Bytes of one weight element of a TorchRec table config (its ``data_type``; fp32 when it names none)."""
+    from torchrec.types import DataType
+
+    data_type = getattr(config, "data_type", DataType.FP32)
+    return {DataType.FP32: 4, DataType.FP16: 2, DataType.BF16: 2, DataType.INT8: 1, DataType.UINT8: 1,
+            DataType.INT4: 1, DataType.INT2: 1}.get(data_type, 4)
 
 
 def _plain_table_features(module: nn.Module, name: str, table: nn.Module) -> tuple[str, ...]:

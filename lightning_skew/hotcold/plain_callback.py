@@ -15,9 +15,11 @@ from lightning_skew.hotcold.placement import Placement
 from lightning_skew.hotcold.plain import place_hot_cold
 from lightning_skew.hotcold.planning import embedding_bag_collections
 from lightning_skew.hotcold.state import hot_cold_collections
+from lightning_skew.profile.row_sizes import model_table_bytes
 from lightning_skew.profile.sources import (
     HotSetSource,
     ProfiledHotRows,
+    as_hot_set_source,
     check_source_arguments,
     resolve_hot_rows,
 )
@@ -59,6 +61,7 @@ class PlainHotColdPlacement(pl.Callback):
         self.profile_path = profile_path
         self.sample_fraction = sample_fraction
         self.cold_device = cold_device
+        as_hot_set_source(hot_rows, "PlainHotColdPlacement")  # a clear error now for anything else
         self.hot_rows = hot_rows
         self.placements: dict[str, Placement] = {}
         self._pending_optimizer_state: dict[str, Any] | None = None  # restored before the module was placed
@@ -90,10 +93,9 @@ class PlainHotColdPlacement(pl.Callback):
             raise MisconfigurationException(f"PlainHotColdPlacement needs one embedding dimension across tables, got "
                                             f"{sorted(dims)}; use place_hot_cold with a hot set of your own")
         source = self.hot_rows if self.hot_rows is not None else ProfiledHotRows(
-            self.budget_bytes, profile_path=self.profile_path, embedding_dim=dims.pop(),
-            sample_fraction=self.sample_fraction)
-        self.placements = place_hot_cold(pl_module, resolve_hot_rows(source, trainer.datamodule), self.budget_bytes,
-                                         self.cold_device)
+            self.budget_bytes, profile_path=self.profile_path, sample_fraction=self.sample_fraction)
+        hot_set = resolve_hot_rows(source, trainer.datamodule, model_table_bytes(pl_module))
+        self.placements = place_hot_cold(pl_module, hot_set, self.budget_bytes, self.cold_device)
         text = "\n".join(f"{path}:\n{placement.describe()}" for path, placement in self.placements.items())
         rank_zero_info(f"Hot/cold placement (plain PyTorch, cold rows in {self.cold_device}):\n{text}")
         if self._pending_optimizer_state is not None:

@@ -13,11 +13,10 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.hotcold.collection import table_specs
 from lightning_skew.hotcold.placement import Placement, TableSpec, plan_placement
-from lightning_skew.profile.access import AccessProfile
 from lightning_skew.profile.budget import row_bytes
 from lightning_skew.torchrec.optim import embedding_modules, embedding_optimizer_names
 
-__all__ = ["bytes_per_row", "check_profile", "embedding_bag_collections", "hot_set_inside", "place_collections"]
+__all__ = ["bytes_per_row", "embedding_bag_collections", "hot_set_inside", "place_collections"]
 
 
 def embedding_bag_collections(module: nn.Module) -> list[tuple[str, EmbeddingBagCollection]]:
@@ -68,18 +67,6 @@ def _replace(module: nn.Module, path: str, new: nn.Module) -> None:
 def _fits(feature_rows: int, spec: TableSpec) -> bool:
     """A feature's ID range fits its table: equal, or within a table that several features share."""
     return feature_rows == spec.num_rows or (len(spec.feature_names) > 1 and feature_rows <= spec.num_rows)
-
-
-def check_profile(profile: AccessProfile, specs: list[TableSpec]) -> None:
-    known = dict(zip(profile.feature_names, profile.num_rows, strict=True))
-    missing = [f for spec in specs for f in spec.feature_names if f not in known]
-    if missing:
-        raise ValueError(f"the access profile describes other tables: the model's features {missing} are not in it "
-                         f"(profile features: {profile.feature_names})")
-    differ = [f"{f!r}: {known[f]} rows in the profile, {spec.num_rows} in table {spec.name!r}"
-              for spec in specs for f in spec.feature_names if not _fits(known[f], spec)]
-    if differ:
-        raise ValueError("the access profile describes other table sizes: " + "; ".join(differ))
 
 
 def _table_rows(hot_set: RowSet, spec: TableSpec) -> Tensor:

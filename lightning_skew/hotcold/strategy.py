@@ -27,7 +27,6 @@ from lightning_skew.hotcold.collection import (
 from lightning_skew.hotcold.placement import Placement, TableSpec
 from lightning_skew.hotcold.planning import (
     bytes_per_row,
-    check_profile,
     embedding_bag_collections,
     hot_set_inside,
     place_collections,
@@ -42,12 +41,13 @@ from lightning_skew.hotcold.state import (
     to_original_ids,
     unflatten_optimizer_state,
 )
-from lightning_skew.profile.access import AccessProfile
-from lightning_skew.profile.budget import select_hot_rows
+from lightning_skew.profile.row_sizes import model_table_bytes
 from lightning_skew.profile.sources import (
     HotSetSource,
     ProfiledHotRows,
+    as_hot_set_source,
     check_source_arguments,
+    describe_source,
     resolve_hot_rows,
 )
 from lightning_skew.torchrec.checkpoint import (
@@ -83,9 +83,10 @@ class HotColdStrategy(TorchRecStrategy):
     Args:
         budget_bytes: fast memory for hot rows, optimizer state included (4-byte weights).
         hot_rows: the hot-set source shared with the other parts of the fit (a
-            :class:`~lightning_skew.ProfiledHotRows` or a ``RowSet``): its hot set is placed as it is, so hot
-            batches of a PopularityDataModule with the same source skip the cold rows. ``None``: a profile cut to
-            this budget by the tables' real row sizes (``profile_path`` or ``sample_fraction`` below).
+            :class:`~lightning_skew.ProfiledHotRows`, any :class:`~lightning_skew.profile.HotSetSource`, or a
+            ``RowSet``), asked for the module's tables at their real bytes per row: its hot set is placed as it is,
+            so hot batches of a PopularityDataModule with the same source skip the cold rows. ``None``: a
+            ``ProfiledHotRows`` of this budget (``profile_path`` or ``sample_fraction`` below).
         profile_path: with ``hot_rows=None``, an access profile (``lightning-skew profile``) to cut the hot set
             from; without one the training data is profiled (``sample_fraction`` of its batches, all ranks'
             counts summed; a source equal to it elsewhere in the fit shares that pass).
@@ -144,6 +145,7 @@ class HotColdStrategy(TorchRecStrategy):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
         self.budget_bytes = budget_bytes
+        as_hot_set_source(hot_rows, "HotColdStrategy")  # a clear error now for anything else
         self.hot_rows = hot_rows
         self.profile_path = profile_path
         self.sample_fraction = sample_fraction
@@ -222,61 +224,43 @@ class HotColdStrategy(TorchRecStrategy):
         found = embedding_bag_collections(module)
         specs = [spec for _, ebc in found for spec in table_specs(ebc)]
         sizes = bytes_per_row(module, specs, self.embedding_optimizer)
-        hot_set = self._hot_set(specs, sizes)
+        hot_set = self._hot_set(module, specs)
         try:
             place_collections(module, found, hot_set, self.budget_bytes, sizes, HotColdEmbeddingBagCollection)
         except ValueError as error:
             if self.hot_rows is None or "more than the budget" not in str(error):
                 raise
-            shared = sorted({f for spec in specs for f in spec.feature_names
-                             if sum(f in other.feature_names for other in specs) > 1})
             raise MisconfigurationException(
                 f"HotColdStrategy(budget_bytes={self.budget_bytes}): {error}: the hot set given by {self.hot_set_source} "
-                "is placed as it is (so that the parts sharing it agree), and it was cut for smaller rows than this "
-                "model's" + (f" (features {shared} look up several tables each, and a hot row is hot in all of "
-                             "them)" if shared else "") + ". Give the source a smaller budget_bytes (or the "
-                "embedding_dim and optimizer of the model's tables), or raise HotColdStrategy's budget_bytes.") \
-                from error
+                "is placed as it is (so that the parts sharing it agree), and its own budget holds more than this "
+                "one. Give the source a budget_bytes no larger than HotColdStrategy's, or raise HotColdStrategy's "
+                "budget_bytes.") from error
 
-    def _hot_set(self, specs: list[TableSpec], sizes: list[int]) -> RowSet:
-        """The hot set from the source: a given one as it is (the answer every part of the fit shares), else a
-        profile (saved, or of the training data: the source counts, not the strategy) cut to this budget."""
+    def _hot_set(self, module: nn.Module, specs: list[TableSpec]) -> RowSet:
+        """The hot set from the source (``hot_rows``, else a :class:`ProfiledHotRows` of this budget), asked for
+        the module's tables at their real row sizes: the answer every part of the fit that shares the source gets."""
         datamodule = getattr(self._trainer, "datamodule", None)
-        if self.hot_rows is not None:
-            self.hot_set_source = getattr(self.hot_rows, "describe", lambda: type(self.hot_rows).__name__)()
-            return resolve_hot_rows(self.hot_rows, datamodule)
-        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
-        if self.profile_path is None and (datamodule is None or not fitting):
-            rank_zero_warn("HotColdStrategy: no hot set (give hot_rows or profile_path) and no training data to "
-                           "profile; every table stays cold")
-            self.hot_set_source = "none (all cold)"
-            features = [f for spec in specs for f in spec.feature_names]
-            rows = [spec.num_rows for spec in specs for _ in spec.feature_names]
-            return RowSet(features, rows, [torch.zeros(0, dtype=torch.int64) for _ in features])
-        if datamodule is not None and self.profile_path is None and \
-                not isinstance(getattr(datamodule, "unwrapped", None), RecDataModule):
-            raise MisconfigurationException(
-                f"HotColdStrategy profiles the training data to find hot rows, and {type(datamodule).__name__} is "
-                "not a lightning-skew RecDataModule (which names its features and table sizes). Derive it from "
-                "lightning_skew.RecDataModule (docs/models.md), or give HotColdStrategy hot_rows (a RowSet) or "
-                "profile_path.")
-        source = ProfiledHotRows(self.budget_bytes, profile_path=self.profile_path,
-                                 sample_fraction=self.sample_fraction)
-        self.hot_set_source = source.describe()
-        # A saved profile is checked against the data it claims to describe (tables and data description).
-        profile = source.profile_for(datamodule) if datamodule is not None else AccessProfile.load(self.profile_path)
-        check_profile(profile, specs)
-        # Features of the profile that no table here looks up are never hot. A hot row of a feature is hot in every
-        # table the feature looks up (DeepFM's first-order and embedding tables): its bytes are those of all of them.
-        size_of: dict[str, int] = {}
-        for spec, size in zip(specs, sizes, strict=True):
-            for f in spec.feature_names:
-                size_of[f] = size_of.get(f, 0) + size
-        empty = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
-        candidates = [profile.counts(f) if f in size_of else empty for f in profile.feature_names]
-        row_sizes = [size_of.get(f, max(sizes)) for f in profile.feature_names]
-        hot = select_hot_rows(candidates, row_sizes, self.budget_bytes, self.hot_set_mode, profile.feature_names)
-        return RowSet(list(profile.feature_names), list(profile.num_rows), hot)
+        source = self.hot_rows
+        if source is None:
+            fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
+            if self.profile_path is None and (datamodule is None or not fitting):
+                rank_zero_warn("HotColdStrategy: no hot set (give hot_rows or profile_path) and no training data to "
+                               "profile; every table stays cold")
+                self.hot_set_source = "none (all cold)"
+                features = [f for spec in specs for f in spec.feature_names]
+                rows = [spec.num_rows for spec in specs for _ in spec.feature_names]
+                return RowSet(features, rows, [torch.zeros(0, dtype=torch.int64) for _ in features])
+            if datamodule is not None and self.profile_path is None and \
+                    not isinstance(getattr(datamodule, "unwrapped", None), RecDataModule):
+                raise MisconfigurationException(
+                    f"HotColdStrategy profiles the training data to find hot rows, and {type(datamodule).__name__} "
+                    "is not a lightning-skew RecDataModule (which names its features and table sizes). Derive it "
+                    "from lightning_skew.RecDataModule (docs/models.md), or give HotColdStrategy hot_rows (a RowSet) "
+                    "or profile_path.")
+            source = ProfiledHotRows(self.budget_bytes, profile_path=self.profile_path,
+                                     sample_fraction=self.sample_fraction, mode=self.hot_set_mode)
+        self.hot_set_source = describe_source(source)
+        return resolve_hot_rows(source, datamodule, model_table_bytes(module, self.embedding_optimizer))
 
     def _log_plan(self, trainer: pl.Trainer) -> None:
         super()._log_plan(trainer)

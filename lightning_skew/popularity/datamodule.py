@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from itertools import islice
 from typing import Any
 
 import torch
@@ -27,7 +26,8 @@ from lightning_skew.popularity.schedules import (
     interleave_order,
     stitch_batch,
 )
-from lightning_skew.profile.sources import HotSetSource
+from lightning_skew.profile.row_sizes import trainer_table_bytes
+from lightning_skew.profile.sources import HotSetSource, LookedUpRows, as_hot_set_source, resolve_hot_rows
 
 __all__ = [
     "SCHEDULES",
@@ -112,10 +112,12 @@ class PopularityDataModule(WrappedDataModule):
     Args:
         datamodule: The inner DataModule (any :class:`RecDataModule`).
         schedule: ``"fae"``, ``"interleave"`` or ``"stitch"``.
-        hot_rows: The hot set: a :class:`~lightning_skew.core.rowsets.RowSet`, a :class:`HotSetSource` (its
-            ``hot_rows(datamodule)`` runs in :meth:`setup`), or a callable taking the inner DataModule.
-            ``None`` profiles the inner training loader in :meth:`setup` (exact lookup counts, the
-            ``hot_rows_budget`` most looked-up rows), which needs ``hot_rows_budget``.
+        hot_rows: The hot set's source: a :class:`HotSetSource` (such as
+            :class:`~lightning_skew.profile.ProfiledHotRows`), asked in :meth:`setup` for the tables of the model
+            the Trainer fits (their real bytes per row; none when set up on its own), a
+            :class:`~lightning_skew.core.rowsets.RowSet`, or a callable taking the inner DataModule. ``None``
+            asks :class:`~lightning_skew.profile.LookedUpRows` for the ``hot_rows_budget`` most looked-up rows of
+            the first ``profile_batches`` inner training batches (exact counts, all ranks summed).
         hot_rows_budget: Rows (over all tables) of a hot set the wrapper picks itself: the initial
             profile when ``hot_rows`` is ``None`` and every re-profile.
         window_batches: Inner batches read ahead and scheduled together by ``fae`` and ``interleave``;
@@ -198,11 +200,11 @@ class PopularityDataModule(WrappedDataModule):
                              "access profile) or hot_rows_budget (rows to keep hot; the wrapper profiles itself)")
         if reprofile_every_n_epochs is not None and hot_rows_budget is None:
             raise ValueError("reprofile_every_n_epochs needs hot_rows_budget (the size of each new hot set)")
-        if not (hot_rows is None or isinstance(hot_rows, (RowSet, HotSetSource)) or callable(hot_rows)):
-            raise TypeError(f"hot_rows must be a RowSet, a HotSetSource or a callable, got {type(hot_rows)}")
         self.save_hyperparameters(ignore=["datamodule", "hot_rows"])
         self.schedule = schedule
-        self.hot_rows_source = hot_rows
+        #: the hot-set source asked in setup (``hot_rows``, else :class:`LookedUpRows` of ``hot_rows_budget``)
+        self.hot_rows_source = as_hot_set_source(hot_rows, "PopularityDataModule", allow_callable=True) or \
+            LookedUpRows(hot_rows_budget, profile_batches)
         self.hot_rows_budget = hot_rows_budget
         self.window_batches = window_batches
         self.batch_size = batch_size
@@ -239,20 +241,9 @@ class PopularityDataModule(WrappedDataModule):
     # -- hot sets -----------------------------------------------------------------------------------------
 
     def _initial_hot_rows(self) -> RowSet:
-        source = self.hot_rows_source
-        if isinstance(source, RowSet):
-            return source
-        if isinstance(source, HotSetSource):
-            return source.hot_rows(self.datamodule)
-        if source is not None:
-            return source(self.datamodule)
-        counts = None
-        for batch in islice(self.datamodule.train_dataloader(), self.profile_batches):
-            counts = count_lookups(batch.sparse_features, self.sparse_feature_names, self.num_embeddings_per_feature,
-                                   counts)
-        if counts is None:
-            raise ValueError("PopularityDataModule: the inner training loader is empty, there is nothing to profile")
-        return top_rows(_sum_counts(counts), self.sparse_feature_names, self.hot_rows_budget)
+        """The source's hot set for the inner data, cut for the model the Trainer fits (its tables' real bytes per
+        row; none when this DataModule is set up on its own)."""
+        return resolve_hot_rows(self.hot_rows_source, self.datamodule, trainer_table_bytes(self.trainer))
 
     def _check_rowset(self, rowset: RowSet) -> RowSet:
         if not isinstance(rowset, RowSet):

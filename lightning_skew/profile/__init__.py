@@ -12,13 +12,29 @@ from lightning_skew.profile.budget import (
 )
 from lightning_skew.profile.identity import describe_datamodule
 from lightning_skew.profile.loader import profile_dataloader
+from lightning_skew.profile.row_sizes import TableBytes, model_table_bytes, trainer_table_bytes
 from lightning_skew.profile.sketches import add_row_counts, merge_heavy_hitters, sampled_mask
 from lightning_skew.profile.skew import TableSkew, fit_power_law, top_share
-from lightning_skew.profile.sources import ProfiledHotRows, profiled_data, resolve_hot_rows
+from lightning_skew.profile.sources import (
+    GivenRows,
+    HotSetSource,
+    LookedUpRows,
+    ProfiledHotRows,
+    as_hot_set_source,
+    profiled_data,
+    resolve_hot_rows,
+)
 
 __all__ = [
     "AccessProfile",
+    "GivenRows",
+    "HotSetSource",
+    "LookedUpRows",
     "ProfiledHotRows",
+    "TableBytes",
+    "as_hot_set_source",
+    "model_table_bytes",
+    "trainer_table_bytes",
     "profiled_data",
     "resolve_hot_rows",
     "BudgetPoint",

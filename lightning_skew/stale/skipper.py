@@ -10,18 +10,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.core.batch import input_weights, select_inputs, set_decisions, split_lookups
-from lightning_skew.core.distributed import distributed
 from lightning_skew.core.rowsets import RowSet, lookup_members
 from lightning_skew.core.tables import WatchedTable, watched_tables
 from lightning_skew.models.decisions import require_decisions
-from lightning_skew.profile.sources import HotSetSource, resolve_hot_rows
+from lightning_skew.profile.row_sizes import trainer_table_bytes
+from lightning_skew.profile.sources import HotSetSource, as_hot_set_source, resolve_hot_rows
 from lightning_skew.stale.guard import AccuracyGuard, backed_off
 from lightning_skew.stale.staleness import (
     IDLE_CEILING,
@@ -58,8 +58,9 @@ class StaleEmbeddingSkipper(pl.Callback):
     Rows that move again (popularity drift) leave the stale set at the next evaluation, because every
     evaluation decides afresh from the last window.
 
-    Candidate rows are the rows of ``hot_rows`` (a :class:`~lightning_skew.core.rowsets.RowSet` or a source with
-    ``hot_rows(datamodule)``, such as :class:`~lightning_skew.profile.ProfiledHotRows`), or, when it is
+    Candidate rows are the rows of ``hot_rows`` (a :class:`~lightning_skew.core.rowsets.RowSet` or a
+    :class:`~lightning_skew.profile.HotSetSource` such as :class:`~lightning_skew.profile.ProfiledHotRows`, asked
+    for the model's tables at their real bytes per row, as every part sharing it asks), or, when it is
     ``None``, the ``max_candidate_rows`` rows looked up most often in the last ``sample_batches`` batches (all
     ranks): the first snapshot is then taken at step ``evaluate_every_n_steps``, the first decision at twice
     that. A stale set that drops no input of the sample is not applied; while not even every candidate stale
@@ -76,8 +77,8 @@ class StaleEmbeddingSkipper(pl.Callback):
     because they moved again, since the start).
 
     Args:
-        hot_rows: candidate rows (a ``RowSet`` or a source with ``hot_rows(datamodule)``, asked once at the
-            start of training); ``None`` takes the most looked-up rows of each window.
+        hot_rows: candidate rows (a ``RowSet`` or a hot-set source, asked once at the start of training);
+            ``None`` takes the most looked-up rows of each window.
         max_candidate_rows: rows over all tables that are snapshotted when ``hot_rows`` is ``None``.
         evaluate_every_n_steps: window, in optimizer steps, between snapshots and stale-set decisions.
         threshold: fixed staleness threshold; ``None`` searches one for ``target_drop_fraction``.
@@ -166,6 +167,7 @@ class StaleEmbeddingSkipper(pl.Callback):
             raise ValueError(f"repack_min_fill must lie in (0, 1], got {repack_min_fill}")
         _validate(max_candidate_rows, evaluate_every_n_steps, threshold, target_drop_fraction, tolerance,
                   min_stale_lookups, sample_batches, backoff_factor)
+        as_hot_set_source(hot_rows, "StaleEmbeddingSkipper")  # a clear error now for anything else
         self.hot_rows = hot_rows
         self.max_candidate_rows = max_candidate_rows
         self.evaluate_every_n_steps = evaluate_every_n_steps
@@ -189,6 +191,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.pulled_per_batch: list[int] = []  # repack: inputs read from the loader for each batch trained
         self._fed = False  # repack: a RepackedLoader handed on a batch
 
+        self._trainer: pl.Trainer | None = None  # the ranks agree through its strategy
         self._tables: list[WatchedTable] = []
         self._fixed_candidates: list[Tensor] | None = None
         # Decision state (saved): the current window's candidates and snapshots, the stale set in force.
@@ -228,6 +231,7 @@ class StaleEmbeddingSkipper(pl.Callback):
     # ------------------------------------------------------------------------------------------ set-up
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
         if stage != "fit":
             return
         pipeline = getattr(trainer.strategy, "pipeline", None)
@@ -263,8 +267,9 @@ class StaleEmbeddingSkipper(pl.Callback):
             raise ValueError(f"StaleEmbeddingSkipper: {type(pl_module).__name__} holds no TorchRec "
                              "EmbeddingBagCollection whose rows it could watch")
         if self.hot_rows is not None and self._fixed_candidates is None:
-            self._fixed_candidates = candidates_from_rowset(resolve_hot_rows(self.hot_rows, trainer.datamodule),
-                                                            self._tables)
+            # The source is asked for this model's tables at their real row sizes, as the other parts sharing it ask.
+            hot_set = resolve_hot_rows(self.hot_rows, trainer.datamodule, trainer_table_bytes(trainer))
+            self._fixed_candidates = candidates_from_rowset(hot_set, self._tables)
         if self.snapshots:  # resumed: the snapshot belongs to the tables found now
             if [s.shape for s in self.snapshots] != [(c.numel(), t.dim) for c, t in
                                                      zip(self.candidates, self._tables, strict=True)]:
@@ -348,7 +353,8 @@ class StaleEmbeddingSkipper(pl.Callback):
             droppable = drop_mask(self.sample[-1], self.stale, self.min_stale_lookups)
             drop = droppable
             if self.keep_one_in > 1:
-                sampled = sampled_inputs(size, self.keep_one_in, self.seed, _rank(), self.inputs_seen)
+                sampled = sampled_inputs(size, self.keep_one_in, self.seed, self._rank(),
+                                         self.inputs_seen)
                 drop, weights = weighted_drop(droppable, sampled, self.keep_one_in)
                 set_decisions(batch, weights=weights.to(batch.labels.device))
             drop = keep_at_least_one(drop)
@@ -395,16 +401,29 @@ class StaleEmbeddingSkipper(pl.Callback):
         self._own_s = 0.0
         self._log_started = now
 
+    # ------------------------------------------------------------------------------------------ ranks
+
+    def _rank(self) -> int:
+        return self._trainer.global_rank if self._trainer is not None else 0
+
+    def _reduce(self, tensor: Tensor, op: str) -> Tensor:
+        """``tensor`` summed or maxed over the ranks, through the Trainer's strategy (as Lightning's callbacks agree)."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return tensor
+        strategy = trainer.strategy
+        return strategy.reduce(tensor.to(strategy.root_device, copy=True), reduce_op=op).to(tensor.device)
+
     # ------------------------------------------------------------------------------------------ decisions
 
     @torch.no_grad()
     def _evaluate(self, step: int) -> None:
         if self.snapshots:
-            changes = row_changes(self._tables, self.candidates, self.snapshots, self.relative)
+            changes = row_changes(self._tables, self.candidates, self.snapshots, self.relative, self._reduce)
             fixed = None if self.fixed_threshold is None else self.fixed_threshold * self.fixed_scale
             self.threshold, self.sample_share, ceiling = search_threshold(
                 self._tables, self.candidates, changes, list(self.sample), self.target, self.tolerance, fixed,
-                self.min_stale_lookups)
+                self.min_stale_lookups, self._reduce)
             self.window = next_window(self.window, self.evaluate_every_n_steps, self.max_idle_windows,
                                       idle=ceiling < IDLE_CEILING and not self.freeze_stale_lookups)
             previous = self.stale
@@ -412,16 +431,25 @@ class StaleEmbeddingSkipper(pl.Callback):
             self.reactivated += rows_left(previous, self.stale)
             self.evaluations += 1
         self.candidates = self._fixed_candidates if self._fixed_candidates is not None else \
-            counted_candidates(self._tables, self.sample, self.max_candidate_rows)
-        self.snapshots = snapshot_rows(self._tables, self.candidates)
+            counted_candidates(self._tables, self.sample, self.max_candidate_rows, self._reduce)
+        self.snapshots = snapshot_rows(self._tables, self.candidates, self._reduce)
         self.last_evaluation_step = step
 
     # ------------------------------------------------------------------------------------------ accuracy guard
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        value = None if trainer.sanity_checking else self.guard.fell(trainer.callback_metrics)
-        if value is None:
+        # Only validations inside a fit judge the skipping: not the sanity check, not a standalone trainer.validate()
+        # (the conditions of Lightning's EarlyStopping; a hook called outside any Trainer function, as a unit test
+        # does, still counts).
+        if trainer.state.fn not in (None, TrainerFn.FITTING) or trainer.sanity_checking:
             return
+        value = self.guard.fell(trainer.callback_metrics)
+        # Every rank backs off when any saw the metric fall (as EarlyStopping stops all when any rank would).
+        if not trainer.strategy.reduce_boolean_decision(value is not None, all=False):
+            return
+        if value is None:  # another rank's metric fell: count the back-off here too
+            self.guard.backoffs += 1
+            value = float(trainer.callback_metrics.get(self.guard.metric, float("nan")))
         if self.fixed_threshold is not None:
             self.fixed_scale *= self.backoff_factor
             what = f"threshold now {self.fixed_threshold * self.fixed_scale:.3g}"
@@ -436,11 +464,11 @@ class StaleEmbeddingSkipper(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         local = {"sample": [(kjt.keys(), kjt.values(), kjt.lengths()) for kjt in self.sample]}
-        if distributed():  # every rank's window, so each resumes its own (dump_checkpoint runs on all ranks)
-            per_rank: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(per_rank, local)
-        else:
-            per_rank = [local]
+        # Every rank's window, so each resumes its own (dump_checkpoint runs on all ranks): each rank's in turn.
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        per_rank = [local] if strategy is None or world_size == 1 else \
+            [strategy.broadcast(local, src=r) for r in range(world_size)]
         return {
             "candidates": self.candidates, "snapshots": self.snapshots,
             "stale": None if self.stale is None else (self.stale.feature_names, self.stale.num_rows, self.stale.rows),
@@ -464,8 +492,8 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.window = state_dict.get("window", self.evaluate_every_n_steps)
         self._fixed_candidates = state_dict["fixed_candidates"]
         per_rank = state_dict["per_rank"]
-        rank = dist.get_rank() if distributed() else 0
-        if len(per_rank) != (dist.get_world_size() if distributed() else 1):
+        rank = self._rank()
+        if len(per_rank) != (self._trainer.world_size if self._trainer is not None else 1):
             raise ValueError(f"StaleEmbeddingSkipper: the checkpoint was written by {len(per_rank)} rank(s); resume "
                              "it on the same number")
         own = per_rank[rank]
@@ -476,10 +504,6 @@ class StaleEmbeddingSkipper(pl.Callback):
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _rank() -> int:
-    return dist.get_rank() if distributed() else 0
 
 
 def _validate(max_candidate_rows: int, every: int, threshold: float | None, target: float, tolerance: float,

@@ -1,13 +1,14 @@
 """Tracking candidate rows over a window: counted candidates, snapshots, each row's change, the stale set.
 
 Functions of the watched tables (:func:`~lightning_skew.core.tables.watched_tables`) and tensors, the same on
-every rank (counts are summed, snapshots and changes maxed over ranks);
+every rank (counts are summed, snapshots and changes maxed over ranks, by the ``reduce`` they are given: the
+skipper's Trainer strategy);
 :class:`~lightning_skew.stale.skipper.StaleEmbeddingSkipper` calls them at each evaluation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -20,8 +21,17 @@ from lightning_skew.core.rowsets import RowSet
 from lightning_skew.core.tables import WatchedTable
 from lightning_skew.stale.staleness import bisect_threshold, critical_thresholds, stale_rowset
 
-__all__ = ["candidates_from_rowset", "counted_candidates", "row_changes", "search_threshold", "snapshot_rows",
-           "stale_rows"]
+__all__ = ["Reduce", "candidates_from_rowset", "counted_candidates", "over_ranks", "row_changes", "search_threshold",
+           "snapshot_rows", "stale_rows"]
+
+Reduce = Callable[[Tensor, str], Tensor]
+"""``reduce(tensor, op)``: the element-wise ``"sum"`` or ``"max"`` of ``tensor`` over ranks, as a new tensor (the
+skipper passes its Trainer's ``strategy.reduce``)."""
+
+
+def over_ranks(tensor: Tensor, op: str) -> Tensor:
+    """The default :data:`Reduce`, for use outside a Trainer: ``torch.distributed``'s, a no-op on one process."""
+    return all_reduce_sum(tensor) if op == "sum" else all_reduce_max(tensor)
 
 
 def _split(flat: Tensor, parts: Sequence[Tensor]) -> list[Tensor]:
@@ -30,7 +40,7 @@ def _split(flat: Tensor, parts: Sequence[Tensor]) -> list[Tensor]:
 
 
 def counted_candidates(tables: Sequence[WatchedTable], sample: Iterable[KeyedJaggedTensor],
-                       max_rows: int) -> list[Tensor]:
+                       max_rows: int, reduce: Reduce = over_ranks) -> list[Tensor]:
     """Per table, the rows among the ``max_rows`` most looked up in ``sample`` (all tables and ranks together)."""
     by_key = [kjt.to_dict() for kjt in sample]
     counts = []
@@ -39,7 +49,7 @@ def counted_candidates(tables: Sequence[WatchedTable], sample: Iterable[KeyedJag
         joined = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64)
         check_ids(",".join(table.features), joined, table.num_rows)
         counts.append(torch.bincount(joined, minlength=table.num_rows))  # one pass per table, not per batch
-    flat = all_reduce_sum(torch.cat(counts))
+    flat = reduce(torch.cat(counts), "sum")
     mask = top_rows_flat(flat, min(max_rows, int((flat > 0).sum())))
     return [torch.nonzero(m).flatten() for m in torch.split(mask, [t.num_rows for t in tables])]
 
@@ -60,17 +70,18 @@ def candidates_from_rowset(rowset: RowSet, tables: Sequence[WatchedTable]) -> li
     return candidates
 
 
-def snapshot_rows(tables: Sequence[WatchedTable], candidates: Sequence[Tensor]) -> list[Tensor]:
+def snapshot_rows(tables: Sequence[WatchedTable], candidates: Sequence[Tensor],
+                  reduce: Reduce = over_ranks) -> list[Tensor]:
     """Full rows (all columns) of the candidates, identical on every rank: each rank fills what it holds."""
     states: dict[int, Any] = {}
     snapshots = [table.read_rows(rows, states) for table, rows in zip(tables, candidates, strict=True)]
     if not snapshots:
         return snapshots
-    return _split(all_reduce_max(torch.cat([s.reshape(-1) for s in snapshots])), snapshots)  # -inf: not held
+    return _split(reduce(torch.cat([s.reshape(-1) for s in snapshots]), "max"), snapshots)  # -inf: not held
 
 
 def row_changes(tables: Sequence[WatchedTable], candidates: Sequence[Tensor], snapshots: Sequence[Tensor],
-                relative: bool = False) -> list[Tensor]:
+                relative: bool = False, reduce: Reduce = over_ranks) -> list[Tensor]:
     """Per table, each candidate row's largest element change since its snapshot (relative to the row's largest
     absolute element with ``relative``): the maximum over the parts each rank holds, then over ranks."""
     changes, states = [], {}
@@ -85,7 +96,7 @@ def row_changes(tables: Sequence[WatchedTable], candidates: Sequence[Tensor], sn
         changes.append(change)
     if not changes:
         return changes
-    return _split(all_reduce_max(torch.cat(changes)), changes)
+    return _split(reduce(torch.cat(changes), "max"), changes)
 
 
 def _per_feature(tables: Sequence[WatchedTable], candidates: Sequence[Tensor],
@@ -102,8 +113,8 @@ def _per_feature(tables: Sequence[WatchedTable], candidates: Sequence[Tensor],
 
 def search_threshold(tables: Sequence[WatchedTable], candidates: Sequence[Tensor], changes: Sequence[Tensor],
                      sample: Sequence[KeyedJaggedTensor], target: float, tolerance: float,
-                     fixed: float | None = None, min_stale_lookups: int | None = None
-                     ) -> tuple[float, float, float]:
+                     fixed: float | None = None, min_stale_lookups: int | None = None,
+                     reduce: Reduce = over_ranks) -> tuple[float, float, float]:
     """The threshold (``fixed``, else the one whose drop share on ``sample`` is ``target`` within ``tolerance``),
     its drop share, and the *ceiling*: the share any threshold could drop (every candidate stale), all ranks'
     samples together. A ceiling near 0 says there is nothing to skip (uniform IDs, candidates that miss most
@@ -114,8 +125,8 @@ def search_threshold(tables: Sequence[WatchedTable], candidates: Sequence[Tensor
     critical = torch.cat([critical_thresholds(kjt, by_feature, min_stale_lookups) for kjt in sample])
 
     def dropped_share(threshold: float) -> float:
-        counts = all_reduce_sum(torch.tensor([float((critical < threshold).sum()), float(critical.numel())],
-                                             dtype=torch.float64))
+        counts = reduce(torch.tensor([float((critical < threshold).sum()), float(critical.numel())],
+                                     dtype=torch.float64), "sum")
         return float(counts[0] / counts[1].clamp(min=1))
 
     ceiling = dropped_share(float("inf"))

@@ -29,6 +29,7 @@ from lightning_skew.torchrec.checkpoint import (
     load_sharded_checkpoint,
     save_sharded_checkpoint,
 )
+from lightning_skew.torchrec.optim import embedding_optimizer_names
 from lightning_skew.torchrec.pipeline import (
     PipelinedLoader,
     StepStream,
@@ -37,6 +38,7 @@ from lightning_skew.torchrec.pipeline import (
     check_pipeline_name,
     check_same_batch,
 )
+from lightning_skew.torchrec.resume import resolving_last
 from lightning_skew.torchrec.sharding import (
     DEFAULT_SHARDING_TYPES,
     cache_load_factor_for,
@@ -189,8 +191,15 @@ class TorchRecStrategy(DDPStrategy):
         self._step_args: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
         self._embedding_base_lrs: list[float] = []
         self._lr_scale: float | None = None  # None: push the learning rate at the next step
+        #: the embedding optimizers of the module (found at setup, before sharding fuses them into the kernels)
+        self.embedding_optimizer_names: set[str] = set()
 
     # ----------------------------------------------------------------------------------------- set-up
+
+    def _configure_launcher(self) -> None:
+        # ckpt_path="last" falls back to the newest complete checkpoint (torchrec/resume.py says why it is here).
+        super()._configure_launcher()
+        self._launcher = resolving_last(self._launcher)
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
@@ -215,6 +224,9 @@ class TorchRecStrategy(DDPStrategy):
         self._check_trainer_flags(trainer)
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
+        # What the embeddings will run, read before sharding hides it in the kernels (row sizes of hot sets need it).
+        self.embedding_optimizer_names = embedding_optimizer_names(self.lightning_module) or \
+            ({self.embedding_optimizer} if self.embedding_optimizer else set())
         self.model = self._shard(self.lightning_module)
         model_bounds(self.lightning_module, refresh=True)  # the tables batches must fit, as sharded
         if trainer.state.fn == TrainerFn.FITTING:
