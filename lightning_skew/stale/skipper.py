@@ -16,11 +16,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_skew.core.batch import input_weights, select_inputs, set_decisions, split_lookups
+from lightning_skew.core.batch import select_inputs, split_lookups
+from lightning_skew.core.decisions import input_weights, require_decisions, set_decisions
 from lightning_skew.core.distributed import distributed
 from lightning_skew.core.rowsets import RowSet, lookup_members
 from lightning_skew.core.tables import WatchedTable, watched_tables
-from lightning_skew.models.decisions import require_decisions
 from lightning_skew.profile.sources import HotSetSource, resolve_hot_rows
 from lightning_skew.stale.guard import AccuracyGuard, backed_off
 from lightning_skew.stale.staleness import (

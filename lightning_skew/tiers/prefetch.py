@@ -17,6 +17,7 @@ shows what this saves (the lookahead rows of ``lightning-skew profile --tiers``)
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_skew.core.batch import SkewBatch
+from lightning_skew.core.decisions import SkewBatch
 from lightning_skew.data.base import RecDataModule, WrappedDataModule
 from lightning_skew.hotcold.collection import COLD_SUFFIX, HOT_SUFFIX
 from lightning_skew.hotcold.plain import PlainHotColdEmbeddingBagCollection
@@ -93,7 +94,7 @@ def move_plain_rows(collection: PlainHotColdEmbeddingBagCollection, moves: dict[
 
 @dataclass
 class LookaheadBatch(SkewBatch):
-    """A :class:`~lightning_skew.core.batch.SkewBatch` that carries the sparse features of the coming batches.
+    """A :class:`~lightning_skew.core.decisions.SkewBatch` that carries the sparse features of the coming batches.
 
     Args:
         upcoming: per batch, this one first and then the coming ones, the distinct rows each feature looks up
@@ -113,9 +114,9 @@ def distinct_rows(features: KeyedJaggedTensor) -> dict[str, Tensor]:
 
 def _with_lookahead(batch: Any, upcoming: tuple[dict[str, Tensor], ...]) -> LookaheadBatch:
     skew = batch if isinstance(batch, SkewBatch) else SkewBatch.of(batch, is_hot=False, num_hot=0)
-    return LookaheadBatch(skew.dense_features, skew.sparse_features, skew.labels, is_hot=skew.is_hot,
-                          num_hot=skew.num_hot, hot_rows=skew.hot_rows, weights=skew.weights,
-                          frozen_sparse=skew.frozen_sparse, upcoming=upcoming)
+    # Every field of the batch's contract kept (deduplicated and routed lookups included).
+    return LookaheadBatch(**{f.name: getattr(skew, f.name) for f in dataclasses.fields(SkewBatch)},
+                          upcoming=upcoming)
 
 
 def lookahead_batches(batches: Any, window: int) -> Iterator[LookaheadBatch]:
