@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -31,6 +30,11 @@ from lightning_skew.hotcold.placement import (
     split_rows,
 )
 from lightning_skew.hotcold.routing import RoutedLookups
+from lightning_skew.torchrec.upstream import (
+    apply_optimizer_in_backward,
+    in_backward_optimizer_classes,
+    in_backward_optimizer_kwargs,
+)
 
 __all__ = ["HOT_SUFFIX", "COLD_SUFFIX", "HotColdEmbeddingBagCollection", "table_specs"]
 
@@ -129,15 +133,15 @@ class HotColdEmbeddingBagCollection(nn.Module):
         """Give each part's table the embedding optimizer its original table carried (if any)."""
         for cfg in self._configs:
             original = ebc.embedding_bags[cfg.name].weight
-            optimizer = self._part_optimizer(cfg.name, getattr(original, "_optimizer_classes", None))
+            optimizer = self._part_optimizer(cfg.name, in_backward_optimizer_classes(original))
             if optimizer is None:
                 continue
             for part, suffix in ((self.hot, HOT_SUFFIX), (self.cold, COLD_SUFFIX)):
                 if part is not None and cfg.name + suffix in part.embedding_bags:
                     weight = part.embedding_bags[cfg.name + suffix].weight
-                    _apply_optimizer_in_backward(optimizer, [weight], dict(original._optimizer_kwargs[0]))
+                    apply_optimizer_in_backward(optimizer, [weight], in_backward_optimizer_kwargs(original)[0])
 
-    def _part_optimizer(self, table: str, classes: list[type] | None) -> type | None:
+    def _part_optimizer(self, table: str, classes: list[type]) -> type | None:
         """The optimizer class a part of ``table`` gets from the ``classes`` its original carried (none: none)."""
         return classes[0] if classes else None
 

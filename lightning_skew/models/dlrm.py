@@ -21,6 +21,7 @@ from lightning_skew.core.decisions import (
     serving_frozen,
 )
 from lightning_skew.core.id_ranges import check_table_ids
+from lightning_skew.core.lightning_private import attached_trainer
 from lightning_skew.core.tables import check_tables_fit_memory
 from lightning_skew.models.decisions import lookups_to_pool, serve_deduped, serve_frozen, weighted_bce
 from lightning_skew.models.sparse_dlrm import SparseDLRM
@@ -138,7 +139,7 @@ class DLRMModule(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = weighted_bce(self(batch), batch.labels.float(), input_weights(batch))
         # self.log costs about 3% of a CPU step here; log as often as the Trainer writes logs.
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is None or self.global_step % max(trainer.log_every_n_steps, 1) == 0:
             self.log("train_loss", loss, prog_bar=True, batch_size=batch.labels.numel())
         return loss

@@ -35,6 +35,7 @@ from lightning_skew.hotcold.collection import COLD_SUFFIX, HOT_SUFFIX
 from lightning_skew.hotcold.plain import PlainHotColdEmbeddingBagCollection
 from lightning_skew.hotcold.state import hot_cold_collections
 from lightning_skew.tiers.lookahead import refresh_plan
+from lightning_skew.torchrec.upstream import in_backward_optimizers
 
 __all__ = ["LookaheadBatch", "LookaheadDataModule", "LookaheadPrefetch", "distinct_rows", "move_plain_rows",
            "prefetch_for"]
@@ -42,7 +43,7 @@ __all__ = ["LookaheadBatch", "LookaheadDataModule", "LookaheadPrefetch", "distin
 
 def _per_row_state(weight: Tensor) -> dict[str, Tensor]:
     """The per-row tensors of the (first) optimizer applied to ``weight`` in backward, by name."""
-    optimizers = getattr(weight, "_in_backward_optimizers", [])
+    optimizers = in_backward_optimizers(weight)
     if not optimizers:
         return {}
     return {name: value for name, value in optimizers[0].state[weight].items()
@@ -56,7 +57,7 @@ def _matched_state(hot: Tensor, cold: Tensor) -> list[tuple[Tensor, Tensor]]:
     for have, lack, weight in ((hot_state, cold_state, cold), (cold_state, hot_state, hot)):
         for name, value in have.items():
             if name not in lack:
-                optimizer = weight._in_backward_optimizers[0]
+                optimizer = in_backward_optimizers(weight)[0]
                 start = float(optimizer.param_groups[0].get("initial_accumulator_value", 0.0))
                 lack[name] = torch.full((weight.shape[0], *value.shape[1:]), start, dtype=value.dtype,
                                         device=weight.device)
