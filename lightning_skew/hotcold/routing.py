@@ -51,7 +51,7 @@ def route_batch(collections: Mapping[str, Any], batch: Any) -> Any:
 def routed_batch_step(collections: Mapping[str, Any], batch: Any) -> Iterator[None]:
     """:func:`routed_step` for the routed lookups ``batch`` carries, while they still describe its inputs (a
     callback that changed them after routing voids them: the collections then route in the step)."""
-    routed = getattr(batch, "routed_sparse", None)
+    routed = batch.routed_sparse if isinstance(batch, SkewBatch) else None
     if routed is None or not routed.valid_for(batch.sparse_features):
         with routed_step(None, {}):
             yield
