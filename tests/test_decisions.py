@@ -20,6 +20,7 @@ from lightning_skew.core.decisions import (
     RoutedSparse,
     SkewBatch,
     carry_decisions,
+    replace_inputs,
     require_decisions,
     set_decisions,
 )
@@ -154,6 +155,19 @@ def test_a_callback_s_decisions_land_on_declared_fields_of_the_very_batch_the_st
 
     with pytest.raises(TypeError, match="OwnBatch cannot carry per-step decisions.*SkewBatch.of"):
         set_decisions(OwnBatch(torch.zeros(1, 1), kjt({"user": [[1]]}), torch.zeros(1)), weights=torch.ones(1))
+
+
+def test_a_callback_that_drops_inputs_hands_the_step_the_kept_inputs_with_their_decisions():
+    batch = dataclasses.replace(decided_batch(), is_hot=False, num_hot=2)  # a stitched batch: inputs 0, 1 hot
+    step_gets = batch
+    replace_inputs(batch, select_inputs(batch, torch.tensor([1, 2, 3])))
+    assert step_gets.batch_size == 3 and step_gets.num_hot == 1  # the split point moves with the inputs
+    assert torch.equal(step_gets.weights, torch.tensor([2.0, 1.0, 3.0]))
+    assert bags(step_gets.frozen_sparse) == {"user": [[3], [], []], "item": [[], [], []]}
+    assert step_gets.routed_sparse is None  # routed for inputs that are gone
+    plain = Batch(torch.zeros(3, 1), kjt({"user": [[1], [2], [3]]}), torch.arange(3.0))
+    replace_inputs(plain, select_inputs(plain, torch.tensor([2])))
+    assert type(plain) is Batch and plain.labels.tolist() == [2.0]  # nothing decided: nothing added
 
 
 def test_a_part_naming_a_decision_outside_the_contract_or_unhonoured_is_refused():

@@ -45,9 +45,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.core.deduped import DedupedLookups
 
-__all__ = ["BATCH_DECISIONS", "MODEL_DECISIONS", "RoutedSparse", "SkewBatch", "carry_decisions", "deduped_lookups",
-           "deduped_in_step", "frozen_in_step", "frozen_lookups", "hot_only_in_step", "hot_only_step", "input_weights",
-           "require_decisions", "routed_in_step", "routed_step", "serving_deduped", "serving_frozen", "set_decisions"]
+__all__ = ["BATCH_DECISIONS", "MODEL_DECISIONS", "RoutedSparse", "SkewBatch", "carry_decisions", "deduped_in_step",
+           "deduped_lookups", "frozen_in_step", "frozen_lookups", "hot_only_in_step", "hot_only_step", "input_weights",
+           "replace_inputs", "require_decisions", "routed_in_step", "routed_step", "serving_deduped", "serving_frozen",
+           "set_decisions"]
 
 
 # ---------------------------------------------------------------------------------------------- batch fields
@@ -232,6 +233,23 @@ def set_decisions(batch: Batch, *, weights: Tensor | None = None,
     carried.weights = weights
     carried.frozen_sparse = frozen_sparse
     return carried
+
+
+def replace_inputs(batch: Batch, other: Batch) -> Batch:
+    """Make ``batch`` hold the inputs of ``other`` and every decision ``other`` carries, in place (for a callback,
+    as :func:`set_decisions`); returns it. ``other`` is ``batch`` changed, e.g. a subset of its inputs from
+    ``select_inputs``: so a decision that no longer holds (a stitched batch's old split point, routed lookups of
+    the old inputs) goes with the old inputs."""
+    if isinstance(other, SkewBatch):
+        batch = carry_decisions(batch)
+        names = [f.name for f in dataclasses.fields(SkewBatch)]
+    elif isinstance(batch, SkewBatch):
+        raise TypeError("replace_inputs: a SkewBatch's inputs come with their decisions; give a SkewBatch")
+    else:
+        names = [f.name for f in dataclasses.fields(Batch)]
+    for name in names:
+        setattr(batch, name, getattr(other, name))
+    return batch
 
 
 def require_decisions(module: nn.Module, decisions: Iterable[str], by: str) -> None:

@@ -49,7 +49,7 @@ def route_batch(collections: Mapping[str, Any], batch: Any) -> Any:
 
 @contextmanager
 def routed_batch_step(collections: Mapping[str, Any], batch: Any) -> Iterator[None]:
-    """:func:`routed_step` for the routed lookups ``batch`` carries, while they still describe its inputs (a
+    """:func:`~lightning_skew.core.decisions.routed_step` for the routed lookups ``batch`` carries, while they still describe its inputs (a
     callback that changed them after routing voids them: the collections then route in the step)."""
     routed = batch.routed_sparse if isinstance(batch, SkewBatch) else None
     if routed is None or not routed.valid_for(batch.sparse_features):
