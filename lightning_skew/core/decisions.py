@@ -26,7 +26,8 @@ nothing): :func:`hot_only_step`, :func:`serving_frozen`, :func:`serving_deduped`
 
 A model declares the decisions it honours in ``honoured_batch_decisions`` (names from :data:`MODEL_DECISIONS`); a
 part that puts one on the batches calls :func:`require_decisions` at setup, so a model that would ignore it (a
-silently biased run) is an error instead.
+silently biased run) is an error instead. A callback, which can only change the batch Lightning hands it, writes
+through :func:`set_decisions` and :func:`replace_inputs` (never attributes of its own on a foreign object).
 """
 
 from __future__ import annotations
