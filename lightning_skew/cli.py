@@ -86,28 +86,6 @@ class SkewCLI(LightningCLI):
         for name in self.LINKED_FROM_DATA:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
-    def _parse_ckpt_path(self) -> None:
-        # Lightning merges a checkpoint file's hyperparameters into the model's config, link targets included,
-        # and the parser refuses those ("Option 'num_embeddings_per_feature' is not accepted";
-        # Lightning-AI/pytorch-lightning#20801, fix pending in #21116). They come from the DataModule anyway:
-        # merge the rest. Sharded checkpoints are directories, which Lightning does not parse.
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return
-        hparams = dict(load_data(ckpt_path, "checkpoint").get("hyper_parameters", {}))  # nothing in it runs
-        for name in ("_instantiator", *self.LINKED_FROM_DATA):
-            hparams.pop(name, None)
-        if not hparams:
-            return
-        if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-        try:
-            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
-        except SystemExit:
-            sys.stderr.write(f"Parsing the hyperparameters of {ckpt_path} failed\n")
-            raise
-
     def before_instantiate_classes(self) -> None:
         """A new fit (not a resume) gets a folder of its own when its recipe's ``default_root_dir`` holds another
         run already: that path is replaced by :func:`fresh_run_dir`'s in every path of the trainer's config."""
@@ -184,6 +162,37 @@ class SkewCLI(LightningCLI):
             parts.append(f"(best attainable auc {best(split=stage):.4f})")
         if parts:
             print(f"{stage}: " + ", ".join(parts), flush=True)
+
+    # -- LightningCLI's private state: the one use, here -------------------------------------------------------
+
+    def instantiated(self, key: str) -> Any:
+        """The object built for section ``key`` (``"model"``, ``"data"``, ``"trainer"``) of the parsed config, under
+        the subcommand when there is one (what LightningCLI's private ``_get`` reads; subclasses that build only
+        some sections, such as the bench's, use this instead)."""
+        return self.config_init.get(str(self.subcommand), self.config_init).get(key)
+
+    def _parse_ckpt_path(self) -> None:
+        # Overrides LightningCLI's private hook (2.6; it has no public one). Lightning merges a checkpoint file's
+        # hyperparameters into the model's config, link targets included, and the parser refuses those ("Option
+        # 'num_embeddings_per_feature' is not accepted"; Lightning-AI/pytorch-lightning#20801, fix pending in
+        # #21116). They come from the DataModule anyway: merge the rest. Sharded checkpoints are directories,
+        # which Lightning does not parse.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = dict(load_data(ckpt_path, "checkpoint").get("hyper_parameters", {}))  # nothing in it runs
+        for name in ("_instantiator", *self.LINKED_FROM_DATA):
+            hparams.pop(name, None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"Parsing the hyperparameters of {ckpt_path} failed\n")
+            raise
 
 
 def cli_options() -> dict[str, Any]:

@@ -23,7 +23,8 @@ from lightning_skew import (
     SyntheticDataModule,
     TorchRecStrategy,
 )
-from lightning_skew.core.batch import Batch, SkewBatch, concat_batches, select_inputs
+from lightning_skew.core.batch import Batch, concat_batches, select_inputs
+from lightning_skew.core.decisions import SkewBatch
 from lightning_skew.data.synthetic.sessions import SESSION_BLOCK_SAMPLES
 from lightning_skew.dedup import dedup_batch, dedup_factors, distinct_inputs
 from lightning_skew.models.dlrm import DLRMModule

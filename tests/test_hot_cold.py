@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from launch import launch  # noqa: E402
 from strategy_worker import make_data, make_model  # noqa: E402
 
-from lightning_skew.hotcold.collection import HotColdEmbeddingBagCollection, hot_only_step, table_specs  # noqa: E402
+from lightning_skew.core.decisions import hot_only_step  # noqa: E402
+from lightning_skew.hotcold.collection import HotColdEmbeddingBagCollection, table_specs  # noqa: E402
 from lightning_skew.hotcold.placement import (  # noqa: E402
     Placement,
     TableSpec,

@@ -12,7 +12,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew import DLRMModule, HotColdStrategy, PlainHotColdPlacement, RowSet, TorchRecStrategy
-from lightning_skew.core.batch import SkewBatch
+from lightning_skew.core.decisions import SkewBatch
 from lightning_skew.core.id_ranges import clamp_out_of_range, find_out_of_range
 from lightning_skew.data.base import RecDataModule, WrappedDataModule
 

@@ -21,7 +21,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 sys.path.insert(0, str(Path(__file__).parent))
 from test_stale import fit, make_batches, make_model  # noqa: E402
 
-from lightning_skew.core.batch import SkewBatch, concat_batches, select_inputs, split_lookups  # noqa: E402
+from lightning_skew.core.batch import concat_batches, select_inputs, split_lookups  # noqa: E402
+from lightning_skew.core.decisions import SkewBatch  # noqa: E402
 from lightning_skew.models.decisions import weighted_bce  # noqa: E402
 from lightning_skew.models.dlrm import DLRMModule  # noqa: E402
 from lightning_skew.stale.skipper import StaleEmbeddingSkipper  # noqa: E402

@@ -1,18 +1,13 @@
-"""The batch every part passes on, with the per-step decisions it carries, and the operations that keep them.
+"""Operations on batches that keep the decisions they carry: picking, slicing and joining inputs, splitting lookups.
 
-A :class:`SkewBatch` is a torchrec ``Batch`` (dense features, a ``KeyedJaggedTensor`` of sparse features,
-labels) that also says what a step may do with it: whether every input on every rank looks up only hot rows
-(``is_hot``, with the hot set it refers to), and where a stitched batch splits into its hot and cold
-micro-batches (``num_hot``), how much each input's loss counts (``weights``), and which lookups are served
-without gradient (``frozen_sparse``). Parts decide on the batch and read from the batch; no part sets flags on
-another's modules. :func:`select_inputs` and :func:`concat_batches` keep the decisions that still hold.
+The decisions themselves (the fields of :class:`~lightning_skew.core.decisions.SkewBatch`, and who sets and honours
+each) are declared in :mod:`lightning_skew.core.decisions`; :func:`select_inputs`, :func:`slice_inputs` and
+:func:`concat_batches` keep those that still hold for the inputs they return.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,125 +15,11 @@ from torch import Tensor
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_skew.core.decisions import SkewBatch, deduped_lookups, frozen_lookups, input_weights
 from lightning_skew.core.deduped import DedupedLookups
 from lightning_skew.core.rowsets import is_one_hot
 
-__all__ = ["Batch", "RoutedSparse", "SkewBatch", "batch_size_of", "concat_batches", "deduped_lookups",
-           "frozen_lookups", "input_weights", "select_inputs", "set_decisions", "slice_inputs", "split_lookups"]
-
-
-@dataclass
-class SkewBatch(Batch):
-    """A torchrec :class:`~torchrec.datasets.utils.Batch` with the decisions of its step.
-
-    Inputs ``[0, num_hot)`` touch only hot rows; the rest may touch cold ones. A hot batch (``is_hot``)
-    has ``num_hot == batch_size``. A ``stitch`` batch is one mini-batch reordered hot-first, so
-    :meth:`hot_part` and :meth:`cold_part` are its two Hotline micro-batches, while a model that ignores
-    the split trains on it exactly as on the original mini-batch.
-
-    Args:
-        is_hot: ``True`` when every input's lookups all hit rows of ``hot_rows`` on every rank, so the step
-            may leave the cold rows out (the producer agrees it across ranks before setting it).
-        num_hot: Leading inputs known to be hot (the split point of a stitched batch; 0 for cold batches).
-        hot_rows: The hot set (a :class:`~lightning_skew.core.rowsets.RowSet`) that ``is_hot`` and
-            ``num_hot`` refer to; a consumer that keeps other rows in fast memory checks it against its own.
-        weights: Per-input loss weights ``[batch_size]`` (``None``: all 1). A model that honours them trains
-            as if input ``i`` were in the batch ``weights[i]`` times (a weighted mean of the losses).
-        frozen_sparse: Lookups served without gradient (``None``: none): a KeyedJaggedTensor with the keys and
-            batch size of ``sparse_features`` whose pooled embeddings a model that honours it adds to those of
-            ``sparse_features``, under ``torch.no_grad()``, so the embedding backward and optimizer never see
-            those lookups while the rest of the model trains on the whole input.
-        routed_sparse: ``sparse_features`` already routed in the data pipeline for the placement that serves it
-            (``None``: not routed): a :class:`RoutedSparse`, valid only while ``sparse_features`` is the very object
-            it was routed from (an operation that changes the inputs, or replaces ``sparse_features``, voids it).
-        deduped: Lookups sent once per distinct bag (``None``: none), a
-            :class:`~lightning_skew.core.deduped.DedupedLookups`: ``sparse_features`` then holds empty bags for
-            its features, which a model that honours it pools from its ``bags`` and expands with its ``inverse``.
-            It stays with the batch through :meth:`of`, :func:`select_inputs` and :func:`concat_batches`.
-
-    Example::
-
-        >>> import torch
-        >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-        >>> kjt = KeyedJaggedTensor(keys=["a"], values=torch.tensor([3, 4]), lengths=torch.tensor([1, 1]))
-        >>> batch = SkewBatch(torch.zeros(2, 1), kjt, torch.zeros(2), is_hot=False, num_hot=1)
-        >>> batch.hot_part().sparse_features.values().tolist(), batch.to("cpu").num_hot
-        ([3], 1)
-    """
-
-    is_hot: bool = False
-    num_hot: int = 0
-    hot_rows: Any = None
-    weights: Tensor | None = None
-    frozen_sparse: KeyedJaggedTensor | None = None
-    deduped: DedupedLookups | None = None
-    routed_sparse: RoutedSparse | None = None
-
-    @classmethod
-    def of(cls, batch: Batch, is_hot: bool, num_hot: int, hot_rows: Any = None, weights: Tensor | None = None,
-           frozen_sparse: KeyedJaggedTensor | None = None, deduped: DedupedLookups | None = None) -> SkewBatch:
-        # The deduplicated lookups are part of the inputs (their bags are empty in sparse_features): kept by default.
-        deduped = deduped if deduped is not None else deduped_lookups(batch)
-        return cls(batch.dense_features, batch.sparse_features, batch.labels, is_hot=is_hot, num_hot=num_hot,
-                   hot_rows=hot_rows, weights=weights, frozen_sparse=frozen_sparse, deduped=deduped)
-
-    def _with_tensors(self, batch: Batch, weights: Tensor | None, frozen_sparse: KeyedJaggedTensor | None,
-                      deduped: DedupedLookups | None = None, move_routed: Any = None) -> SkewBatch:
-        # dataclasses.replace keeps every other field, a subclass's own included.
-        out = dataclasses.replace(self, dense_features=batch.dense_features, sparse_features=batch.sparse_features,
-                                  labels=batch.labels, weights=weights, frozen_sparse=frozen_sparse, deduped=deduped,
-                                  routed_sparse=None)
-        if move_routed is not None and self.routed_sparse is not None \
-                and self.routed_sparse.source is self.sparse_features:
-            out.routed_sparse = move_routed(self.routed_sparse, out.sparse_features)
-        return out
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.labels.shape[0])
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> SkewBatch:
-        return self._with_tensors(
-            super().to(device, non_blocking),
-            None if self.weights is None else self.weights.to(device, non_blocking=non_blocking),
-            None if self.frozen_sparse is None else self.frozen_sparse.to(device, non_blocking=non_blocking),
-            None if self.deduped is None else self.deduped.to(device, non_blocking=non_blocking),
-            lambda routed, source: routed.to(device, non_blocking, source))
-
-    def pin_memory(self) -> SkewBatch:
-        return self._with_tensors(super().pin_memory(),
-                                  None if self.weights is None else self.weights.pin_memory(),
-                                  None if self.frozen_sparse is None else self.frozen_sparse.pin(),
-                                  None if self.deduped is None else self.deduped.pin_memory(),
-                                  lambda routed, source: routed.pin_memory(source))
-
-    def hot_part(self) -> Batch:
-        """The hot micro-batch: inputs ``[0, num_hot)``."""
-        return select_inputs(self, torch.arange(self.num_hot))
-
-    def cold_part(self) -> Batch:
-        """The cold micro-batch: inputs ``[num_hot, batch_size)``."""
-        return select_inputs(self, torch.arange(self.num_hot, self.batch_size))
-
-
-@dataclass(frozen=True)
-class RoutedSparse:
-    """A batch's lookups routed ahead of the step (on the host) by a placement, for the KeyedJaggedTensor
-    ``source`` only: ``parts`` by the name of the collection they are for, each with ``to(device, non_blocking)``
-    and ``pin_memory()``."""
-
-    source: KeyedJaggedTensor
-    parts: dict[str, Any]
-
-    def valid_for(self, sparse: Any) -> bool:
-        """Whether these lookups describe ``sparse`` (the very object they were routed from)."""
-        return sparse is self.source
-
-    def to(self, device: torch.device | str, non_blocking: bool, source: KeyedJaggedTensor) -> RoutedSparse:
-        return RoutedSparse(source, {name: part.to(device, non_blocking) for name, part in self.parts.items()})
-
-    def pin_memory(self, source: KeyedJaggedTensor) -> RoutedSparse:
-        return RoutedSparse(source, {name: part.pin_memory() for name, part in self.parts.items()})
+__all__ = ["Batch", "batch_size_of", "concat_batches", "select_inputs", "slice_inputs", "split_lookups"]
 
 
 def batch_size_of(batch: Any) -> int:
@@ -201,15 +82,11 @@ def select_inputs(batch: Batch, index: Tensor | Sequence[int]) -> Batch:
     index = index.long().reshape(-1)
     picked = Batch(dense_features=batch.dense_features[index],
                    sparse_features=_select_kjt(batch.sparse_features, index), labels=batch.labels[index])
-    weights, frozen = input_weights(batch), frozen_lookups(batch)
-    if not isinstance(batch, SkewBatch) and weights is None and frozen is None:
+    if not isinstance(batch, SkewBatch):  # nothing decided: nothing to keep
         return picked
-    weights = None if weights is None else weights[index.to(weights.device)]
-    frozen = None if frozen is None else _select_kjt(frozen, index)
-    deduped = deduped_lookups(batch)
-    deduped = None if deduped is None else deduped.select(index)
-    if not isinstance(batch, SkewBatch):
-        return SkewBatch.of(picked, False, 0, None, weights, frozen)
+    weights = None if batch.weights is None else batch.weights[index.to(batch.weights.device)]
+    frozen = None if batch.frozen_sparse is None else _select_kjt(batch.frozen_sparse, index)
+    deduped = None if batch.deduped is None else batch.deduped.select(index)
     num_hot = index.numel() if batch.is_hot else _leading_hot(index.cpu() < batch.num_hot)
     return SkewBatch.of(picked, batch.is_hot, num_hot, batch.hot_rows, weights, frozen, deduped)
 
@@ -241,15 +118,11 @@ def slice_inputs(batch: Batch, start: int, stop: int) -> Batch:
         raise ValueError(f"slice_inputs: [{start}, {stop}) is not a range of the batch's {size} inputs")
     picked = Batch(dense_features=batch.dense_features[start:stop],
                    sparse_features=_slice_kjt(batch.sparse_features, start, stop), labels=batch.labels[start:stop])
-    weights, frozen = input_weights(batch), frozen_lookups(batch)
-    if not isinstance(batch, SkewBatch) and weights is None and frozen is None:
-        return picked
-    weights = None if weights is None else weights[start:stop]
-    frozen = None if frozen is None else _slice_kjt(frozen, start, stop)
-    deduped = deduped_lookups(batch)
-    deduped = None if deduped is None else deduped.select(torch.arange(start, stop))
     if not isinstance(batch, SkewBatch):
-        return SkewBatch.of(picked, False, 0, None, weights, frozen)
+        return picked
+    weights = None if batch.weights is None else batch.weights[start:stop]
+    frozen = None if batch.frozen_sparse is None else _slice_kjt(batch.frozen_sparse, start, stop)
+    deduped = None if batch.deduped is None else batch.deduped.select(torch.arange(start, stop))
     num_hot = stop - start if batch.is_hot else max(0, min(batch.num_hot, stop) - start)
     return SkewBatch.of(picked, batch.is_hot, num_hot, batch.hot_rows, weights, frozen, deduped)
 
@@ -266,8 +139,6 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
         only = batches[0]
         if isinstance(only, SkewBatch):
             return only
-        if input_weights(only) is not None or frozen_lookups(only) is not None:
-            return SkewBatch.of(only, False, 0, None, input_weights(only), frozen_lookups(only))
         return Batch(only.dense_features, only.sparse_features, only.labels)
     keys = batches[0].sparse_features.keys()
     for batch in batches[1:]:
@@ -276,11 +147,10 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
     joined = Batch(dense_features=torch.cat([batch.dense_features for batch in batches]),
                    sparse_features=_concat_kjts([batch.sparse_features for batch in batches]),
                    labels=torch.cat([batch.labels for batch in batches]))
+    if not any(isinstance(batch, SkewBatch) for batch in batches):
+        return joined
     weighted = [input_weights(batch) for batch in batches]
     frozen = [frozen_lookups(batch) for batch in batches]
-    if not any(isinstance(batch, SkewBatch) for batch in batches) and all(w is None for w in weighted) \
-            and all(f is None for f in frozen):
-        return joined
     deduped = [deduped_lookups(batch) for batch in batches]
     if any(d is None for d in deduped) and any(d is not None for d in deduped):
         raise ValueError("concat_batches: some batches carry deduplicated lookups and some do not; deduplicate all "
@@ -324,29 +194,6 @@ def _no_lookups(sparse: KeyedJaggedTensor) -> KeyedJaggedTensor:
     """A KeyedJaggedTensor with the keys and batch size of ``sparse`` and no lookup at all."""
     return KeyedJaggedTensor(keys=sparse.keys(), values=sparse.values()[:0],
                              lengths=torch.zeros_like(sparse.lengths()))
-
-
-def input_weights(batch: Any) -> Tensor | None:
-    """The per-input loss weights a batch carries (``None``: every input counts once)."""
-    return getattr(batch, "weights", None)
-
-
-def deduped_lookups(batch: Any) -> DedupedLookups | None:
-    """The lookups a batch sends once per distinct bag (``None``: none)."""
-    return getattr(batch, "deduped", None)
-
-
-def frozen_lookups(batch: Any) -> KeyedJaggedTensor | None:
-    """The lookups a batch serves without gradient (``None``: none)."""
-    return getattr(batch, "frozen_sparse", None)
-
-
-def set_decisions(batch: Batch, *, weights: Tensor | None = None,
-                  frozen_sparse: KeyedJaggedTensor | None = None) -> None:
-    """Record per-input weights and frozen lookups on ``batch`` in place (a torchrec ``Batch`` or a
-    :class:`SkewBatch`; a callback's ``on_train_batch_start`` sees the very object ``training_step`` gets)."""
-    batch.weights = weights
-    batch.frozen_sparse = frozen_sparse
 
 
 def split_lookups(sparse: KeyedJaggedTensor, member: Tensor) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor]:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_skew.core.decisions import frozen_lookups
 from lightning_skew.core.tables import TableSize, table_sizes
 
 __all__ = ["OUT_OF_RANGE_POLICIES", "OutOfRangeIds", "TableBounds", "batch_source", "check_policy",
@@ -138,7 +139,7 @@ class TableBounds:
         if not isinstance(sparse, KeyedJaggedTensor) or sparse is self._last_checked:
             return batch
         found = self.find(sparse)
-        frozen = getattr(batch, "frozen_sparse", None)
+        frozen = frozen_lookups(batch)
         frozen_found = self.find(frozen) if isinstance(frozen, KeyedJaggedTensor) else []
         if found or frozen_found:
             if policy == "error":

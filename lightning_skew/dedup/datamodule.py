@@ -9,11 +9,11 @@ from typing import Any
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
-from lightning_skew.core.batch import Batch, deduped_lookups
+from lightning_skew.core.batch import Batch
+from lightning_skew.core.decisions import deduped_lookups, require_decisions
 from lightning_skew.core.deduped import DedupedLookups
 from lightning_skew.data.base import RecDataModule, WrappedDataModule
 from lightning_skew.dedup.lookups import dedup_batch
-from lightning_skew.models.decisions import require_decisions
 
 __all__ = ["DedupDataModule", "DedupingCollate"]
 

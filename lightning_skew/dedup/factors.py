@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_skew.core.batch import deduped_lookups
+from lightning_skew.core.decisions import deduped_lookups
 from lightning_skew.dedup.lookups import dedup_factors
 
 __all__ = ["DedupFactors"]

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_skew.core.batch import Batch, SkewBatch
+from lightning_skew.core.batch import Batch
+from lightning_skew.core.decisions import SkewBatch, deduped_lookups
 from lightning_skew.core.deduped import DedupedLookups
 from lightning_skew.core.hashing import MASK32, mix32
 
@@ -197,10 +198,10 @@ def merged_lookups(sparse: KeyedJaggedTensor, features: Sequence[str], first: Te
 
 def dedup_batch(batch: Batch, features: Sequence[str], consecutive: bool = True) -> SkewBatch:
     """``batch`` with the lookups of ``features`` sent once per distinct combination of their bags
-    (:class:`~lightning_skew.core.deduped.DedupedLookups` on a :class:`~lightning_skew.core.batch.SkewBatch`);
+    (:class:`~lightning_skew.core.deduped.DedupedLookups` on a :class:`~lightning_skew.core.decisions.SkewBatch`);
     the other decisions of a ``SkewBatch`` stay. Host work for the data pipeline (it reads the IDs). See
     :func:`distinct_inputs` for ``consecutive``."""
-    if getattr(batch, "deduped", None) is not None:
+    if deduped_lookups(batch) is not None:
         raise ValueError("dedup_batch: the batch is deduplicated already")
     first, inverse = distinct_inputs(batch.sparse_features, features, consecutive)
     rest, bags, merged = _three_forms(batch.sparse_features, features, first)

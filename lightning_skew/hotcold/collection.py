@@ -11,17 +11,13 @@ feature, so the model sees exactly the output of the original collection.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-
 import torch
 from torch import Tensor, nn
-from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from lightning_skew.core.decisions import hot_only_in_step, routed_in_step
 from lightning_skew.core.rowsets import is_one_hot
 from lightning_skew.core.tables import TablePart, WatchedTable
 from lightning_skew.hotcold.placement import (
@@ -33,27 +29,16 @@ from lightning_skew.hotcold.placement import (
     merge_rows,
     split_rows,
 )
-from lightning_skew.hotcold.routing import RoutedLookups, routed_in_step
+from lightning_skew.hotcold.routing import RoutedLookups
+from lightning_skew.torchrec.upstream import (
+    apply_optimizer_in_backward,
+    in_backward_optimizer_classes,
+    in_backward_optimizer_kwargs,
+)
 
-__all__ = ["HOT_SUFFIX", "COLD_SUFFIX", "HotColdEmbeddingBagCollection", "hot_only_step", "table_specs"]
+__all__ = ["HOT_SUFFIX", "COLD_SUFFIX", "HotColdEmbeddingBagCollection", "table_specs"]
 
 HOT_SUFFIX, COLD_SUFFIX = "__hot", "__cold"
-
-# Whether the forward in progress belongs to a step whose batch is hot on every rank (set from the batch by
-# whoever runs the step; read by every hot/cold collection of the model). A context, not a flag on modules.
-_HOT_ONLY: ContextVar[bool] = ContextVar("lightning_skew_hot_only_step", default=False)
-
-
-@contextmanager
-def hot_only_step(hot_only: bool = True) -> Iterator[None]:
-    """Within it, hot/cold collections leave their cold part out (``hot_only``): enter it only for a batch whose
-    lookups hit hot rows on every rank, as a :class:`~lightning_skew.core.batch.SkewBatch` says."""
-    token = _HOT_ONLY.set(bool(hot_only))
-    try:
-        yield
-    finally:
-        _HOT_ONLY.reset(token)
-
 
 def table_specs(ebc: EmbeddingBagCollection) -> list[TableSpec]:
     """The tables of a collection as the placement sees them."""
@@ -76,9 +61,9 @@ class HotColdEmbeddingBagCollection(nn.Module):
     split. Only sum pooling is supported (a mean over a bag split in two parts is not the sum of the parts).
 
     Attributes:
-        skipped_cold: forwards that left :attr:`cold` out entirely, inside :func:`hot_only_step` (a batch whose
-            lookups all hit hot rows on every rank; a sharded collection is a collective, so every rank must
-            agree). A batch that looks up a cold row inside it is an error.
+        skipped_cold: forwards that left :attr:`cold` out entirely, inside
+            :func:`~lightning_skew.core.decisions.hot_only_step` (a batch whose lookups all hit hot rows on every
+            rank; a sharded collection is a collective, so every rank must agree). A batch that looks up a cold row inside it is an error.
         counts: lookups per row of every table end to end (in table order) counted in training forwards
             when counting is on (see :meth:`start_counting`), for rebalancing.
 
@@ -148,15 +133,15 @@ class HotColdEmbeddingBagCollection(nn.Module):
         """Give each part's table the embedding optimizer its original table carried (if any)."""
         for cfg in self._configs:
             original = ebc.embedding_bags[cfg.name].weight
-            optimizer = self._part_optimizer(cfg.name, getattr(original, "_optimizer_classes", None))
+            optimizer = self._part_optimizer(cfg.name, in_backward_optimizer_classes(original))
             if optimizer is None:
                 continue
             for part, suffix in ((self.hot, HOT_SUFFIX), (self.cold, COLD_SUFFIX)):
                 if part is not None and cfg.name + suffix in part.embedding_bags:
                     weight = part.embedding_bags[cfg.name + suffix].weight
-                    _apply_optimizer_in_backward(optimizer, [weight], dict(original._optimizer_kwargs[0]))
+                    apply_optimizer_in_backward(optimizer, [weight], in_backward_optimizer_kwargs(original)[0])
 
-    def _part_optimizer(self, table: str, classes: list[type] | None) -> type | None:
+    def _part_optimizer(self, table: str, classes: list[type]) -> type | None:
         """The optimizer class a part of ``table`` gets from the ``classes`` its original carried (none: none)."""
         return classes[0] if classes else None
 
@@ -328,8 +313,8 @@ class HotColdEmbeddingBagCollection(nn.Module):
 
     def route(self, features: KeyedJaggedTensor) -> RoutedLookups:
         """``features`` split ahead of the step for the placement as it stands (:meth:`split_features`, in the
-        data pipeline): a forward inside :func:`routed_step` takes it without splitting (a GPU step then holds
-        none of the split's host syncs)."""
+        data pipeline): a forward inside :func:`~lightning_skew.core.decisions.routed_step` takes it without
+        splitting (a GPU step then holds none of the split's host syncs)."""
         if self._counting:
             raise RuntimeError("lookups cannot be routed ahead while the collection counts them for rebalancing")
         hot, cold = self.split_features(features)
@@ -347,7 +332,7 @@ class HotColdEmbeddingBagCollection(nn.Module):
         pooled = []
         if self.hot is not None:
             pooled.append(self._pool(self.hot, hot))
-        if _HOT_ONLY.get():
+        if hot_only_in_step():
             if cold.values().numel():
                 raise RuntimeError(f"a batch marked hot looks up {cold.values().numel()} cold rows; its hot set is not "
                                    "inside the placement's hot rows")

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -37,6 +36,7 @@ from lightning_skew.hotcold.state import (
     to_original_ids,
 )
 from lightning_skew.torchrec.optim import sparse_capable
+from lightning_skew.torchrec.upstream import apply_optimizer_in_backward, in_backward_optimizers
 
 __all__ = ["PlainHotColdEmbeddingBagCollection", "place_hot_cold"]
 
@@ -80,7 +80,7 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
         self.register_state_dict_post_hook(_state_to_original_ids)
         self.register_load_state_dict_pre_hook(_state_from_original_ids)
 
-    def _part_optimizer(self, table: str, classes: list[type] | None) -> type:
+    def _part_optimizer(self, table: str, classes: list[type]) -> type:
         """The sparse-gradient form of the table's embedding optimizer (the parts train with sparse gradients)."""
         if not classes:
             raise ValueError(f"table {table!r} carries no embedding optimizer; call lightning_skew.torchrec.optim."
@@ -101,11 +101,11 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
         # gets the optimizer applied in backward again, with its state.
         for key, (old_weight, optimizers) in before.items():
             weight = self._weight(key)
-            if weight is not old_weight and not getattr(weight, "_in_backward_optimizers", None):
+            if weight is not old_weight and not in_backward_optimizers(weight):
                 for optimizer in optimizers:
-                    _apply_optimizer_in_backward(type(optimizer), [weight], dict(optimizer.defaults))
-                    weight._in_backward_optimizers[-1].state[weight] = optimizer.state[old_weight]
-            for optimizer in getattr(weight, "_in_backward_optimizers", []):
+                    apply_optimizer_in_backward(type(optimizer), [weight], dict(optimizer.defaults))
+                    in_backward_optimizers(weight)[-1].state[weight] = optimizer.state[old_weight]
+            for optimizer in in_backward_optimizers(weight):
                 optimizer.state[weight] = _on_device(optimizer.state[weight], weight.device)
         return self
 
@@ -114,7 +114,7 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
 
     def _optimizers(self) -> dict[tuple[str, str], tuple[Tensor, list[torch.optim.Optimizer]]]:
         """``(part, inner table) -> (weight, its optimizers applied in backward)``."""
-        return {(part_name, name): (bag.weight, list(getattr(bag.weight, "_in_backward_optimizers", [])))
+        return {(part_name, name): (bag.weight, in_backward_optimizers(bag.weight))
                 for part_name in ("hot", "cold") if getattr(self, part_name) is not None
                 for name, bag in getattr(self, part_name).embedding_bags.items()}
 
@@ -179,7 +179,7 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
         by_table: dict[str, dict[str, dict[str, Any]]] = {}
         for inner, (table, part) in self.inner_tables().items():
             weight = getattr(self, part).embedding_bags[inner].weight
-            for optimizer in getattr(weight, "_in_backward_optimizers", []):
+            for optimizer in in_backward_optimizers(weight):
                 by_table.setdefault(table, {})[part] = optimizer.state[weight]
         out: dict[str, dict[str, Any]] = {}
         for table, parts in by_table.items():
@@ -205,7 +205,7 @@ class PlainHotColdEmbeddingBagCollection(HotColdEmbeddingBagCollection):
                 if isinstance(value, Tensor) and value.dim():
                     value = self.split_table(table, value)[inner]
                 entries[name] = value
-            for optimizer in getattr(weight, "_in_backward_optimizers", []):
+            for optimizer in in_backward_optimizers(weight):
                 optimizer.state[weight] = _on_device(entries, weight.device)
 
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_skew.core.batch import Batch, RoutedSparse, SkewBatch
+from lightning_skew.core.decisions import RoutedSparse, SkewBatch, routed_step
 
-__all__ = ["RoutedLookups", "route_batch", "routed_batch_step", "routed_in_step", "routed_step"]
+__all__ = ["RoutedLookups", "route_batch", "routed_batch_step"]
 
 
 @dataclass(frozen=True)
@@ -34,23 +34,6 @@ class RoutedLookups:
         return RoutedLookups(self.hot.pin(), self.cold.pin(), self.version)
 
 
-# The lookups of the step in progress already routed per collection (by id), with the KeyedJaggedTensor they
-# route: a collection called with exactly that object takes its routed lookups instead of splitting them itself.
-_ROUTED: ContextVar[tuple[KeyedJaggedTensor, dict[int, RoutedLookups]] | None] = ContextVar(
-    "lightning_skew_routed_step", default=None)
-
-
-@contextmanager
-def routed_step(features: KeyedJaggedTensor | None, routed: dict[int, RoutedLookups]) -> Iterator[None]:
-    """Within it, the collection with ``id(collection)`` in ``routed``, called with ``features`` (that very object),
-    uses the routed lookups when they follow its current placement, so the step splits nothing."""
-    token = _ROUTED.set((features, routed))
-    try:
-        yield
-    finally:
-        _ROUTED.reset(token)
-
-
 def route_batch(collections: Mapping[str, Any], batch: Any) -> Any:
     """``batch`` with its lookups routed by every collection (``{path: collection}``, each with ``route`` and
     ``counting``) for its current placement, as ``SkewBatch.routed_sparse``; unchanged when it holds no
@@ -66,9 +49,9 @@ def route_batch(collections: Mapping[str, Any], batch: Any) -> Any:
 
 @contextmanager
 def routed_batch_step(collections: Mapping[str, Any], batch: Any) -> Iterator[None]:
-    """:func:`routed_step` for the routed lookups ``batch`` carries, while they still describe its inputs (a
+    """:func:`~lightning_skew.core.decisions.routed_step` for the routed lookups ``batch`` carries, while they still describe its inputs (a
     callback that changed them after routing voids them: the collections then route in the step)."""
-    routed = getattr(batch, "routed_sparse", None)
+    routed = batch.routed_sparse if isinstance(batch, SkewBatch) else None
     if routed is None or not routed.valid_for(batch.sparse_features):
         with routed_step(None, {}):
             yield
@@ -76,11 +59,3 @@ def routed_batch_step(collections: Mapping[str, Any], batch: Any) -> Iterator[No
     parts = {id(c): routed.parts[path] for path, c in collections.items() if path in routed.parts}
     with routed_step(routed.source, parts):
         yield
-
-
-def routed_in_step(collection: Any, features: KeyedJaggedTensor) -> RoutedLookups | None:
-    """The lookups routed ahead for ``collection`` when the step in progress routed exactly ``features``."""
-    step = _ROUTED.get()
-    if step is None or step[0] is not features:
-        return None
-    return step[1].get(id(collection))

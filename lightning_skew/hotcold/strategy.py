@@ -15,15 +15,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchrec.distributed import DistributedModelParallel
 
-from lightning_skew.core.batch import SkewBatch
+from lightning_skew.core.decisions import SkewBatch, hot_only_step
 from lightning_skew.core.id_ranges import check_table_ids
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.data.base import RecDataModule
-from lightning_skew.hotcold.collection import (
-    HotColdEmbeddingBagCollection,
-    hot_only_step,
-    table_specs,
-)
+from lightning_skew.hotcold.collection import HotColdEmbeddingBagCollection, table_specs
 from lightning_skew.hotcold.placement import Placement, TableSpec
 from lightning_skew.hotcold.planning import (
     bytes_per_row,
@@ -104,7 +100,7 @@ class HotColdStrategy(TorchRecStrategy):
             ``pipeline``, which HotColdStrategy refuses.
 
     .. note::
-        A batch that says it is hot on every rank (a :class:`~lightning_skew.core.batch.SkewBatch` from a
+        A batch that says it is hot on every rank (a :class:`~lightning_skew.core.decisions.SkewBatch` from a
         PopularityDataModule, any schedule) whose hot set lies inside the placement's hot rows runs without
         the cold collection at all: it never touches host memory. Give both the same ``hot_rows`` source.
 

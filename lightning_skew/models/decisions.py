@@ -1,28 +1,27 @@
 """How a model honours the decisions a batch carries: per-input loss weights, lookups served without gradient, and
 lookups sent once per distinct bag.
 
-A model declares the decisions it honours in ``honoured_batch_decisions`` (a set of
-:class:`~lightning_skew.core.batch.SkewBatch` field names); a part that puts a decision on the batch calls
-:func:`require_decisions` at setup, so a model that would ignore it (a silently biased run) is an error instead.
+The decisions and the step contexts they travel in are declared in :mod:`lightning_skew.core.decisions`; here are
+the model's side of them: the weighted loss, and the forward hooks that make a sparse arch serve the frozen and
+deduplicated lookups in force.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_skew.core.decisions import deduped_in_step, frozen_in_step, serving_deduped, serving_frozen
 from lightning_skew.core.deduped import DedupedLookups
 
-__all__ = ["lookups_to_pool", "require_decisions", "serve_deduped", "serve_frozen", "serving_deduped", "serving_frozen", "weighted_bce"]
+__all__ = ["lookups_to_pool", "serve_deduped", "serve_frozen", "weighted_bce"]
 
-_FROZEN: ContextVar[KeyedJaggedTensor | None] = ContextVar("lightning_skew_frozen_lookups", default=None)
-_DEDUPED: ContextVar[DedupedLookups | None] = ContextVar("lightning_skew_deduped_lookups", default=None)
+# Per sparse arch, the output slots of each set of deduplicated features (kept here, not on the module).
+_DEDUP_SLOTS: WeakKeyDictionary[nn.Module, dict[tuple, Tensor]] = WeakKeyDictionary()
 
 
 def weighted_bce(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -48,16 +47,12 @@ def serve_frozen(sparse_arch: nn.Module) -> None:
 
 def _alone(module: nn.Module, features: KeyedJaggedTensor) -> Tensor:
     """``module(features)`` with no frozen or deduplicated lookups in force (the hooks must not add them again)."""
-    frozen, deduped = _FROZEN.set(None), _DEDUPED.set(None)
-    try:
+    with serving_frozen(None), serving_deduped(None):
         return module(features)
-    finally:
-        _FROZEN.reset(frozen)
-        _DEDUPED.reset(deduped)
 
 
 def _add_frozen(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
-    frozen = _FROZEN.get()
+    frozen = frozen_in_step()
     if frozen is None:
         return None
     with torch.no_grad():
@@ -81,7 +76,7 @@ def _feature_slots(module: nn.Module, features: tuple[str, ...], device: torch.d
     if missing:
         raise ValueError(f"deduplicated features {missing} are not among the features of {type(module).__name__} "
                          f"({names})")
-    cache = module.__dict__.setdefault("_lightning_skew_dedup_slots", {})
+    cache = _DEDUP_SLOTS.setdefault(module, {})
     key = (features, str(device))
     if key not in cache:
         cache[key] = torch.tensor([names.index(name) for name in features], device=device)
@@ -89,7 +84,7 @@ def _feature_slots(module: nn.Module, features: tuple[str, ...], device: torch.d
 
 
 def _add_deduped(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
-    deduped = _DEDUPED.get()
+    deduped = deduped_in_step()
     if deduped is None:
         return None
     slots = _feature_slots(module, deduped.features, output.device)
@@ -106,39 +101,3 @@ def lookups_to_pool(sparse_features: KeyedJaggedTensor, deduped: DedupedLookups 
     if isinstance(deduped, DedupedLookups) and deduped.merged is not None:
         return deduped.merged
     return sparse_features
-
-
-@contextmanager
-def serving_deduped(deduped: DedupedLookups | None) -> Iterator[None]:
-    """Within, a model's :func:`serve_deduped` sparse arch serves ``deduped`` (``None``: nothing). Anything but a
-    :class:`~lightning_skew.core.deduped.DedupedLookups` counts as nothing (a symbolic tracer hands proxies)."""
-    token = _DEDUPED.set(deduped if isinstance(deduped, DedupedLookups) else None)
-    try:
-        yield
-    finally:
-        _DEDUPED.reset(token)
-
-
-@contextmanager
-def serving_frozen(frozen: KeyedJaggedTensor | None) -> Iterator[None]:
-    """Within, a model's :func:`serve_frozen` sparse arch adds the pooled embeddings of ``frozen`` (``None``:
-    nothing) to each forward. Anything but a KeyedJaggedTensor counts as nothing (a symbolic tracer, such as
-    TorchRec's train pipeline tracing the model, hands attribute proxies)."""
-    token = _FROZEN.set(frozen if isinstance(frozen, KeyedJaggedTensor) else None)
-    try:
-        yield
-    finally:
-        _FROZEN.reset(token)
-
-
-def require_decisions(module: nn.Module, decisions: Iterable[str], by: str) -> None:
-    """Refuse a module that does not honour ``decisions`` (names of batch fields) that part ``by`` will put on
-    its batches; the message names both."""
-    honoured = set(getattr(module, "honoured_batch_decisions", ()))
-    missing = sorted(set(decisions) - honoured)
-    if missing:
-        raise ValueError(
-            f"{by} puts {', '.join(missing)} on the batches, but {type(module).__name__} does not honour "
-            f"{'them' if len(missing) > 1 else 'it'} (its honoured_batch_decisions: {sorted(honoured) or 'none'}): "
-            "training would be silently biased. Use a model that does (e.g. lightning_skew.models.DLRMModule), "
-            "declare and honour them in yours, or turn the option off")

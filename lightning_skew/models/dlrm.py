@@ -13,17 +13,17 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
-from lightning_skew.core.batch import deduped_lookups, frozen_lookups, input_weights
-from lightning_skew.core.id_ranges import check_table_ids
-from lightning_skew.core.tables import check_tables_fit_memory
-from lightning_skew.models.decisions import (
-    lookups_to_pool,
-    serve_deduped,
-    serve_frozen,
+from lightning_skew.core.decisions import (
+    deduped_lookups,
+    frozen_lookups,
+    input_weights,
     serving_deduped,
     serving_frozen,
-    weighted_bce,
 )
+from lightning_skew.core.id_ranges import check_table_ids
+from lightning_skew.core.lightning_private import attached_trainer
+from lightning_skew.core.tables import check_tables_fit_memory
+from lightning_skew.models.decisions import lookups_to_pool, serve_deduped, serve_frozen, weighted_bce
 from lightning_skew.models.interaction import DotInteraction
 from lightning_skew.models.sparse_dlrm import SparseDLRM
 from lightning_skew.torchrec.optim import dense_parameters, fuse_embedding_optimizer
@@ -65,7 +65,7 @@ class DLRMModule(pl.LightningModule):
         optimizer: builds the dense optimizer from the dense parameters (default Adam, lr 1e-3).
         lr_scheduler: builds an LR scheduler (stepped every optimizer step) from the dense optimizer.
 
-    It honours the decisions a :class:`~lightning_skew.core.batch.SkewBatch` carries (``honoured_batch_decisions``):
+    It honours the decisions a :class:`~lightning_skew.core.decisions.SkewBatch` carries (``honoured_batch_decisions``):
     per-input loss ``weights`` (the training loss is their weighted mean), ``frozen_sparse`` lookups, whose
     pooled embeddings are added without gradient (so those rows and their optimizer state stay as they are), and
     ``deduped`` lookups (:class:`~lightning_skew.dedup.DedupDataModule`): each distinct bag pooled once and
@@ -141,7 +141,7 @@ class DLRMModule(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = weighted_bce(self(batch), batch.labels.float(), input_weights(batch))
         # self.log costs about 3% of a CPU step here; log as often as the Trainer writes logs.
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is None or self.global_step % max(trainer.log_every_n_steps, 1) == 0:
             self.log("train_loss", loss, prog_bar=True, batch_size=batch.labels.numel())
         return loss

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from lightning_skew.core.batch import Batch, SkewBatch, select_inputs
+from lightning_skew.core.batch import Batch, select_inputs
+from lightning_skew.core.decisions import SkewBatch
 from lightning_skew.core.hashing import mix_seed
 from lightning_skew.core.rowsets import RowSet
 

@@ -57,8 +57,9 @@ class _DataOnlyCLI(SkewCLI):
 
     def add_core_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(self.trainer_class, "trainer")
-        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=True, required=False)
-        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=True)
+        # build_datamodule always names both classes, so the public attributes hold them.
+        parser.add_lightning_class_args(self.model_class, "model", subclass_mode=True, required=False)
+        parser.add_lightning_class_args(self.datamodule_class, "data", subclass_mode=True)
 
     def instantiate_classes(self) -> None:
         config = self.config.clone()

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 from torchrec.datasets.utils import Batch
 
-from lightning_skew.core.batch import SkewBatch, concat_batches, select_inputs
+from lightning_skew.core.batch import concat_batches, select_inputs
+from lightning_skew.core.decisions import SkewBatch
 from lightning_skew.core.distributed import all_gather_ints
 from lightning_skew.data.base import RecDataModule, WrappedDataModule
 
@@ -62,7 +63,7 @@ def repack_batches(batches: Iterable[Batch], keep: Callable[[Batch], Tensor | No
     each rank yields what it holds; a rank that holds nothing then repeats the last input it read (one input,
     so no rank runs an empty step). Collective: every rank must iterate, over the same number of batches.
 
-    :class:`~lightning_skew.core.batch.SkewBatch` decisions survive: a batch joined only from hot inputs stays
+    :class:`~lightning_skew.core.decisions.SkewBatch` decisions survive: a batch joined only from hot inputs stays
     hot when it is hot on every rank (agreed in the same exchange), else it is marked cold.
     """
     if not 0 < min_fill <= 1:

@@ -16,10 +16,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_skew.core.batch import input_weights, select_inputs, set_decisions, split_lookups
+from lightning_skew.core.batch import select_inputs, split_lookups
+from lightning_skew.core.decisions import input_weights, replace_inputs, require_decisions, set_decisions
 from lightning_skew.core.rowsets import RowSet, lookup_members
 from lightning_skew.core.tables import WatchedTable, watched_tables
-from lightning_skew.models.decisions import require_decisions
 from lightning_skew.profile.row_sizes import trainer_table_bytes
 from lightning_skew.profile.sources import HotSetSource, as_hot_set_source, resolve_hot_rows
 from lightning_skew.stale.guard import AccuracyGuard, backed_off
@@ -294,10 +294,8 @@ class StaleEmbeddingSkipper(pl.Callback):
             if not self.repack:
                 kept = self._kept(batch)
                 if kept is not None:
-                    kept = select_inputs(batch, kept.to(batch.labels.device))
-                    batch.dense_features, batch.sparse_features, batch.labels = (kept.dense_features,
-                                                                                 kept.sparse_features, kept.labels)
-                    set_decisions(batch, weights=input_weights(kept))
+                    # Lightning hands training_step this very object: it takes the kept inputs and their decisions.
+                    replace_inputs(batch, select_inputs(batch, kept.to(batch.labels.device)))
             if self.freeze_stale_lookups:
                 self._freeze(batch)
             self._log(trainer, pl_module, step)

@@ -17,6 +17,7 @@ shows what this saves (the lookahead rows of ``lightning-skew profile --tiers``)
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,12 +29,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_skew.core.batch import SkewBatch
+from lightning_skew.core.decisions import SkewBatch
 from lightning_skew.data.base import RecDataModule, WrappedDataModule
 from lightning_skew.hotcold.collection import COLD_SUFFIX, HOT_SUFFIX
 from lightning_skew.hotcold.plain import PlainHotColdEmbeddingBagCollection
 from lightning_skew.hotcold.state import hot_cold_collections
 from lightning_skew.tiers.lookahead import refresh_plan
+from lightning_skew.torchrec.upstream import in_backward_optimizers
 
 __all__ = ["LookaheadBatch", "LookaheadDataModule", "LookaheadPrefetch", "distinct_rows", "move_plain_rows",
            "prefetch_for"]
@@ -41,7 +43,7 @@ __all__ = ["LookaheadBatch", "LookaheadDataModule", "LookaheadPrefetch", "distin
 
 def _per_row_state(weight: Tensor) -> dict[str, Tensor]:
     """The per-row tensors of the (first) optimizer applied to ``weight`` in backward, by name."""
-    optimizers = getattr(weight, "_in_backward_optimizers", [])
+    optimizers = in_backward_optimizers(weight)
     if not optimizers:
         return {}
     return {name: value for name, value in optimizers[0].state[weight].items()
@@ -55,7 +57,7 @@ def _matched_state(hot: Tensor, cold: Tensor) -> list[tuple[Tensor, Tensor]]:
     for have, lack, weight in ((hot_state, cold_state, cold), (cold_state, hot_state, hot)):
         for name, value in have.items():
             if name not in lack:
-                optimizer = weight._in_backward_optimizers[0]
+                optimizer = in_backward_optimizers(weight)[0]
                 start = float(optimizer.param_groups[0].get("initial_accumulator_value", 0.0))
                 lack[name] = torch.full((weight.shape[0], *value.shape[1:]), start, dtype=value.dtype,
                                         device=weight.device)
@@ -93,7 +95,7 @@ def move_plain_rows(collection: PlainHotColdEmbeddingBagCollection, moves: dict[
 
 @dataclass
 class LookaheadBatch(SkewBatch):
-    """A :class:`~lightning_skew.core.batch.SkewBatch` that carries the sparse features of the coming batches.
+    """A :class:`~lightning_skew.core.decisions.SkewBatch` that carries the sparse features of the coming batches.
 
     Args:
         upcoming: per batch, this one first and then the coming ones, the distinct rows each feature looks up
@@ -113,9 +115,9 @@ def distinct_rows(features: KeyedJaggedTensor) -> dict[str, Tensor]:
 
 def _with_lookahead(batch: Any, upcoming: tuple[dict[str, Tensor], ...]) -> LookaheadBatch:
     skew = batch if isinstance(batch, SkewBatch) else SkewBatch.of(batch, is_hot=False, num_hot=0)
-    return LookaheadBatch(skew.dense_features, skew.sparse_features, skew.labels, is_hot=skew.is_hot,
-                          num_hot=skew.num_hot, hot_rows=skew.hot_rows, weights=skew.weights,
-                          frozen_sparse=skew.frozen_sparse, upcoming=upcoming)
+    # Every field of the batch's contract kept (deduplicated and routed lookups included).
+    return LookaheadBatch(**{f.name: getattr(skew, f.name) for f in dataclasses.fields(SkewBatch)},
+                          upcoming=upcoming)
 
 
 def lookahead_batches(batches: Any, window: int) -> Iterator[LookaheadBatch]:

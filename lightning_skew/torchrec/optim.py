@@ -6,10 +6,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from lightning_skew.core.tables import embedding_modules
+from lightning_skew.torchrec.upstream import (
+    apply_optimizer_in_backward,
+    in_backward_optimizer_classes,
+    in_backward_optimizers,
+)
 
 __all__ = [
     "EMBEDDING_OPTIMIZERS",
@@ -42,21 +46,21 @@ def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
     of 4, such as dimension-1 first-order tables) come out of sharding without an embedding optimizer, as TorchRec
     intends: they are replicated weights, so the dense optimizer trains them (and checkpoints its state with them).
     """
-    return [p for p in module.parameters() if p.requires_grad and not getattr(p, "_in_backward_optimizers", None)
-            and not getattr(p, "_optimizer_classes", None)]
+    return [p for p in module.parameters() if p.requires_grad and not in_backward_optimizers(p)
+            and not in_backward_optimizer_classes(p)]
 
 
 def embedding_optimizer_names(module: nn.Module) -> set[str]:
     """Names (keys of :data:`EMBEDDING_OPTIMIZERS`, else class names) of the optimizers on the embeddings."""
     by_class = {cls: name for name, cls in EMBEDDING_OPTIMIZERS.items()}
     return {by_class.get(cls, cls.__name__) for _, m in embedding_modules(module) for p in m.parameters()
-            for cls in getattr(p, "_optimizer_classes", [])}
+            for cls in in_backward_optimizer_classes(p)}
 
 
 def has_fused_optimizer(module: nn.Module) -> bool:
     """Whether every embedding parameter of ``module`` already carries an optimizer applied in backward."""
     params = [p for _, m in embedding_modules(module) for p in m.parameters()]
-    return bool(params) and all(hasattr(p, "_optimizer_classes") for p in params)
+    return bool(params) and all(in_backward_optimizer_classes(p) for p in params)
 
 
 def fuse_embedding_optimizer(module: nn.Module, name: str = "rowwise_adagrad", lr: float = 0.01, **kwargs) -> int:
@@ -80,7 +84,7 @@ def fuse_embedding_optimizer(module: nn.Module, name: str = "rowwise_adagrad", l
     params = [p for _, m in embedding_modules(module) for p in m.parameters()]
     if not params:
         raise ValueError(f"{type(module).__name__} holds no TorchRec embedding collection to optimize")
-    _apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[name], params, {"lr": lr, **kwargs})
+    apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[name], params, {"lr": lr, **kwargs})
     return len(params)
 
 

@@ -45,6 +45,7 @@ from lightning_skew.torchrec.sharding import (
     plan_rows,
     shard_module,
 )
+from lightning_skew.torchrec.upstream import pipeline_model_attached, pipelined_modules
 
 __all__ = ["TorchRecStrategy"]
 
@@ -326,10 +327,10 @@ class TorchRecStrategy(DDPStrategy):
         check_same_batch(batch, self._stream.trained_next())
         self._step_args = (args[1:], kwargs)
         pipeline = self._pipeline_for_step()
-        first = not pipeline._pipelined_modules
+        first = not pipelined_modules(pipeline)
         output = pipeline.progress(self._stream.for_pipeline)
         self._stream.step_done()
-        if first and not pipeline._pipelined_modules:
+        if first and not pipelined_modules(pipeline):
             rank_zero_warn(f"TorchRecStrategy(pipeline={self.pipeline!r}): no sharded module of "
                            f"{type(self.lightning_module).__name__} takes its input straight from the batch (e.g. "
                            "batch.sparse_features) in its forward, so none is pipelined and the steps run unpipelined")
@@ -344,7 +345,7 @@ class TorchRecStrategy(DDPStrategy):
         if self._train_pipeline is None:
             self._train_pipeline = build_pipeline(self.pipeline, self.dmp, self.optimizers[0], self.root_device,
                                                   self._pipelined_training_step)
-        elif not self._train_pipeline._model_attached:
+        elif not pipeline_model_attached(self._train_pipeline):
             # Re-install the pipelined forwards (taken off for validation) without distributing the batch in hand
             # again: its inputs were distributed before.
             self._train_pipeline.attach(self.dmp, sparse_dist=False)
@@ -398,7 +399,7 @@ class TorchRecStrategy(DDPStrategy):
 
     def _detach_pipeline(self) -> None:
         """Give the sharded modules their own forwards back (validation, testing, after the fit)."""
-        if self._train_pipeline is not None and self._train_pipeline._model_attached:
+        if self._train_pipeline is not None and pipeline_model_attached(self._train_pipeline):
             self._train_pipeline.detach()
 
     def on_validation_start(self) -> None:
