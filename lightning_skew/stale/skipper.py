@@ -191,7 +191,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         self.pulled_per_batch: list[int] = []  # repack: inputs read from the loader for each batch trained
         self._fed = False  # repack: a RepackedLoader handed on a batch
 
-        self._trainer: pl.Trainer | None = None  # the ranks agree through its strategy
+        self._fit_trainer: pl.Trainer | None = None  # the ranks agree through its strategy
         self._tables: list[WatchedTable] = []
         self._fixed_candidates: list[Tensor] | None = None
         # Decision state (saved): the current window's candidates and snapshots, the stale set in force.
@@ -231,7 +231,7 @@ class StaleEmbeddingSkipper(pl.Callback):
     # ------------------------------------------------------------------------------------------ set-up
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._trainer = trainer
+        self._fit_trainer = trainer
         if stage != "fit":
             return
         pipeline = getattr(trainer.strategy, "pipeline", None)
@@ -402,11 +402,11 @@ class StaleEmbeddingSkipper(pl.Callback):
     # ------------------------------------------------------------------------------------------ ranks
 
     def _rank(self) -> int:
-        return self._trainer.global_rank if self._trainer is not None else 0
+        return self._fit_trainer.global_rank if self._fit_trainer is not None else 0
 
     def _reduce(self, tensor: Tensor, op: str) -> Tensor:
         """``tensor`` summed or maxed over the ranks, through the Trainer's strategy (as Lightning's callbacks agree)."""
-        trainer = self._trainer
+        trainer = self._fit_trainer
         if trainer is None or trainer.world_size == 1:
             return tensor
         strategy = trainer.strategy
@@ -463,8 +463,8 @@ class StaleEmbeddingSkipper(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         local = {"sample": [(kjt.keys(), kjt.values(), kjt.lengths()) for kjt in self.sample]}
         # Every rank's window, so each resumes its own (dump_checkpoint runs on all ranks): each rank's in turn.
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        world_size = self._trainer.world_size if self._trainer is not None else 1
+        strategy = self._fit_trainer.strategy if self._fit_trainer is not None else None
+        world_size = self._fit_trainer.world_size if self._fit_trainer is not None else 1
         per_rank = [local] if strategy is None or world_size == 1 else \
             [strategy.broadcast(local, src=r) for r in range(world_size)]
         return {
@@ -491,7 +491,7 @@ class StaleEmbeddingSkipper(pl.Callback):
         self._fixed_candidates = state_dict["fixed_candidates"]
         per_rank = state_dict["per_rank"]
         rank = self._rank()
-        if len(per_rank) != (self._trainer.world_size if self._trainer is not None else 1):
+        if len(per_rank) != (self._fit_trainer.world_size if self._fit_trainer is not None else 1):
             raise ValueError(f"StaleEmbeddingSkipper: the checkpoint was written by {len(per_rank)} rank(s); resume "
                              "it on the same number")
         own = per_rank[rank]
