@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,7 @@ from lightning_skew.data.columnar import (
     time_boundaries,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from columnar_files import (  # noqa: E402
+from _support.columnar_files import (
     AVAZU_CATEGORICAL,
     AVAZU_FIRST_ROW,
     MOVIELENS,
@@ -382,7 +380,7 @@ def test_settings_that_contradict_each_other_are_errors_at_construction(tmp_path
 
 
 def test_two_processes_train_as_many_steps_and_validate_every_input_even_with_an_empty_last_batch(tmp_path):
-    from launch import launch
+    from _support.launch import launch
 
     train = write_avazu(tmp_path / "train.csv", avazu_rows(1000))
     # 2 ranks x 64 = 128 rows a global batch: 257 validation rows leave 1 row, so one rank's last batch is empty.
@@ -416,7 +414,7 @@ def test_a_folder_or_a_glob_names_its_files_in_natural_order_and_their_rows_foll
 
 
 def test_a_csv_fit_resumed_mid_epoch_with_workers_goes_on_as_the_uninterrupted_run(tmp_path):
-    from resume_fit import assert_resumes_mid_epoch
+    from _support.resume_fit import assert_resumes_mid_epoch
 
     path = write_avazu(tmp_path / "train.csv", avazu_rows(52))  # 6 global batches of 8 (drop_last drops the 4 left)
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import warnings
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -21,9 +19,8 @@ from lightning_skew import (
     TorchRecStrategy,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from columnar_files import MOVIELENS, MOVIELENS_MISSING, ROOT, avazu_rows, write_avazu  # noqa: E402
-from test_cli import _cli  # noqa: E402
+from _support.cli import run_command
+from _support.columnar_files import MOVIELENS, MOVIELENS_MISSING, ROOT, avazu_rows, write_avazu
 
 MOVIELENS_RECIPE = ROOT / "recipes" / "dlrm_movielens.yaml"
 AVAZU_RECIPE = ROOT / "recipes" / "dlrm_avazu.yaml"
@@ -38,7 +35,7 @@ def _auc(stdout: str) -> float:
 
 @needs_movielens
 def test_movielens_recipe_trains_under_torchrec_strategy_to_the_measured_auc(tmp_path):
-    run = _cli("fit", "--config", str(MOVIELENS_RECIPE), "--data.init_args.root", str(MOVIELENS),
+    run = run_command("fit", "--config", str(MOVIELENS_RECIPE), "--data.init_args.root", str(MOVIELENS),
                "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
     # Measured: 0.698 after one epoch (0.703 after the recipe's two); a model that learned nothing gives 0.5.
     assert _auc(run.stdout) > 0.68
@@ -53,7 +50,7 @@ def test_movielens_recipe_trains_under_torchrec_strategy_to_the_measured_auc(tmp
 @needs_movielens
 def test_the_profile_command_runs_on_movielens(tmp_path):
     output = tmp_path / "profile"
-    run = _cli("profile", "--config", str(MOVIELENS_RECIPE), "--data.init_args.root", str(MOVIELENS),
+    run = run_command("profile", "--config", str(MOVIELENS_RECIPE), "--data.init_args.root", str(MOVIELENS),
                "--budget", "40kB", "--sample-fraction", "1", "--output-dir", str(output), "--no-wandb",
                "--no-progress", cwd=tmp_path)
     assert "profiled 79999 inputs" in run.stdout  # every training row: 78 batches of 1024 and one of 127
@@ -86,7 +83,7 @@ def test_popularity_batching_and_the_stale_skipper_run_on_movielens():
 
 def test_avazu_recipe_trains_on_a_file_in_avazus_format(tmp_path):
     train = write_avazu(tmp_path / "train.csv.gz", avazu_rows(8000, days=3), compress=True)
-    run = _cli("fit", "--config", str(AVAZU_RECIPE), "--data.init_args.train_paths", f"[{train}]",
+    run = run_command("fit", "--config", str(AVAZU_RECIPE), "--data.init_args.train_paths", f"[{train}]",
                "--data.init_args.batch_size", "500", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
     # The clicks follow site_id (each site its own click rate, about 0.75 attainable).
     assert _auc(run.stdout) > 0.6

@@ -10,9 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from dedup_worker import GLOBAL_BATCH, make_data
-from launch import launch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from resume_fit import assert_resumes_mid_epoch, fit
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew import (
@@ -27,6 +25,9 @@ from lightning_skew.core.batch import Batch, SkewBatch, concat_batches, select_i
 from lightning_skew.data.synthetic.sessions import SESSION_BLOCK_SAMPLES
 from lightning_skew.dedup import dedup_batch, dedup_factors, distinct_inputs
 from lightning_skew.models.dlrm import DLRMModule
+
+from _support.launch import launch
+from _support.resume_fit import assert_resumes_mid_epoch, fit
 
 USER = ["user_id", "history"]
 
@@ -183,12 +184,12 @@ def test_compositions_that_cannot_serve_deduplicated_features_are_refused_naming
 
 
 def test_the_session_recipes_train_end_to_end_with_and_without_dedup(tmp_path):
-    from test_cli import ROOT, SMALL, _cli
+    from _support.cli import ROOT, SMALL, run_command
 
-    run = _cli("fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic_sessions.yaml"), *SMALL, cwd=tmp_path)
+    run = run_command("fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic_sessions.yaml"), *SMALL, cwd=tmp_path)
     assert "val: auc" in run.stdout and "best attainable auc" in run.stdout
     inner = [arg.replace("--data.init_args.", "--data.init_args.datamodule.init_args.") for arg in SMALL]
-    run = _cli("fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic_dedup.yaml"), *inner, cwd=tmp_path)
+    run = run_command("fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic_dedup.yaml"), *inner, cwd=tmp_path)
     assert "val: auc" in run.stdout
     assert (tmp_path / "runs" / "dlrm_synthetic_dedup" / "config.yaml").is_file()
 
@@ -218,7 +219,7 @@ class _Losses(pl.Callback):
 
 
 def _fit_losses(data, strategy) -> _Losses:
-    from strategy_worker import make_model
+    from _support.small import make_model
 
     record = _Losses()
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, logger=False,
@@ -257,9 +258,9 @@ def test_histories_hold_the_users_earlier_items_only_most_recent_last():
 def _movielens_history(tmp_path: Path) -> Path:
     import shutil
 
-    from columnar_files import MOVIELENS, MOVIELENS_MISSING
-
     from lightning_skew.dedup.history import write_with_history
+
+    from _support.columnar_files import MOVIELENS, MOVIELENS_MISSING
 
     if not (MOVIELENS / "ml-100k.inter").is_file():
         pytest.skip(MOVIELENS_MISSING)
@@ -271,13 +272,13 @@ def _movielens_history(tmp_path: Path) -> Path:
 
 
 def test_movielens_with_history_trains_from_its_recipe_and_exactly_the_same_with_dedup(tmp_path):
-    from test_cli import ROOT, _cli
-
     from lightning_skew.profile.command import build_datamodule
+
+    from _support.cli import ROOT, run_command
 
     root = _movielens_history(tmp_path)
     recipe = ROOT / "recipes" / "dlrm_movielens_history.yaml"
-    run = _cli("fit", "--config", str(recipe), "--data.init_args.root", str(root), "--trainer.max_epochs", "1",
+    run = run_command("fit", "--config", str(recipe), "--data.init_args.root", str(root), "--trainer.max_epochs", "1",
                "--trainer.enable_progress_bar", "false", cwd=tmp_path)
     assert float(re.search(r"val: auc ([0-9.]+)", run.stdout).group(1)) > 0.66
 

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+from torchrec.distributed.planner.types import PlannerError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from strategy_worker import make_data, make_model  # noqa: E402
-from torchrec.distributed.planner.types import PlannerError  # noqa: E402
+from lightning_skew import TorchRecStrategy
+from lightning_skew.torchrec.sharding import plan_rows
 
-from lightning_skew import TorchRecStrategy  # noqa: E402
-from lightning_skew.torchrec.sharding import plan_rows  # noqa: E402
+from _support.small import make_data, make_model
 
 
 def _fit(strategy: TorchRecStrategy, tmp_path: Path) -> dict[str, list[str]]:

@@ -17,12 +17,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-sys.path.insert(0, str(Path(__file__).parent))
-from strategy_worker import make_data, make_model  # noqa: E402
-
-from lightning_skew import TorchRecStrategy  # noqa: E402
-from lightning_skew.core.safe_load import UnsafeFileError  # noqa: E402
-from lightning_skew.torchrec.atomic import (  # noqa: E402
+from lightning_skew import TorchRecStrategy
+from lightning_skew.core.safe_load import UnsafeFileError
+from lightning_skew.torchrec.atomic import (
     COMPLETE_FILE,
     SAVE_HOOKS,
     IncompleteCheckpointError,
@@ -31,7 +28,9 @@ from lightning_skew.torchrec.atomic import (  # noqa: E402
     seal,
     staging_dir,
 )
-from lightning_skew.torchrec.checkpoint import load_sharded_checkpoint  # noqa: E402
+from lightning_skew.torchrec.checkpoint import load_sharded_checkpoint
+
+from _support.small import make_data, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -16,12 +15,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed import DistributedModelParallel
 
-sys.path.insert(0, str(Path(__file__).parent))
-from launch import launch  # noqa: E402
-from strategy_worker import make_data, make_model  # noqa: E402
+from lightning_skew.models.dlrm import DLRMModule
+from lightning_skew.torchrec.strategy import TorchRecStrategy
 
-from lightning_skew.models.dlrm import DLRMModule  # noqa: E402
-from lightning_skew.torchrec.strategy import TorchRecStrategy  # noqa: E402
+from _support.launch import launch
+from _support.small import make_data, make_model
 
 WORKER = Path(__file__).parent / "strategy_worker.py"
 EPOCHS = 2

@@ -28,8 +28,7 @@ from lightning_skew import (
     TorchRecStrategy,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from user_models import FEATURES, DeepFM, PlainBags, PlainClicks, TwoTower, UserClicks  # noqa: E402
+from _support.user_models import FEATURES, DeepFM, PlainBags, PlainClicks, TwoTower, UserClicks
 
 ROOT = Path(__file__).resolve().parents[1]
 MOVIELENS = ROOT / ".data" / "ml-100k"

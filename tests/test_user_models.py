@@ -3,9 +3,7 @@ feeding two tables, tables sized from the DataModule in ``configure_model``, und
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -16,8 +14,7 @@ from lightning_skew.data.synthetic import SyntheticDataModule
 from lightning_skew.hotcold.collection import table_specs
 from lightning_skew.hotcold.planning import bytes_per_row
 
-sys.path.insert(0, str(Path(__file__).parent))
-from user_models import DeepFM, PlainBags, TwoTower  # noqa: E402
+from _support.user_models import DeepFM, PlainBags, TwoTower
 
 SIZES = [50, 40, 30]
 
