@@ -34,6 +34,8 @@ from _support.columnar_files import (
     write_avazu,
     write_text,
 )
+from _support.launch import launch
+from _support.resume_fit import assert_resumes_mid_epoch
 
 RATINGS_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
 RATINGS_NAMES = ["user_id", "item_id", "rating", "timestamp"]
@@ -380,8 +382,6 @@ def test_settings_that_contradict_each_other_are_errors_at_construction(tmp_path
 
 
 def test_two_processes_train_as_many_steps_and_validate_every_input_even_with_an_empty_last_batch(tmp_path):
-    from _support.launch import launch
-
     train = write_avazu(tmp_path / "train.csv", avazu_rows(1000))
     # 2 ranks x 64 = 128 rows a global batch: 257 validation rows leave 1 row, so one rank's last batch is empty.
     val = write_avazu(tmp_path / "val.csv", avazu_rows(257, seed=1))
@@ -414,8 +414,6 @@ def test_a_folder_or_a_glob_names_its_files_in_natural_order_and_their_rows_foll
 
 
 def test_a_csv_fit_resumed_mid_epoch_with_workers_goes_on_as_the_uninterrupted_run(tmp_path):
-    from _support.resume_fit import assert_resumes_mid_epoch
-
     path = write_avazu(tmp_path / "train.csv", avazu_rows(52))  # 6 global batches of 8 (drop_last drops the 4 left)
 
     def make_data(num_workers: int = 0) -> ColumnarDataModule:

@@ -27,6 +27,8 @@ from lightning_skew.data.criteo import (
 from lightning_skew.data.features import CRITEO_CATEGORICAL_COLUMNS
 
 from _support.criteo_files import SIZES, criteo_line, random_lines, write_tsv
+from _support.launch import launch
+from _support.resume_fit import assert_resumes_mid_epoch
 
 
 def batches_as_arrays(batches) -> list[tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]]:
@@ -493,8 +495,6 @@ def test_missing_values_land_on_the_rows_missing_rows_names(tmp_path):
 def test_two_ranks_step_together_on_partial_last_batches_and_validate_every_line(tmp_path):
     import json
 
-    from _support.launch import launch
-
     train = write_tsv(tmp_path / "train.txt", numbered_lines(53, seed=4))  # 3 global batches of 16, then 5
     val = write_tsv(tmp_path / "val.txt", numbered_lines(33, seed=5))  # 2 global batches of 16, then 1
     launch(Path(__file__).parent / "criteo_worker.py", 2,
@@ -545,8 +545,6 @@ def test_a_restored_position_skips_in_the_training_loader_only_and_not_after_a_f
 
 
 def test_a_tsv_fit_resumed_mid_epoch_with_workers_goes_on_as_the_uninterrupted_run(tmp_path):
-    from _support.resume_fit import assert_resumes_mid_epoch
-
     train = write_tsv(tmp_path / "train.txt", random_lines(43, seed=6))  # 5 batches of 8, then 3
 
     def make_data(num_workers: int = 0) -> CriteoDataModule:

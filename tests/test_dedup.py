@@ -26,8 +26,11 @@ from lightning_skew.data.synthetic.sessions import SESSION_BLOCK_SAMPLES
 from lightning_skew.dedup import dedup_batch, dedup_factors, distinct_inputs
 from lightning_skew.models.dlrm import DLRMModule
 
+from _support.cli import ROOT, SMALL, run_command
+from _support.columnar_files import MOVIELENS, MOVIELENS_MISSING
 from _support.launch import launch
 from _support.resume_fit import assert_resumes_mid_epoch, fit
+from _support.small import make_model
 
 USER = ["user_id", "history"]
 
@@ -184,8 +187,6 @@ def test_compositions_that_cannot_serve_deduplicated_features_are_refused_naming
 
 
 def test_the_session_recipes_train_end_to_end_with_and_without_dedup(tmp_path):
-    from _support.cli import ROOT, SMALL, run_command
-
     run = run_command("fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic_sessions.yaml"), *SMALL, cwd=tmp_path)
     assert "val: auc" in run.stdout and "best attainable auc" in run.stdout
     inner = [arg.replace("--data.init_args.", "--data.init_args.datamodule.init_args.") for arg in SMALL]
@@ -219,8 +220,6 @@ class _Losses(pl.Callback):
 
 
 def _fit_losses(data, strategy) -> _Losses:
-    from _support.small import make_model
-
     record = _Losses()
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -260,8 +259,6 @@ def _movielens_history(tmp_path: Path) -> Path:
 
     from lightning_skew.dedup.history import write_with_history
 
-    from _support.columnar_files import MOVIELENS, MOVIELENS_MISSING
-
     if not (MOVIELENS / "ml-100k.inter").is_file():
         pytest.skip(MOVIELENS_MISSING)
     root = tmp_path / "ml-100k"
@@ -273,8 +270,6 @@ def _movielens_history(tmp_path: Path) -> Path:
 
 def test_movielens_with_history_trains_from_its_recipe_and_exactly_the_same_with_dedup(tmp_path):
     from lightning_skew.profile.command import build_datamodule
-
-    from _support.cli import ROOT, run_command
 
     root = _movielens_history(tmp_path)
     recipe = ROOT / "recipes" / "dlrm_movielens_history.yaml"
