@@ -34,7 +34,6 @@ from _support.columnar_files import (
     write_avazu,
     write_text,
 )
-from _support.launch import launch
 from _support.resume_fit import assert_resumes_mid_epoch
 
 RATINGS_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
@@ -381,12 +380,12 @@ def test_settings_that_contradict_each_other_are_errors_at_construction(tmp_path
         ColumnarDataModule(**common, sparse_features=["site"], val_fraction=0.1)
 
 
-def test_two_processes_train_as_many_steps_and_validate_every_input_even_with_an_empty_last_batch(tmp_path):
+def test_two_processes_train_as_many_steps_and_validate_every_input_even_with_an_empty_last_batch(tmp_path,
+                                                                                                   two_ranks):
     train = write_avazu(tmp_path / "train.csv", avazu_rows(1000))
     # 2 ranks x 64 = 128 rows a global batch: 257 validation rows leave 1 row, so one rank's last batch is empty.
     val = write_avazu(tmp_path / "val.csv", avazu_rows(257, seed=1))
-    launch(Path(__file__).parent / "columnar_worker.py", 2,
-           ["--train", str(train), "--val", str(val), "--out", str(tmp_path)])
+    two_ranks("columnar_worker.py", "--train", str(train), "--val", str(val), "--out", str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     # Every training row too: 7 global batches of 128, then 104 rows shared 52 / 52.
     assert ranks[0]["train"] == ranks[1]["train"] == [64] * (1000 // 128) + [52]

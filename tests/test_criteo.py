@@ -27,7 +27,6 @@ from lightning_skew.data.criteo import (
 from lightning_skew.data.features import CRITEO_CATEGORICAL_COLUMNS
 
 from _support.criteo_files import SIZES, criteo_line, random_lines, write_tsv
-from _support.launch import launch
 from _support.resume_fit import assert_resumes_mid_epoch
 
 
@@ -492,13 +491,12 @@ def test_missing_values_land_on_the_rows_missing_rows_names(tmp_path):
     assert vocab.lookup(np.full((1, 26), 0xDEADBEEF12345, dtype=np.uint64)).tolist() == [[0] * 26]
 
 
-def test_two_ranks_step_together_on_partial_last_batches_and_validate_every_line(tmp_path):
+def test_two_ranks_step_together_on_partial_last_batches_and_validate_every_line(tmp_path, two_ranks):
     import json
 
     train = write_tsv(tmp_path / "train.txt", numbered_lines(53, seed=4))  # 3 global batches of 16, then 5
     val = write_tsv(tmp_path / "val.txt", numbered_lines(33, seed=5))  # 2 global batches of 16, then 1
-    launch(Path(__file__).parent / "criteo_worker.py", 2,
-           ["--train", train, "--val", val, "--batch-size", "8", "--out", str(tmp_path)])
+    two_ranks("criteo_worker.py", "--train", train, "--val", val, "--batch-size", "8", "--out", str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["train"] for r in ranks] == [[8, 8, 8, 2], [8, 8, 8, 3]]
     assert [r["val"] for r in ranks] == [[8, 8], [8, 9]]  # the single last line rides with rank 1's last batch

@@ -28,7 +28,6 @@ from lightning_skew.models.dlrm import DLRMModule
 
 from _support.cli import ROOT, SMALL, run_command
 from _support.columnar_files import MOVIELENS, MOVIELENS_MISSING
-from _support.launch import launch
 from _support.resume_fit import assert_resumes_mid_epoch, fit
 from _support.small import make_model
 
@@ -147,10 +146,9 @@ def test_dedup_trains_exactly_as_without_under_torchrec_strategy_and_resumes(tmp
     assert_resumes_mid_epoch(lambda: DedupDataModule(make_data(GLOBAL_BATCH, 4), USER), tmp_path / "resume", 4, 2)
 
 
-def test_dedup_trains_exactly_as_without_on_two_ranks(tmp_path):
-    worker = Path(__file__).with_name("dedup_worker.py")
-    launch(worker, 2, ["--out", str(tmp_path)], timeout=180)
-    launch(worker, 2, ["--out", str(tmp_path), "--dedup"], timeout=180)
+def test_dedup_trains_exactly_as_without_on_two_ranks(tmp_path, two_ranks):
+    two_ranks("dedup_worker.py", "--out", str(tmp_path), timeout=180)
+    two_ranks("dedup_worker.py", "--out", str(tmp_path), "--dedup", timeout=180)
     plain, dedup = torch.load(tmp_path / "plain_rank0.pt"), torch.load(tmp_path / "dedup_rank0.pt")
     assert all(dedup["deduped"]) and not any(plain["deduped"]) and len(plain["losses"]) == 6
     assert dedup["losses"] == pytest.approx(plain["losses"], rel=1e-5, abs=1e-6)

@@ -41,12 +41,19 @@ def _results(out: Path) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, Path]:
+    """The uninterrupted run of each world size, once for the module: the 1-process run the 2-process one is
+    compared with is the one its own tests checked (``runs`` fills this as it goes)."""
+    return {}
+
+
 @pytest.fixture(scope="module", params=[1, 2], ids=["1proc", "2proc"])
-def runs(request, tmp_path_factory) -> dict:
+def runs(request, tmp_path_factory, uninterrupted) -> dict:
     """For one world size: an uninterrupted run, and a run stopped after one epoch then resumed."""
     world_size = request.param
     root = tmp_path_factory.mktemp(f"world{world_size}")
-    full = _run(root / "full", world_size, EPOCHS)
+    full = uninterrupted[world_size] = _run(root / "full", world_size, EPOCHS)
     first = _run(root / "first", world_size, EPOCHS - 1)
     (checkpoint,) = (first / "checkpoints").iterdir()
     resumed = _run(root / "resumed", world_size, EPOCHS, resume=checkpoint)
@@ -77,10 +84,10 @@ def test_checkpoint_keeps_every_ranks_shards(runs):
     assert len(shard_files) == runs["world_size"]
 
 
-def test_two_processes_give_the_losses_of_one(runs, tmp_path_factory):
+def test_two_processes_give_the_losses_of_one(runs, uninterrupted, tmp_path_factory):
     if runs["world_size"] != 2:
         pytest.skip("compares the 2-process run with a 1-process run")
-    one = _run(tmp_path_factory.mktemp("one") / "full", 1, EPOCHS)
+    one = uninterrupted.get(1) or _run(tmp_path_factory.mktemp("one") / "full", 1, EPOCHS)
     single, double = _results(one), _results(runs["full"])
     assert double["losses"] == pytest.approx(single["losses"], abs=1e-5)
     _assert_state_close(double["weights"], single["weights"], atol=1e-5)
