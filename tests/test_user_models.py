@@ -1,4 +1,4 @@
-"""Users' own recommenders (tests/user_models.py) gain the techniques by configuration: dimension-1 tables, a feature
+"""Users' own recommenders (tests/_support/user_models.py) gain the techniques by configuration: dimension-1 tables, a feature
 feeding two tables, tables sized from the DataModule in ``configure_model``, under every strategy."""
 
 from __future__ import annotations
