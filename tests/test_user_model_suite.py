@@ -1,9 +1,9 @@
 """Three users' models, each with its own DataModule, under every technique alone and all together: each cell fits,
 validates and checkpoints (one cell per model also resumes), or refuses at setup naming both parts and what to do.
 
-The models (tests/_support/user_models.py): a DeepFM with dimension-1 first-order tables on a RecDataModule of the user's,
-a two-tower model on MovieLens-100k through ColumnarDataModule (when .data/ml-100k is present), and a model with
-plain ``torch.nn.EmbeddingBag`` tables on a plain LightningDataModule.
+The models (tests/_support/user_models.py): a DeepFM with dimension-1 first-order tables on a RecDataModule of the
+user's, a two-tower model on MovieLens-100k through ColumnarDataModule (when .data/ml-100k is present), and a model
+with plain ``torch.nn.EmbeddingBag`` tables on a plain LightningDataModule.
 """
 
 from __future__ import annotations

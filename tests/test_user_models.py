@@ -1,5 +1,5 @@
-"""Users' own recommenders (tests/_support/user_models.py) gain the techniques by configuration: dimension-1 tables, a feature
-feeding two tables, tables sized from the DataModule in ``configure_model``, under every strategy."""
+"""Users' own recommenders (tests/_support/user_models.py) gain the techniques by configuration: dimension-1 tables,
+a feature feeding two tables, tables sized from the DataModule in ``configure_model``, under every strategy."""
 
 from __future__ import annotations
 
