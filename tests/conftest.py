@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
-from _support.cli import ROOT, run_command
+from _support.cli import ROOT, run_command, start_command
 from _support.launch import launch
 from _support.small import make_data, make_model, quiet_trainer
 
@@ -58,13 +58,18 @@ def two_ranks() -> Callable[..., list[str]]:
 @pytest.fixture
 def command(tmp_path) -> Callable[..., subprocess.CompletedProcess]:
     """Run ``lightning-skew ARGS`` as a user would (a fresh interpreter, in ``tmp_path``), failing with its output
-    unless it succeeds; ``command.recipe(name)`` is the path of ``recipes/<name>.yaml``::
+    unless it succeeds; ``command.recipe(name)`` is the path of ``recipes/<name>.yaml``; ``command.start(ARGS)``
+    starts one without waiting (``.result()`` waits), so that independent commands run side by side::
 
         def test_x(command):
             run = command("fit", "--config", command.recipe("dlrm_synthetic"), *SMALL)
+            first, second = command.start("fit", ...), command.start("validate", ...)
+            assert "val: auc" in first.result().stdout
     """
     def run(*args: str, show_warnings: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
         return run_command(*args, cwd=cwd or tmp_path, show_warnings=show_warnings)
 
     run.recipe = lambda name: str(ROOT / "recipes" / f"{name}.yaml")  # type: ignore[attr-defined]
+    run.start = lambda *args, show_warnings=False, cwd=None: start_command(  # type: ignore[attr-defined]
+        *args, cwd=cwd or tmp_path, show_warnings=show_warnings)
     return run
