@@ -14,10 +14,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from strategy_worker import RecordLosses, make_data, make_model
 
 from lightning_skew.torchrec.atomic import SAVE_HOOKS
 from lightning_skew.torchrec.strategy import TorchRecStrategy
+
+from _support.small import RecordLosses, make_data, make_model
 
 
 class StartStep(pl.Callback):
@@ -68,7 +69,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from launch import finish_rank
+    from _support.launch import finish_rank
 
     main()
     finish_rank()

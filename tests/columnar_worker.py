@@ -12,9 +12,10 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-from columnar_files import AVAZU_CATEGORICAL
 
 from lightning_skew import ColumnarDataModule, DLRMModule, TorchRecStrategy
+
+from _support.columnar_files import AVAZU_CATEGORICAL
 
 
 class BatchSizes(pl.Callback):
@@ -54,7 +55,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from launch import finish_rank
+    from _support.launch import finish_rank
 
     main()
     finish_rank()

@@ -58,7 +58,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from launch import finish_rank
+    from _support.launch import finish_rank
 
     main()
     finish_rank()

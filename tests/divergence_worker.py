@@ -10,10 +10,11 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-from strategy_worker import make_data, make_model
 
 from lightning_skew import NonFiniteLossStop, TorchRecStrategy
 from lightning_skew.core.divergence import NonFiniteLossError
+
+from _support.small import make_data, make_model
 
 
 class NanOnRankOne(pl.Callback):
@@ -50,7 +51,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from launch import finish_rank
+    from _support.launch import finish_rank
 
     main()
     finish_rank()

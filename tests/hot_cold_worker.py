@@ -14,7 +14,6 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from strategy_worker import RecordLosses, make_data, make_model
 
 from lightning_skew.hotcold.state import flatten_optimizer_state
 from lightning_skew.hotcold.strategy import HotColdStrategy
@@ -22,6 +21,8 @@ from lightning_skew.popularity.datamodule import PopularityDataModule
 from lightning_skew.profile.sources import ProfiledHotRows
 from lightning_skew.torchrec.checkpoint import gather_unsharded
 from lightning_skew.torchrec.strategy import TorchRecStrategy
+
+from _support.small import RecordLosses, make_data, make_model
 
 ROW_BYTES = 4 * (8 + 1)  # dim 8, rowwise_adagrad
 
@@ -72,7 +73,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from launch import finish_rank
+    from _support.launch import finish_rank
 
     main()
     finish_rank()

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from strategy_worker import RecordLosses, make_data, make_model  # noqa: E402
+from lightning_skew import RepackedDataModule, StaleEmbeddingSkipper, TorchRecStrategy
 
-from lightning_skew import RepackedDataModule, StaleEmbeddingSkipper, TorchRecStrategy  # noqa: E402
+from _support.small import RecordLosses, make_data, make_model
 
 RESUME_STEP = 5  # a checkpoint in the middle of the first of two 8-step epochs
 
@@ -88,7 +86,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from launch import finish_rank
+    from _support.launch import finish_rank
 
     main()
     finish_rank()

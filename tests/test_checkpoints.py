@@ -14,12 +14,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from launch import launch, launch_until_killed  # noqa: E402
-from strategy_worker import make_data, make_model  # noqa: E402
+from lightning_skew import TorchRecStrategy
+from lightning_skew.torchrec.atomic import resolve_last
 
-from lightning_skew import TorchRecStrategy  # noqa: E402
-from lightning_skew.torchrec.atomic import resolve_last  # noqa: E402
+from _support.launch import launch, launch_until_killed
+from _support.small import make_data, make_model
 
 WORKER = Path(__file__).parent / "strategy_worker.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,7 +237,7 @@ def test_a_stream_position_resumes_at_another_global_batch_size_only_where_its_b
 
 
 def test_a_synthetic_run_resumed_mid_epoch_goes_on_as_the_uninterrupted_run(tmp_path):
-    from resume_fit import assert_resumes_mid_epoch
+    from _support.resume_fit import assert_resumes_mid_epoch
 
     assert_resumes_mid_epoch(lambda: make_data(1), tmp_path, steps_per_epoch=8, stop_at=3)
 
@@ -247,7 +246,8 @@ def test_a_mid_epoch_resume_is_resumable_in_lightnings_terms(tmp_path):
     # The training loaders follow Lightning's stateful-dataloader protocol: no "not resumable" warning, and the
     # loader's state (the stream's position) travels in the fit loop's state as well.
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from strategy_worker import make_model
+
+    from _support.small import make_model
 
     def run(root: Path, **fit_args) -> pl.Trainer:
         data = make_data(1)

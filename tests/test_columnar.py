@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,7 @@ from lightning_skew.data.columnar import (
     time_boundaries,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from columnar_files import (  # noqa: E402
+from _support.columnar_files import (
     AVAZU_CATEGORICAL,
     AVAZU_FIRST_ROW,
     MOVIELENS,
@@ -36,6 +34,7 @@ from columnar_files import (  # noqa: E402
     write_avazu,
     write_text,
 )
+from _support.resume_fit import assert_resumes_mid_epoch
 
 RATINGS_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
 RATINGS_NAMES = ["user_id", "item_id", "rating", "timestamp"]
@@ -381,14 +380,12 @@ def test_settings_that_contradict_each_other_are_errors_at_construction(tmp_path
         ColumnarDataModule(**common, sparse_features=["site"], val_fraction=0.1)
 
 
-def test_two_processes_train_as_many_steps_and_validate_every_input_even_with_an_empty_last_batch(tmp_path):
-    from launch import launch
-
+def test_two_processes_train_as_many_steps_and_validate_every_input_even_with_an_empty_last_batch(tmp_path,
+                                                                                                   two_ranks):
     train = write_avazu(tmp_path / "train.csv", avazu_rows(1000))
     # 2 ranks x 64 = 128 rows a global batch: 257 validation rows leave 1 row, so one rank's last batch is empty.
     val = write_avazu(tmp_path / "val.csv", avazu_rows(257, seed=1))
-    launch(Path(__file__).parent / "columnar_worker.py", 2,
-           ["--train", str(train), "--val", str(val), "--out", str(tmp_path)])
+    two_ranks("columnar_worker.py", "--train", str(train), "--val", str(val), "--out", str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     # Every training row too: 7 global batches of 128, then 104 rows shared 52 / 52.
     assert ranks[0]["train"] == ranks[1]["train"] == [64] * (1000 // 128) + [52]
@@ -416,8 +413,6 @@ def test_a_folder_or_a_glob_names_its_files_in_natural_order_and_their_rows_foll
 
 
 def test_a_csv_fit_resumed_mid_epoch_with_workers_goes_on_as_the_uninterrupted_run(tmp_path):
-    from resume_fit import assert_resumes_mid_epoch
-
     path = write_avazu(tmp_path / "train.csv", avazu_rows(52))  # 6 global batches of 8 (drop_last drops the 4 left)
 
     def make_data(num_workers: int = 0) -> ColumnarDataModule:

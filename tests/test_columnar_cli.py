@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,13 +20,37 @@ from lightning_skew import (
     TorchRecStrategy,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from columnar_files import MOVIELENS, MOVIELENS_MISSING, ROOT, avazu_rows, write_avazu  # noqa: E402
-from test_cli import _cli  # noqa: E402
+from _support.cli import Command, start_command
+from _support.columnar_files import MOVIELENS, MOVIELENS_MISSING, ROOT, avazu_rows, write_avazu
 
 MOVIELENS_RECIPE = ROOT / "recipes" / "dlrm_movielens.yaml"
 AVAZU_RECIPE = ROOT / "recipes" / "dlrm_avazu.yaml"
 needs_movielens = pytest.mark.skipif(not (MOVIELENS / "ml-100k.inter").is_file(), reason=MOVIELENS_MISSING)
+
+
+@pytest.fixture(scope="module")
+def commands(tmp_path_factory) -> dict[str, tuple[Command, Path]]:
+    """The module's commands, each in its own folder, started together when the first test needs one: they run side
+    by side (and beside the in-process test), each test then waits for its own."""
+    started = {}
+    if (MOVIELENS / "ml-100k.inter").is_file():
+        folder = tmp_path_factory.mktemp("movielens_fit")
+        started["movielens_fit"] = (start_command(
+            "fit", "--config", str(MOVIELENS_RECIPE), "--data.init_args.root", str(MOVIELENS), "--trainer.max_epochs",
+            "1", "--trainer.enable_progress_bar", "false", cwd=folder), folder)
+        folder = tmp_path_factory.mktemp("movielens_profile")
+        started["movielens_profile"] = (start_command(
+            "profile", "--config", str(MOVIELENS_RECIPE), "--data.init_args.root", str(MOVIELENS), "--budget", "40kB",
+            "--sample-fraction", "1", "--output-dir", str(folder / "profile"), "--no-wandb", "--no-progress",
+            cwd=folder), folder)
+    folder = tmp_path_factory.mktemp("avazu")
+    train = write_avazu(folder / "train.csv.gz", avazu_rows(8000, days=3), compress=True)
+    started["avazu"] = (start_command(
+        "fit", "--config", str(AVAZU_RECIPE), "--data.init_args.train_paths", f"[{train}]",
+        "--data.init_args.batch_size", "500", "--trainer.enable_progress_bar", "false", cwd=folder), folder)
+    yield started
+    for command, _ in started.values():
+        command.result(check=False)  # waited for, whichever tests ran
 
 
 def _auc(stdout: str) -> float:
@@ -37,9 +60,9 @@ def _auc(stdout: str) -> float:
 
 
 @needs_movielens
-def test_movielens_recipe_trains_under_torchrec_strategy_to_the_measured_auc(tmp_path):
-    run = _cli("fit", "--config", str(MOVIELENS_RECIPE), "--data.init_args.root", str(MOVIELENS),
-               "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+def test_movielens_recipe_trains_under_torchrec_strategy_to_the_measured_auc(commands):
+    command, tmp_path = commands["movielens_fit"]
+    run = command.result()
     # Measured: 0.698 after one epoch (0.703 after the recipe's two); a model that learned nothing gives 0.5.
     assert _auc(run.stdout) > 0.68
     run_dir = tmp_path / "runs" / "dlrm_movielens"
@@ -51,11 +74,10 @@ def test_movielens_recipe_trains_under_torchrec_strategy_to_the_measured_auc(tmp
 
 
 @needs_movielens
-def test_the_profile_command_runs_on_movielens(tmp_path):
+def test_the_profile_command_runs_on_movielens(commands):
+    command, tmp_path = commands["movielens_profile"]
     output = tmp_path / "profile"
-    run = _cli("profile", "--config", str(MOVIELENS_RECIPE), "--data.init_args.root", str(MOVIELENS),
-               "--budget", "40kB", "--sample-fraction", "1", "--output-dir", str(output), "--no-wandb",
-               "--no-progress", cwd=tmp_path)
+    run = command.result()
     assert "profiled 79999 inputs" in run.stdout  # every training row: 78 batches of 1024 and one of 127
     assert "genres" in run.stdout and "item_id" in run.stdout
     summary = json.loads((output / "summary.json").read_text())
@@ -84,10 +106,9 @@ def test_popularity_batching_and_the_stale_skipper_run_on_movielens():
     assert float(trainer.callback_metrics["val_auc"]) > 0.6
 
 
-def test_avazu_recipe_trains_on_a_file_in_avazus_format(tmp_path):
-    train = write_avazu(tmp_path / "train.csv.gz", avazu_rows(8000, days=3), compress=True)
-    run = _cli("fit", "--config", str(AVAZU_RECIPE), "--data.init_args.train_paths", f"[{train}]",
-               "--data.init_args.batch_size", "500", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+def test_avazu_recipe_trains_on_a_file_in_avazus_format(commands):
+    command, tmp_path = commands["avazu"]
+    run = command.result()
     # The clicks follow site_id (each site its own click rate, about 0.75 attainable).
     assert _auc(run.stdout) > 0.6
     plan = (tmp_path / "runs" / "dlrm_avazu" / "sharding_plan.txt").read_text()

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from composition_worker import BATCHING, SKIPPER, STRATEGIES, fit_cell  # noqa: E402
-from launch import launch  # noqa: E402
+from _support.composition import BATCHING, SKIPPER, STRATEGIES, fit_cell
+from _support.launch import launch
 
 WORKER = Path(__file__).with_name("composition_worker.py")
 

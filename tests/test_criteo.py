@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import math
-import random
 import sys
 from pathlib import Path
 
@@ -28,28 +26,8 @@ from lightning_skew.data.criteo import (
 )
 from lightning_skew.data.features import CRITEO_CATEGORICAL_COLUMNS
 
-SIZES = [97, 1000, 13, 7] + [50] * 22
-
-
-def criteo_line(label: str, dense: list[str], categorical: list[str]) -> str:
-    assert len(dense) == 13 and len(categorical) == 26
-    return "\t".join([label, *dense, *categorical]) + "\n"
-
-
-def random_lines(count: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(count):
-        dense = ["" if rng.random() < 0.2 else str(rng.randint(-3, 3000)) for _ in range(13)]
-        cats = ["" if rng.random() < 0.1 else f"{rng.getrandbits(32):08x}" for _ in range(26)]
-        lines.append(criteo_line(str(rng.randint(0, 1)), dense, cats))
-    return lines
-
-
-def write_tsv(path: Path, lines: list[str], compress: bool = False) -> str:
-    data = "".join(lines).encode()
-    path.write_bytes(gzip.compress(data) if compress else data)
-    return str(path)
+from _support.criteo_files import SIZES, criteo_line, random_lines, write_tsv
+from _support.resume_fit import assert_resumes_mid_epoch
 
 
 def batches_as_arrays(batches) -> list[tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]]:
@@ -346,7 +324,6 @@ def test_datamodule_fails_early_with_clear_errors(tmp_path):
 
 def test_vocabulary_command_writes_a_file_the_datamodule_reads(tmp_path):
     import subprocess
-    import sys
 
     from lightning_skew.data.criteo import CriteoDataModule
 
@@ -514,17 +491,12 @@ def test_missing_values_land_on_the_rows_missing_rows_names(tmp_path):
     assert vocab.lookup(np.full((1, 26), 0xDEADBEEF12345, dtype=np.uint64)).tolist() == [[0] * 26]
 
 
-def test_two_ranks_step_together_on_partial_last_batches_and_validate_every_line(tmp_path):
+def test_two_ranks_step_together_on_partial_last_batches_and_validate_every_line(tmp_path, two_ranks):
     import json
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from launch import launch
 
     train = write_tsv(tmp_path / "train.txt", numbered_lines(53, seed=4))  # 3 global batches of 16, then 5
     val = write_tsv(tmp_path / "val.txt", numbered_lines(33, seed=5))  # 2 global batches of 16, then 1
-    launch(Path(__file__).parent / "criteo_worker.py", 2,
-           ["--train", train, "--val", val, "--batch-size", "8", "--out", str(tmp_path)])
+    two_ranks("criteo_worker.py", "--train", train, "--val", val, "--batch-size", "8", "--out", str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["train"] for r in ranks] == [[8, 8, 8, 2], [8, 8, 8, 3]]
     assert [r["val"] for r in ranks] == [[8, 8], [8, 9]]  # the single last line rides with rank 1's last batch
@@ -571,9 +543,6 @@ def test_a_restored_position_skips_in_the_training_loader_only_and_not_after_a_f
 
 
 def test_a_tsv_fit_resumed_mid_epoch_with_workers_goes_on_as_the_uninterrupted_run(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from resume_fit import assert_resumes_mid_epoch
-
     train = write_tsv(tmp_path / "train.txt", random_lines(43, seed=6))  # 5 batches of 8, then 3
 
     def make_data(num_workers: int = 0) -> CriteoDataModule:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import warnings
 from pathlib import Path
@@ -10,9 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from dedup_worker import GLOBAL_BATCH, make_data
-from launch import launch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from resume_fit import assert_resumes_mid_epoch, fit
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew import (
@@ -29,23 +28,37 @@ from lightning_skew.data.synthetic.sessions import SESSION_BLOCK_SAMPLES
 from lightning_skew.dedup import dedup_batch, dedup_factors, distinct_inputs
 from lightning_skew.models.dlrm import DLRMModule
 
+from _support.cli import ROOT, SMALL, start_command
+from _support.columnar_files import MOVIELENS, MOVIELENS_MISSING
+from _support.resume_fit import assert_resumes_mid_epoch, fit
+from _support.small import make_model
+
 USER = ["user_id", "history"]
+
+
+def _lists(jt) -> list[list[int]]:
+    """A JaggedTensor's bags as lists of IDs (one host copy of its values, not one per bag)."""
+    values, lengths = jt.values().tolist(), jt.lengths().tolist()
+    assert len(values) == sum(lengths)
+    starts = list(itertools.accumulate(lengths, initial=0))[:-1]
+    return [values[start:start + length] for start, length in zip(starts, lengths, strict=True)]
 
 
 def _expanded(batch: SkewBatch) -> dict[str, list[list[int]]]:
     """Every feature's bags per input, the deduplicated ones read through the inverse indices."""
     plain = batch.sparse_features.to_dict()
-    out = {key: [bag.tolist() for bag in jt.to_dense()] for key, jt in plain.items()}
+    out = {key: _lists(jt) for key, jt in plain.items()}
     if batch.deduped is not None:
         bags = batch.deduped.bags.to_dict()
         for key in batch.deduped.features:
-            distinct = [bag.tolist() for bag in bags[key].to_dense()]
+            distinct = _lists(bags[key])
             out[key] = [distinct[u] for u in batch.deduped.inverse.tolist()]
     return out
 
 
-def _bags(batch: Batch) -> dict[str, list[list[int]]]:
-    return {key: [bag.tolist() for bag in jt.to_dense()] for key, jt in batch.sparse_features.to_dict().items()}
+def _bags(batch: Batch, keys: list[str] | None = None) -> dict[str, list[list[int]]]:
+    """The bags of ``keys`` (all features if ``None``) per input."""
+    return {key: _lists(jt) for key, jt in batch.sparse_features.to_dict().items() if keys is None or key in keys}
 
 
 def test_sessions_are_consecutive_runs_with_constant_user_features_of_the_stated_shapes():
@@ -63,7 +76,7 @@ def test_sessions_are_consecutive_runs_with_constant_user_features_of_the_stated
     lengths = samples.sessions.history_lengths
     assert int(lengths.max()) == 50 and 30 < float(lengths.float().mean()) < 40  # cut at 50, mean ~35
     batch = next(iter(data.train_dataloader()))
-    bags = _bags(batch)
+    bags = _bags(batch, USER)
     first = torch.cumsum(starts.long(), 0) - 1
     owner = torch.nonzero(starts).flatten()[first]
     for key in USER:  # constant within a session
@@ -170,11 +183,10 @@ def test_dedup_trains_exactly_as_without_under_torchrec_strategy_and_resumes(tmp
 
 
 @pytest.mark.parametrize("data", ["synthetic", "movielens"])
-def test_dedup_trains_exactly_as_without_on_two_ranks(tmp_path, data):
-    worker = Path(__file__).with_name("dedup_worker.py")
+def test_dedup_trains_exactly_as_without_on_two_ranks(tmp_path, two_ranks, data):
     extra = [] if data == "synthetic" else ["--movielens", str(_movielens_history(tmp_path))]
-    launch(worker, 2, ["--out", str(tmp_path), *extra], timeout=180)
-    launch(worker, 2, ["--out", str(tmp_path), "--dedup", *extra], timeout=180)
+    two_ranks("dedup_worker.py", "--out", str(tmp_path), *extra, timeout=180)
+    two_ranks("dedup_worker.py", "--out", str(tmp_path), "--dedup", *extra, timeout=180)
     plain, dedup = torch.load(tmp_path / "plain_rank0.pt"), torch.load(tmp_path / "dedup_rank0.pt")
     assert all(dedup["deduped"]) and not any(plain["deduped"]) and len(plain["losses"]) == 6
     assert dedup["losses"] == pytest.approx(plain["losses"], rel=1e-5, abs=1e-6)
@@ -211,12 +223,13 @@ def test_compositions_that_cannot_serve_deduplicated_features_are_refused_naming
 
 
 def test_the_session_recipes_train_end_to_end_with_and_without_dedup(tmp_path):
-    from test_cli import ROOT, SMALL, _cli
-
-    run = _cli("fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic_sessions.yaml"), *SMALL, cwd=tmp_path)
-    assert "val: auc" in run.stdout and "best attainable auc" in run.stdout
     inner = [arg.replace("--data.init_args.", "--data.init_args.datamodule.init_args.") for arg in SMALL]
-    run = _cli("fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic_dedup.yaml"), *inner, cwd=tmp_path)
+    sessions = start_command("fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic_sessions.yaml"), *SMALL,
+                             cwd=tmp_path)  # the two commands run side by side, each in its own run folder
+    dedup = start_command("fit", "--config", str(ROOT / "recipes" / "dlrm_synthetic_dedup.yaml"), *inner, cwd=tmp_path)
+    run = sessions.result()
+    assert "val: auc" in run.stdout and "best attainable auc" in run.stdout
+    run = dedup.result()
     assert "val: auc" in run.stdout
     assert (tmp_path / "runs" / "dlrm_synthetic_dedup" / "config.yaml").is_file()
 
@@ -246,8 +259,6 @@ class _Losses(pl.Callback):
 
 
 def _fit_losses(data, strategy) -> _Losses:
-    from strategy_worker import make_model
-
     record = _Losses()
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -285,8 +296,6 @@ def test_histories_hold_the_users_earlier_items_only_most_recent_last():
 def _movielens_history(tmp_path: Path) -> Path:
     import shutil
 
-    from columnar_files import MOVIELENS, MOVIELENS_MISSING
-
     from lightning_skew.dedup.history import write_with_history
 
     if not (MOVIELENS / "ml-100k.inter").is_file():
@@ -299,15 +308,12 @@ def _movielens_history(tmp_path: Path) -> Path:
 
 
 def test_movielens_with_history_trains_from_its_recipe_and_exactly_the_same_with_dedup(tmp_path):
-    from test_cli import ROOT, _cli
-
     from lightning_skew.profile.command import build_datamodule
 
     root = _movielens_history(tmp_path)
     recipe = ROOT / "recipes" / "dlrm_movielens_history.yaml"
-    run = _cli("fit", "--config", str(recipe), "--data.init_args.root", str(root), "--trainer.max_epochs", "1",
-               "--trainer.enable_progress_bar", "false", cwd=tmp_path)
-    assert float(re.search(r"val: auc ([0-9.]+)", run.stdout).group(1)) > 0.66
+    command = start_command("fit", "--config", str(recipe), "--data.init_args.root", str(root),
+                            "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
 
     def data(dedup: bool):
         module = build_datamodule(["--config", str(recipe), "--data.init_args.root", str(root)])[0]
@@ -318,6 +324,8 @@ def test_movielens_with_history_trains_from_its_recipe_and_exactly_the_same_with
     assert dedup_losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-6) and len(plain_losses) == 8
     for key, value in plain_weights.items():
         assert torch.allclose(dedup_weights[key], value, rtol=1e-4, atol=1e-5), key
+    run = command.result()  # the recipe's fit ran beside the two in this process
+    assert float(re.search(r"val: auc ([0-9.]+)", run.stdout).group(1)) > 0.66
 
 
 def test_dedup_around_repacking_trains_the_stale_skippers_full_batches():

@@ -3,17 +3,15 @@ together) makes at most the host syncs of the plain TorchRecStrategy step, count
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from composition_worker import fit_cell  # noqa: E402
+from lightning_skew.core.host_sync import HostSyncCounter, StepHostSyncs
 
-from lightning_skew.core.host_sync import HostSyncCounter, StepHostSyncs  # noqa: E402
+from _support.composition import fit_cell
 
 
 def _syncs_per_step(cell: tuple, root: Path) -> tuple[list[int], dict]:

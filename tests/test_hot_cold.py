@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -12,15 +11,10 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-sys.path.insert(0, str(Path(__file__).parent))
-from launch import launch  # noqa: E402
-from strategy_worker import make_data, make_model  # noqa: E402
-
-from lightning_skew.core.decisions import hot_only_step  # noqa: E402
-from lightning_skew.hotcold.collection import HotColdEmbeddingBagCollection, table_specs  # noqa: E402
-from lightning_skew.hotcold.placement import (  # noqa: E402
+from lightning_skew.core.decisions import hot_only_step
+from lightning_skew.hotcold.collection import HotColdEmbeddingBagCollection, table_specs
+from lightning_skew.hotcold.placement import (
     Placement,
     TableSpec,
     hot_slots,
@@ -30,9 +24,13 @@ from lightning_skew.hotcold.placement import (  # noqa: E402
     rebalanced_rows,
     split_rows,
 )
-from lightning_skew.hotcold.state import from_original_ids, to_original_ids  # noqa: E402
-from lightning_skew.hotcold.strategy import HotColdStrategy  # noqa: E402
-from lightning_skew.profile import AccessProfile  # noqa: E402
+from lightning_skew.hotcold.state import from_original_ids, to_original_ids
+from lightning_skew.hotcold.strategy import HotColdStrategy
+from lightning_skew.profile import AccessProfile
+
+from _support.hot_cold import hot_cold_batch as _batch
+from _support.launch import launch
+from _support.small import make_data, make_model
 
 WORKER = Path(__file__).parent / "hot_cold_worker.py"
 SPECS = [TableSpec("a", ("fa",), 100, 4), TableSpec("b", ("fb",), 3, 4), TableSpec("c", ("fc",), 50, 8)]
@@ -122,22 +120,6 @@ def _collection(weighted: bool = False):
     plan = plan_placement(specs, [torch.tensor([1, 5, 7]), torch.tensor([0]), torch.zeros(0, dtype=torch.int64)],
                           budget_bytes=130, bytes_per_row=[20, 20, 36])
     return ebc, HotColdEmbeddingBagCollection(ebc, plan)
-
-
-def _batch(weighted: bool = False, batch_size: int = 6, one_hot: bool = False) -> KeyedJaggedTensor:
-    """Bags of 0-3 IDs with a feature the collection does not know, or (``one_hot``) one ID per bag of the
-    collection's features only, as in Criteo."""
-    generator = torch.Generator().manual_seed(1)
-    keys, sizes = ["fa", "extra", "fb", "fc", "fa2"], [100, 1000, 3, 50, 100]
-    if one_hot:
-        keys, sizes = ["fa", "fb", "fc", "fa2"], [100, 3, 50, 100]
-    lengths = torch.randint(0, 4, (len(keys) * batch_size,), generator=generator)
-    if one_hot:
-        lengths = torch.ones_like(lengths)
-    per_key = lengths.view(len(keys), batch_size).sum(1)
-    values = torch.cat([torch.randint(0, s, (int(n),), generator=generator) for s, n in zip(sizes, per_key, strict=True)])
-    weights = torch.rand(values.numel(), generator=generator) if weighted else None
-    return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
 
 
 @pytest.mark.parametrize("one_hot", [False, True], ids=["bags", "one_hot"])

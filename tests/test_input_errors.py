@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import gzip
-import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,8 +12,7 @@ import pytest
 from lightning_skew import ColumnarDataModule
 from lightning_skew.data.criteo import CriteoTsvDataset
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_criteo import SIZES, random_lines, write_tsv  # noqa: E402
+from _support.criteo_files import SIZES, random_lines, write_tsv
 
 
 def test_a_truncated_gzip_criteo_file_names_the_file_and_the_last_line_read(tmp_path):

@@ -24,8 +24,7 @@ from lightning_skew import (
 )
 from lightning_skew.core.divergence import NonFiniteLossError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_criteo import SIZES, criteo_line, random_lines, write_tsv  # noqa: E402
+from _support.criteo_files import SIZES, criteo_line, random_lines, write_tsv
 
 
 def _batches(module: ColumnarDataModule) -> list:
@@ -161,10 +160,8 @@ data:
 
 
 @pytest.mark.slow
-def test_ranks_stop_together_when_the_loss_of_one_becomes_nan(tmp_path):
-    from launch import launch
-
-    launch(Path(__file__).parent / "divergence_worker.py", 2, ["--out", str(tmp_path)], timeout=240)
+def test_ranks_stop_together_when_the_loss_of_one_becomes_nan(tmp_path, two_ranks):
+    two_ranks("divergence_worker.py", "--out", str(tmp_path), timeout=240)
     reports = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     assert reports[0] == reports[1]  # the same error at the same step on both ranks, though only rank 1 saw NaN
     assert "the training loss became nan at step 3 (found at step 4;" in reports[0]

@@ -7,7 +7,6 @@ validation and a mid-epoch checkpoint, the resume from it, and the repacking ski
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -15,14 +14,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from pipeline_worker import RESUME_STEP
 
-sys.path.insert(0, str(Path(__file__).parent))
-from launch import launch  # noqa: E402
-from pipeline_worker import RESUME_STEP  # noqa: E402
-from strategy_worker import make_data, make_model  # noqa: E402
+from lightning_skew import HotColdStrategy, StaleEmbeddingSkipper, TorchRecStrategy
+from lightning_skew.torchrec.pipeline import StepStream, check_pipeline
 
-from lightning_skew import HotColdStrategy, StaleEmbeddingSkipper, TorchRecStrategy  # noqa: E402
-from lightning_skew.torchrec.pipeline import StepStream, check_pipeline  # noqa: E402
+from _support.launch import launch
+from _support.small import make_data, make_model
 
 WORKER = Path(__file__).with_name("pipeline_worker.py")
 

@@ -3,7 +3,6 @@ and a Lightning fit of a DLRM placed with it (CPU here; the CUDA test runs where
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,18 +15,17 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-sys.path.insert(0, str(Path(__file__).parent))
-from strategy_worker import RecordLosses, make_data, make_model  # noqa: E402
-from test_hot_cold import _batch  # noqa: E402
+from lightning_skew import PlainHotColdPlacement
+from lightning_skew.hotcold.collection import table_specs
+from lightning_skew.hotcold.placement import plan_placement
+from lightning_skew.hotcold.plain import PlainHotColdEmbeddingBagCollection, place_hot_cold
+from lightning_skew.hotcold.state import hot_cold_collections
+from lightning_skew.profile import AccessProfile
+from lightning_skew.torchrec.optim import SparseRowWiseAdagrad, fuse_embedding_optimizer
+from lightning_skew.torchrec.strategy import TorchRecStrategy
 
-from lightning_skew import PlainHotColdPlacement  # noqa: E402
-from lightning_skew.hotcold.collection import table_specs  # noqa: E402
-from lightning_skew.hotcold.placement import plan_placement  # noqa: E402
-from lightning_skew.hotcold.plain import PlainHotColdEmbeddingBagCollection, place_hot_cold  # noqa: E402
-from lightning_skew.hotcold.state import hot_cold_collections  # noqa: E402
-from lightning_skew.profile import AccessProfile  # noqa: E402
-from lightning_skew.torchrec.optim import SparseRowWiseAdagrad, fuse_embedding_optimizer  # noqa: E402
-from lightning_skew.torchrec.strategy import TorchRecStrategy  # noqa: E402
+from _support.hot_cold import hot_cold_batch, hot_cold_pair
+from _support.small import RecordLosses, make_data, make_model
 
 
 def test_sparse_rowwise_adagrad_updates_the_looked_up_rows_as_rowwise_adagrad_does():
@@ -49,32 +47,14 @@ def test_sparse_rowwise_adagrad_updates_the_looked_up_rows_as_rowwise_adagrad_do
         SparseRowWiseAdagrad([sparse], lr=0.1, weight_decay=0.01)
 
 
-def _pair(weighted: bool = False, optimizer: str = "rowwise_adagrad"
-          ) -> tuple[EmbeddingBagCollection, PlainHotColdEmbeddingBagCollection]:
-    """An original collection and a plain hot/cold copy of an identical one, both with ``optimizer`` fused."""
-    collections = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        tables = [EmbeddingBagConfig(name="a", embedding_dim=4, num_embeddings=100, feature_names=["fa", "fa2"]),
-                  EmbeddingBagConfig(name="b", embedding_dim=4, num_embeddings=3, feature_names=["fb"]),
-                  EmbeddingBagConfig(name="c", embedding_dim=8, num_embeddings=50, feature_names=["fc"])]
-        ebc = EmbeddingBagCollection(tables, is_weighted=weighted)
-        fuse_embedding_optimizer(ebc, optimizer, lr=0.1)
-        collections.append(ebc)
-    plan = plan_placement(table_specs(collections[1]), [torch.tensor([1, 5, 7]), torch.tensor([0]),
-                                                        torch.zeros(0, dtype=torch.int64)],
-                          budget_bytes=130, bytes_per_row=[20, 20, 36])
-    return collections[0], PlainHotColdEmbeddingBagCollection(collections[1], plan)
-
-
 @pytest.mark.parametrize(("weighted", "one_hot", "optimizer"),
                          [(False, False, "rowwise_adagrad"), (True, False, "rowwise_adagrad"),
                           (False, True, "rowwise_adagrad"), (True, True, "rowwise_adagrad"),
                           (False, False, "adagrad"), (False, True, "sgd")])
 def test_plain_split_pools_and_trains_exactly_as_the_original(weighted, one_hot, optimizer):
-    ebc, split = _pair(weighted, optimizer)
+    ebc, split = hot_cold_pair(weighted, optimizer)
     for step in range(3):
-        batch = _batch(weighted, batch_size=32, one_hot=one_hot)
+        batch = hot_cold_batch(weighted, batch_size=32, one_hot=one_hot)
         expected, actual = ebc(batch), split(batch)
         assert actual.keys() == expected.keys()
         torch.testing.assert_close(actual.values(), expected.values(), atol=1e-6, rtol=0)
@@ -90,7 +70,7 @@ def test_plain_split_pools_and_trains_exactly_as_the_original(weighted, one_hot,
 
 
 def test_a_batch_of_hot_rows_only_never_touches_the_cold_shard():
-    ebc, split = _pair()
+    ebc, split = hot_cold_pair()
     cold_before = {k: v.detach().clone() for k, v in split.cold.state_dict().items()}
     hot_rows = {"fa": [1, 5, 7], "fa2": [5], "fb": [0], "fc": []}  # table c has no hot rows: fc's bags stay empty
     lengths, values = [], []
@@ -107,13 +87,13 @@ def test_a_batch_of_hot_rows_only_never_touches_the_cold_shard():
     assert split.skipped_cold == 1
     for key, value in split.cold.state_dict().items():
         assert torch.equal(value, cold_before[key]), key  # no lookup, no update, no optimizer state
-    split(_batch())  # a batch with cold lookups runs the cold shard again
+    split(hot_cold_batch())  # a batch with cold lookups runs the cold shard again
     assert split.skipped_cold == 1
 
 
 def test_moving_the_module_moves_the_hot_shard_and_leaves_the_cold_one_in_host_memory():
-    _, split = _pair()
-    split(_batch()).values().sum().backward()  # optimizer state exists now
+    _, split = hot_cold_pair()
+    split(hot_cold_batch()).values().sum().backward()  # optimizer state exists now
     split.to("meta")
     assert split.hot.embedding_bags["a__hot"].weight.device.type == "meta"
     assert split.cold.embedding_bags["a__cold"].weight.device.type == "cpu"
@@ -186,18 +166,18 @@ def test_a_placed_dlrm_trains_as_the_plain_one_with_its_state_in_the_datasets_id
 
 
 def test_optimizer_state_moves_between_placements_in_the_datasets_ids():
-    bigger, smaller = _pair(), _pair()
+    bigger, smaller = hot_cold_pair(), hot_cold_pair()
     ebc, split = bigger
     plan = plan_placement(table_specs(ebc), [torch.tensor([9, 2]), torch.tensor([1, 2]), torch.tensor([4])],
                           budget_bytes=130, bytes_per_row=[20, 20, 36])
     other = PlainHotColdEmbeddingBagCollection(smaller[0], plan)  # the original of the second pair, re-placed
     for _ in range(2):
-        split(_batch(batch_size=32)).values().sum().backward()
+        split(hot_cold_batch(batch_size=32)).values().sum().backward()
     other.load_state_dict(split.state_dict())
     other.load_optimizer_state(split.optimizer_state())
     assert split.optimizer_state()["a"]["sum"].shape == (100, 1)
     for module in (split, other):
-        module(_batch(batch_size=32, one_hot=True)).values().sum().backward()
+        module(hot_cold_batch(batch_size=32, one_hot=True)).values().sum().backward()
     for key, value in split.state_dict().items():
         torch.testing.assert_close(other.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
     for table, state in split.optimizer_state().items():
@@ -229,12 +209,12 @@ def test_the_placement_callback_places_at_fit_and_resumes_exactly_from_a_checkpo
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_hot_shards_train_on_the_gpu_and_cold_shards_in_host_memory():
-    ebc, split = _pair()
+    ebc, split = hot_cold_pair()
     split.cuda()
     assert split.hot.embedding_bags["a__hot"].weight.is_cuda
     assert not split.cold.embedding_bags["a__cold"].weight.is_cuda
     for step in range(3):
-        batch = _batch(batch_size=32, one_hot=bool(step % 2))
+        batch = hot_cold_batch(batch_size=32, one_hot=bool(step % 2))
         expected, actual = ebc(batch), split(batch.to(torch.device("cuda")))
         assert actual.values().is_cuda
         torch.testing.assert_close(actual.values().cpu(), expected.values(), atol=1e-5, rtol=0)

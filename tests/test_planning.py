@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
+from torchrec.distributed.planner.types import PlannerError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from strategy_worker import make_data, make_model  # noqa: E402
-from torchrec.distributed.planner.types import PlannerError  # noqa: E402
+from lightning_skew import TorchRecStrategy
+from lightning_skew.torchrec.sharding import plan_rows
 
-from lightning_skew import TorchRecStrategy  # noqa: E402
-from lightning_skew.torchrec.sharding import plan_rows  # noqa: E402
+from _support.small import make_data, make_model, quiet_trainer
 
 
 def _fit(strategy: TorchRecStrategy, tmp_path: Path) -> dict[str, list[str]]:
     data = make_data(1)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=1, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer = quiet_trainer(strategy=strategy, max_steps=1, limit_val_batches=0, default_root_dir=str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(make_model(data, "rowwise_adagrad"), data)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -17,15 +16,12 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-sys.path.insert(0, str(Path(__file__).parent))
-from launch import launch  # noqa: E402
-
-from lightning_skew.core.batch import slice_inputs  # noqa: E402
-from lightning_skew.core.rowsets import RowSet, lookups_in  # noqa: E402
-from lightning_skew.data.base import Batch  # noqa: E402
-from lightning_skew.data.synthetic import SyntheticDataModule  # noqa: E402
-from lightning_skew.models.dlrm import DLRMModule  # noqa: E402
-from lightning_skew.popularity.datamodule import (  # noqa: E402
+from lightning_skew.core.batch import slice_inputs
+from lightning_skew.core.rowsets import RowSet, lookups_in
+from lightning_skew.data.base import Batch
+from lightning_skew.data.synthetic import SyntheticDataModule
+from lightning_skew.models.dlrm import DLRMModule
+from lightning_skew.popularity.datamodule import (
     PopularityBatch,
     PopularityDataModule,
     concat_batches,
@@ -36,7 +32,9 @@ from lightning_skew.popularity.datamodule import (  # noqa: E402
     select_inputs,
     top_rows,
 )
-from lightning_skew.torchrec.strategy import TorchRecStrategy  # noqa: E402
+from lightning_skew.torchrec.strategy import TorchRecStrategy
+
+from _support.launch import launch
 
 WORKER = Path(__file__).parent / "popularity_worker.py"
 TABLES = [60, 25, 40]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -14,12 +13,9 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-sys.path.insert(0, str(Path(__file__).parent))
-from launch import launch  # noqa: E402
-
-from lightning_skew.data.base import Batch, RecDataModule  # noqa: E402
-from lightning_skew.data.synthetic import SyntheticDataModule, expected_top_share  # noqa: E402
-from lightning_skew.profile import (  # noqa: E402
+from lightning_skew.data.base import Batch, RecDataModule
+from lightning_skew.data.synthetic import SyntheticDataModule, expected_top_share
+from lightning_skew.profile import (
     AccessProfile,
     add_row_counts,
     fit_power_law,
@@ -33,8 +29,10 @@ from lightning_skew.profile import (  # noqa: E402
     smallest_budget_for_coverage,
     top_share,
 )
-from lightning_skew.profile.command import main as profile_main  # noqa: E402
-from lightning_skew.profile.command import parse_bytes  # noqa: E402
+from lightning_skew.profile.command import main as profile_main
+from lightning_skew.profile.command import parse_bytes
+
+from _support.launch import launch
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -11,10 +10,9 @@ import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-sys.path.insert(0, str(Path(__file__).parent))
-from strategy_worker import make_data, make_model  # noqa: E402
+from lightning_skew import HotColdStrategy, TorchRecStrategy
 
-from lightning_skew import HotColdStrategy, TorchRecStrategy  # noqa: E402
+from _support.small import make_data, make_model
 
 
 class FirstStep(pl.Callback):

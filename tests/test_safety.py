@@ -3,11 +3,8 @@ refused naming the file, and cleanup deletes only the staging folders this packa
 
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -17,12 +14,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-sys.path.insert(0, str(Path(__file__).parent))
-from strategy_worker import make_data, make_model  # noqa: E402
-
-from lightning_skew import TorchRecStrategy  # noqa: E402
-from lightning_skew.core.safe_load import UnsafeFileError  # noqa: E402
-from lightning_skew.torchrec.atomic import (  # noqa: E402
+from lightning_skew import TorchRecStrategy
+from lightning_skew.core.safe_load import UnsafeFileError
+from lightning_skew.torchrec.atomic import (
     COMPLETE_FILE,
     SAVE_HOOKS,
     IncompleteCheckpointError,
@@ -31,7 +25,10 @@ from lightning_skew.torchrec.atomic import (  # noqa: E402
     seal,
     staging_dir,
 )
-from lightning_skew.torchrec.checkpoint import load_sharded_checkpoint  # noqa: E402
+from lightning_skew.torchrec.checkpoint import load_sharded_checkpoint
+
+from _support.cli import Command, start_command
+from _support.small import make_data, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,27 +149,38 @@ def test_a_crafted_profile_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sharded", "file"])
-def test_the_command_refuses_a_crafted_checkpoint_with_a_clear_error_and_runs_nothing(kind, tmp_path):
-    checkpoint = tmp_path / "crafted.ckpt"
-    marker = tmp_path / "marker"
-    if kind == "sharded":
-        checkpoint.mkdir()
-        torch.save({"epoch": CreatesMarker(marker)}, checkpoint / "meta.pt")
-        seal(checkpoint)
-        crafted = checkpoint / "meta.pt"
-    else:
-        torch.save({"hyper_parameters": CreatesMarker(marker)}, checkpoint)
-        crafted = checkpoint
-    env = {k: v for k, v in os.environ.items() if k not in {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
-                                                             "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"}}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONWARNINGS="ignore")
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory) -> dict[str, tuple[Command, Path, Path]]:
+    """``lightning-skew validate`` from a crafted sharded checkpoint and from a crafted checkpoint file, each in its
+    own folder beside the marker its payload would create: both commands started together, side by side."""
     small = ["--data.init_args.max_rows_per_table", "500", "--data.init_args.num_val_samples", "2048",
              "--data.init_args.batch_size", "1024", "--trainer.enable_progress_bar", "false"]
-    run = subprocess.run([sys.executable, "-m", "lightning_skew.cli", "validate", "--config",
-                          str(ROOT / "recipes" / "dlrm_synthetic.yaml"), *small, "--ckpt_path", str(checkpoint)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    started = {}
+    for kind in ("sharded", "file"):
+        folder = tmp_path_factory.mktemp(kind)
+        checkpoint = folder / "crafted.ckpt"
+        marker = folder / "marker"
+        if kind == "sharded":
+            checkpoint.mkdir()
+            torch.save({"epoch": CreatesMarker(marker)}, checkpoint / "meta.pt")
+            seal(checkpoint)
+            crafted = checkpoint / "meta.pt"
+        else:
+            torch.save({"hyper_parameters": CreatesMarker(marker)}, checkpoint)
+            crafted = checkpoint
+        command = start_command("validate", "--config", str(ROOT / "recipes" / "dlrm_synthetic.yaml"), *small,
+                                "--ckpt_path", str(checkpoint), cwd=folder)
+        started[kind] = (command, crafted, marker)
+    yield started
+    for command, _, _ in started.values():
+        command.result(check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sharded", "file"])
+def test_the_command_refuses_a_crafted_checkpoint_with_a_clear_error_and_runs_nothing(kind, refusals):
+    command, crafted, marker = refusals[kind]
+    run = command.result(check=False)
     assert run.returncode != 0
     assert f"{crafted}: refused to load" in run.stderr, run.stderr[-3000:]
     assert not marker.exists()

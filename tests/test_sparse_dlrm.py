@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -15,8 +13,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from lightning_skew import ColumnarDataModule, DLRMModule, TorchRecStrategy
 from lightning_skew.models import SparseDLRM
 
-sys.path.insert(0, str(Path(__file__).parent))
-from columnar_files import AVAZU_CATEGORICAL, avazu_rows, write_avazu  # noqa: E402
+from _support.columnar_files import AVAZU_CATEGORICAL, avazu_rows, write_avazu
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ deterministic, weight what they keep, and a model that cannot honour them is ref
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -18,16 +16,15 @@ from torch.utils.data import DataLoader
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_stale import fit, make_batches, make_model  # noqa: E402
+from lightning_skew.core.batch import concat_batches, select_inputs, split_lookups
+from lightning_skew.core.decisions import SkewBatch
+from lightning_skew.models.decisions import weighted_bce
+from lightning_skew.models.dlrm import DLRMModule
+from lightning_skew.stale.skipper import StaleEmbeddingSkipper
+from lightning_skew.stale.staleness import sampled_inputs
+from lightning_skew.torchrec.strategy import TorchRecStrategy
 
-from lightning_skew.core.batch import concat_batches, select_inputs, split_lookups  # noqa: E402
-from lightning_skew.core.decisions import SkewBatch  # noqa: E402
-from lightning_skew.models.decisions import weighted_bce  # noqa: E402
-from lightning_skew.models.dlrm import DLRMModule  # noqa: E402
-from lightning_skew.stale.skipper import StaleEmbeddingSkipper  # noqa: E402
-from lightning_skew.stale.staleness import sampled_inputs  # noqa: E402
-from lightning_skew.torchrec.strategy import TorchRecStrategy  # noqa: E402
+from _support.stale import fit, make_batches, make_model
 
 
 def _tiny_model() -> DLRMModule:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,7 @@ from lightning_skew.profile.access import AccessProfile
 from lightning_skew.profile.command import build_datamodule
 from lightning_skew.profile.command import main as profile_main
 
-sys.path.insert(0, str(Path(__file__).parent))
-from launch import launch  # noqa: E402
+from _support.launch import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--data.init_args.max_rows_per_table", "2000", "--data.init_args.num_train_samples", "16384",

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_hot_cold import _batch  # noqa: E402
-from test_plain_hot_cold import _pair  # noqa: E402
-
-from lightning_skew.data.synthetic import SyntheticDataModule  # noqa: E402
-from lightning_skew.tiers.prefetch import (  # noqa: E402
+from lightning_skew.data.synthetic import SyntheticDataModule
+from lightning_skew.tiers.prefetch import (
     LookaheadBatch,
     LookaheadDataModule,
     LookaheadPrefetch,
     prefetch_for,
     refresh_plan,
 )
+
+from _support.hot_cold import hot_cold_batch, hot_cold_pair
 
 
 def test_refresh_plan_brings_the_steps_cold_rows_in_and_evicts_what_is_needed_furthest_ahead():
@@ -39,8 +34,8 @@ def test_refresh_plan_brings_the_steps_cold_rows_in_and_evicts_what_is_needed_fu
 
 
 def test_lookahead_moves_keep_training_exact():
-    ebc, split = _pair()
-    batches = [_batch(batch_size=32) for _ in range(6)]
+    ebc, split = hot_cold_pair()
+    batches = [hot_cold_batch(batch_size=32) for _ in range(6)]
     moved = 0
     for step, batch in enumerate(batches):
         moved += prefetch_for(split, batches[step:step + 3])
@@ -144,9 +139,9 @@ def test_the_simulator_replays_what_the_prefetch_does():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_lookahead_moves_rows_between_gpu_and_host_memory_exactly():
-    ebc, split = _pair()
+    ebc, split = hot_cold_pair()
     split.cuda()
-    batches = [_batch(batch_size=32) for _ in range(5)]
+    batches = [hot_cold_batch(batch_size=32) for _ in range(5)]
     moved = 0
     for step, batch in enumerate(batches):
         moved += prefetch_for(split, batches[step:step + 3])  # host-side features, as LookaheadBatch keeps them

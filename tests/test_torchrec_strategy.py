@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,12 +16,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed import DistributedModelParallel
 
-sys.path.insert(0, str(Path(__file__).parent))
-from launch import launch  # noqa: E402
-from strategy_worker import make_data, make_model  # noqa: E402
+from lightning_skew.models.dlrm import DLRMModule
+from lightning_skew.torchrec.strategy import TorchRecStrategy
 
-from lightning_skew.models.dlrm import DLRMModule  # noqa: E402
-from lightning_skew.torchrec.strategy import TorchRecStrategy  # noqa: E402
+from _support.launch import launch
+from _support.small import make_data, make_model, quiet_trainer
 
 WORKER = Path(__file__).parent / "strategy_worker.py"
 EPOCHS = 2
@@ -43,13 +42,25 @@ def _results(out: Path) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, Path]:
+    """The uninterrupted run of each world size, once for the module: the 1-process run the 2-process one is
+    compared with is the one its own tests checked (``runs`` fills this as it goes)."""
+    return {}
+
+
 @pytest.fixture(scope="module", params=[1, 2], ids=["1proc", "2proc"])
-def runs(request, tmp_path_factory) -> dict:
+def runs(request, tmp_path_factory, uninterrupted) -> dict:
     """For one world size: an uninterrupted run, and a run stopped after one epoch then resumed."""
     world_size = request.param
     root = tmp_path_factory.mktemp(f"world{world_size}")
-    full = _run(root / "full", world_size, EPOCHS)
-    first = _run(root / "first", world_size, EPOCHS - 1)
+    if world_size == 1:  # one core each: the two independent runs side by side
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(_run, root / "full", 1, EPOCHS), pool.submit(_run, root / "first", 1, EPOCHS - 1)]
+            full, first = (run.result() for run in runs)
+    else:
+        full, first = _run(root / "full", world_size, EPOCHS), _run(root / "first", world_size, EPOCHS - 1)
+    uninterrupted[world_size] = full
     (checkpoint,) = (first / "checkpoints").iterdir()
     resumed = _run(root / "resumed", world_size, EPOCHS, resume=checkpoint)
     return {"world_size": world_size, "full": full, "resumed": resumed, "checkpoint": checkpoint}
@@ -79,10 +90,10 @@ def test_checkpoint_keeps_every_ranks_shards(runs):
     assert len(shard_files) == runs["world_size"]
 
 
-def test_two_processes_give_the_losses_of_one(runs, tmp_path_factory):
+def test_two_processes_give_the_losses_of_one(runs, uninterrupted, tmp_path_factory):
     if runs["world_size"] != 2:
         pytest.skip("compares the 2-process run with a 1-process run")
-    one = _run(tmp_path_factory.mktemp("one") / "full", 1, EPOCHS)
+    one = uninterrupted.get(1) or _run(tmp_path_factory.mktemp("one") / "full", 1, EPOCHS)
     single, double = _results(one), _results(runs["full"])
     assert double["losses"] == pytest.approx(single["losses"], abs=1e-5)
     _assert_state_close(double["weights"], single["weights"], atol=1e-5)
@@ -103,13 +114,6 @@ def test_unsharded_export_loads_into_a_plain_model_and_predicts_the_same(runs):
 
 # ------------------------------------------------------------------------------------ in one process
 
-def _trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, strategy=TorchRecStrategy(), max_epochs=1, logger=False,
-                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                    num_sanity_val_steps=0)
-    return pl.Trainer(**{**defaults, **kwargs})
-
-
 @pytest.fixture(autouse=True)
 def _quiet():
     with warnings.catch_warnings():
@@ -120,13 +124,13 @@ def _quiet():
 def test_gradient_accumulation_is_a_clear_error():
     data = make_data(1)
     with pytest.raises(MisconfigurationException, match="accumulate_grad_batches"):
-        _trainer(accumulate_grad_batches=2).fit(make_model(data, "sgd"), data)
+        quiet_trainer(accumulate_grad_batches=2).fit(make_model(data, "sgd"), data)
 
 
 def test_gradient_clipping_is_a_clear_error():
     data = make_data(1)
     with pytest.raises(MisconfigurationException, match="gradient clipping"):
-        _trainer(gradient_clip_val=1.0).fit(make_model(data, "sgd"), data)
+        quiet_trainer(gradient_clip_val=1.0).fit(make_model(data, "sgd"), data)
 
 
 class TinyRecommender(pl.LightningModule):
@@ -152,7 +156,7 @@ def test_any_module_with_embedding_bags_trains_with_the_strategys_embedding_opti
     data = make_data(1)
     module = TinyRecommender(data.num_embeddings_per_feature, data.dense_in_features)
     before = {k: v.clone() for k, v in module.ebc.state_dict().items()}
-    trainer = _trainer(strategy=TorchRecStrategy(embedding_optimizer="sgd", embedding_lr=0.5), limit_val_batches=0)
+    trainer = quiet_trainer(strategy=TorchRecStrategy(embedding_optimizer="sgd", embedding_lr=0.5), limit_val_batches=0)
     trainer.fit(module, data)
     after = trainer.strategy.export_unsharded_checkpoint  # exported weights are plain full tables
     path = Path(trainer.default_root_dir) / "tiny_export.ckpt"
@@ -165,7 +169,7 @@ def test_any_module_with_embedding_bags_trains_with_the_strategys_embedding_opti
 
 def test_the_module_is_wrapped_once_by_dmp_and_once_by_ddp():
     data = make_data(1)
-    trainer = _trainer(max_steps=2, limit_val_batches=0)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
     trainer.fit(make_model(data, "sgd"), data)
     wrapper = trainer.strategy.model
     assert isinstance(wrapper, DistributedModelParallel)
@@ -176,7 +180,7 @@ def test_the_module_is_wrapped_once_by_dmp_and_once_by_ddp():
 def test_predict_scores_every_test_input_with_a_click_probability():
     data = make_data(1)
     model = make_model(data, "sgd")
-    predictions = torch.cat(_trainer().predict(model, data))
+    predictions = torch.cat(quiet_trainer().predict(model, data))
     assert predictions.numel() == data.num_samples["test"]
     assert bool(((predictions > 0) & (predictions < 1)).all())
 
@@ -185,13 +189,13 @@ def test_module_without_embedding_optimizer_is_a_clear_error():
     data = make_data(1)
     module = TinyRecommender(data.num_embeddings_per_feature, data.dense_in_features)
     with pytest.raises(MisconfigurationException, match="have no optimizer"):
-        _trainer().fit(module, data)
+        quiet_trainer().fit(module, data)
 
 
 def test_adam_on_cpu_is_a_clear_error():
     data = make_data(1)
     with pytest.raises(MisconfigurationException, match="only on CUDA"):
-        _trainer().fit(make_model(data, "adam"), data)
+        quiet_trainer().fit(make_model(data, "adam"), data)
 
 
 def test_module_without_embeddings_is_a_clear_error():
@@ -207,7 +211,7 @@ def test_module_without_embeddings_is_a_clear_error():
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     with pytest.raises(MisconfigurationException, match="no TorchRec EmbeddingBagCollection"):
-        _trainer().fit(Plain(), make_data(1))
+        quiet_trainer().fit(Plain(), make_data(1))
 
 
 def test_dense_lr_schedule_reaches_the_fused_embedding_optimizer(tmp_path):
@@ -216,7 +220,7 @@ def test_dense_lr_schedule_reaches_the_fused_embedding_optimizer(tmp_path):
     # The schedule multiplies every learning rate by 0: dense and embedding weights must stay as they are.
     frozen.lr_scheduler_factory = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0)
     initial = {k: v.clone() for k, v in frozen.state_dict().items()}
-    trainer = _trainer(limit_val_batches=0)
+    trainer = quiet_trainer(limit_val_batches=0)
     trainer.fit(frozen, data)
     trainer.strategy.export_unsharded_checkpoint(tmp_path / "frozen.ckpt")
     final = torch.load(tmp_path / "frozen.ckpt", weights_only=False)["state_dict"]
@@ -232,7 +236,7 @@ def test_a_plain_checkpoint_loads_into_a_sharded_run(runs):
         pytest.skip("one in-process check is enough")
     data = make_data(1)
     export = runs["full"] / "export.ckpt"
-    sharded = _trainer().validate(make_model(data, "adagrad"), data, ckpt_path=export)[0]
+    sharded = quiet_trainer().validate(make_model(data, "adagrad"), data, ckpt_path=export)[0]
     plain = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                        enable_model_summary=False).validate(DLRMModule.load_from_checkpoint(export), data)[0]
     assert sharded["val_auc"] == pytest.approx(plain["val_auc"], abs=1e-6)

@@ -1,9 +1,9 @@
 """Three users' models, each with its own DataModule, under every technique alone and all together: each cell fits,
 validates and checkpoints (one cell per model also resumes), or refuses at setup naming both parts and what to do.
 
-The models (tests/user_models.py): a DeepFM with dimension-1 first-order tables on a RecDataModule of the user's,
-a two-tower model on MovieLens-100k through ColumnarDataModule (when .data/ml-100k is present), and a model with
-plain ``torch.nn.EmbeddingBag`` tables on a plain LightningDataModule.
+The models (tests/_support/user_models.py): a DeepFM with dimension-1 first-order tables on a RecDataModule of the
+user's, a two-tower model on MovieLens-100k through ColumnarDataModule (when .data/ml-100k is present), and a model
+with plain ``torch.nn.EmbeddingBag`` tables on a plain LightningDataModule.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from lightning_skew import (
     TorchRecStrategy,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from user_models import FEATURES, DeepFM, PlainBags, PlainClicks, TwoTower, UserClicks  # noqa: E402
+from _support.user_models import FEATURES, DeepFM, PlainBags, PlainClicks, TwoTower, UserClicks
 
 ROOT = Path(__file__).resolve().parents[1]
 MOVIELENS = ROOT / ".data" / "ml-100k"
@@ -174,7 +173,7 @@ data:
         hot_rows: *hot_rows
         datamodule: {{class_path: user_models.UserClicks}}
 """)
-    env = {**__import__("os").environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "PYTHONWARNINGS": "ignore"}
+    env = {**__import__("os").environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests' / '_support'}", "PYTHONWARNINGS": "ignore"}
     for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
 

@@ -1,11 +1,9 @@
-"""Users' own recommenders (tests/user_models.py) gain the techniques by configuration: dimension-1 tables, a feature
-feeding two tables, tables sized from the DataModule in ``configure_model``, under every strategy."""
+"""Users' own recommenders (tests/_support/user_models.py) gain the techniques by configuration: dimension-1 tables,
+a feature feeding two tables, tables sized from the DataModule in ``configure_model``, under every strategy."""
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -16,8 +14,7 @@ from lightning_skew.data.synthetic import SyntheticDataModule
 from lightning_skew.hotcold.collection import table_specs
 from lightning_skew.hotcold.planning import bytes_per_row
 
-sys.path.insert(0, str(Path(__file__).parent))
-from user_models import DeepFM, PlainBags, TwoTower  # noqa: E402
+from _support.user_models import DeepFM, PlainBags, TwoTower
 
 SIZES = [50, 40, 30]
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from strategy_worker import RecordLosses, make_model
 
 from lightning_skew import RecDataModule, TorchRecStrategy
+
+from _support.small import RecordLosses, make_model
 
 
 def fit(make_data: Callable[[], RecDataModule], root: Path, ckpt_path: str | None = None, max_steps: int = -1,

@@ -6,7 +6,7 @@ import gzip
 import random
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MOVIELENS = ROOT / ".data" / "ml-100k"
 MOVIELENS_MISSING = (f"MovieLens-100k is not in {MOVIELENS}: run `bash scripts/env.sh` (or "
                      "`python scripts/fetch_movielens.py`) with the package registry reachable")
