@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -54,13 +53,8 @@ def runs(request, tmp_path_factory, uninterrupted) -> dict:
     """For one world size: an uninterrupted run, and a run stopped after one epoch then resumed."""
     world_size = request.param
     root = tmp_path_factory.mktemp(f"world{world_size}")
-    if world_size == 1:  # one core each: the two independent runs side by side
-        with ThreadPoolExecutor(2) as pool:
-            runs = [pool.submit(_run, root / "full", 1, EPOCHS), pool.submit(_run, root / "first", 1, EPOCHS - 1)]
-            full, first = (run.result() for run in runs)
-    else:
-        full, first = _run(root / "full", world_size, EPOCHS), _run(root / "first", world_size, EPOCHS - 1)
-    uninterrupted[world_size] = full
+    full = uninterrupted[world_size] = _run(root / "full", world_size, EPOCHS)
+    first = _run(root / "first", world_size, EPOCHS - 1)
     (checkpoint,) = (first / "checkpoints").iterdir()
     resumed = _run(root / "resumed", world_size, EPOCHS, resume=checkpoint)
     return {"world_size": world_size, "full": full, "resumed": resumed, "checkpoint": checkpoint}
