@@ -94,19 +94,12 @@ class SkewBatch(Batch):
         ([3], 1)
     """
 
-    #: Set by ``PopularityDataModule`` (agreed over ranks); honoured by ``HotColdStrategy`` (:func:`hot_only_step`).
     is_hot: bool = False
-    #: Set by ``PopularityDataModule`` (``stitch``); honoured by :meth:`hot_part` and :meth:`cold_part`.
     num_hot: int = 0
-    #: Set by ``PopularityDataModule``; honoured by ``HotColdStrategy``, which checks it lies inside its placement.
     hot_rows: Any = None
-    #: Set by ``StaleEmbeddingSkipper(keep_one_in>1)``; honoured by the model's loss (``weighted_bce``).
     weights: Tensor | None = None
-    #: Set by ``StaleEmbeddingSkipper(freeze_stale_lookups=True)``; honoured by the sparse arch (:func:`serving_frozen`).
     frozen_sparse: KeyedJaggedTensor | None = None
-    #: Set by ``DedupDataModule``; honoured by the model's sparse arch (:func:`serving_deduped`).
     deduped: DedupedLookups | None = None
-    #: Set by ``HotColdStrategy.batch_to_device``; honoured by its collections inside :func:`routed_step`.
     routed_sparse: RoutedSparse | None = None
 
     @classmethod

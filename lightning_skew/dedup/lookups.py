@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -159,7 +160,7 @@ def _three_forms(sparse: KeyedJaggedTensor, features: Sequence[str], first: Tens
     merged_lengths[:, :distinct] += full_bag_lengths
     bag_starts = starts[positions].index_select(1, first)
     bag_sizes = bag_lengths.sum(1).tolist()
-    key_edges = [0, *torch.tensor(sparse.length_per_key()).cumsum(0).tolist()]
+    key_edges = [0, *accumulate(sparse.length_per_key())]
 
     def parts(flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         gathered = torch.split(_gather_bags(flat, bag_starts.flatten(), bag_lengths.flatten()), bag_sizes)

@@ -183,22 +183,21 @@ def cache_load_factor_for(module: nn.Module, budget_bytes: int, optimizer: str |
     """The UVM cache load factor whose GPU cache holds ``budget_bytes`` of ``module``'s rows with their optimizer
     state: ``budget / (all rows x bytes per row)``, at most 1.
 
-    Bytes per row are 4-byte weights plus the state of the embeddings' optimizer (the one fused into them, else
-    ``optimizer``, else row-wise Adagrad's): the same measure as a hot/cold budget, so a cache and a hot shard of
+    Bytes per row are those every hot-set source is cut by
+    (:func:`~lightning_skew.profile.row_sizes.model_table_bytes`: weights plus the state of the embeddings'
+    optimizer, the one fused into them, else ``optimizer``, else row-wise Adagrad's), so a cache and a hot shard of
     one budget hold the same bytes.
     """
     from lightning_skew.core.tables import table_sizes
     from lightning_skew.profile.budget import row_bytes
-    from lightning_skew.torchrec.optim import embedding_optimizer_names
+    from lightning_skew.profile.row_sizes import model_table_bytes
 
     if budget_bytes < 1:
         raise ValueError(f"the cache budget must be positive, got {budget_bytes} bytes")
-    names = embedding_optimizer_names(module)
-    name = next(iter(names)) if len(names) == 1 else (optimizer or "rowwise_adagrad")
     try:
-        total = sum(t.num_rows * row_bytes(t.dim, optimizer=name) for t in table_sizes(module))
+        total = sum(t.num_rows * t.bytes_per_row for t in model_table_bytes(module, optimizer or "rowwise_adagrad"))
     except ValueError:  # an optimizer whose state size is not known: weights and one state element per row
-        total = sum(t.num_rows * row_bytes(t.dim) for t in table_sizes(module))
+        total = sum(t.num_rows * row_bytes(t.dim, t.bytes_per_element) for t in table_sizes(module))
     if total == 0:
         raise ValueError(f"{type(module).__name__} has no embedding tables to cache")
     return min(1.0, budget_bytes / total)
