@@ -10,8 +10,9 @@ env:
 train: env
 	$(VENV)/bin/lightning-skew fit --config $(RECIPE)
 
+# One pytest-xdist worker per core, each test module on one worker (its module fixtures built once).
 test: env
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto --dist loadscope
 
 lint: env
 	$(VENV)/bin/ruff check lightning_skew tests

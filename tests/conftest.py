@@ -4,6 +4,7 @@ module-level helpers that are not tests)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,14 @@ from _support.launch import launch
 from _support.small import make_data, make_model, quiet_trainer
 
 TESTS = Path(__file__).resolve().parent
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the suite on two workers (pytest-xdist), one per core: each worker, and every process it
+    # starts, computes on one thread, so the workers do not fight over the cores.
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture
