@@ -238,7 +238,6 @@ class HotColdEmbeddingBagCollection(nn.Module):
         is_cold = ~is_hot if all_known else ~is_hot & member
         if not all_known:
             is_hot = is_hot & member
-        slot = torch.where(is_hot, code, values.long())
         if self.training and self._counting:
             self._count(index if all_known else index[member])
         # Hot lookups per (feature, input) bag: differences of the running count at the bag offsets. A bag of a
@@ -247,10 +246,11 @@ class HotColdEmbeddingBagCollection(nn.Module):
         bag_offsets = torch.cat([index.new_zeros(1), torch.cumsum(lengths.long(), 0)])  # torch only: no FBGEMM op
         hot_lengths = running[bag_offsets].diff().view(len(keys), batch_size)
         cold_lengths = lengths.view(len(keys), batch_size) - hot_lengths
-        hot = KeyedJaggedTensor(keys=hot_keys, values=slot[is_hot],
+        # A hot lookup goes to its slot in the hot shard, a cold one to its own ID in the cold table.
+        hot = KeyedJaggedTensor(keys=hot_keys, values=code[is_hot],
                                 lengths=hot_lengths.index_select(0, hot_index).flatten().to(lengths.dtype),
                                 weights=None if weights is None else weights[is_hot], stride=batch_size)
-        cold = KeyedJaggedTensor(keys=cold_keys, values=slot[is_cold],
+        cold = KeyedJaggedTensor(keys=cold_keys, values=values.long()[is_cold],
                                  lengths=cold_lengths.index_select(0, cold_index).flatten().to(lengths.dtype),
                                  weights=None if weights is None else weights[is_cold], stride=batch_size)
         return hot, cold
@@ -266,15 +266,15 @@ class HotColdEmbeddingBagCollection(nn.Module):
         index = grid + offsets[:, None]
         code = codes[index]
         is_hot = code >= 0
-        slot = torch.where(is_hot, code, grid)
         if self.training and self._counting:
             self._count(index.flatten())
         hot_mask, cold_mask = is_hot.flatten(), ~is_hot.flatten()
         hot_lengths = is_hot.to(lengths.dtype)
-        hot = KeyedJaggedTensor(keys=hot_keys, values=slot.flatten()[hot_mask],
+        # A hot lookup goes to its slot in the hot shard, a cold one to its own ID in the cold table.
+        hot = KeyedJaggedTensor(keys=hot_keys, values=code.flatten()[hot_mask],
                                 lengths=hot_lengths.index_select(0, hot_index).flatten(),
                                 weights=None if weights is None else weights[hot_mask], stride=batch_size)
-        cold = KeyedJaggedTensor(keys=cold_keys, values=slot.flatten()[cold_mask],
+        cold = KeyedJaggedTensor(keys=cold_keys, values=grid.flatten()[cold_mask],
                                  lengths=(1 - hot_lengths).index_select(0, cold_index).flatten(),
                                  weights=None if weights is None else weights[cold_mask], stride=batch_size)
         return hot, cold

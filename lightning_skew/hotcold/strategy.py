@@ -50,10 +50,12 @@ from lightning_skew.torchrec.checkpoint import (
     copy_into_shards,
     gather_unsharded,
     load_sharded_checkpoint,
+    read_checkpoint_file,
     save_sharded_checkpoint,
+    weights_or_full,
 )
 from lightning_skew.torchrec.sharding import shard_module
-from lightning_skew.torchrec.strategy import TorchRecStrategy, read_checkpoint_file, weights_or_full
+from lightning_skew.torchrec.strategy import TorchRecStrategy
 
 __all__ = ["HotColdStrategy", "ORIGINAL_IDS_FORMAT"]
 

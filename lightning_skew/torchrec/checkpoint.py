@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
@@ -255,3 +256,23 @@ def write_rows(tensor: ShardedTensor | None, rows: torch.Tensor, values: torch.T
         return
     for local, held, local_rows, columns in _shard_regions(tensor, rows):
         local[local_rows] = values[(held, *columns)].to(local.device, local.dtype)
+
+
+def read_checkpoint_file(path: Path, weights_only: bool | None) -> dict[str, Any]:
+    """An ordinary (file) checkpoint, read with ``weights_only=True`` unless the caller passed ``False`` (Lightning's
+    ``fit(..., weights_only=False)``: the caller vouches for the file); see :mod:`~lightning_skew.core.safe_load`."""
+    if weights_only is False:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    return load_data(path, "checkpoint")
+
+
+def weights_or_full(path: Path, checkpoint: dict[str, Any], fitting: bool = True) -> dict[str, Any]:
+    """A checkpoint file as Lightning restores it. An export (weights only, no optimizer state, as
+    :meth:`TorchRecStrategy.export_unsharded_checkpoint` writes) starts a new run from its weights: the
+    embedding and dense optimizers and the loops start fresh, which is said once."""
+    if "optimizer_states" in checkpoint:
+        return checkpoint
+    if fitting:
+        rank_zero_warn(f"{path} holds weights only (an export): the run starts from these weights at epoch 0, with "
+                       "fresh optimizer state (embedding and dense)")
+    return {**checkpoint, "optimizer_states": [], "lr_schedulers": []}

@@ -21,13 +21,14 @@ from torchrec.distributed.train_pipeline.train_pipelines import TrainPipelineSpa
 from torchrec.optim.keyed import CombinedOptimizer
 
 from lightning_skew.core.id_ranges import check_table_ids, model_bounds
-from lightning_skew.core.safe_load import load_data
 from lightning_skew.torchrec.atomic import remove
 from lightning_skew.torchrec.checkpoint import (
     copy_into_shards,
     gather_unsharded,
     load_sharded_checkpoint,
+    read_checkpoint_file,
     save_sharded_checkpoint,
+    weights_or_full,
 )
 from lightning_skew.torchrec.optim import embedding_optimizer_names
 from lightning_skew.torchrec.pipeline import (
@@ -47,33 +48,13 @@ from lightning_skew.torchrec.sharding import (
 )
 from lightning_skew.torchrec.upstream import pipeline_model_attached, pipelined_modules
 
-__all__ = ["TorchRecStrategy"]
+__all__ = ["TorchRecStrategy", "read_checkpoint_file", "weights_or_full"]
 
 SHARDED_FORMAT = "sharded-v1"
 
 # Hooks Lightning calls around its own backward and optimizer step; under a pipeline TorchRec runs both, so a
 # module or callback that overrides one of these would silently lose it.
 _STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
-
-
-def read_checkpoint_file(path: Path, weights_only: bool | None) -> dict[str, Any]:
-    """An ordinary (file) checkpoint, read with ``weights_only=True`` unless the caller passed ``False`` (Lightning's
-    ``fit(..., weights_only=False)``: the caller vouches for the file); see :mod:`~lightning_skew.core.safe_load`."""
-    if weights_only is False:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    return load_data(path, "checkpoint")
-
-
-def weights_or_full(path: Path, checkpoint: dict[str, Any], fitting: bool = True) -> dict[str, Any]:
-    """A checkpoint file as Lightning restores it. An export (weights only, no optimizer state, as
-    :meth:`TorchRecStrategy.export_unsharded_checkpoint` writes) starts a new run from its weights: the
-    embedding and dense optimizers and the loops start fresh, which is said once."""
-    if "optimizer_states" in checkpoint:
-        return checkpoint
-    if fitting:
-        rank_zero_warn(f"{path} holds weights only (an export): the run starts from these weights at epoch 0, with "
-                       "fresh optimizer state (embedding and dense)")
-    return {**checkpoint, "optimizer_states": [], "lr_schedulers": []}
 
 
 class TorchRecStrategy(DDPStrategy):
