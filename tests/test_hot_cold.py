@@ -110,7 +110,7 @@ def test_split_and_merge_are_inverse_and_slots_index_the_hot_shard():
 # -- the split collection ---------------------------------------------------------------------------------
 
 
-def _collection(weighted: bool = False):
+def _collection(weighted: bool = False, fuse_parts: bool = False):
     torch.manual_seed(0)
     tables = [EmbeddingBagConfig(name="a", embedding_dim=4, num_embeddings=100, feature_names=["fa", "fa2"]),
               EmbeddingBagConfig(name="b", embedding_dim=4, num_embeddings=3, feature_names=["fb"]),
@@ -119,7 +119,7 @@ def _collection(weighted: bool = False):
     specs = table_specs(ebc)
     plan = plan_placement(specs, [torch.tensor([1, 5, 7]), torch.tensor([0]), torch.zeros(0, dtype=torch.int64)],
                           budget_bytes=130, bytes_per_row=[20, 20, 36])
-    return ebc, HotColdEmbeddingBagCollection(ebc, plan)
+    return ebc, HotColdEmbeddingBagCollection(ebc, plan, fuse_parts)
 
 
 @pytest.mark.parametrize("one_hot", [False, True], ids=["bags", "one_hot"])
@@ -134,6 +134,25 @@ def test_the_split_collection_pools_exactly_as_the_original(weighted, one_hot):
     actual.values().sum().backward()
     grad = split.hot.embedding_bags["a__hot"].weight.grad
     torch.testing.assert_close(grad, ebc.embedding_bags["a"].weight.grad[[1, 5, 7]])
+
+
+@pytest.mark.parametrize("one_hot", [False, True], ids=["bags", "one_hot"])
+def test_fused_parts_live_in_one_collection_and_pool_exactly_as_the_original(one_hot):
+    ebc, fused = _collection(fuse_parts=True)
+    assert fused.hot is None and fused.cold is None
+    assert set(fused.parts.embedding_bags) == set(fused.inner_tables()) == {"a__hot", "a__cold", "b__hot", "c__cold"}
+    assert fused.part_attribute("hot") == fused.part_attribute("cold") == "parts"
+    batch = _batch(False, batch_size=64, one_hot=one_hot)
+    expected, actual = ebc(batch), fused(batch)
+    assert actual.keys() == expected.keys()
+    torch.testing.assert_close(actual.values(), expected.values(), atol=1e-6, rtol=1e-6)
+    expected.values().sum().backward()
+    actual.values().sum().backward()
+    torch.testing.assert_close(fused.parts.embedding_bags["a__hot"].weight.grad,
+                               ebc.embedding_bags["a"].weight.grad[[1, 5, 7]])
+    cold_grad = fused.parts.embedding_bags["a__cold"].weight.grad
+    assert not cold_grad[[1, 5, 7]].any()  # a hot row's lookups all went to its slot
+    torch.testing.assert_close(cold_grad[[0, 2, 3]], ebc.embedding_bags["a"].weight.grad[[0, 2, 3]])
 
 
 @pytest.mark.parametrize("one_hot", [False, True], ids=["bags", "one_hot"])
@@ -238,6 +257,14 @@ def test_two_ranks_resume_a_one_rank_checkpoint_under_another_budget(runs):
     resumed = _run(runs["root"] / "two_ranks", world_size=2, strategy="hotcold", epochs=2, budget_rows=120,
                    rebalance_every=3, resume=runs["first"]["checkpoint"])
     _assert_same(resumed, runs["torchrec"], first_step=8)
+
+
+def test_with_two_collections_instead_of_one_training_equals_torchrec_across_rebalances(runs):
+    two = _run(runs["root"] / "two_collections", strategy="hotcold", epochs=1, rebalance_every=3,
+               two_collections=True)
+    assert len(two["state"]["rebalances"]) == 2
+    _assert_same(two, runs["torchrec_first"])
+    _assert_same(two, runs["first"])
 
 
 def test_hot_batches_of_a_popularity_datamodule_never_run_the_cold_collection(tmp_path):

@@ -60,6 +60,13 @@ class HotColdEmbeddingBagCollection(nn.Module):
     its tables. Each table ``t`` becomes ``t__hot`` in :attr:`hot`, ``t__cold`` in :attr:`cold`, or both when
     split. Only sum pooling is supported (a mean over a bag split in two parts is not the sum of the parts).
 
+    With ``fuse_parts`` both parts' tables sit in one collection, :attr:`parts` (``hot`` and ``cold`` are then
+    ``None``): TorchRec shards it as one module, so a step runs one input distribution, one output distribution
+    and, where both parts use the same compute kernel, one embedding kernel call for both, instead of two of each.
+    The planner still places every inner table by its own constraints (hot tables in fast memory, cold ones in
+    host memory: TorchRec groups the tables of one kernel together). A hot-only step then sends the cold tables
+    no lookup instead of leaving their module out.
+
     Attributes:
         skipped_cold: forwards that left :attr:`cold` out entirely, inside
             :func:`~lightning_skew.core.decisions.hot_only_step` (a batch whose lookups all hit hot rows on every
@@ -70,9 +77,10 @@ class HotColdEmbeddingBagCollection(nn.Module):
     Args:
         ebc: the collection to replace (plain, not sharded yet).
         placement: the hot rows of each of its tables.
+        fuse_parts: hold the hot and cold tables in one collection (:attr:`parts`) instead of two.
     """
 
-    def __init__(self, ebc: EmbeddingBagCollection, placement: Placement) -> None:
+    def __init__(self, ebc: EmbeddingBagCollection, placement: Placement, fuse_parts: bool = False) -> None:
         super().__init__()
         configs = list(ebc.embedding_bag_configs())
         if [t.spec for t in placement.tables] != table_specs(ebc):
@@ -98,25 +106,28 @@ class HotColdEmbeddingBagCollection(nn.Module):
             if table.num_hot < cfg.num_embeddings:
                 cold_configs.append(_part_config(cfg, COLD_SUFFIX, cfg.num_embeddings))
         device = next(iter(weights.values())).device
+        self.fuse_parts = fuse_parts
+        self.parts = EmbeddingBagCollection(hot_configs + cold_configs, is_weighted=self._is_weighted,
+                                            device=device) if fuse_parts else None
         self.hot = EmbeddingBagCollection(hot_configs, is_weighted=self._is_weighted, device=device) \
-            if hot_configs else None
+            if hot_configs and not fuse_parts else None
         self.cold = EmbeddingBagCollection(cold_configs, is_weighted=self._is_weighted, device=device) \
-            if cold_configs else None
+            if cold_configs and not fuse_parts else None
+        self._has_part = {HOT: bool(hot_configs), COLD: bool(cold_configs)}
         self._inner_tables = {**{c.name: (c.name[: -len(HOT_SUFFIX)], HOT) for c in hot_configs},
                               **{c.name: (c.name[: -len(COLD_SUFFIX)], COLD) for c in cold_configs}}
         # Inner embedding name -> original embedding name (keys of the pooled output).
         self._original_name: dict[str, str] = {}
-        for part, suffix in ((self.hot, HOT_SUFFIX), (self.cold, COLD_SUFFIX)):
-            if part is None:
-                continue
-            inner = get_embedding_names_by_table(part.embedding_bag_configs())
-            by_table = dict(zip([c.name for c in configs], get_embedding_names_by_table(configs), strict=True))
-            for cfg, names in zip(part.embedding_bag_configs(), inner, strict=True):
+        by_table = dict(zip([c.name for c in configs], get_embedding_names_by_table(configs), strict=True))
+        for part_configs, suffix in ((hot_configs, HOT_SUFFIX), (cold_configs, COLD_SUFFIX)):
+            inner = get_embedding_names_by_table(part_configs) if part_configs else []
+            for cfg, names in zip(part_configs, inner, strict=True):
                 self._original_name.update(zip(names, by_table[cfg.name[: -len(suffix)]], strict=True))
         with torch.no_grad():
             for cfg, table in zip(configs, placement.tables, strict=True):
                 hot_part, cold_part = split_rows(weights[cfg.name].detach(), table.hot_rows)
-                for part, suffix, rows in ((self.hot, HOT_SUFFIX, hot_part), (self.cold, COLD_SUFFIX, cold_part)):
+                for part, suffix, rows in ((self.holder(HOT), HOT_SUFFIX, hot_part),
+                                           (self.holder(COLD), COLD_SUFFIX, cold_part)):
                     if part is not None and cfg.name + suffix in part.embedding_bags:
                         part.embedding_bags[cfg.name + suffix].weight.copy_(rows)
         self._carry_optimizer(ebc)
@@ -136,10 +147,19 @@ class HotColdEmbeddingBagCollection(nn.Module):
             optimizer = self._part_optimizer(cfg.name, in_backward_optimizer_classes(original))
             if optimizer is None:
                 continue
-            for part, suffix in ((self.hot, HOT_SUFFIX), (self.cold, COLD_SUFFIX)):
+            for part, suffix in ((self.holder(HOT), HOT_SUFFIX), (self.holder(COLD), COLD_SUFFIX)):
                 if part is not None and cfg.name + suffix in part.embedding_bags:
                     weight = part.embedding_bags[cfg.name + suffix].weight
                     apply_optimizer_in_backward(optimizer, [weight], in_backward_optimizer_kwargs(original)[0])
+
+    def part_attribute(self, part: str) -> str:
+        """The attribute of this module whose collection holds ``part``'s (``hot`` or ``cold``) inner tables:
+        ``parts`` when the parts are fused, else the part's own name. State keys of inner tables start with it."""
+        return "parts" if self.fuse_parts else part
+
+    def holder(self, part: str) -> nn.Module | None:
+        """The collection (sharded or not) holding ``part``'s inner tables; ``None`` when the part has none."""
+        return getattr(self, self.part_attribute(part)) if self._has_part[part] else None
 
     def _part_optimizer(self, table: str, classes: list[type]) -> type | None:
         """The optimizer class a part of ``table`` gets from the ``classes`` its original carried (none: none)."""
@@ -329,16 +349,22 @@ class HotColdEmbeddingBagCollection(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         hot, cold = self._lookups(features)
-        pooled = []
-        if self.hot is not None:
-            pooled.append(self._pool(self.hot, hot))
-        if hot_only_in_step():
+        hot_only = hot_only_in_step()
+        if hot_only:
             if cold.values().numel():
                 raise RuntimeError(f"a batch marked hot looks up {cold.values().numel()} cold rows; its hot set is not "
                                    "inside the placement's hot rows")
             self.skipped_cold += 1
-        elif self.cold is not None:
-            pooled.append(self._pool(self.cold, cold))
+        pooled = []
+        if self.fuse_parts:
+            # One lookup of both parts' tables: the two KeyedJaggedTensors hold other keys and the same batch, so
+            # joined they are one after the other (a hot-only batch's cold bags are all empty).
+            pooled.append(self._pool(self.parts, _join_keys(hot, cold)))
+        else:
+            if self.hot is not None:
+                pooled.append(self._pool(self.hot, hot))
+            if self.cold is not None and not hot_only:
+                pooled.append(self._pool(self.cold, cold))
         values = None
         for part in pooled:
             part_values, placed = part.values(), self._output_columns(part)
@@ -367,11 +393,11 @@ class HotColdEmbeddingBagCollection(nn.Module):
         placement = self.placement.table(table)
         slots = hot_slots(placement.hot_rows, placement.spec.num_rows)
         parts = []
-        if self.hot is not None and table + HOT_SUFFIX in self._inner_tables:
-            parts.append(TablePart(self.hot, f"embedding_bags.{table}{HOT_SUFFIX}.weight", slots))
-        if self.cold is not None and table + COLD_SUFFIX in self._inner_tables:
+        if table + HOT_SUFFIX in self._inner_tables:
+            parts.append(TablePart(self.holder(HOT), f"embedding_bags.{table}{HOT_SUFFIX}.weight", slots))
+        if table + COLD_SUFFIX in self._inner_tables:
             rows = torch.arange(placement.spec.num_rows)
-            parts.append(TablePart(self.cold, f"embedding_bags.{table}{COLD_SUFFIX}.weight",
+            parts.append(TablePart(self.holder(COLD), f"embedding_bags.{table}{COLD_SUFFIX}.weight",
                                    torch.where(slots >= 0, -1, rows)))
         return parts
 
@@ -392,6 +418,15 @@ class HotColdEmbeddingBagCollection(nn.Module):
         if table + COLD_SUFFIX in self._inner_tables:
             parts[table + COLD_SUFFIX] = cold_part
         return parts
+
+
+def _join_keys(first: KeyedJaggedTensor, second: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """The keys of ``first`` then those of ``second`` (the same batch, other keys) as one KeyedJaggedTensor."""
+    weights = first.weights_or_none()
+    return KeyedJaggedTensor(keys=first.keys() + second.keys(), values=torch.cat([first.values(), second.values()]),
+                             lengths=torch.cat([first.lengths(), second.lengths()]),
+                             weights=None if weights is None else torch.cat([weights, second.weights()]),
+                             stride=first.stride())
 
 
 def _exclusive_cumsum(sizes: list[int]) -> list[int]:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_skew.core.distributed import all_reduce_sum, distributed
 from lightning_skew.hotcold.collection import COLD_SUFFIX, HOT_SUFFIX, HotColdEmbeddingBagCollection
-from lightning_skew.hotcold.placement import Placement, rebalanced_rows
+from lightning_skew.hotcold.placement import COLD, HOT, Placement, rebalanced_rows
 from lightning_skew.hotcold.state import SEPARATOR, flatten_optimizer_state, inner_weight_key
 from lightning_skew.torchrec.checkpoint import read_rows, write_rows
 
@@ -56,7 +56,8 @@ def plan_rebalance(collections: dict[str, HotColdEmbeddingBagCollection]
     return new_placements, moves, figures
 
 
-def move_rows(state: dict[str, Any], optimizer_state: dict[str, Any], moves: list[Move]) -> None:
+def move_rows(state: dict[str, Any], optimizer_state: dict[str, Any], moves: list[Move],
+              collections: dict[str, HotColdEmbeddingBagCollection]) -> None:
     """Swap rows between hot slots and the cold tables, in a module's ``state`` (live shards) and its fused
     optimizer's ``state_dict()``: each evicted row's hot copy goes back to its place in the cold table, each
     incoming row's cold copy into the freed slot. Cost grows with the rows moved. Collective: every rank moves
@@ -66,8 +67,9 @@ def move_rows(state: dict[str, Any], optimizer_state: dict[str, Any], moves: lis
     optimizer = flatten_optimizer_state(optimizer_state["state"])
     shapes = _global_shapes(optimizer)  # ranks list only their own tables' optimizer state
     for path, table, slots, evicted, incoming in moves:
-        hot_key = inner_weight_key(path, "hot", table + HOT_SUFFIX)
-        cold_key = inner_weight_key(path, "cold", table + COLD_SUFFIX)
+        holder = collections[path].part_attribute
+        hot_key = inner_weight_key(path, holder(HOT), table + HOT_SUFFIX)
+        cold_key = inner_weight_key(path, holder(COLD), table + COLD_SUFFIX)
         pairs = [(state[hot_key], state[cold_key], tuple(state[hot_key].size()), tuple(state[cold_key].size()),
                   state[hot_key].dtype)]
         for key in sorted(k for k in shapes if k.startswith(hot_key + SEPARATOR)):

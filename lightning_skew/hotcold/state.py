@@ -1,7 +1,8 @@
 """State of a module with hot/cold collections, moved to and from the dataset's own ID space.
 
 Inside the module a table ``t`` of a collection at ``prefix`` lives as ``prefix.hot.embedding_bags.t__hot``
-and ``prefix.cold.embedding_bags.t__cold`` (see :class:`HotColdEmbeddingBagCollection`). Checkpoints and
+and ``prefix.cold.embedding_bags.t__cold``, or both under ``prefix.parts`` when the collection fuses its parts
+(see :class:`HotColdEmbeddingBagCollection`). Checkpoints and
 exports name it as the original collection did, ``prefix.embedding_bags.t``, with its rows in row-ID order,
 so they load into a plain :class:`~lightning_skew.TorchRecStrategy` run, an unsharded module, or a
 hot/cold run with another placement. The same holds for the fused optimizer's per-row state, flattened here
@@ -45,10 +46,12 @@ def unflatten_optimizer_state(flat: dict[str, Any]) -> dict[str, dict[str, Any]]
     return out
 
 
-def inner_weight_key(path: str, part: str, inner_table: str) -> str:
-    """State key of an inner table's weight: ``<path>.<hot|cold>.embedding_bags.<inner table>.weight``."""
+def inner_weight_key(path: str, holder: str, inner_table: str) -> str:
+    """State key of an inner table's weight: ``<path>.<holder>.embedding_bags.<inner table>.weight``, where
+    ``holder`` is the collection's attribute that holds the table
+    (:meth:`~lightning_skew.hotcold.collection.HotColdEmbeddingBagCollection.part_attribute`)."""
     prefix = f"{path}." if path else ""
-    return f"{prefix}{part}.embedding_bags.{inner_table}.weight"
+    return f"{prefix}{holder}.embedding_bags.{inner_table}.weight"
 
 
 def original_weight_key(path: str, table: str) -> str:
@@ -59,7 +62,8 @@ def original_weight_key(path: str, table: str) -> str:
 
 def _inner_keys(collections: dict[str, HotColdEmbeddingBagCollection]) -> dict[str, tuple[str, str, str, str]]:
     """Inner weight key -> (collection path, original table, part, original weight key)."""
-    return {inner_weight_key(path, part, inner): (path, table, part, original_weight_key(path, table))
+    return {inner_weight_key(path, collection.part_attribute(part), inner):
+            (path, table, part, original_weight_key(path, table))
             for path, collection in collections.items()
             for inner, (table, part) in collection.inner_tables().items()}
 
@@ -127,7 +131,7 @@ def from_original_ids(flat: dict[str, Tensor], collections: dict[str, HotColdEmb
             raise KeyError(f"unexpected optimizer state name {state!r} for table {table!r}")
         for inner, rows in collections[path].split_table(table, value).items():
             part = HOT if inner.endswith(HOT_SUFFIX) else COLD
-            inner_key = inner_weight_key(path, part, inner)
+            inner_key = inner_weight_key(path, collections[path].part_attribute(part), inner)
             if state:
                 inner_key = f"{inner_key}{SEPARATOR}{inner}{state[len(table):]}"
             out[inner_key] = rows

@@ -97,14 +97,19 @@ class HotColdStrategy(TorchRecStrategy):
         hot_compute_kernel: TorchRec kernel of hot shards (default ``fused``: GPU memory on CUDA).
         cold_compute_kernel: TorchRec kernel of cold shards (default ``fused_uvm`` on CUDA: host memory read by
             the GPU; ``fused`` on CPU).
+        fuse_parts: shard the hot and the cold tables of a collection as one TorchRec collection (default): one
+            input and one output distribution a step for both, and one kernel call where both use the same
+            kernel (CPU); the planner still places each table by its own kernel. ``False`` shards them as two
+            collections (two of each; a hot-only step then leaves the cold collection out entirely).
         **kwargs: every argument of :class:`TorchRecStrategy` (``sharding_types``, ``embedding_optimizer``,
             ``embedding_lr``, ``cache_load_factor``, ``process_group_backend``, ...), passed through; all but
             ``pipeline``, which HotColdStrategy refuses.
 
     .. note::
         A batch that says it is hot on every rank (a :class:`~lightning_skew.core.decisions.SkewBatch` from a
-        PopularityDataModule, any schedule) whose hot set lies inside the placement's hot rows runs without
-        the cold collection at all: it never touches host memory. Give both the same ``hot_rows`` source.
+        PopularityDataModule, any schedule) whose hot set lies inside the placement's hot rows sends the cold
+        tables no lookup (with ``fuse_parts=False`` it leaves the cold collection out): it never touches host
+        memory. Give both the same ``hot_rows`` source.
 
     .. note::
         Checkpoints and exports are in the dataset's own ID space: whole tables and per-row optimizer state,
@@ -128,6 +133,7 @@ class HotColdStrategy(TorchRecStrategy):
         rebalance_every_n_epochs: int | None = None,
         hot_compute_kernel: str | None = None,
         cold_compute_kernel: str | None = None,
+        fuse_parts: bool = True,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("pipeline") is not None:
@@ -152,6 +158,7 @@ class HotColdStrategy(TorchRecStrategy):
         self.rebalance_every_n_epochs = rebalance_every_n_epochs
         self.hot_compute_kernel = hot_compute_kernel
         self.cold_compute_kernel = cold_compute_kernel
+        self.fuse_parts = fuse_parts
         self.hot_set_source = ""  # where the hot set came from: popularity datamodule, profile file, fresh profile
         self.rebalances: list[dict[str, float]] = []  # one record per rebalance (also logged)
         self._trainer: pl.Trainer | None = None
@@ -224,7 +231,8 @@ class HotColdStrategy(TorchRecStrategy):
         sizes = bytes_per_row(module, specs, self.embedding_optimizer)
         hot_set = self._hot_set(module, specs)
         try:
-            place_collections(module, found, hot_set, self.budget_bytes, sizes, HotColdEmbeddingBagCollection)
+            place_collections(module, found, hot_set, self.budget_bytes, sizes,
+                              lambda ebc, part: HotColdEmbeddingBagCollection(ebc, part, self.fuse_parts))
         except ValueError as error:
             if self.hot_rows is None or "more than the budget" not in str(error):
                 raise
@@ -327,7 +335,7 @@ class HotColdStrategy(TorchRecStrategy):
         start = time.perf_counter()
         collections = self.collections()
         new_placements, moves, record = plan_rebalance(collections)
-        move_rows(self.lightning_module.state_dict(), self.fused_optimizer.state_dict(), moves)
+        move_rows(self.lightning_module.state_dict(), self.fused_optimizer.state_dict(), moves, self._collections)
         for path, placement in new_placements.items():
             collections[path].set_placement(placement)
         for collection in collections.values():
