@@ -18,7 +18,6 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embed
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from lightning_skew.core.decisions import hot_only_in_step, routed_in_step
-from lightning_skew.core.rowsets import is_one_hot
 from lightning_skew.core.tables import TablePart, WatchedTable
 from lightning_skew.hotcold.placement import (
     COLD,
@@ -29,6 +28,7 @@ from lightning_skew.hotcold.placement import (
     merge_rows,
     split_rows,
 )
+from lightning_skew.hotcold.router import COLD_SUFFIX, HOT_SUFFIX, LookupRouter
 from lightning_skew.hotcold.routing import RoutedLookups
 from lightning_skew.torchrec.upstream import (
     apply_optimizer_in_backward,
@@ -38,7 +38,6 @@ from lightning_skew.torchrec.upstream import (
 
 __all__ = ["HOT_SUFFIX", "COLD_SUFFIX", "HotColdEmbeddingBagCollection", "table_specs"]
 
-HOT_SUFFIX, COLD_SUFFIX = "__hot", "__cold"
 
 def table_specs(ebc: EmbeddingBagCollection) -> list[TableSpec]:
     """The tables of a collection as the placement sees them."""
@@ -166,15 +165,8 @@ class HotColdEmbeddingBagCollection(nn.Module):
         return classes[0] if classes else None
 
     def _set_routing(self, placement: Placement) -> None:
-        tables = placement.tables
-        self._table_offset = dict(zip([t.spec.name for t in tables],
-                                      _exclusive_cumsum([t.spec.num_rows for t in tables]), strict=True))
-        self._feature_table = {f: t.spec.name for t in tables for f in t.spec.feature_names}
-        self._has_hot = {f: t.kind != COLD for t in tables for f in t.spec.feature_names}
-        self._has_cold = {f: t.kind != HOT for t in tables for f in t.spec.feature_names}
-        # Per row of every table end to end: its hot slot, or -1 (cold: the cold table holds it at its own ID).
-        self._codes = torch.cat([hot_slots(t.hot_rows, t.spec.num_rows) for t in tables])
-        self._routes: dict[tuple, tuple] = {}
+        #: the split of lookups between the parts, for the placement in force (:class:`LookupRouter`)
+        self.router = LookupRouter(placement)
         self._columns: dict[tuple, tuple[int, Tensor] | None] = {}
 
     def set_placement(self, placement: Placement) -> None:
@@ -182,19 +174,7 @@ class HotColdEmbeddingBagCollection(nn.Module):
         shapes); moving the rows' contents is the caller's job (see the strategy)."""
         if not placement.same_shapes(self.placement):
             raise ValueError("a new placement must keep each table's hot row count; re-shard to change it")
-        # Only the codes of rows whose slot changed are rewritten, here and in the per-device copies.
-        changes = []
-        for old, new in zip(self.placement.tables, placement.tables, strict=True):
-            slots = torch.nonzero(old.hot_rows != new.hot_rows).flatten()
-            if slots.numel():
-                offset = self._table_offset[old.spec.name]
-                changes.append((old.hot_rows[slots] + offset, new.hot_rows[slots] + offset, slots))
-        codes = {id(self._codes): self._codes}
-        codes.update({id(route[3]): route[3] for route in self._routes.values()})
-        for evicted, incoming, slots in changes:
-            for tensor in codes.values():
-                tensor[evicted.to(tensor.device)] = -1
-                tensor[incoming.to(tensor.device)] = slots.to(tensor.device)
+        self.router.move(self.placement, placement)
         self.placement = placement
         self.placement_version += 1
 
@@ -218,91 +198,15 @@ class HotColdEmbeddingBagCollection(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------------
 
-    def _route(self, keys: tuple[str, ...], device: torch.device) -> tuple:
-        cache_key = (keys, device)
-        if cache_key not in self._routes:
-            missing = [f for f in self._feature_table if f not in keys]
-            if missing:
-                raise KeyError(f"the batch lacks features {missing} of the hot/cold embedding collection")
-            known = torch.tensor([k in self._feature_table for k in keys], dtype=torch.bool)
-            offsets = torch.tensor([self._table_offset[self._feature_table[k]] if k in self._feature_table else 0
-                                    for k in keys], dtype=torch.int64)
-            hot_index = [i for i, k in enumerate(keys) if self._has_hot.get(k, False)]
-            cold_index = [i for i, k in enumerate(keys) if self._has_cold.get(k, False)]
-            self._routes[cache_key] = (
-                bool(known.all()), known.to(device), offsets.to(device),
-                self._codes.to(device),
-                torch.tensor(hot_index, dtype=torch.int64, device=device), [keys[i] + HOT_SUFFIX for i in hot_index],
-                torch.tensor(cold_index, dtype=torch.int64, device=device),
-                [keys[i] + COLD_SUFFIX for i in cold_index])
-        return self._routes[cache_key]
-
     def split_features(self, features: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
         """The batch's lookups as ``(hot, cold)`` KeyedJaggedTensors of shard slots (features ``f__hot``,
-        ``f__cold``), order within each bag kept. Features the collection does not look up are left out."""
-        keys = tuple(features.keys())
-        values, lengths = features.values(), features.lengths()
-        weights = features.weights_or_none()
-        (all_known, known, offsets, codes, hot_index, hot_keys, cold_index,
-         cold_keys) = self._route(keys, values.device)
-        batch_size = features.stride()
-        if all_known and is_one_hot(features):
-            return self._split_one_hot(features, offsets, codes, hot_index, hot_keys, cold_index, cold_keys)
-        per_key = lengths.view(len(keys), batch_size).sum(1)
-        index = values.long() + torch.repeat_interleave(offsets, per_key, output_size=values.numel())
-        if not all_known:
-            member = torch.repeat_interleave(known, per_key, output_size=values.numel())
-            index = torch.where(member, index, torch.zeros_like(index))
-        code = codes[index]
-        is_hot = code >= 0
-        is_cold = ~is_hot if all_known else ~is_hot & member
-        if not all_known:
-            is_hot = is_hot & member
-        if self.training and self._counting:
-            self._count(index if all_known else index[member])
-        # Hot lookups per (feature, input) bag: differences of the running count at the bag offsets. A bag of a
-        # feature of this collection holds only known lookups, so its cold count is the rest.
-        running = torch.cat([index.new_zeros(1), torch.cumsum(is_hot, 0)])
-        bag_offsets = torch.cat([index.new_zeros(1), torch.cumsum(lengths.long(), 0)])  # torch only: no FBGEMM op
-        hot_lengths = running[bag_offsets].diff().view(len(keys), batch_size)
-        cold_lengths = lengths.view(len(keys), batch_size) - hot_lengths
-        # A hot lookup goes to its slot in the hot shard, a cold one to its own ID in the cold table.
-        hot = KeyedJaggedTensor(keys=hot_keys, values=code[is_hot],
-                                lengths=hot_lengths.index_select(0, hot_index).flatten().to(lengths.dtype),
-                                weights=None if weights is None else weights[is_hot], stride=batch_size)
-        cold = KeyedJaggedTensor(keys=cold_keys, values=values.long()[is_cold],
-                                 lengths=cold_lengths.index_select(0, cold_index).flatten().to(lengths.dtype),
-                                 weights=None if weights is None else weights[is_cold], stride=batch_size)
-        return hot, cold
-
-    def _split_one_hot(self, features: KeyedJaggedTensor, offsets: Tensor, codes: Tensor, hot_index: Tensor,
-                       hot_keys: list[str], cold_index: Tensor, cold_keys: list[str]
-                       ) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
-        """:meth:`split_features` for one lookup per (feature, input), as in Criteo: a ``[features, batch]`` grid
-        whose hot mask is itself the hot bags' lengths (no segment sums)."""
-        values, lengths, weights = features.values(), features.lengths(), features.weights_or_none()
-        batch_size = features.stride()
-        grid = values.long().view(-1, batch_size)
-        index = grid + offsets[:, None]
-        code = codes[index]
-        is_hot = code >= 0
-        if self.training and self._counting:
-            self._count(index.flatten())
-        hot_mask, cold_mask = is_hot.flatten(), ~is_hot.flatten()
-        hot_lengths = is_hot.to(lengths.dtype)
-        # A hot lookup goes to its slot in the hot shard, a cold one to its own ID in the cold table.
-        hot = KeyedJaggedTensor(keys=hot_keys, values=code.flatten()[hot_mask],
-                                lengths=hot_lengths.index_select(0, hot_index).flatten(),
-                                weights=None if weights is None else weights[hot_mask], stride=batch_size)
-        cold = KeyedJaggedTensor(keys=cold_keys, values=grid.flatten()[cold_mask],
-                                 lengths=(1 - hot_lengths).index_select(0, cold_index).flatten(),
-                                 weights=None if weights is None else weights[cold_mask], stride=batch_size)
-        return hot, cold
+        ``f__cold``; :meth:`LookupRouter.split`), counted when a training forward counts for rebalancing."""
+        return self.router.split(features, self._count if self.training and self._counting else None)
 
     def _count(self, index: Tensor) -> None:
         """Add one lookup to ``counts`` for each row in ``index`` (rows of all tables end to end)."""
         if self.counts is None:
-            self.counts = torch.zeros(self._codes.numel(), dtype=torch.int64, device=index.device)
+            self.counts = torch.zeros(self.router.codes.numel(), dtype=torch.int64, device=index.device)
         elif self.counts.device != index.device:  # counts restored from a checkpoint
             self.counts = self.counts.to(index.device)
         self.counts.index_add_(0, index, torch.ones_like(index))
