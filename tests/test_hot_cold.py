@@ -13,6 +13,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 
 from lightning_skew.core.decisions import hot_only_step
+from lightning_skew.core.rowsets import RowSet
+from lightning_skew.data.synthetic import SyntheticDataModule
 from lightning_skew.hotcold.collection import HotColdEmbeddingBagCollection, table_specs
 from lightning_skew.hotcold.placement import (
     Placement,
@@ -30,7 +32,7 @@ from lightning_skew.profile import AccessProfile
 
 from _support.hot_cold import hot_cold_batch as _batch
 from _support.launch import launch
-from _support.small import make_data, make_model
+from _support.small import RecordLosses, make_data, make_model
 
 WORKER = Path(__file__).parent / "hot_cold_worker.py"
 SPECS = [TableSpec("a", ("fa",), 100, 4), TableSpec("b", ("fb",), 3, 4), TableSpec("c", ("fc",), 50, 8)]
@@ -446,3 +448,45 @@ def test_on_cpu_the_strategy_says_once_that_the_split_cannot_pay(tmp_path):
         trainer.fit(make_model(data, "rowwise_adagrad"), data)
     said = [str(w.message) for w in caught if "live in the same memory" in str(w.message)]
     assert len(said) == 1 and "TorchRecStrategy" in said[0] and "of TorchRecStrategy's speed" in said[0]
+
+
+def test_with_dataloader_workers_the_workers_route_the_batches_and_training_stays_exact(tmp_path):
+    from lightning_skew.torchrec.strategy import TorchRecStrategy
+
+    losses, strategies = {}, {}
+    for name, strategy in (("torchrec", TorchRecStrategy()), ("hotcold", HotColdStrategy(budget_bytes=36 * 100))):
+        data = make_data(1)
+        data.num_workers = 1  # one worker process generates (and, under HotColdStrategy, routes) the batches
+        record = RecordLosses()
+        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=6, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                             num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path / name),
+                             callbacks=[record])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(make_model(data, "rowwise_adagrad"), data)
+        losses[name], strategies[name] = record.losses, strategy
+    hot_cold = strategies["hotcold"]
+    assert hot_cold.batches_routed_in_workers == 6  # every training batch arrived routed: none split here
+    assert [c.routed_forwards for c in hot_cold.collections().values()] == [6]
+    torch.testing.assert_close(losses["hotcold"], losses["torchrec"], atol=1e-6, rtol=0)
+
+
+def test_a_worker_leaves_a_batch_with_ids_outside_the_tables_to_the_training_process_which_refuses_it(tmp_path):
+    data = make_data(1)
+    data.num_workers = 1
+    small = SyntheticDataModule(num_embeddings_per_feature=[rows // 2 for rows in data.num_embeddings_per_feature],
+                                num_dense=data.dense_in_features)
+    model = make_model(small, "rowwise_adagrad")  # tables of half the rows the data's IDs reach
+    hot_rows = RowSet(small.sparse_feature_names, small.num_embeddings_per_feature,
+                      [torch.arange(3) for _ in small.sparse_feature_names])  # a hot set of the model's tables
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=HotColdStrategy(budget_bytes=36 * 100,
+                                                                                 hot_rows=hot_rows),
+                         max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         default_root_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="outside its table") as caught:
+            trainer.fit(model, data)
+    assert "DataLoader worker" not in str(caught.value)  # refused here, by name, not as a worker's crash

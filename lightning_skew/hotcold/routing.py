@@ -1,9 +1,10 @@
-"""Routing a batch's lookups to the hot and cold parts of a placement ahead of the step, on the host, and handing
-the routed lookups to the collections inside the step (a GPU step then holds none of the split's host syncs)."""
+"""Routing a batch's lookups to the hot and cold parts of a placement ahead of the step, on the host (in
+``batch_to_device``, or in the DataLoader's workers: :class:`RouteInWorkers`), and handing the routed lookups to the
+collections inside the step (a GPU step then holds none of the split's host syncs)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -13,8 +14,10 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.core.decisions import RoutedSparse, SkewBatch, routed_step
+from lightning_skew.core.id_ranges import TableBounds
+from lightning_skew.hotcold.router import LookupRouter
 
-__all__ = ["RoutedLookups", "route_batch", "routed_batch_step"]
+__all__ = ["RouteInWorkers", "RoutedLookups", "route_batch", "routed_ahead", "routed_batch_step"]
 
 
 @dataclass(frozen=True)
@@ -34,13 +37,22 @@ class RoutedLookups:
         return RoutedLookups(self.hot.pin(), self.cold.pin(), self.version)
 
 
+def routed_ahead(collections: Mapping[str, Any], batch: Any) -> bool:
+    """Whether ``batch`` carries lookups routed (in a DataLoader worker, say) for the placement every collection
+    (``{path: collection}``, each with ``placement_version``) has now, for the very ``sparse_features`` it holds."""
+    routed = batch.routed_sparse if isinstance(batch, SkewBatch) else None
+    return routed is not None and routed.valid_for(batch.sparse_features) and all(
+        path in routed.parts and routed.parts[path].version == c.placement_version for path, c in collections.items())
+
+
 def route_batch(collections: Mapping[str, Any], batch: Any) -> Any:
-    """``batch`` with its lookups routed by every collection (``{path: collection}``, each with ``route`` and
-    ``counting``) for its current placement, as ``SkewBatch.routed_sparse``; unchanged when it holds no
-    KeyedJaggedTensor or while a collection counts lookups for rebalancing (those split, and count, in the step)."""
+    """``batch`` with its lookups routed by every collection (``{path: collection}``, each with ``route``,
+    ``counting`` and ``placement_version``) for its current placement, as ``SkewBatch.routed_sparse``; unchanged
+    when it holds no KeyedJaggedTensor, when it arrived routed for these placements already (:func:`routed_ahead`),
+    or while a collection counts lookups for rebalancing (those split, and count, in the step)."""
     sparse = getattr(batch, "sparse_features", None)
     if not isinstance(sparse, KeyedJaggedTensor) or not isinstance(batch, Batch) or not collections \
-            or any(c.counting for c in collections.values()):
+            or any(c.counting for c in collections.values()) or routed_ahead(collections, batch):
         return batch
     routed = batch if isinstance(batch, SkewBatch) else SkewBatch.of(batch, False, 0)
     routed.routed_sparse = RoutedSparse(sparse, {path: c.route(sparse) for path, c in collections.items()})
@@ -59,3 +71,46 @@ def routed_batch_step(collections: Mapping[str, Any], batch: Any) -> Iterator[No
     parts = {id(c): routed.parts[path] for path, c in collections.items() if path in routed.parts}
     with routed_step(routed.source, parts):
         yield
+
+
+class _FrozenPlacement:
+    """One collection's routing as it stands when the DataLoader starts: its router and placement version (what
+    :func:`route_batch` asks of a collection; a later rebalance makes its routes stale, and the step routes again)."""
+
+    counting = False
+
+    def __init__(self, router: LookupRouter, version: int) -> None:
+        self.router = router
+        self.placement_version = version
+
+    def route(self, features: KeyedJaggedTensor) -> RoutedLookups:
+        hot, cold = self.router.split(features)
+        return RoutedLookups(hot, cold, self.placement_version)
+
+
+class RouteInWorkers:
+    """A DataLoader's ``collate_fn`` followed by the hot/cold routing of what it returns, so that with
+    ``num_workers > 0`` the workers route each training batch and the training process does not
+    (``HotColdStrategy`` sets it up in ``process_dataloader``).
+
+    A batch with an ID outside its table is left unrouted: the training process checks it (and refuses or clamps
+    it, as the DataModule says) and routes what it lets through.
+
+    Args:
+        collate_fn: the loader's own ``collate_fn``.
+        collections: ``{path: (router, placement version)}`` of every hot/cold collection.
+        bounds: the model's tables' sizes (:func:`~lightning_skew.core.id_ranges.model_bounds`).
+    """
+
+    def __init__(self, collate_fn: Callable[[Any], Any], collections: Mapping[str, tuple[LookupRouter, int]],
+                 bounds: TableBounds) -> None:
+        self.collate_fn = collate_fn
+        self.collections = {path: _FrozenPlacement(router, version) for path, (router, version) in collections.items()}
+        self.bounds = bounds
+
+    def __call__(self, items: Any) -> Any:
+        batch = self.collate_fn(items)
+        sparse = getattr(batch, "sparse_features", None)
+        if not isinstance(sparse, KeyedJaggedTensor) or self.bounds.find(sparse):
+            return batch
+        return route_batch(self.collections, batch)

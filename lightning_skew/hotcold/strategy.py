@@ -13,10 +13,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from torchrec.distributed import DistributedModelParallel
 
 from lightning_skew.core.decisions import SkewBatch, hot_only_step
-from lightning_skew.core.id_ranges import check_table_ids
+from lightning_skew.core.id_ranges import check_table_ids, model_bounds
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.data.base import RecDataModule
 from lightning_skew.hotcold.collection import HotColdEmbeddingBagCollection, table_specs
@@ -28,7 +29,7 @@ from lightning_skew.hotcold.planning import (
     place_collections,
 )
 from lightning_skew.hotcold.rebalance import all_reduced_counts, move_rows, plan_rebalance
-from lightning_skew.hotcold.routing import route_batch, routed_batch_step
+from lightning_skew.hotcold.routing import RouteInWorkers, route_batch, routed_ahead, routed_batch_step
 from lightning_skew.hotcold.state import (
     flatten_optimizer_state,
     from_original_ids,
@@ -161,6 +162,7 @@ class HotColdStrategy(TorchRecStrategy):
         self.fuse_parts = fuse_parts
         self.hot_set_source = ""  # where the hot set came from: popularity datamodule, profile file, fresh profile
         self.rebalances: list[dict[str, float]] = []  # one record per rebalance (also logged)
+        self.batches_routed_in_workers = 0  # training batches that arrived routed from the DataLoader's workers
         self._trainer: pl.Trainer | None = None
         self._last_rebalance: tuple[int, int] | None = None  # (epoch, global step) of the last rebalance
         self._collections: dict[str, HotColdEmbeddingBagCollection] = {}  # found once the module is placed
@@ -287,7 +289,21 @@ class HotColdStrategy(TorchRecStrategy):
             batch = self._route_batch(check_table_ids(self.lightning_module, batch))
         return super().batch_to_device(batch, device, dataloader_idx)
 
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)
+        trainer = self.lightning_module.trainer
+        if trainer.training and isinstance(dataloader, DataLoader) and dataloader.num_workers > 0 \
+                and not self._rebalancing:
+            # The loader's workers route its batches (after checking their IDs), so this process does not; a
+            # rebalance would make their routes stale, so with rebalancing the batches are routed here.
+            dataloader.collate_fn = RouteInWorkers(
+                dataloader.collate_fn, {path: (c.router, c.placement_version) for path, c in self.collections().items()},
+                model_bounds(self.lightning_module))
+        return dataloader
+
     def _route_batch(self, batch: Any) -> Any:
+        if routed_ahead(self.collections(), batch):
+            self.batches_routed_in_workers += 1
         routed = route_batch(self.collections(), batch)
         if isinstance(routed, SkewBatch) and routed.is_hot and routed.hot_rows is not None:
             self._hot_set_placed(routed.hot_rows)  # checked here, on the host, not in the step
