@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--rebalance-every", type=int, default=None)
     parser.add_argument("--popularity", action="store_true", help="FAE batches from a PopularityDataModule")
-    parser.add_argument("--two-collections", action="store_true", help="HotColdStrategy(fuse_parts=False)")
+    parser.add_argument("--layout", default=None, help="HotColdStrategy(layout=...)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     out = Path(args.out)
@@ -52,7 +52,7 @@ def main() -> None:
         strategy = TorchRecStrategy()
     else:
         strategy = HotColdStrategy(budget_bytes=args.budget_rows * ROW_BYTES, hot_rows=hot_rows, sample_fraction=0.5,
-                                   rebalance_every_n_steps=args.rebalance_every, fuse_parts=not args.two_collections)
+                                   rebalance_every_n_steps=args.rebalance_every, layout=args.layout)
     record = RecordLosses()
     trainer = pl.Trainer(accelerator="cpu", devices=world_size, strategy=strategy, max_epochs=args.epochs,
                          logger=False, enable_progress_bar=False, enable_model_summary=False,

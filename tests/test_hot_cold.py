@@ -112,7 +112,7 @@ def test_split_and_merge_are_inverse_and_slots_index_the_hot_shard():
 # -- the split collection ---------------------------------------------------------------------------------
 
 
-def _collection(weighted: bool = False, fuse_parts: bool = False):
+def _collection(weighted: bool = False, layout: str = "separate"):
     torch.manual_seed(0)
     tables = [EmbeddingBagConfig(name="a", embedding_dim=4, num_embeddings=100, feature_names=["fa", "fa2"]),
               EmbeddingBagConfig(name="b", embedding_dim=4, num_embeddings=3, feature_names=["fb"]),
@@ -121,7 +121,7 @@ def _collection(weighted: bool = False, fuse_parts: bool = False):
     specs = table_specs(ebc)
     plan = plan_placement(specs, [torch.tensor([1, 5, 7]), torch.tensor([0]), torch.zeros(0, dtype=torch.int64)],
                           budget_bytes=130, bytes_per_row=[20, 20, 36])
-    return ebc, HotColdEmbeddingBagCollection(ebc, plan, fuse_parts)
+    return ebc, HotColdEmbeddingBagCollection(ebc, plan, layout)
 
 
 @pytest.mark.parametrize("one_hot", [False, True], ids=["bags", "one_hot"])
@@ -140,7 +140,7 @@ def test_the_split_collection_pools_exactly_as_the_original(weighted, one_hot):
 
 @pytest.mark.parametrize("one_hot", [False, True], ids=["bags", "one_hot"])
 def test_fused_parts_live_in_one_collection_and_pool_exactly_as_the_original(one_hot):
-    ebc, fused = _collection(fuse_parts=True)
+    ebc, fused = _collection(layout="fused")
     assert fused.hot is None and fused.cold is None
     assert set(fused.parts.embedding_bags) == set(fused.inner_tables()) == {"a__hot", "a__cold", "b__hot", "c__cold"}
     assert fused.part_attribute("hot") == fused.part_attribute("cold") == "parts"
@@ -155,6 +155,29 @@ def test_fused_parts_live_in_one_collection_and_pool_exactly_as_the_original(one
     cold_grad = fused.parts.embedding_bags["a__cold"].weight.grad
     assert not cold_grad[[1, 5, 7]].any()  # a hot row's lookups all went to its slot
     torch.testing.assert_close(cold_grad[[0, 2, 3]], ebc.embedding_bags["a"].weight.grad[[0, 2, 3]])
+
+
+@pytest.mark.parametrize("one_hot", [False, True], ids=["bags", "one_hot"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_a_stacked_split_table_holds_its_hot_slots_above_its_cold_shard_and_pools_exactly(weighted, one_hot):
+    ebc, stacked = _collection(weighted, layout="stacked")
+    assert set(stacked.parts.embedding_bags) == {"a__hotcold", "b__hot", "c__cold"}  # one inner table per table
+    assert stacked.parts.embedding_bags["a__hotcold"].weight.shape[0] == 3 + 100  # 3 hot slots, then all rows
+    batch = _batch(weighted, batch_size=64, one_hot=one_hot)
+    expected, actual = ebc(batch), stacked(batch)
+    assert actual.keys() == expected.keys()
+    torch.testing.assert_close(actual.values(), expected.values(), atol=1e-6, rtol=1e-6)
+    expected.values().sum().backward()
+    actual.values().sum().backward()
+    grad, original = stacked.parts.embedding_bags["a__hotcold"].weight.grad, ebc.embedding_bags["a"].weight.grad
+    torch.testing.assert_close(grad[:3], original[[1, 5, 7]])  # hot rows 1, 5, 7 in slots 0, 1, 2
+    assert not grad[3 + torch.tensor([1, 5, 7])].any()  # their cold copies are not read while they are hot
+    torch.testing.assert_close(grad[3 + torch.tensor([0, 2, 3])], original[[0, 2, 3]])
+    # Its state, in the dataset's ID space, is the original table's; and back.
+    whole = stacked.merge_table("a", None, None, stacked.parts.embedding_bags["a__hotcold"].weight.detach())
+    torch.testing.assert_close(whole, ebc.embedding_bags["a"].weight.detach())
+    torch.testing.assert_close(stacked.split_table("a", whole)["a__hotcold"],
+                               stacked.parts.embedding_bags["a__hotcold"].weight.detach())
 
 
 @pytest.mark.parametrize("one_hot", [False, True], ids=["bags", "one_hot"])
@@ -261,12 +284,12 @@ def test_two_ranks_resume_a_one_rank_checkpoint_under_another_budget(runs):
     _assert_same(resumed, runs["torchrec"], first_step=8)
 
 
-def test_with_two_collections_instead_of_one_training_equals_torchrec_across_rebalances(runs):
-    two = _run(runs["root"] / "two_collections", strategy="hotcold", epochs=1, rebalance_every=3,
-               two_collections=True)
-    assert len(two["state"]["rebalances"]) == 2
-    _assert_same(two, runs["torchrec_first"])
-    _assert_same(two, runs["first"])
+@pytest.mark.parametrize("layout", ["fused", "separate"])
+def test_every_layout_trains_as_torchrec_across_rebalances(runs, layout):
+    other = _run(runs["root"] / layout, strategy="hotcold", epochs=1, rebalance_every=3, layout=layout)
+    assert len(other["state"]["rebalances"]) == 2
+    _assert_same(other, runs["torchrec_first"])
+    _assert_same(other, runs["first"])  # the default (stacked on CPU) run
 
 
 def test_hot_batches_of_a_popularity_datamodule_never_run_the_cold_collection(tmp_path):

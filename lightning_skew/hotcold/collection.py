@@ -11,6 +11,8 @@ feature, so the model sees exactly the output of the original collection.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -22,13 +24,14 @@ from lightning_skew.core.tables import TablePart, WatchedTable
 from lightning_skew.hotcold.placement import (
     COLD,
     HOT,
+    SPLIT,
     Placement,
     TableSpec,
     hot_slots,
     merge_rows,
     split_rows,
 )
-from lightning_skew.hotcold.router import COLD_SUFFIX, HOT_SUFFIX, LookupRouter
+from lightning_skew.hotcold.router import COLD_SUFFIX, HOT_SUFFIX, STACKED, STACKED_SUFFIX, LookupRouter
 from lightning_skew.hotcold.routing import RoutedLookups
 from lightning_skew.torchrec.upstream import (
     apply_optimizer_in_backward,
@@ -36,7 +39,11 @@ from lightning_skew.torchrec.upstream import (
     in_backward_optimizer_kwargs,
 )
 
-__all__ = ["HOT_SUFFIX", "COLD_SUFFIX", "HotColdEmbeddingBagCollection", "table_specs"]
+__all__ = ["HOT_SUFFIX", "COLD_SUFFIX", "LAYOUTS", "STACKED_SUFFIX", "HotColdEmbeddingBagCollection", "table_specs"]
+
+#: How a collection holds its parts (see :class:`HotColdEmbeddingBagCollection`).
+LAYOUTS = ("separate", "fused", "stacked")
+PARTS = (HOT, COLD, STACKED)
 
 
 def table_specs(ebc: EmbeddingBagCollection) -> list[TableSpec]:
@@ -59,12 +66,17 @@ class HotColdEmbeddingBagCollection(nn.Module):
     its tables. Each table ``t`` becomes ``t__hot`` in :attr:`hot`, ``t__cold`` in :attr:`cold`, or both when
     split. Only sum pooling is supported (a mean over a bag split in two parts is not the sum of the parts).
 
-    With ``fuse_parts`` both parts' tables sit in one collection, :attr:`parts` (``hot`` and ``cold`` are then
-    ``None``): TorchRec shards it as one module, so a step runs one input distribution, one output distribution
-    and, where both parts use the same compute kernel, one embedding kernel call for both, instead of two of each.
-    The planner still places every inner table by its own constraints (hot tables in fast memory, cold ones in
-    host memory: TorchRec groups the tables of one kernel together). A hot-only step then sends the cold tables
-    no lookup instead of leaving their module out.
+    ``layout`` says how the parts are held:
+
+    * ``"separate"``: two collections, ``hot`` and ``cold`` (a hot-only step leaves ``cold`` out entirely).
+    * ``"fused"``: both parts' tables in one collection, :attr:`parts` (``hot`` and ``cold`` are ``None``):
+      TorchRec shards it as one module, so a step runs one input and one output distribution for both; the
+      planner still places every inner table by its own constraints (hot tables in fast memory, cold ones in host
+      memory: TorchRec groups the tables of one kernel together). A hot-only step sends the cold tables no lookup.
+    * ``"stacked"``, for parts in the same memory: as ``"fused"``, but a split table is one inner table,
+      ``t__hotcold``: its hot slots first, then the whole table by row ID (the cold shard) below them. A lookup
+      goes to its slot or to ``num_hot + ID``; every feature stays one key, so no feature's pooled output needs
+      its hot and cold sums added (the cost of the other layouts on a CPU).
 
     Attributes:
         skipped_cold: forwards that left :attr:`cold` out entirely, inside
@@ -76,10 +88,10 @@ class HotColdEmbeddingBagCollection(nn.Module):
     Args:
         ebc: the collection to replace (plain, not sharded yet).
         placement: the hot rows of each of its tables.
-        fuse_parts: hold the hot and cold tables in one collection (:attr:`parts`) instead of two.
+        layout: ``"separate"``, ``"fused"`` or ``"stacked"`` (above).
     """
 
-    def __init__(self, ebc: EmbeddingBagCollection, placement: Placement, fuse_parts: bool = False) -> None:
+    def __init__(self, ebc: EmbeddingBagCollection, placement: Placement, layout: str = "separate") -> None:
         super().__init__()
         configs = list(ebc.embedding_bag_configs())
         if [t.spec for t in placement.tables] != table_specs(ebc):
@@ -97,38 +109,41 @@ class HotColdEmbeddingBagCollection(nn.Module):
                                         strict=True))
         self._total_dim = sum(self._lengths_per_embedding)
         self.placement = placement
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
         weights = {cfg.name: ebc.embedding_bags[cfg.name].weight for cfg in configs}
-        hot_configs, cold_configs = [], []
+        # The inner tables: (config, original table, part), hot ones first in the separate and fused layouts.
+        inner: list[tuple[EmbeddingBagConfig, str, str]] = []
         for cfg, table in zip(configs, placement.tables, strict=True):
+            if layout == "stacked" and table.kind == SPLIT:
+                inner.append((_part_config(cfg, STACKED_SUFFIX, table.num_hot + cfg.num_embeddings), cfg.name, STACKED))
+                continue
             if table.num_hot:
-                hot_configs.append(_part_config(cfg, HOT_SUFFIX, table.num_hot))
+                inner.append((_part_config(cfg, HOT_SUFFIX, table.num_hot), cfg.name, HOT))
             if table.num_hot < cfg.num_embeddings:
-                cold_configs.append(_part_config(cfg, COLD_SUFFIX, cfg.num_embeddings))
+                inner.append((_part_config(cfg, COLD_SUFFIX, cfg.num_embeddings), cfg.name, COLD))
+        if layout != "stacked":  # hot tables first (the order the planner and the output follow)
+            inner.sort(key=lambda entry: entry[2] != HOT)
         device = next(iter(weights.values())).device
-        self.fuse_parts = fuse_parts
-        self.parts = EmbeddingBagCollection(hot_configs + cold_configs, is_weighted=self._is_weighted,
-                                            device=device) if fuse_parts else None
-        self.hot = EmbeddingBagCollection(hot_configs, is_weighted=self._is_weighted, device=device) \
-            if hot_configs and not fuse_parts else None
-        self.cold = EmbeddingBagCollection(cold_configs, is_weighted=self._is_weighted, device=device) \
-            if cold_configs and not fuse_parts else None
-        self._has_part = {HOT: bool(hot_configs), COLD: bool(cold_configs)}
-        self._inner_tables = {**{c.name: (c.name[: -len(HOT_SUFFIX)], HOT) for c in hot_configs},
-                              **{c.name: (c.name[: -len(COLD_SUFFIX)], COLD) for c in cold_configs}}
+        by_part = {part: [c for c, _, p in inner if p == part] for part in PARTS}
+        self.parts = EmbeddingBagCollection([c for c, _, _ in inner], is_weighted=self._is_weighted,
+                                            device=device) if layout != "separate" else None
+        self.hot = EmbeddingBagCollection(by_part[HOT], is_weighted=self._is_weighted, device=device) \
+            if by_part[HOT] and layout == "separate" else None
+        self.cold = EmbeddingBagCollection(by_part[COLD], is_weighted=self._is_weighted, device=device) \
+            if by_part[COLD] and layout == "separate" else None
+        self._has_part = {part: bool(cfgs) for part, cfgs in by_part.items()}
+        self._inner_tables = {c.name: (table, part) for c, table, part in inner}
         # Inner embedding name -> original embedding name (keys of the pooled output).
         self._original_name: dict[str, str] = {}
         by_table = dict(zip([c.name for c in configs], get_embedding_names_by_table(configs), strict=True))
-        for part_configs, suffix in ((hot_configs, HOT_SUFFIX), (cold_configs, COLD_SUFFIX)):
-            inner = get_embedding_names_by_table(part_configs) if part_configs else []
-            for cfg, names in zip(part_configs, inner, strict=True):
-                self._original_name.update(zip(names, by_table[cfg.name[: -len(suffix)]], strict=True))
+        for (_, table, _), names in zip(inner, get_embedding_names_by_table([c for c, _, _ in inner]), strict=True):
+            self._original_name.update(zip(names, by_table[table], strict=True))
         with torch.no_grad():
-            for cfg, table in zip(configs, placement.tables, strict=True):
-                hot_part, cold_part = split_rows(weights[cfg.name].detach(), table.hot_rows)
-                for part, suffix, rows in ((self.holder(HOT), HOT_SUFFIX, hot_part),
-                                           (self.holder(COLD), COLD_SUFFIX, cold_part)):
-                    if part is not None and cfg.name + suffix in part.embedding_bags:
-                        part.embedding_bags[cfg.name + suffix].weight.copy_(rows)
+            for cfg in configs:
+                for name, rows in self.split_table(cfg.name, weights[cfg.name].detach()).items():
+                    self.holder(self._inner_tables[name][1]).embedding_bags[name].weight.copy_(rows)
         self._carry_optimizer(ebc)
         self.placement_version = 0  # bumped by every set_placement: lookups routed before it are stale
         self.routed_forwards = 0  # forwards that took lookups routed ahead of the step
@@ -146,15 +161,15 @@ class HotColdEmbeddingBagCollection(nn.Module):
             optimizer = self._part_optimizer(cfg.name, in_backward_optimizer_classes(original))
             if optimizer is None:
                 continue
-            for part, suffix in ((self.holder(HOT), HOT_SUFFIX), (self.holder(COLD), COLD_SUFFIX)):
-                if part is not None and cfg.name + suffix in part.embedding_bags:
-                    weight = part.embedding_bags[cfg.name + suffix].weight
+            for name, (table, part) in self._inner_tables.items():
+                if table == cfg.name:
+                    weight = self.holder(part).embedding_bags[name].weight
                     apply_optimizer_in_backward(optimizer, [weight], in_backward_optimizer_kwargs(original)[0])
 
     def part_attribute(self, part: str) -> str:
-        """The attribute of this module whose collection holds ``part``'s (``hot`` or ``cold``) inner tables:
-        ``parts`` when the parts are fused, else the part's own name. State keys of inner tables start with it."""
-        return "parts" if self.fuse_parts else part
+        """The attribute of this module whose collection holds ``part``'s (``hot``, ``cold`` or ``stacked``) inner
+        tables: ``parts`` unless the layout is ``separate``, then the part's own name. State keys start with it."""
+        return part if self.layout == "separate" else "parts"
 
     def holder(self, part: str) -> nn.Module | None:
         """The collection (sharded or not) holding ``part``'s inner tables; ``None`` when the part has none."""
@@ -166,7 +181,7 @@ class HotColdEmbeddingBagCollection(nn.Module):
 
     def _set_routing(self, placement: Placement) -> None:
         #: the split of lookups between the parts, for the placement in force (:class:`LookupRouter`)
-        self.router = LookupRouter(placement)
+        self.router = LookupRouter(placement, stacked=self.layout == "stacked")
         self._columns: dict[tuple, tuple[int, Tensor] | None] = {}
 
     def set_placement(self, placement: Placement) -> None:
@@ -241,26 +256,38 @@ class HotColdEmbeddingBagCollection(nn.Module):
         splitting (a GPU step then holds none of the split's host syncs)."""
         if self._counting:
             raise RuntimeError("lookups cannot be routed ahead while the collection counts them for rebalancing")
+        if self.layout == "stacked":
+            stacked, cold_lookups = self.router.stack(features)
+            return RoutedLookups(stacked, None, self.placement_version, int(cold_lookups))
         hot, cold = self.split_features(features)
-        return RoutedLookups(hot, cold, self.placement_version)
+        return RoutedLookups(hot, cold, self.placement_version, cold.values().numel())
 
-    def _lookups(self, features: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
+    def _lookups(self, features: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor | None, Any]:
+        """``(hot, cold, cold lookups)`` of the batch (stacked: the one KeyedJaggedTensor, ``None``, and the count,
+        a tensor unless routed ahead), routed ahead or split here."""
         routed = routed_in_step(self, features)
         if routed is not None and routed.version == self.placement_version:
             self.routed_forwards += 1
-            return routed.hot, routed.cold
-        return self.split_features(features)
+            return routed.hot, routed.cold, routed.cold_lookups
+        count = self._count if self.training and self._counting else None
+        if self.layout == "stacked":
+            stacked, cold_lookups = self.router.stack(features, count)
+            return stacked, None, cold_lookups
+        hot, cold = self.router.split(features, count)
+        return hot, cold, cold.values().numel()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        hot, cold = self._lookups(features)
+        hot, cold, cold_lookups = self._lookups(features)
         hot_only = hot_only_in_step()
         if hot_only:
-            if cold.values().numel():
-                raise RuntimeError(f"a batch marked hot looks up {cold.values().numel()} cold rows; its hot set is not "
+            if int(cold_lookups):  # (a host value unless the step had to route; then only in hot-only steps)
+                raise RuntimeError(f"a batch marked hot looks up {int(cold_lookups)} cold rows; its hot set is not "
                                    "inside the placement's hot rows")
             self.skipped_cold += 1
         pooled = []
-        if self.fuse_parts:
+        if self.layout == "stacked":  # every feature one key: the pooled values are the output as they are
+            pooled.append(self._pool(self.parts, hot))
+        elif self.layout == "fused":
             # One lookup of both parts' tables: the two KeyedJaggedTensors hold other keys and the same batch, so
             # joined they are one after the other (a hot-only batch's cold bags are all empty).
             pooled.append(self._pool(self.parts, _join_keys(hot, cold)))
@@ -296,6 +323,10 @@ class HotColdEmbeddingBagCollection(nn.Module):
     def _table_parts(self, table: str) -> list[TablePart]:
         placement = self.placement.table(table)
         slots = hot_slots(placement.hot_rows, placement.spec.num_rows)
+        if table + STACKED_SUFFIX in self._inner_tables:  # slots first, then every row at its ID below them
+            rows = torch.arange(placement.spec.num_rows)
+            return [TablePart(self.parts, f"embedding_bags.{table}{STACKED_SUFFIX}.weight",
+                              torch.where(slots >= 0, slots, placement.num_hot + rows))]
         parts = []
         if table + HOT_SUFFIX in self._inner_tables:
             parts.append(TablePart(self.holder(HOT), f"embedding_bags.{table}{HOT_SUFFIX}.weight", slots))
@@ -306,16 +337,30 @@ class HotColdEmbeddingBagCollection(nn.Module):
         return parts
 
     def inner_tables(self) -> dict[str, tuple[str, str]]:
-        """Inner table name -> (original table, ``hot`` or ``cold``)."""
+        """Inner table name -> (original table, ``hot``, ``cold`` or ``stacked``)."""
         return dict(self._inner_tables)
 
-    def merge_table(self, table: str, hot_part: Tensor | None, cold_part: Tensor | None) -> Tensor:
-        """A table's rows (weights or per-row optimizer state) in row-ID order, from its shard parts."""
-        return merge_rows(hot_part, cold_part, self.placement.table(table).hot_rows)
+    def row_homes(self, table: str) -> tuple[str, str, int]:
+        """Where a split table's rows live: the inner table of its hot slots, the inner table of its cold shard,
+        and the row at which the cold shard starts in it (``num_hot`` when stacked below the slots, else 0)."""
+        if table + STACKED_SUFFIX in self._inner_tables:
+            return table + STACKED_SUFFIX, table + STACKED_SUFFIX, self.placement.table(table).num_hot
+        return table + HOT_SUFFIX, table + COLD_SUFFIX, 0
+
+    def merge_table(self, table: str, hot_part: Tensor | None, cold_part: Tensor | None,
+                    stacked: Tensor | None = None) -> Tensor:
+        """A table's rows (weights or per-row optimizer state) in row-ID order, from its shard parts (or from its
+        stacked inner table: the hot slots, then the cold shard)."""
+        hot_rows = self.placement.table(table).hot_rows
+        if stacked is not None:
+            hot_part, cold_part = stacked[: hot_rows.numel()], stacked[hot_rows.numel():]
+        return merge_rows(hot_part, cold_part, hot_rows)
 
     def split_table(self, table: str, full: Tensor) -> dict[str, Tensor]:
         """A table's rows in row-ID order as its parts: ``{inner table name: rows}``."""
         hot_part, cold_part = split_rows(full, self.placement.table(table).hot_rows)
+        if table + STACKED_SUFFIX in self._inner_tables:
+            return {table + STACKED_SUFFIX: torch.cat([hot_part, cold_part])}
         parts = {}
         if table + HOT_SUFFIX in self._inner_tables:
             parts[table + HOT_SUFFIX] = hot_part

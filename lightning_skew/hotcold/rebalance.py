@@ -9,8 +9,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_skew.core.distributed import all_reduce_sum, distributed
-from lightning_skew.hotcold.collection import COLD_SUFFIX, HOT_SUFFIX, HotColdEmbeddingBagCollection
-from lightning_skew.hotcold.placement import COLD, HOT, Placement, rebalanced_rows
+from lightning_skew.hotcold.collection import HotColdEmbeddingBagCollection
+from lightning_skew.hotcold.placement import Placement, rebalanced_rows
 from lightning_skew.hotcold.state import SEPARATOR, flatten_optimizer_state, inner_weight_key
 from lightning_skew.torchrec.checkpoint import read_rows, write_rows
 
@@ -67,20 +67,23 @@ def move_rows(state: dict[str, Any], optimizer_state: dict[str, Any], moves: lis
     optimizer = flatten_optimizer_state(optimizer_state["state"])
     shapes = _global_shapes(optimizer)  # ranks list only their own tables' optimizer state
     for path, table, slots, evicted, incoming in moves:
-        holder = collections[path].part_attribute
-        hot_key = inner_weight_key(path, holder(HOT), table + HOT_SUFFIX)
-        cold_key = inner_weight_key(path, holder(COLD), table + COLD_SUFFIX)
+        collection = collections[path]
+        # The hot slots and the cold shard: two inner tables, or one (stacked: the cold shard from row num_hot).
+        hot_inner, cold_inner, cold_start = collection.row_homes(table)
+        inner = collection.inner_tables()
+        hot_key = inner_weight_key(path, collection.part_attribute(inner[hot_inner][1]), hot_inner)
+        cold_key = inner_weight_key(path, collection.part_attribute(inner[cold_inner][1]), cold_inner)
         pairs = [(state[hot_key], state[cold_key], tuple(state[hot_key].size()), tuple(state[cold_key].size()),
                   state[hot_key].dtype)]
         for key in sorted(k for k in shapes if k.startswith(hot_key + SEPARATOR)):
             name = key.split(SEPARATOR, 1)[1]
-            cold_state = f"{cold_key}{SEPARATOR}{table}{COLD_SUFFIX}{name[len(table + HOT_SUFFIX):]}"
+            cold_state = f"{cold_key}{SEPARATOR}{cold_inner}{name[len(hot_inner):]}"
             pairs.append((optimizer.get(key), optimizer.get(cold_state), shapes[key][0], shapes[cold_state][0],
                           shapes[key][1]))
-        for hot, cold, hot_shape, cold_shape, dtype in pairs:
+        for hot, cold, hot_shape, cold_shape, dtype in pairs:  # every read before any write (stacked: one tensor)
             leaving = read_rows(hot, slots, hot_shape, dtype)
-            arriving = read_rows(cold, incoming, cold_shape, dtype)
-            write_rows(cold, evicted, leaving)
+            arriving = read_rows(cold, incoming + cold_start, cold_shape, dtype)
+            write_rows(cold, evicted + cold_start, leaving)
             write_rows(hot, slots, arriving)
 
 

@@ -15,11 +15,13 @@ from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_skew.core.rowsets import is_one_hot
-from lightning_skew.hotcold.placement import COLD, HOT, Placement, hot_slots
+from lightning_skew.hotcold.placement import COLD, HOT, SPLIT, Placement, hot_slots
 
-__all__ = ["COLD_SUFFIX", "HOT_SUFFIX", "LookupRouter"]
+__all__ = ["COLD_SUFFIX", "HOT_SUFFIX", "STACKED", "STACKED_SUFFIX", "LookupRouter"]
 
-HOT_SUFFIX, COLD_SUFFIX = "__hot", "__cold"
+HOT_SUFFIX, COLD_SUFFIX, STACKED_SUFFIX = "__hot", "__cold", "__hotcold"
+#: The part of a split table held as one inner table: its hot slots, then its cold shard below them.
+STACKED = "stacked"
 
 
 class LookupRouter:
@@ -28,9 +30,10 @@ class LookupRouter:
 
     Args:
         placement: the hot rows of each table of one collection.
+        stacked: whether split tables are stacked (:meth:`stack`): their cold rows then sit below the hot slots.
     """
 
-    def __init__(self, placement: Placement) -> None:
+    def __init__(self, placement: Placement, stacked: bool = False) -> None:
         tables = placement.tables
         sizes = [t.spec.num_rows for t in tables]
         starts = torch.cumsum(torch.tensor([0, *sizes[:-1]], dtype=torch.int64), 0).tolist()
@@ -40,10 +43,15 @@ class LookupRouter:
         self.has_cold = {f: t.kind != HOT for t in tables for f in t.spec.feature_names}
         # Per row of every table end to end: its hot slot, or -1 (cold: the cold table holds it at its own ID).
         self.codes = torch.cat([hot_slots(t.hot_rows, t.spec.num_rows) for t in tables])
+        # Stacked: each feature's one key, and where a cold row's ID starts in its table (below the hot slots).
+        self.stacked_key = {f: f + (STACKED_SUFFIX if t.kind == SPLIT else HOT_SUFFIX if t.kind == HOT else COLD_SUFFIX)
+                            for t in tables for f in t.spec.feature_names} if stacked else {}
+        self.cold_base = {f: t.num_hot if t.kind == SPLIT else 0 for t in tables for f in t.spec.feature_names}
         self._routes: dict[tuple, tuple] = {}
+        self._stacks: dict[tuple, tuple] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_routes": {}}  # per-device copies are rebuilt where the router is used
+        return {**self.__dict__, "_routes": {}, "_stacks": {}}  # per-device copies are rebuilt where it is used
 
     def move(self, old: Placement, new: Placement) -> None:
         """Follow a new placement with the same hot row counts: only the codes of rows whose slot changed are
@@ -56,6 +64,7 @@ class LookupRouter:
                 changes.append((before.hot_rows[slots] + offset, after.hot_rows[slots] + offset, slots))
         codes = {id(self.codes): self.codes}
         codes.update({id(route[3]): route[3] for route in self._routes.values()})
+        codes.update({id(stack[3]): stack[3] for stack in self._stacks.values()})
         for evicted, incoming, slots in changes:
             for tensor in codes.values():
                 tensor[evicted.to(tensor.device)] = -1
@@ -144,3 +153,43 @@ class LookupRouter:
                                  lengths=(1 - hot_lengths).index_select(0, cold_index).flatten(),
                                  weights=None if weights is None else weights[cold_mask], stride=batch_size)
         return hot, cold
+
+    def _stack_route(self, keys: tuple[str, ...], device: torch.device) -> tuple:
+        cache_key = (keys, device)
+        if cache_key not in self._stacks:
+            missing = [f for f in self.feature_table if f not in keys]
+            if missing:
+                raise KeyError(f"the batch lacks features {missing} of the hot/cold embedding collection")
+            held = [i for i, k in enumerate(keys) if k in self.feature_table]
+            offsets = torch.tensor([self.table_offset[self.feature_table[keys[i]]] for i in held], dtype=torch.int64)
+            bases = torch.tensor([self.cold_base[keys[i]] for i in held], dtype=torch.int64)
+            self._stacks[cache_key] = (len(held) == len(keys), held, offsets.to(device), self.codes.to(device),
+                                       bases.to(device), [self.stacked_key[keys[i]] for i in held])
+        return self._stacks[cache_key]
+
+    def stack(self, features: KeyedJaggedTensor, count: Callable[[Tensor], None] | None = None
+              ) -> tuple[KeyedJaggedTensor, Tensor]:
+        """The batch's lookups for stacked split tables: every feature one key (``f__hotcold`` for a split table,
+        ``f__hot`` or ``f__cold`` for a wholly hot or cold one), bags and weights as they are, each lookup of a hot
+        row at its slot and of a cold row at ``num_hot + ID``; and how many lookups hit cold rows (a 0-dim
+        tensor: nothing is read back). Features the placement does not hold are left out. ``count`` as in
+        :meth:`split`."""
+        all_held, held, offsets, codes, bases, stacked_keys = self._stack_route(tuple(features.keys()),
+                                                                               features.values().device)
+        if not all_held:
+            features = features.permute(held)
+        values, lengths = features.values(), features.lengths()
+        if is_one_hot(features):  # a [features, batch] grid: per-feature offsets broadcast, no segments
+            grid = values.long().view(len(held), -1)
+            index, base = grid + offsets[:, None], bases[:, None].expand_as(grid)
+        else:
+            per_key = lengths.view(len(held), -1).sum(1)
+            index = values.long() + torch.repeat_interleave(offsets, per_key, output_size=values.numel())
+            base, grid = torch.repeat_interleave(bases, per_key, output_size=values.numel()), values.long()
+        code = codes[index]
+        if count is not None:
+            count(index.flatten())
+        cold = code < 0
+        stacked = KeyedJaggedTensor(keys=stacked_keys, values=torch.where(cold, grid + base, code).flatten(),
+                                    lengths=lengths, weights=features.weights_or_none(), stride=features.stride())
+        return stacked, cold.sum()

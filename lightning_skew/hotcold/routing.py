@@ -23,18 +23,22 @@ __all__ = ["RouteInWorkers", "RoutedLookups", "route_batch", "routed_ahead", "ro
 @dataclass(frozen=True)
 class RoutedLookups:
     """A batch's lookups split for one collection's placement ahead of the step (in the data pipeline, on the
-    host): the ``hot`` and ``cold`` KeyedJaggedTensors of shard slots, and the placement ``version`` they follow."""
+    host): the ``hot`` and ``cold`` KeyedJaggedTensors of shard slots (a stacked layout: all lookups in ``hot``,
+    ``cold`` ``None``), the placement ``version`` they follow, and how many lookups hit cold rows."""
 
     hot: KeyedJaggedTensor
-    cold: KeyedJaggedTensor
+    cold: KeyedJaggedTensor | None
     version: int
+    cold_lookups: int = 0
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RoutedLookups:
         return RoutedLookups(self.hot.to(device, non_blocking=non_blocking),
-                             self.cold.to(device, non_blocking=non_blocking), self.version)
+                             None if self.cold is None else self.cold.to(device, non_blocking=non_blocking),
+                             self.version, self.cold_lookups)
 
     def pin_memory(self) -> RoutedLookups:
-        return RoutedLookups(self.hot.pin(), self.cold.pin(), self.version)
+        return RoutedLookups(self.hot.pin(), None if self.cold is None else self.cold.pin(), self.version,
+                             self.cold_lookups)
 
 
 def routed_ahead(collections: Mapping[str, Any], batch: Any) -> bool:
@@ -84,8 +88,11 @@ class _FrozenPlacement:
         self.placement_version = version
 
     def route(self, features: KeyedJaggedTensor) -> RoutedLookups:
+        if self.router.stacked_key:
+            stacked, cold_lookups = self.router.stack(features)
+            return RoutedLookups(stacked, None, self.placement_version, int(cold_lookups))
         hot, cold = self.router.split(features)
-        return RoutedLookups(hot, cold, self.placement_version)
+        return RoutedLookups(hot, cold, self.placement_version, cold.values().numel())
 
 
 class RouteInWorkers:

@@ -21,11 +21,13 @@ from lightning_skew.hotcold.collection import (
     HotColdEmbeddingBagCollection,
 )
 from lightning_skew.hotcold.placement import COLD, HOT
+from lightning_skew.hotcold.router import STACKED, STACKED_SUFFIX
 
 __all__ = ["flatten_optimizer_state", "from_original_ids", "hot_cold_collections", "inner_weight_key",
            "inner_weight_keys", "original_weight_key", "to_original_ids", "unflatten_optimizer_state"]
 
 SEPARATOR = "::"
+SUFFIXES = {HOT: HOT_SUFFIX, COLD: COLD_SUFFIX, STACKED: STACKED_SUFFIX}
 
 
 def hot_cold_collections(module: nn.Module) -> dict[str, HotColdEmbeddingBagCollection]:
@@ -81,8 +83,7 @@ def _parse(key: str, inner_keys: dict[str, tuple[str, str, str, str]]) -> tuple[
         return None
     path, table, part, original = found
     if state:
-        suffix = HOT_SUFFIX if part == HOT else COLD_SUFFIX
-        inner_table = table + suffix
+        inner_table = table + SUFFIXES[part]
         if not state.startswith(inner_table + "."):
             raise KeyError(f"unexpected optimizer state name {state!r} for table {inner_table!r}")
         original = f"{original}{SEPARATOR}{table}{state[len(inner_table):]}"
@@ -105,11 +106,11 @@ def to_original_ids(flat: dict[str, Tensor], collections: dict[str, HotColdEmbed
             out[key] = value
             continue
         path, table, part, original = parsed
-        entry = parts.setdefault(original, {"path": path, "table": table, HOT: None, COLD: None})
+        entry = parts.setdefault(original, {"path": path, "table": table, HOT: None, COLD: None, STACKED: None})
         entry[part] = value
     for original, entry in parts.items():
         collection = collections[entry["path"]]
-        out[original] = collection.merge_table(entry["table"], entry[HOT], entry[COLD])
+        out[original] = collection.merge_table(entry["table"], entry[HOT], entry[COLD], entry[STACKED])
     return out
 
 
@@ -130,7 +131,7 @@ def from_original_ids(flat: dict[str, Tensor], collections: dict[str, HotColdEmb
         if state and not state.startswith(table + "."):
             raise KeyError(f"unexpected optimizer state name {state!r} for table {table!r}")
         for inner, rows in collections[path].split_table(table, value).items():
-            part = HOT if inner.endswith(HOT_SUFFIX) else COLD
+            part = collections[path].inner_tables()[inner][1]
             inner_key = inner_weight_key(path, collections[path].part_attribute(part), inner)
             if state:
                 inner_key = f"{inner_key}{SEPARATOR}{inner}{state[len(table):]}"

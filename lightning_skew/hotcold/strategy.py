@@ -20,8 +20,8 @@ from lightning_skew.core.decisions import SkewBatch, hot_only_step
 from lightning_skew.core.id_ranges import check_table_ids, model_bounds
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.data.base import RecDataModule
-from lightning_skew.hotcold.collection import HotColdEmbeddingBagCollection, table_specs
-from lightning_skew.hotcold.placement import Placement, TableSpec
+from lightning_skew.hotcold.collection import LAYOUTS, HotColdEmbeddingBagCollection, table_specs
+from lightning_skew.hotcold.placement import HOT, Placement, TableSpec
 from lightning_skew.hotcold.planning import (
     bytes_per_row,
     embedding_bag_collections,
@@ -29,6 +29,7 @@ from lightning_skew.hotcold.planning import (
     place_collections,
 )
 from lightning_skew.hotcold.rebalance import all_reduced_counts, move_rows, plan_rebalance
+from lightning_skew.hotcold.router import STACKED
 from lightning_skew.hotcold.routing import RouteInWorkers, route_batch, routed_ahead, routed_batch_step
 from lightning_skew.hotcold.state import (
     flatten_optimizer_state,
@@ -98,10 +99,12 @@ class HotColdStrategy(TorchRecStrategy):
         hot_compute_kernel: TorchRec kernel of hot shards (default ``fused``: GPU memory on CUDA).
         cold_compute_kernel: TorchRec kernel of cold shards (default ``fused_uvm`` on CUDA: host memory read by
             the GPU; ``fused`` on CPU).
-        fuse_parts: shard the hot and the cold tables of a collection as one TorchRec collection (default): one
-            input and one output distribution a step for both, and one kernel call where both use the same
-            kernel (CPU); the planner still places each table by its own kernel. ``False`` shards them as two
-            collections (two of each; a hot-only step then leaves the cold collection out entirely).
+        layout: how each collection holds its hot and cold tables
+            (:class:`~lightning_skew.hotcold.collection.HotColdEmbeddingBagCollection`): ``"stacked"`` (the default
+            where both parts use the same kernel, hence the same memory: a split table is one table, its hot slots
+            above its cold shard, so a step costs little more than unsplit), ``"fused"`` (the default otherwise: one
+            TorchRec collection, so one input and one output distribution a step for both parts, each table placed by
+            its own kernel), or ``"separate"`` (two collections; a hot-only step leaves the cold one out).
         **kwargs: every argument of :class:`TorchRecStrategy` (``sharding_types``, ``embedding_optimizer``,
             ``embedding_lr``, ``cache_load_factor``, ``process_group_backend``, ...), passed through; all but
             ``pipeline``, which HotColdStrategy refuses.
@@ -109,7 +112,7 @@ class HotColdStrategy(TorchRecStrategy):
     .. note::
         A batch that says it is hot on every rank (a :class:`~lightning_skew.core.decisions.SkewBatch` from a
         PopularityDataModule, any schedule) whose hot set lies inside the placement's hot rows sends the cold
-        tables no lookup (with ``fuse_parts=False`` it leaves the cold collection out): it never touches host
+        tables no lookup (with ``layout="separate"`` it leaves the cold collection out): it never touches host
         memory. Give both the same ``hot_rows`` source.
 
     .. note::
@@ -134,7 +137,7 @@ class HotColdStrategy(TorchRecStrategy):
         rebalance_every_n_epochs: int | None = None,
         hot_compute_kernel: str | None = None,
         cold_compute_kernel: str | None = None,
-        fuse_parts: bool = True,
+        layout: str | None = None,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("pipeline") is not None:
@@ -159,7 +162,9 @@ class HotColdStrategy(TorchRecStrategy):
         self.rebalance_every_n_epochs = rebalance_every_n_epochs
         self.hot_compute_kernel = hot_compute_kernel
         self.cold_compute_kernel = cold_compute_kernel
-        self.fuse_parts = fuse_parts
+        if layout is not None and layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS} or None (chosen by the kernels), got {layout!r}")
+        self.layout = layout
         self.hot_set_source = ""  # where the hot set came from: popularity datamodule, profile file, fresh profile
         self.rebalances: list[dict[str, float]] = []  # one record per rebalance (also logged)
         self.batches_routed_in_workers = 0  # training batches that arrived routed from the DataLoader's workers
@@ -204,7 +209,8 @@ class HotColdStrategy(TorchRecStrategy):
         self._collections = hot_cold_collections(module)  # looked up once, not at every step
         kernels = self._kernels()
         inner = {name: table for c in self._collections.values() for name, table in c.inner_tables().items()}
-        kernel_by_table = {name: kernels[part] for name, (_, part) in inner.items()}
+        # A stacked table holds both parts in one memory: the one both kernels name (see _layout).
+        kernel_by_table = {name: kernels[HOT if part == STACKED else part] for name, (_, part) in inner.items()}
         options = self._shard_options()
         # Constraints given for a table follow it into its hot and cold parts (<table>__hot, <table>__cold).
         given = dict(options["table_constraints"] or {})
@@ -216,6 +222,18 @@ class HotColdStrategy(TorchRecStrategy):
         options["table_constraints"] = {name: {**given.get(table, {}), **given.get(name, {})}
                                         for name, (table, _) in inner.items() if table in given or name in given}
         return shard_module(module, self.root_device, **options, kernel_by_table=kernel_by_table)
+
+    def _layout(self) -> str:
+        """The layout asked for, else ``stacked`` where both parts use one kernel (one memory), else ``fused``."""
+        kernels = self._kernels()
+        if self.layout == "stacked" and kernels["hot"] != kernels["cold"]:
+            raise MisconfigurationException(
+                f"HotColdStrategy(layout='stacked') holds a split table's hot and cold rows in one table, so both parts "
+                f"need one kernel, but they are {kernels['hot']!r} and {kernels['cold']!r}: use layout='fused' (or "
+                "None) to keep the cold rows in their own memory")
+        if self.layout is not None:
+            return self.layout
+        return "stacked" if kernels["hot"] == kernels["cold"] else "fused"
 
     def _kernels(self) -> dict[str, str]:
         cuda = self.root_device.type == "cuda"
@@ -234,7 +252,7 @@ class HotColdStrategy(TorchRecStrategy):
         hot_set = self._hot_set(module, specs)
         try:
             place_collections(module, found, hot_set, self.budget_bytes, sizes,
-                              lambda ebc, part: HotColdEmbeddingBagCollection(ebc, part, self.fuse_parts))
+                              lambda ebc, part: HotColdEmbeddingBagCollection(ebc, part, self._layout()))
         except ValueError as error:
             if self.hot_rows is None or "more than the budget" not in str(error):
                 raise
