@@ -145,7 +145,8 @@ class PopularityDataModule(WrappedDataModule):
         may be smaller than ``B``. ``stitch`` needs no agreement: it delivers one batch per inner batch,
         so the ranks step together when the inner loader yields as many batches on each (lightning-skew's
         DataModules do); a stitched batch's ``num_hot`` describes this rank's inputs, and its ``is_hot`` is
-        agreed over the ranks (one tiny ``all_gather`` per batch): it is set only when every rank's batch is hot.
+        agreed over the ranks (one tiny ``all_gather`` per 32 inner batches, read ahead): it is set only when every
+        rank's batch is hot.
 
     .. note::
         **Resume.** :meth:`state_dict` holds the epoch, the position in it (batches the training loop

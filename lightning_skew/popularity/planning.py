@@ -22,7 +22,7 @@ from lightning_skew.popularity.schedules import (
     window_generator,
 )
 
-__all__ = ["Lookahead", "plan_regrouped", "plan_stitched"]
+__all__ = ["STITCH_AGREEMENT_BATCHES", "Lookahead", "plan_regrouped", "plan_stitched"]
 
 #: One planned batch: how to make it (lazily), and whether it is the epoch's last.
 Planned = tuple[Callable[[], PopularityBatch], bool]
@@ -67,23 +67,31 @@ class _Arranged:
         return slice_inputs(self._batch, start, stop)
 
 
-def plan_stitched(inner: Lookahead, hot_rows: RowSet,
-                  stats: EpochStats) -> Iterator[Planned]:
+#: Inner batches ``stitch`` reads ahead to agree on their ``is_hot`` over the ranks in one exchange.
+STITCH_AGREEMENT_BATCHES = 32
+
+
+def plan_stitched(inner: Lookahead, hot_rows: RowSet, stats: EpochStats,
+                  agree_every: int = STITCH_AGREEMENT_BATCHES) -> Iterator[Planned]:
     local = torch.zeros(2, dtype=torch.int64)  # hot inputs, inputs: summed over ranks once, at the end
     while not inner.exhausted:
-        (batch,) = inner.take(1)
-        mask = hot_input_mask(batch.sparse_features, hot_rows)
-        local += torch.tensor([int(mask.sum()), mask.numel()])
-        if bool(mask.all()):
-            stats.hot_batches += 1
-        else:
-            stats.cold_batches += 1
+        window = inner.take(agree_every)
+        masks = [hot_input_mask(batch.sparse_features, hot_rows) for batch in window]
+        counts = [int(mask.sum()) for mask in masks]
+        whole = [count == mask.numel() for count, mask in zip(counts, masks, strict=True)]
+        local += torch.tensor([sum(counts), sum(mask.numel() for mask in masks)])
+        stats.hot_batches += sum(whole)
+        stats.cold_batches += len(whole) - sum(whole)
         if inner.exhausted:
             stats.hot_inputs, stats.inputs = (int(v) for v in all_reduce_sum(local))
-        # A step may leave the cold rows out only when every rank's batch is hot: agree on it.
-        all_hot = bool(all_gather_ints([int(bool(mask.all()))]).min())
-        yield (lambda batch=batch, mask=mask, all_hot=all_hot: stitch_batch(batch, mask, hot_rows, all_hot)), \
-            inner.exhausted
+        # A step may leave the cold rows out only when every rank's batch is hot: the window's flags are agreed in
+        # one exchange (padded: a rank with fewer batches left counts as cold for the rest).
+        agreed = all_gather_ints([int(w) for w in whole] + [0] * (agree_every - len(whole))).min(0).values
+        for i, (batch, mask) in enumerate(zip(window, masks, strict=True)):
+            yield (lambda batch=batch, mask=mask, all_hot=bool(agreed[i]): stitch_batch(batch, mask, hot_rows,
+                                                                                        all_hot)), \
+                inner.exhausted and i == len(window) - 1
+
 
 def plan_regrouped(inner: Lookahead, hot_rows: RowSet, stats: EpochStats, epoch: int, schedule: str,
                    batch_size: int | None, window_batches: int | None, shuffle: bool, seed: int) -> Iterator[Planned]:
