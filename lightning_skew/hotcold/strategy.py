@@ -64,7 +64,7 @@ __all__ = ["HotColdStrategy", "ORIGINAL_IDS_FORMAT"]
 ORIGINAL_IDS_FORMAT = "original-ids-v1"
 
 #: What the split costs where both parts share one memory: `hotcold` against `lightning` in docs/benchmarks.md.
-CPU_SPLIT_RATIO = "0.8-0.9x"
+CPU_SPLIT_RATIO = "0.89-0.96x"
 
 
 class HotColdStrategy(TorchRecStrategy):
