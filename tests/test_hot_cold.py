@@ -513,3 +513,13 @@ def test_a_worker_leaves_a_batch_with_ids_outside_the_tables_to_the_training_pro
         with pytest.raises(ValueError, match="outside its table") as caught:
             trainer.fit(model, data)
     assert "DataLoader worker" not in str(caught.value)  # refused here, by name, not as a worker's crash
+
+
+def test_tables_that_share_a_feature_are_placed_alike_as_one_routing_serves_them():
+    specs = [TableSpec("first_order", ("f",), 10, 1), TableSpec("embedding", ("f",), 10, 8), TableSpec("other", ("g",), 10, 8)]
+    rows = [torch.tensor([1, 2]), torch.tensor([1, 2]), torch.tensor([0])]
+    # 124 bytes hot; 330 left: enough to make `other` (324) or `first_order` alone (64) whole, not both tables of f.
+    plan = plan_placement(specs, rows, budget_bytes=454, bytes_per_row=[8, 36, 36])
+    assert plan.table("first_order").kind == plan.table("embedding").kind == "split"
+    assert torch.equal(plan.table("first_order").hot_rows, plan.table("embedding").hot_rows)
+    assert plan.table("other").kind == "hot"

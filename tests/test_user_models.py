@@ -53,7 +53,8 @@ def test_deepfm_first_order_tables_of_dimension_one_train_out_of_the_box(strateg
     # FBGEMM's kernels need widths divisible by 4: dimension-1 tables are replicated with the dense kernel instead,
     # and the plan says so. The model sizes its tables from the DataModule and may build them on the meta device.
     model = DeepFM(meta_device=meta_device)
-    strategy_ = TorchRecStrategy() if strategy == "torchrec" else HotColdStrategy(budget_bytes=2000)
+    # (the fused layout names a split table's parts __hot and __cold; the stacked one is the next test)
+    strategy_ = TorchRecStrategy() if strategy == "torchrec" else HotColdStrategy(budget_bytes=2000, layout="fused")
     start = RecordAtTrainStart()
     trainer = fit(model, synthetic(), strategy_, [start])
     assert trainer.global_step == 8 and 0 < float(trainer.callback_metrics["val_auc"]) < 1
@@ -67,6 +68,20 @@ def test_deepfm_first_order_tables_of_dimension_one_train_out_of_the_box(strateg
     assert first.shape == (50, 1) and torch.isfinite(first).all() and first.abs().sum() > 0
     # Trained: replicated tables come out of sharding without a fused optimizer; the dense optimizer takes them.
     assert not torch.allclose(first, start.weights["ebc.embedding_bags.first_order_cat_0.weight"])
+
+
+def test_deepfm_tables_sharing_a_feature_are_placed_and_stacked_alike():
+    # DeepFM looks each feature up in two tables (first order, embedding): one routing serves both, so they are
+    # placed alike (same hot rows, both split or both whole) and, stacked (the default on CPU), one key each.
+    strategy = HotColdStrategy(budget_bytes=2000)
+    trainer = fit(DeepFM(), synthetic(), strategy)
+    assert trainer.global_step == 8 and 0 < float(trainer.callback_metrics["val_auc"]) < 1
+    (placement,) = strategy.placements.values()
+    for feature in ("cat_0", "cat_1", "cat_2"):
+        first, embedding = placement.table(f"first_order_{feature}"), placement.table(f"embedding_{feature}")
+        assert torch.equal(first.hot_rows, embedding.hot_rows) and first.kind == embedding.kind
+    assert any(table.kind == "split" for table in placement.tables)
+    assert any(name.endswith("__hotcold") for name in plan_of(trainer))
 
 
 def test_hot_cold_budget_counts_every_table_of_a_feature():
@@ -89,7 +104,7 @@ def test_hot_cold_budget_counts_every_table_of_a_feature():
 
 def test_constraints_given_for_a_table_follow_it_into_its_hot_and_cold_parts():
     hot = RowSet(["cat_0", "cat_1", "cat_2"], SIZES, [torch.tensor([0, 1])] * 3)
-    strategy = HotColdStrategy(budget_bytes=300, hot_rows=hot,
+    strategy = HotColdStrategy(budget_bytes=300, hot_rows=hot, layout="fused",
                                table_constraints={"embedding_cat_0": {"sharding_types": ["column_wise"]},
                                                   "first_order_cat_1": {"sharding_types": ["data_parallel"]}})
     trainer = fit(DeepFM(), synthetic(), strategy)

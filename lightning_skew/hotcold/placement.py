@@ -22,6 +22,7 @@ __all__ = [
     "Placement",
     "TablePlacement",
     "TableSpec",
+    "feature_groups",
     "hot_slots",
     "merge_rows",
     "plan_placement",
@@ -170,14 +171,39 @@ def plan_placement(tables: Sequence[TableSpec], hot_rows: Sequence[Tensor], budg
     used = sum(int(m.sum()) * size for m, size in zip(masks, bytes_per_row, strict=True))
     if used > budget_bytes:
         raise ValueError(f"the given hot rows take {used} bytes, more than the budget of {budget_bytes}")
-    remainders = sorted((int((~m).sum()) * size, index) for index, (m, size) in
-                        enumerate(zip(masks, bytes_per_row, strict=True)) if not bool(m.all()))
-    for extra, index in remainders:
+    # Tables that share a feature are placed alike (one routing serves the feature's lookups): whole together.
+    remainders = sorted((sum(int((~masks[i]).sum()) * bytes_per_row[i] for i in group), group[0], group)
+                        for group in feature_groups(tables) if not all(bool(masks[i].all()) for i in group))
+    for extra, _, group in remainders:
         if used + extra <= budget_bytes:
-            masks[index][:] = True
+            for index in group:
+                masks[index][:] = True
             used += extra
     placed = tuple(TablePlacement(spec, torch.nonzero(mask).flatten()) for spec, mask in zip(tables, masks, strict=True))
     return Placement(placed, int(budget_bytes), tuple(int(b) for b in bytes_per_row))
+
+
+def feature_groups(tables: Sequence[TableSpec]) -> list[list[int]]:
+    """The tables (indices, in order) grouped by the features they share: tables looked up by one feature are in
+    one group (transitively), and every other table is a group of its own. A group is placed alike."""
+    parent = list(range(len(tables)))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            index = parent[index]
+        return index
+
+    first: dict[str, int] = {}
+    for index, spec in enumerate(tables):
+        for feature in spec.feature_names:
+            if feature in first:
+                parent[root(index)] = root(first[feature])
+            else:
+                first[feature] = index
+    groups: dict[int, list[int]] = {}
+    for index in range(len(tables)):
+        groups.setdefault(root(index), []).append(index)
+    return list(groups.values())
 
 
 def rebalanced_mask(counts: Tensor, current: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from lightning_skew.core.rowsets import RowSet
 from lightning_skew.hotcold.collection import table_specs
-from lightning_skew.hotcold.placement import Placement, TableSpec, plan_placement
+from lightning_skew.hotcold.placement import Placement, TableSpec, feature_groups, plan_placement
 from lightning_skew.profile.budget import row_bytes
 from lightning_skew.torchrec.optim import embedding_modules, embedding_optimizer_names
 
@@ -48,7 +48,8 @@ def place_collections(module: nn.Module, found: list[tuple[str, EmbeddingBagColl
     """Plan one placement of all tables of ``found`` (``hot_set`` cut to ``budget_bytes``, ``sizes`` bytes per
     row) and replace each collection in ``module`` by ``build(collection, its part of the placement)``."""
     specs = [spec for _, ebc in found for spec in table_specs(ebc)]
-    placement = plan_placement(specs, [_table_rows(hot_set, spec) for spec in specs], budget_bytes, sizes)
+    placement = plan_placement(specs, _grouped_rows(specs, [_table_rows(hot_set, spec) for spec in specs]),
+                               budget_bytes, sizes)
     start = 0
     for name, ebc in found:
         count = len(ebc.embedding_bag_configs())
@@ -82,6 +83,24 @@ def _table_rows(hot_set: RowSet, spec: TableSpec) -> Tensor:
                              f"{spec.name!r} has {spec.num_rows}")
         rows.append(hot_set.rows[index].long())
     return torch.unique(torch.cat(rows)) if rows else torch.zeros(0, dtype=torch.int64)
+
+
+def _grouped_rows(specs: list[TableSpec], rows: list[Tensor]) -> list[Tensor]:
+    """Every table's hot rows made the union of its group's (tables that share a feature: one routing serves the
+    feature's lookups, so they must be placed alike); refused when a group's tables differ in size."""
+    out = list(rows)
+    for group in feature_groups(specs):
+        if len(group) == 1:
+            continue
+        sizes = {specs[i].num_rows for i in group}
+        if len(sizes) > 1:
+            raise MisconfigurationException(
+                f"hot/cold placement: tables {[specs[i].name for i in group]} share features but differ in size "
+                f"({sorted(sizes)} rows); a feature's lookups are routed once, so its tables must have as many rows")
+        union = torch.unique(torch.cat([rows[i] for i in group]))
+        for i in group:
+            out[i] = union
+    return out
 
 
 def hot_set_inside(hot_set: RowSet, placements: Any) -> bool:

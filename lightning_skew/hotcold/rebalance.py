@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_skew.core.distributed import all_reduce_sum, distributed
 from lightning_skew.hotcold.collection import HotColdEmbeddingBagCollection
-from lightning_skew.hotcold.placement import Placement, rebalanced_rows
+from lightning_skew.hotcold.placement import Placement, feature_groups, rebalanced_rows
 from lightning_skew.hotcold.state import SEPARATOR, flatten_optimizer_state, inner_weight_key
 from lightning_skew.torchrec.checkpoint import read_rows, write_rows
 
@@ -36,10 +36,17 @@ def plan_rebalance(collections: dict[str, HotColdEmbeddingBagCollection]
     moves: list[Move] = []
     for path, collection in sorted(collections.items()):
         counts = all_reduced_counts(collection)
-        new_rows, offset = [], 0
-        for table in collection.placement.tables:
-            table_counts = counts[offset:offset + table.spec.num_rows].cpu()
-            offset += table.spec.num_rows
+        tables = collection.placement.tables
+        starts = torch.cumsum(torch.tensor([0] + [t.spec.num_rows for t in tables]), 0).tolist()
+        per_table = [counts[starts[i]:starts[i + 1]].cpu() for i in range(len(tables))]
+        # Tables that share a feature move alike: each takes its group's counts (one of them counted its lookups).
+        for group in feature_groups([t.spec for t in tables]):
+            if len(group) > 1:
+                summed = torch.stack([per_table[i] for i in group]).sum(0)
+                for i in group:
+                    per_table[i] = summed
+        new_rows = []
+        for table, table_counts in zip(tables, per_table, strict=True):
             rows = rebalanced_rows(table_counts, table.hot_rows, table.spec.num_rows)
             slots = torch.nonzero(rows != table.hot_rows).flatten()
             if slots.numel():
