@@ -330,9 +330,10 @@ class StaleEmbeddingSkipper(pl.Callback):
         try:
             yield
         finally:
-            spent = time.perf_counter() - began
-            self._own_s += spent
-            self.seconds += spent
+            ended = time.perf_counter()
+            self.seconds += ended - began
+            # A log inside the block starts a new window at its own moment: only the time after it counts in it.
+            self._own_s += ended - max(began, self._log_started or began)
 
     def _record(self, batch: Any) -> None:
         sparse = getattr(batch, "sparse_features", None)
