@@ -70,12 +70,15 @@ class LookupRouter:
                 tensor[evicted.to(tensor.device)] = -1
                 tensor[incoming.to(tensor.device)] = slots.to(tensor.device)
 
+    def _check_features(self, keys: tuple[str, ...]) -> None:
+        missing = [f for f in self.feature_table if f not in keys]
+        if missing:
+            raise KeyError(f"the batch lacks features {missing} of the hot/cold embedding collection")
+
     def _route(self, keys: tuple[str, ...], device: torch.device) -> tuple:
         cache_key = (keys, device)
         if cache_key not in self._routes:
-            missing = [f for f in self.feature_table if f not in keys]
-            if missing:
-                raise KeyError(f"the batch lacks features {missing} of the hot/cold embedding collection")
+            self._check_features(keys)
             known = torch.tensor([k in self.feature_table for k in keys], dtype=torch.bool)
             offsets = torch.tensor([self.table_offset[self.feature_table[k]] if k in self.feature_table else 0
                                     for k in keys], dtype=torch.int64)
@@ -157,9 +160,7 @@ class LookupRouter:
     def _stack_route(self, keys: tuple[str, ...], device: torch.device) -> tuple:
         cache_key = (keys, device)
         if cache_key not in self._stacks:
-            missing = [f for f in self.feature_table if f not in keys]
-            if missing:
-                raise KeyError(f"the batch lacks features {missing} of the hot/cold embedding collection")
+            self._check_features(keys)
             held = [i for i, k in enumerate(keys) if k in self.feature_table]
             offsets = torch.tensor([self.table_offset[self.feature_table[keys[i]]] for i in held], dtype=torch.int64)
             bases = torch.tensor([self.cold_base[keys[i]] for i in held], dtype=torch.int64)
