@@ -70,18 +70,36 @@ def test_deepfm_first_order_tables_of_dimension_one_train_out_of_the_box(strateg
     assert not torch.allclose(first, start.weights["ebc.embedding_bags.first_order_cat_0.weight"])
 
 
-def test_deepfm_tables_sharing_a_feature_are_placed_and_stacked_alike():
+def test_deepfm_tables_sharing_a_feature_are_placed_and_stacked_alike_and_train_exactly_as_under_torchrec():
     # DeepFM looks each feature up in two tables (first order, embedding): one routing serves both, so they are
-    # placed alike (same hot rows, both split or both whole) and, stacked (the default on CPU), one key each.
-    strategy = HotColdStrategy(budget_bytes=2000)
-    trainer = fit(DeepFM(), synthetic(), strategy)
-    assert trainer.global_step == 8 and 0 < float(trainer.callback_metrics["val_auc"]) < 1
+    # placed alike (same hot rows, both split or both whole) and, stacked (the default on CPU), one key each. Its
+    # replicated first-order tables start from the module's own weights under either strategy.
+    trained, strategy = {}, HotColdStrategy(budget_bytes=2000)
+    for name, strategy_ in (("torchrec", TorchRecStrategy()), ("hotcold", strategy)):
+        torch.manual_seed(0)
+        trainer = fit(DeepFM(), synthetic(), strategy_)
+        assert trainer.global_step == 8 and 0 < float(trainer.callback_metrics["val_auc"]) < 1
+        trained[name] = trainer.strategy.unsharded_state_dict()
     (placement,) = strategy.placements.values()
     for feature in ("cat_0", "cat_1", "cat_2"):
         first, embedding = placement.table(f"first_order_{feature}"), placement.table(f"embedding_{feature}")
         assert torch.equal(first.hot_rows, embedding.hot_rows) and first.kind == embedding.kind
     assert any(table.kind == "split" for table in placement.tables)
     assert any(name.endswith("__hotcold") for name in plan_of(trainer))
+    for key, value in trained["torchrec"].items():
+        torch.testing.assert_close(trained["hotcold"][key], value, atol=1e-5, rtol=0, msg=key)
+
+
+def test_a_replicated_table_starts_from_the_modules_own_weights():
+    data = synthetic()
+    torch.manual_seed(0)
+    model = DeepFM(sparse_feature_names=list(data.sparse_feature_names), num_embeddings_per_feature=list(SIZES),
+                   dense_in_features=data.dense_in_features)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items() if "first_order" in k}
+    start = RecordAtTrainStart()
+    fit(model, data, TorchRecStrategy(), [start], max_steps=1)
+    for key, value in initial.items():  # a data_parallel table: DMP re-initializes it, the strategy copies it back
+        torch.testing.assert_close(start.weights[key], value, atol=0, rtol=0, msg=key)
 
 
 def test_hot_cold_budget_counts_every_table_of_a_feature():

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
@@ -155,7 +156,15 @@ def shard_module(module: nn.Module, device: torch.device, sharding_types: list[s
     plan = plan_sharding(module, env, device, list(sharding_types or DEFAULT_SHARDING_TYPES), compute_kernel,
                          int(os.environ["LOCAL_WORLD_SIZE"]), kernel_by_table, cache_load_factor, **planner_settings)
     dmp = DistributedModelParallel(module, env=env, device=device, plan=plan)
-    copy_into_shards(module.state_dict(), initial)
+    live = module.state_dict()
+    copy_into_shards(live, initial)
+    # Replicated (data_parallel) tables are plain tensors sharing the live weights: DMP re-initialized them too.
+    with torch.no_grad():
+        for key, value in initial.items():
+            target = live.get(key)
+            if isinstance(target, torch.Tensor) and not isinstance(target, ShardedTensor) \
+                    and target.shape == value.shape:
+                target.copy_(value.to(target.device))
     object.__setattr__(module, _DMP_ATTR, dmp)
     return dmp
 
