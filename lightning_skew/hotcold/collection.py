@@ -32,7 +32,7 @@ from lightning_skew.hotcold.placement import (
     split_rows,
 )
 from lightning_skew.hotcold.router import COLD_SUFFIX, HOT_SUFFIX, STACKED, STACKED_SUFFIX, LookupRouter
-from lightning_skew.hotcold.routing import RoutedLookups
+from lightning_skew.hotcold.routing import RoutedLookups, routed_lookups
 from lightning_skew.torchrec.upstream import (
     apply_optimizer_in_backward,
     in_backward_optimizer_classes,
@@ -213,11 +213,6 @@ class HotColdEmbeddingBagCollection(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------------
 
-    def split_features(self, features: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
-        """The batch's lookups as ``(hot, cold)`` KeyedJaggedTensors of shard slots (features ``f__hot``,
-        ``f__cold``; :meth:`LookupRouter.split`), counted when a training forward counts for rebalancing."""
-        return self.router.split(features, self._count if self.training and self._counting else None)
-
     def _count(self, index: Tensor) -> None:
         """Add one lookup to ``counts`` for each row in ``index`` (rows of all tables end to end)."""
         if self.counts is None:
@@ -251,16 +246,12 @@ class HotColdEmbeddingBagCollection(nn.Module):
         return part(features)
 
     def route(self, features: KeyedJaggedTensor) -> RoutedLookups:
-        """``features`` split ahead of the step for the placement as it stands (:meth:`split_features`, in the
+        """``features`` split ahead of the step for the placement as it stands (:meth:`LookupRouter.route`, in the
         data pipeline): a forward inside :func:`~lightning_skew.core.decisions.routed_step` takes it without
         splitting (a GPU step then holds none of the split's host syncs)."""
         if self._counting:
             raise RuntimeError("lookups cannot be routed ahead while the collection counts them for rebalancing")
-        if self.layout == "stacked":
-            stacked, cold_lookups = self.router.stack(features)
-            return RoutedLookups(stacked, None, self.placement_version, int(cold_lookups))
-        hot, cold = self.split_features(features)
-        return RoutedLookups(hot, cold, self.placement_version, cold.values().numel())
+        return routed_lookups(self.router, features, self.placement_version)
 
     def _lookups(self, features: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor | None, Any]:
         """``(hot, cold, cold lookups)`` of the batch (stacked: the one KeyedJaggedTensor, ``None``, and the count,
@@ -269,12 +260,8 @@ class HotColdEmbeddingBagCollection(nn.Module):
         if routed is not None and routed.version == self.placement_version:
             self.routed_forwards += 1
             return routed.hot, routed.cold, routed.cold_lookups
-        count = self._count if self.training and self._counting else None
-        if self.layout == "stacked":
-            stacked, cold_lookups = self.router.stack(features, count)
-            return stacked, None, cold_lookups
-        hot, cold = self.router.split(features, count)
-        return hot, cold, cold.values().numel()
+        # Split here (counted when a training forward counts lookups for rebalancing).
+        return self.router.route(features, self._count if self.training and self._counting else None)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         hot, cold, cold_lookups = self._lookups(features)

@@ -44,6 +44,7 @@ class LookupRouter:
         # Per row of every table end to end: its hot slot, or -1 (cold: the cold table holds it at its own ID).
         self.codes = torch.cat([hot_slots(t.hot_rows, t.spec.num_rows) for t in tables])
         # Stacked: each feature's one key, and where a cold row's ID starts in its table (below the hot slots).
+        self.stacked = stacked
         self.stacked_key = {f: f + (STACKED_SUFFIX if t.kind == SPLIT else HOT_SUFFIX if t.kind == HOT else COLD_SUFFIX)
                             for t in tables for f in t.spec.feature_names} if stacked else {}
         self.cold_base = {f: t.num_hot if t.kind == SPLIT else 0 for t in tables for f in t.spec.feature_names}
@@ -194,3 +195,14 @@ class LookupRouter:
         stacked = KeyedJaggedTensor(keys=stacked_keys, values=torch.where(cold, grid + base, code).flatten(),
                                     lengths=lengths, weights=features.weights_or_none(), stride=features.stride())
         return stacked, cold.sum()
+
+    def route(self, features: KeyedJaggedTensor, count: Callable[[Tensor], None] | None = None
+              ) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor | None, Tensor | int]:
+        """The batch's lookups for this router's layout and how many hit cold rows: ``(stacked, None, cold lookups)``
+        when split tables are stacked (:meth:`stack`; the count a 0-dim tensor), else ``(hot, cold, cold lookups)``
+        (:meth:`split`)."""
+        if self.stacked:
+            stacked, cold_lookups = self.stack(features, count)
+            return stacked, None, cold_lookups
+        hot, cold = self.split(features, count)
+        return hot, cold, cold.values().numel()

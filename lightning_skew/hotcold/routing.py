@@ -17,7 +17,7 @@ from lightning_skew.core.decisions import RoutedSparse, SkewBatch, routed_step
 from lightning_skew.core.id_ranges import TableBounds
 from lightning_skew.hotcold.router import LookupRouter
 
-__all__ = ["RouteInWorkers", "RoutedLookups", "route_batch", "routed_ahead", "routed_batch_step"]
+__all__ = ["RouteInWorkers", "RoutedLookups", "route_batch", "routed_ahead", "routed_batch_step", "routed_lookups"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,13 @@ class RoutedLookups:
                              self.cold_lookups)
 
 
+def routed_lookups(router: LookupRouter, features: KeyedJaggedTensor, version: int) -> RoutedLookups:
+    """``features`` routed by ``router`` ahead of the step, on the host (the cold count read here, not in the step),
+    for the placement ``version`` it follows."""
+    hot, cold, cold_lookups = router.route(features)
+    return RoutedLookups(hot, cold, version, int(cold_lookups))
+
+
 def routed_ahead(collections: Mapping[str, Any], batch: Any) -> bool:
     """Whether ``batch`` carries lookups routed (in a DataLoader worker, say) for the placement every collection
     (``{path: collection}``, each with ``placement_version``) has now, for the very ``sparse_features`` it holds."""
@@ -50,13 +57,13 @@ def routed_ahead(collections: Mapping[str, Any], batch: Any) -> bool:
 
 
 def route_batch(collections: Mapping[str, Any], batch: Any) -> Any:
-    """``batch`` with its lookups routed by every collection (``{path: collection}``, each with ``route``,
-    ``counting`` and ``placement_version``) for its current placement, as ``SkewBatch.routed_sparse``; unchanged
-    when it holds no KeyedJaggedTensor, when it arrived routed for these placements already (:func:`routed_ahead`),
-    or while a collection counts lookups for rebalancing (those split, and count, in the step)."""
+    """``batch`` with its lookups routed by every collection (``{path: collection}``, each with ``route`` and
+    ``counting``) for its current placement, as ``SkewBatch.routed_sparse``; unchanged when it holds no
+    KeyedJaggedTensor or while a collection counts lookups for rebalancing (those split, and count, in the step).
+    A batch that arrived routed already (:func:`routed_ahead`) is the caller's to keep."""
     sparse = getattr(batch, "sparse_features", None)
     if not isinstance(sparse, KeyedJaggedTensor) or not isinstance(batch, Batch) or not collections \
-            or any(c.counting for c in collections.values()) or routed_ahead(collections, batch):
+            or any(c.counting for c in collections.values()):
         return batch
     routed = batch if isinstance(batch, SkewBatch) else SkewBatch.of(batch, False, 0)
     routed.routed_sparse = RoutedSparse(sparse, {path: c.route(sparse) for path, c in collections.items()})
@@ -88,11 +95,7 @@ class _FrozenPlacement:
         self.placement_version = version
 
     def route(self, features: KeyedJaggedTensor) -> RoutedLookups:
-        if self.router.stacked_key:
-            stacked, cold_lookups = self.router.stack(features)
-            return RoutedLookups(stacked, None, self.placement_version, int(cold_lookups))
-        hot, cold = self.router.split(features)
-        return RoutedLookups(hot, cold, self.placement_version, cold.values().numel())
+        return routed_lookups(self.router, features, self.placement_version)
 
 
 class RouteInWorkers:

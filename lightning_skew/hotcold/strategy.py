@@ -320,9 +320,11 @@ class HotColdStrategy(TorchRecStrategy):
         return dataloader
 
     def _route_batch(self, batch: Any) -> Any:
-        if routed_ahead(self.collections(), batch):
+        if routed_ahead(self.collections(), batch):  # the loader's workers routed it for this placement
             self.batches_routed_in_workers += 1
-        routed = route_batch(self.collections(), batch)
+            routed = batch
+        else:
+            routed = route_batch(self.collections(), batch)
         if isinstance(routed, SkewBatch) and routed.is_hot and routed.hot_rows is not None:
             self._hot_set_placed(routed.hot_rows)  # checked here, on the host, not in the step
         return routed
